@@ -1,0 +1,1 @@
+"""The Pipes conformance suite (``python -m conformance``): to be built; see the project's issues."""

@@ -1,0 +1,113 @@
+"""pipes_core: the orchestrator side of the Pipes protocol (wire-compatible with Dagster Pipes "0.1").
+
+Typical use::
+
+    from pipes_core import PipesRunContext, PipesSubprocessClient
+
+    invocation = PipesSubprocessClient().run(
+        context=PipesRunContext(asset_keys=["my_asset"]),
+        command=["python", "script.py"],
+        extras={"rows": 10},
+    )
+    for result in invocation.get_results():
+        print(result)
+
+Or, to launch the process yourself, ``open_pipes_session`` yields a session whose bootstrap env vars or CLI
+arguments you pass to it.
+"""
+
+from __future__ import annotations
+
+from pipes_ext._protocol import (
+    DAGSTER_PIPES_CONTEXT_CLI_ARGUMENT,
+    DAGSTER_PIPES_CONTEXT_ENV_VAR,
+    DAGSTER_PIPES_MESSAGES_CLI_ARGUMENT,
+    DAGSTER_PIPES_MESSAGES_ENV_VAR,
+    PIPES_PROTOCOL_VERSION,
+    decode_param,
+    encode_param,
+)
+
+from ._errors import (
+    PipesError,
+    PipesExecutionError,
+    PipesInterruptedError,
+    PipesProtocolError,
+    PipesTimeoutError,
+    PipesTransportError,
+    PipesUsageError,
+    PipesWarning,
+)
+from ._handler import PipesMessageHandler
+from ._injectors import (
+    PipesContextInjector,
+    PipesEnvContextInjector,
+    PipesFileContextInjector,
+    PipesTempFileContextInjector,
+)
+from ._readers import PipesFileMessageReader, PipesMessageReader, PipesTempFileMessageReader
+from ._results import (
+    AssetCheckResult,
+    MaterializeResult,
+    MetadataValue,
+    PipesClosedEvent,
+    PipesCustomMessageEvent,
+    PipesEvent,
+    PipesExecutionResult,
+    PipesExternalStreamEvent,
+    PipesLogEvent,
+    PipesOpenedEvent,
+    PipesProtocolIssue,
+    PipesRemoteException,
+)
+from ._run_context import PipesRunContext
+from ._session import PipesSession, open_pipes_session
+from ._subprocess import PipesClientCompletedInvocation, PipesSubprocessClient
+
+__all__ = [
+    # sessions and clients
+    "open_pipes_session",
+    "PipesSession",
+    "PipesRunContext",
+    "PipesSubprocessClient",
+    "PipesClientCompletedInvocation",
+    "PipesMessageHandler",
+    # channels
+    "PipesContextInjector",
+    "PipesEnvContextInjector",
+    "PipesFileContextInjector",
+    "PipesTempFileContextInjector",
+    "PipesMessageReader",
+    "PipesFileMessageReader",
+    "PipesTempFileMessageReader",
+    # results and events
+    "MaterializeResult",
+    "AssetCheckResult",
+    "MetadataValue",
+    "PipesExecutionResult",
+    "PipesRemoteException",
+    "PipesEvent",
+    "PipesOpenedEvent",
+    "PipesClosedEvent",
+    "PipesLogEvent",
+    "PipesCustomMessageEvent",
+    "PipesExternalStreamEvent",
+    "PipesProtocolIssue",
+    # protocol
+    "PIPES_PROTOCOL_VERSION",
+    "DAGSTER_PIPES_CONTEXT_ENV_VAR",
+    "DAGSTER_PIPES_MESSAGES_ENV_VAR",
+    "DAGSTER_PIPES_CONTEXT_CLI_ARGUMENT",
+    "DAGSTER_PIPES_MESSAGES_CLI_ARGUMENT",
+    "encode_param",
+    "decode_param",
+    # errors
+    "PipesError",
+    "PipesProtocolError",
+    "PipesUsageError",
+    "PipesTransportError",
+    "PipesExecutionError",
+    "PipesTimeoutError",
+    "PipesInterruptedError",
+    "PipesWarning",
+]

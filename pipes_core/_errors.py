@@ -1,0 +1,63 @@
+"""Orchestrator-side errors. The tree is drawn in :mod:`pipes_ext._errors`; this module adds the branch for
+a failed external process."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from pipes_ext._errors import (
+    PipesError,
+    PipesProtocolError,
+    PipesTransportError,
+    PipesUsageError,
+    PipesWarning,
+)
+
+if TYPE_CHECKING:
+    from ._results import PipesRemoteException
+
+__all__ = [
+    "PipesError",
+    "PipesProtocolError",
+    "PipesUsageError",
+    "PipesTransportError",
+    "PipesWarning",
+    "PipesExecutionError",
+    "PipesTimeoutError",
+    "PipesInterruptedError",
+]
+
+
+class PipesExecutionError(PipesError):
+    """The external process failed: it could not start, exited non-zero, was killed, never opened the
+    channel, or sent messages that broke the protocol.
+
+    Attributes:
+        exit_code: the process's return code (negative: killed by that signal), or None if it never ran.
+        remote_exception: the exception the process reported in ``closed``, if any.
+        invocation: the completed invocation (results, messages, issues), when the process ran.
+        output_tail: the last bytes of the captured stdout/stderr, when they were captured.
+    """
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        exit_code: int | None = None,
+        remote_exception: PipesRemoteException | None = None,
+        invocation: Any = None,
+        output_tail: str = "",
+    ) -> None:
+        super().__init__(message)
+        self.exit_code = exit_code
+        self.remote_exception = remote_exception
+        self.invocation = invocation
+        self.output_tail = output_tail
+
+
+class PipesTimeoutError(PipesExecutionError):
+    """The external process ran past ``timeout_seconds`` and was terminated."""
+
+
+class PipesInterruptedError(PipesExecutionError):
+    """The orchestrator received SIGTERM while the external process ran; the process was terminated."""

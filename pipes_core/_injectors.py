@@ -1,0 +1,121 @@
+"""Context injectors: how the context data reaches the external process.
+
+An injector's :meth:`PipesContextInjector.inject_context` is a context manager: on entry it makes the
+context available and yields the context params the external side needs to find it; on exit it cleans up.
+An injector holds no per-session state, so one instance can serve many sessions in turn.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+from pipes_ext._errors import PipesTransportError
+from pipes_ext._protocol import PARAM_DATA, PARAM_PATH
+
+__all__ = [
+    "PipesContextInjector",
+    "PipesEnvContextInjector",
+    "PipesFileContextInjector",
+    "PipesTempFileContextInjector",
+    "CONTEXT_FILE_NAME",
+]
+
+# The file name the reference uses inside its temp dir.
+CONTEXT_FILE_NAME = "context"
+
+
+class PipesContextInjector:
+    """Base class for context injectors."""
+
+    @contextmanager
+    def inject_context(self, context_data: dict[str, Any]) -> Iterator[dict[str, Any]]:
+        raise NotImplementedError
+        yield {}  # pragma: no cover
+
+    def describe(self) -> str:
+        """A short name for messages, e.g. ``tempfile context``."""
+        return type(self).__name__
+
+    def no_messages_debug_text(self) -> str:
+        """What to check when the external process never opened the channel."""
+        return f"The context was injected with {self.describe()}."
+
+    def close(self) -> None:
+        """Release resources (none by default)."""
+
+    def __enter__(self) -> PipesContextInjector:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+
+class PipesEnvContextInjector(PipesContextInjector):
+    """Inlines the context data in the context param (``{"data": ...}``), i.e. in the env var itself.
+
+    The env var is capped by the OS (128 KiB per string on Linux, after base64(zlib)); use a file injector for
+    large extras.
+    """
+
+    @contextmanager
+    def inject_context(self, context_data: dict[str, Any]) -> Iterator[dict[str, Any]]:
+        yield {PARAM_DATA: context_data}
+
+    def describe(self) -> str:
+        return "the env context injector (context inlined in DAGSTER_PIPES_CONTEXT)"
+
+
+def _write_private_json(path: str, data: dict[str, Any]) -> None:
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            json.dump(data, f)
+    except OSError as exc:
+        raise PipesTransportError(f"cannot write the context file {path!r}: {exc}") from exc
+
+
+class PipesFileContextInjector(PipesContextInjector):
+    """Writes the context data as JSON to ``path`` (mode 0600) and deletes it after the session."""
+
+    def __init__(self, path: str | os.PathLike[str]) -> None:
+        self.path = os.fspath(path)
+
+    @contextmanager
+    def inject_context(self, context_data: dict[str, Any]) -> Iterator[dict[str, Any]]:
+        _write_private_json(self.path, context_data)
+        try:
+            yield {PARAM_PATH: self.path}
+        finally:
+            try:
+                os.remove(self.path)
+            except FileNotFoundError:
+                pass
+
+    def describe(self) -> str:
+        return f"the file context injector ({self.path})"
+
+
+class PipesTempFileContextInjector(PipesContextInjector):
+    """Writes the context data into a fresh private temp dir (0700; file 0600), removed after the session."""
+
+    def __init__(self, dir: str | None = None) -> None:
+        self.dir = dir
+
+    @contextmanager
+    def inject_context(self, context_data: dict[str, Any]) -> Iterator[dict[str, Any]]:
+        tmp = tempfile.mkdtemp(prefix="pipes-context-", dir=self.dir)
+        try:
+            path = os.path.join(tmp, CONTEXT_FILE_NAME)
+            _write_private_json(path, context_data)
+            yield {PARAM_PATH: path}
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+
+    def describe(self) -> str:
+        return "the tempfile context injector"

@@ -1,0 +1,218 @@
+"""Message readers: how the orchestrator receives what the external process writes.
+
+A reader's :meth:`PipesMessageReader.read_messages` is a context manager: on entry it prepares the channel,
+starts reading in the background and yields the messages params; on exit (the process has ended) it drains
+the channel to the last byte, then stops. Readers hold no per-session state outside that block, so one
+instance can serve many sessions in turn.
+
+The file reader tails newline-delimited JSON. It reads bytes and cuts them at newlines itself, so a line
+still being written waits for its end; a final line with no newline once the process has ended (the writer
+was killed mid-write) is reported as an issue, not parsed. Every bad line becomes an issue on the handler;
+the reader never stops early.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+from pipes_ext._errors import PipesTransportError
+from pipes_ext._protocol import PARAM_INCLUDE_STDIO_IN_MESSAGES, PARAM_PATH
+
+from ._handler import PipesMessageHandler
+from ._watch import FileWatcher
+
+__all__ = [
+    "PipesMessageReader",
+    "PipesFileMessageReader",
+    "PipesTempFileMessageReader",
+    "MESSAGES_FILE_NAME",
+    "READ_BLOCK_BYTES",
+    "IDLE_WAKE_SECONDS",
+]
+
+# The file name the reference uses inside its temp dir.
+MESSAGES_FILE_NAME = "messages"
+# One read() takes at most this much; large enough that 100k small messages cost few system calls.
+READ_BLOCK_BYTES = 1 << 20
+# Even with inotify the reader looks at the file this often, as a safety net (a missed event costs at most
+# this much delay); idle cost is one read() per interval.
+IDLE_WAKE_SECONDS = 0.5
+
+
+class PipesMessageReader:
+    """Base class for message readers."""
+
+    @contextmanager
+    def read_messages(self, handler: PipesMessageHandler) -> Iterator[dict[str, Any]]:
+        raise NotImplementedError
+        yield {}  # pragma: no cover
+
+    def describe(self) -> str:
+        """A short name for messages, e.g. ``the tempfile message reader (/tmp/...)``."""
+        return type(self).__name__
+
+    def no_messages_debug_text(self) -> str:
+        """What to check when the external process never opened the channel."""
+        return f"Messages were expected through {self.describe()}."
+
+    def close(self) -> None:
+        """Release resources (none by default)."""
+
+    def __enter__(self) -> PipesMessageReader:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+
+class _FileTailer:
+    """The background thread of a file reader: tails one file into a handler until told to finish."""
+
+    def __init__(self, path: str, handler: PipesMessageHandler, *, use_inotify: bool = True) -> None:
+        self.path = path
+        self.handler = handler
+        self.watcher = FileWatcher(path, use_inotify=use_inotify)
+        self._finish = threading.Event()
+        self._thread = threading.Thread(target=self._run, name=f"pipes-file-reader:{path}", daemon=True)
+        self.error: BaseException | None = None
+        self.bytes_read = 0
+
+    def start(self) -> None:
+        self.watcher.start()
+        self._thread.start()
+
+    def finish(self) -> None:
+        """Drain what is left and stop; returns when the thread has ended."""
+        self._finish.set()
+        self.watcher.wake()
+        self._thread.join()
+        self.watcher.close()
+        if self.error is not None:
+            raise PipesTransportError(f"reading the messages file {self.path!r} failed: {self.error}") from self.error
+
+    def _run(self) -> None:
+        try:
+            fd = os.open(self.path, os.O_RDONLY)
+        except OSError as exc:
+            self.error = exc
+            return
+        pending: list[bytes] = []
+        line_number = 0
+        handle_line = self.handler.handle_line
+        source = self.path
+        try:
+            while True:
+                finishing = self._finish.is_set()
+                got_data = False
+                while True:
+                    block = os.read(fd, READ_BLOCK_BYTES)
+                    if not block:
+                        break
+                    got_data = True
+                    self.bytes_read += len(block)
+                    cut = block.rfind(b"\n")
+                    if cut < 0:
+                        pending.append(block)  # a long line: keep the pieces, join once at its end
+                        continue
+                    pending.append(block[:cut])
+                    lines = b"".join(pending).split(b"\n")
+                    pending = [block[cut + 1 :]]
+                    for line in lines:
+                        line_number += 1
+                        if line.strip():
+                            handle_line(line, source)
+                if finishing:
+                    break
+                if got_data:
+                    self.watcher.data_seen()
+                self.watcher.wait(IDLE_WAKE_SECONDS)
+            rest = b"".join(pending)
+            if rest.strip():
+                self.handler.report_issue(
+                    "truncated final line: the messages file ended without a newline (was the writer killed "
+                    "mid-write?); the partial line was not parsed",
+                    rest.decode("utf-8", "replace"),
+                    source,
+                )
+        except BaseException as exc:  # pragma: no cover - I/O failure on a local file
+            self.error = exc
+        finally:
+            os.close(fd)
+
+
+class PipesFileMessageReader(PipesMessageReader):
+    """Reads newline-delimited JSON messages from a file the external process appends to.
+
+    Args:
+        path: the messages file; created (0600) or truncated when the session starts.
+        include_stdio_in_messages: ask the external side to forward its stdout/stderr as messages.
+        cleanup_file: delete the file after the session.
+    """
+
+    def __init__(
+        self,
+        path: str | os.PathLike[str],
+        include_stdio_in_messages: bool = False,
+        cleanup_file: bool = True,
+    ) -> None:
+        self.path = os.fspath(path)
+        self.include_stdio_in_messages = include_stdio_in_messages
+        self.cleanup_file = cleanup_file
+
+    def messages_params(self, path: str) -> dict[str, Any]:
+        return {PARAM_PATH: path, PARAM_INCLUDE_STDIO_IN_MESSAGES: self.include_stdio_in_messages}
+
+    @contextmanager
+    def _tail(self, path: str, handler: PipesMessageHandler) -> Iterator[dict[str, Any]]:
+        try:
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            os.close(fd)
+        except OSError as exc:
+            raise PipesTransportError(f"cannot create the messages file {path!r}: {exc}") from exc
+        tailer = _FileTailer(path, handler)
+        tailer.start()
+        try:
+            yield self.messages_params(path)
+        finally:
+            tailer.finish()
+
+    @contextmanager
+    def read_messages(self, handler: PipesMessageHandler) -> Iterator[dict[str, Any]]:
+        try:
+            with self._tail(self.path, handler) as params:
+                yield params
+        finally:
+            if self.cleanup_file:
+                try:
+                    os.remove(self.path)
+                except FileNotFoundError:
+                    pass
+
+    def describe(self) -> str:
+        return f"the file message reader ({self.path})"
+
+
+class PipesTempFileMessageReader(PipesFileMessageReader):
+    """A file reader on a fresh private temp dir (0700; file 0600), removed after the session."""
+
+    def __init__(self, include_stdio_in_messages: bool = False, dir: str | None = None) -> None:
+        super().__init__("", include_stdio_in_messages=include_stdio_in_messages, cleanup_file=True)
+        self.dir = dir
+
+    @contextmanager
+    def read_messages(self, handler: PipesMessageHandler) -> Iterator[dict[str, Any]]:
+        tmp = tempfile.mkdtemp(prefix="pipes-messages-", dir=self.dir)
+        try:
+            with self._tail(os.path.join(tmp, MESSAGES_FILE_NAME), handler) as params:
+                yield params
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+
+    def describe(self) -> str:
+        return "the tempfile message reader"

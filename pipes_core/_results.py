@@ -1,0 +1,175 @@
+"""Typed results and events the orchestrator derives from the messages it reads.
+
+Asset keys are kept in the protocol's escaped string form (``"a/b\\/c"``); ``asset_key_path`` gives the
+components. Every event is an immutable dataclass; :data:`PipesEvent` is their union, which is what an
+``on_event`` callback receives, in arrival order.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Union
+
+from pipes_ext._protocol import infer_metadata_type, parse_asset_key
+
+__all__ = [
+    "MetadataValue",
+    "MaterializeResult",
+    "AssetCheckResult",
+    "PipesExecutionResult",
+    "PipesRemoteException",
+    "PipesOpenedEvent",
+    "PipesClosedEvent",
+    "PipesLogEvent",
+    "PipesCustomMessageEvent",
+    "PipesExternalStreamEvent",
+    "PipesProtocolIssue",
+    "PipesEvent",
+    "metadata_from_wire",
+]
+
+
+@dataclass(frozen=True)
+class MetadataValue:
+    """One metadata entry: its concrete type (``__infer__`` resolved) and its raw JSON value."""
+
+    type: str
+    value: Any
+
+    @classmethod
+    def from_wire(cls, entry: dict[str, Any]) -> MetadataValue:
+        metadata_type = entry["type"]
+        value = entry["raw_value"]
+        if metadata_type == "__infer__":
+            metadata_type = infer_metadata_type(value)
+        elif metadata_type == "timestamp":
+            value = float(value)
+        return cls(metadata_type, value)
+
+
+def metadata_from_wire(metadata: dict[str, Any] | None) -> dict[str, MetadataValue]:
+    return {label: MetadataValue.from_wire(entry) for label, entry in (metadata or {}).items()}
+
+
+@dataclass(frozen=True)
+class MaterializeResult:
+    """An asset materialization, reported by the external process or implied by the run's selection."""
+
+    asset_key: str
+    metadata: dict[str, MetadataValue] = field(default_factory=dict)
+    data_version: str | None = None
+    implicit: bool = False
+
+    @property
+    def asset_key_path(self) -> list[str]:
+        return parse_asset_key(self.asset_key)
+
+
+@dataclass(frozen=True)
+class AssetCheckResult:
+    """The result of an asset check."""
+
+    asset_key: str
+    check_name: str
+    passed: bool
+    severity: str = "ERROR"
+    metadata: dict[str, MetadataValue] = field(default_factory=dict)
+
+    @property
+    def asset_key_path(self) -> list[str]:
+        return parse_asset_key(self.asset_key)
+
+
+PipesExecutionResult = Union[MaterializeResult, AssetCheckResult]
+
+
+@dataclass(frozen=True)
+class PipesRemoteException:
+    """An exception reported by the external process in its ``closed`` message."""
+
+    name: str | None
+    message: str
+    stack: tuple[str, ...]
+    cause: PipesRemoteException | None = None
+    context: PipesRemoteException | None = None
+
+    @classmethod
+    def from_wire(cls, data: dict[str, Any]) -> PipesRemoteException:
+        return cls(
+            name=data.get("name"),
+            message=data["message"],
+            stack=tuple(data["stack"]),
+            cause=cls.from_wire(data["cause"]) if data.get("cause") else None,
+            context=cls.from_wire(data["context"]) if data.get("context") else None,
+        )
+
+    def format(self) -> str:
+        """A traceback-like text of the whole chain, oldest exception first, as Python prints it."""
+        parts: list[str] = []
+        if self.cause is not None:
+            parts += [self.cause.format(), "\nThe above exception was the direct cause of the following exception:\n\n"]
+        elif self.context is not None:
+            parts += [self.context.format(), "\nDuring handling of the above exception, another exception occurred:\n\n"]
+        if self.stack:
+            parts.append("Traceback (most recent call last):\n")
+            parts.extend(self.stack)
+        parts.append(self.message if self.message.endswith("\n") else self.message + "\n")
+        return "".join(parts)
+
+    def __str__(self) -> str:
+        return self.message.strip()
+
+
+@dataclass(frozen=True)
+class PipesOpenedEvent:
+    extras: dict[str, Any]
+
+
+@dataclass(frozen=True)
+class PipesClosedEvent:
+    exception: PipesRemoteException | None
+
+
+@dataclass(frozen=True)
+class PipesLogEvent:
+    level: str
+    message: str
+
+
+@dataclass(frozen=True)
+class PipesCustomMessageEvent:
+    payload: Any
+
+
+@dataclass(frozen=True)
+class PipesExternalStreamEvent:
+    stream: str
+    text: str
+    extras: dict[str, Any]
+
+
+@dataclass(frozen=True)
+class PipesProtocolIssue:
+    """Something read from the channel that broke the protocol; ``raw`` keeps what was read, so nothing is
+    lost, and ``reason`` says what was wrong."""
+
+    reason: str
+    raw: str
+    source: str = ""
+
+    def __str__(self) -> str:
+        shown = self.raw if len(self.raw) <= 200 else self.raw[:200] + f"... ({len(self.raw)} characters)"
+        where = f" ({self.source})" if self.source else ""
+        return f"{self.reason}{where}: {shown!r}"
+
+
+PipesEvent = Union[
+    PipesOpenedEvent,
+    PipesClosedEvent,
+    PipesLogEvent,
+    MaterializeResult,
+    AssetCheckResult,
+    PipesCustomMessageEvent,
+    PipesExternalStreamEvent,
+    PipesProtocolIssue,
+]

@@ -1,0 +1,707 @@
+"""The Pipes wire protocol, version "0.1": names, codecs, builders and validators.
+
+This module is pure: standard library only, no I/O, no global state. Both sides use it: ``pipes_ext``
+builds and validates what it sends with it, ``pipes_core`` imports it (never copies it) to encode bootstrap
+params and to validate what it reads. Every string that travels on the wire is a named constant here.
+
+Strategy for validation: builders used by the external side raise :class:`PipesUsageError` (the caller
+passed something the protocol cannot carry); parsers used by the orchestrator raise
+:class:`PipesProtocolError` (the peer sent something the protocol does not allow). Unknown *extra* keys in
+params and context data are tolerated, so a newer peer can add fields without breaking an older one.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+import zlib
+from typing import TYPE_CHECKING, Any
+
+from ._errors import PipesProtocolError, PipesUsageError
+
+if TYPE_CHECKING:
+    from collections.abc import Mapping, Sequence
+
+__all__ = [
+    # versions and envelope
+    "PIPES_PROTOCOL_VERSION",
+    "PIPES_PROTOCOL_VERSION_FIELD",
+    "MESSAGE_METHOD_FIELD",
+    "MESSAGE_PARAMS_FIELD",
+    # bootstrap
+    "DAGSTER_PIPES_CONTEXT_ENV_VAR",
+    "DAGSTER_PIPES_MESSAGES_ENV_VAR",
+    "DAGSTER_PIPES_CONTEXT_CLI_ARGUMENT",
+    "DAGSTER_PIPES_MESSAGES_CLI_ARGUMENT",
+    "MAX_DECODED_PARAM_BYTES",
+    "encode_param",
+    "decode_param",
+    # channel params
+    "PARAM_PATH",
+    "PARAM_DATA",
+    "PARAM_STDIO",
+    "PARAM_BUFFERED_STDIO",
+    "PARAM_INCLUDE_STDIO_IN_MESSAGES",
+    "PARAM_BUCKET",
+    "PARAM_KEY",
+    "PARAM_KEY_PREFIX",
+    "STREAM_STDOUT",
+    "STREAM_STDERR",
+    "STREAMS",
+    # methods
+    "METHOD_OPENED",
+    "METHOD_CLOSED",
+    "METHOD_LOG",
+    "METHOD_REPORT_ASSET_MATERIALIZATION",
+    "METHOD_REPORT_ASSET_CHECK",
+    "METHOD_REPORT_CUSTOM_MESSAGE",
+    "METHOD_LOG_EXTERNAL_STREAM",
+    "METHODS",
+    "SEVERITY_WARN",
+    "SEVERITY_ERROR",
+    "SEVERITIES",
+    "LOG_LEVELS",
+    "normalize_log_level",
+    # context data
+    "CONTEXT_DATA_KEYS",
+    "empty_context_data",
+    "validate_context_data",
+    # asset keys
+    "escape_asset_key",
+    "parse_asset_key",
+    # metadata
+    "METADATA_TYPES",
+    "METADATA_TYPE_INFER",
+    "metadata_problem",
+    "normalize_metadata",
+    "infer_metadata_type",
+    # exceptions
+    "EXCEPTION_KEYS",
+    "serialize_exception",
+    "validate_exception",
+    # messages
+    "make_message",
+    "dumps_message",
+    "parse_message_line",
+    "validate_message",
+]
+
+# --------------------------------------------------------------------------------------------------------------
+# Envelope
+# --------------------------------------------------------------------------------------------------------------
+
+PIPES_PROTOCOL_VERSION = "0.1"
+PIPES_PROTOCOL_VERSION_FIELD = "__dagster_pipes_version"
+MESSAGE_METHOD_FIELD = "method"
+MESSAGE_PARAMS_FIELD = "params"
+
+# --------------------------------------------------------------------------------------------------------------
+# Bootstrap
+# --------------------------------------------------------------------------------------------------------------
+
+DAGSTER_PIPES_CONTEXT_ENV_VAR = "DAGSTER_PIPES_CONTEXT"
+DAGSTER_PIPES_MESSAGES_ENV_VAR = "DAGSTER_PIPES_MESSAGES"
+# The reference derives the flags from the env-var names: "--" + lowercase + "_" -> "-".
+DAGSTER_PIPES_CONTEXT_CLI_ARGUMENT = "--dagster-pipes-context"
+DAGSTER_PIPES_MESSAGES_CLI_ARGUMENT = "--dagster-pipes-messages"
+
+# A bootstrap value is tiny (an env var holds at most 128 KiB on Linux), but zlib expands up to ~1000:1, so a
+# hostile 128 KiB value could inflate to ~130 MB. 64 MiB leaves room for a large inlined context while keeping
+# a zlib bomb from exhausting memory: decompression stops at the cap.
+MAX_DECODED_PARAM_BYTES = 64 * 1024 * 1024
+
+
+def encode_param(param: Any) -> str:
+    """Encode a bootstrap param: base64(zlib(json)).
+
+    JSON with Python's default separators and ``ensure_ascii``, zlib (RFC 1950) at the default level, the
+    standard base64 alphabet with ``=`` padding: byte for byte what the reference writes.
+    """
+    return base64.b64encode(zlib.compress(json.dumps(param).encode("utf-8"))).decode("ascii")
+
+
+def decode_param(value: str | bytes, *, max_bytes: int = MAX_DECODED_PARAM_BYTES) -> dict[str, Any]:
+    """Decode a bootstrap param written by :func:`encode_param` into a JSON object.
+
+    Raises:
+        PipesProtocolError: naming the step that failed: not base64, not zlib, over ``max_bytes`` once
+            decompressed, not UTF-8 JSON, or JSON that is not an object.
+    """
+    raw = value.encode("ascii", "replace") if isinstance(value, str) else value
+    raw = raw.strip()
+    try:
+        compressed = base64.b64decode(raw, validate=True)
+    except (binascii.Error, ValueError) as exc:
+        raise PipesProtocolError(f"bootstrap param is not valid base64 (standard alphabet, padded): {exc}") from exc
+    decompressor = zlib.decompressobj()
+    try:
+        data = decompressor.decompress(compressed, max_bytes)
+        if decompressor.unconsumed_tail:
+            raise PipesProtocolError(
+                f"bootstrap param decompresses to more than {max_bytes} bytes; refusing to inflate it further"
+            )
+        data += decompressor.flush()
+    except zlib.error as exc:
+        raise PipesProtocolError(f"bootstrap param is not zlib data (base64(zlib(json)) expected): {exc}") from exc
+    if not decompressor.eof:
+        raise PipesProtocolError("bootstrap param is truncated zlib data (base64(zlib(json)) expected)")
+    try:
+        decoded = json.loads(data.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError) as exc:
+        raise PipesProtocolError(f"bootstrap param is not UTF-8 JSON: {exc}") from exc
+    if not isinstance(decoded, dict):
+        raise PipesProtocolError(
+            f"bootstrap param must be a JSON object, got {_json_type_name(decoded)}"
+        )
+    return decoded
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Channel params
+# --------------------------------------------------------------------------------------------------------------
+
+PARAM_PATH = "path"
+PARAM_DATA = "data"
+PARAM_STDIO = "stdio"
+PARAM_BUFFERED_STDIO = "buffered_stdio"
+PARAM_INCLUDE_STDIO_IN_MESSAGES = "include_stdio_in_messages"
+PARAM_BUCKET = "bucket"
+PARAM_KEY = "key"
+PARAM_KEY_PREFIX = "key_prefix"
+
+STREAM_STDOUT = "stdout"
+STREAM_STDERR = "stderr"
+STREAMS = (STREAM_STDOUT, STREAM_STDERR)
+
+# --------------------------------------------------------------------------------------------------------------
+# Methods
+# --------------------------------------------------------------------------------------------------------------
+
+METHOD_OPENED = "opened"
+METHOD_CLOSED = "closed"
+METHOD_LOG = "log"
+METHOD_REPORT_ASSET_MATERIALIZATION = "report_asset_materialization"
+METHOD_REPORT_ASSET_CHECK = "report_asset_check"
+METHOD_REPORT_CUSTOM_MESSAGE = "report_custom_message"
+METHOD_LOG_EXTERNAL_STREAM = "log_external_stream"
+METHODS = (
+    METHOD_OPENED,
+    METHOD_CLOSED,
+    METHOD_LOG,
+    METHOD_REPORT_ASSET_MATERIALIZATION,
+    METHOD_REPORT_ASSET_CHECK,
+    METHOD_REPORT_CUSTOM_MESSAGE,
+    METHOD_LOG_EXTERNAL_STREAM,
+)
+
+SEVERITY_WARN = "WARN"
+SEVERITY_ERROR = "ERROR"
+SEVERITIES = (SEVERITY_WARN, SEVERITY_ERROR)
+
+# Level names as Python's ``logging`` writes them, mapped to their numeric level. The orchestrator accepts
+# them case-insensitively, with the aliases FATAL and WARN, as the reference does.
+LOG_LEVELS = {"CRITICAL": 50, "FATAL": 50, "ERROR": 40, "WARNING": 30, "WARN": 30, "INFO": 20, "DEBUG": 10}
+
+
+def normalize_log_level(level: object) -> str | None:
+    """Return the canonical level name for ``level``, or None when it is not a known level name."""
+    if not isinstance(level, str):
+        return None
+    upper = level.upper()
+    if upper not in LOG_LEVELS:
+        return None
+    return {"FATAL": "CRITICAL", "WARN": "WARNING"}.get(upper, upper)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Context data
+# --------------------------------------------------------------------------------------------------------------
+
+CONTEXT_DATA_KEYS = (
+    "asset_keys",
+    "code_version_by_asset_key",
+    "provenance_by_asset_key",
+    "partition_key",
+    "partition_key_range",
+    "partition_time_window",
+    "run_id",
+    "job_name",
+    "retry_number",
+    "extras",
+)
+
+
+def empty_context_data(run_id: str = "") -> dict[str, Any]:
+    """Context data with every key present and nothing selected (used outside an orchestrated run)."""
+    return {
+        "asset_keys": None,
+        "code_version_by_asset_key": None,
+        "provenance_by_asset_key": None,
+        "partition_key": None,
+        "partition_key_range": None,
+        "partition_time_window": None,
+        "run_id": run_id,
+        "job_name": None,
+        "retry_number": 0,
+        "extras": {},
+    }
+
+
+def _check_optional_range(data: Mapping[str, Any], key: str) -> None:
+    value = data.get(key)
+    if value is None:
+        return
+    if not (isinstance(value, dict) and isinstance(value.get("start"), str) and isinstance(value.get("end"), str)):
+        raise PipesProtocolError(f'context data "{key}" must be null or {{"start": str, "end": str}}')
+
+
+def validate_context_data(data: object) -> dict[str, Any]:
+    """Check a context-data document and return it with every key present.
+
+    Missing nullable keys are filled with their empty value (a lenient reading of older or foreign
+    orchestrators); keys of the wrong type raise :class:`PipesProtocolError` naming the key.
+    """
+    if not isinstance(data, dict):
+        raise PipesProtocolError(f"context data must be a JSON object, got {_json_type_name(data)}")
+    out = empty_context_data()
+    out.update(data)
+    asset_keys = out["asset_keys"]
+    if asset_keys is not None and not (
+        isinstance(asset_keys, list) and all(isinstance(k, str) for k in asset_keys)
+    ):
+        raise PipesProtocolError('context data "asset_keys" must be null or a list of strings')
+    for key in ("code_version_by_asset_key", "provenance_by_asset_key"):
+        if out[key] is not None and not isinstance(out[key], dict):
+            raise PipesProtocolError(f'context data "{key}" must be null or an object')
+    if out["partition_key"] is not None and not isinstance(out["partition_key"], str):
+        raise PipesProtocolError('context data "partition_key" must be null or a string')
+    _check_optional_range(out, "partition_key_range")
+    _check_optional_range(out, "partition_time_window")
+    if not isinstance(out["run_id"], str):
+        raise PipesProtocolError('context data "run_id" must be a string')
+    if out["job_name"] is not None and not isinstance(out["job_name"], str):
+        raise PipesProtocolError('context data "job_name" must be null or a string')
+    retry = out["retry_number"]
+    if not isinstance(retry, int) or isinstance(retry, bool):
+        raise PipesProtocolError('context data "retry_number" must be an integer')
+    if out["extras"] is None:
+        out["extras"] = {}
+    if not isinstance(out["extras"], dict):
+        raise PipesProtocolError('context data "extras" must be an object')
+    return out
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Asset keys: components joined by "/", with "\" -> "\\" and "/" -> "\/" inside a component.
+# --------------------------------------------------------------------------------------------------------------
+
+
+def escape_asset_key(path: Sequence[str]) -> str:
+    """Join asset-key components into the escaped user string, e.g. ``["a", "b/c"]`` -> ``a/b\\/c``."""
+    return "/".join(part.replace("\\", "\\\\").replace("/", "\\/") for part in path)
+
+
+def parse_asset_key(escaped: str) -> list[str]:
+    """Split an escaped asset-key string into components (the inverse of :func:`escape_asset_key`).
+
+    As in the reference: an unescaped ``/`` splits, ``\\X`` is a literal ``X``, a trailing empty component is
+    dropped and a leading one kept.
+    """
+    parts: list[str] = []
+    current: list[str] = []
+    chars = iter(escaped)
+    for char in chars:
+        if char == "\\":
+            current.append(next(chars, ""))
+        elif char == "/":
+            parts.append("".join(current))
+            current = []
+        else:
+            current.append(char)
+    if current:
+        parts.append("".join(current))
+    return parts
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Metadata: each entry on the wire is {"raw_value": <JSON>, "type": <one of METADATA_TYPES>}.
+# --------------------------------------------------------------------------------------------------------------
+
+METADATA_TYPE_INFER = "__infer__"
+METADATA_TYPES = (
+    METADATA_TYPE_INFER,
+    "text",
+    "url",
+    "path",
+    "notebook",
+    "md",
+    "json",
+    "float",
+    "int",
+    "bool",
+    "dagster_run",
+    "asset",
+    "null",
+    "timestamp",
+    "table",
+    "table_schema",
+    "table_column_lineage",
+)
+METADATA_RAW_VALUE = "raw_value"
+METADATA_TYPE = "type"
+_STRING_METADATA_TYPES = frozenset({"text", "url", "path", "notebook", "md", "dagster_run", "asset"})
+
+
+def _is_number(value: object) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _column_problem(column: object) -> str | None:
+    if not isinstance(column, dict) or not isinstance(column.get("name"), str):
+        return 'each column must be an object with a string "name"'
+    if "type" in column and not isinstance(column["type"], str):
+        return 'a column "type" must be a string'
+    return None
+
+
+def _table_schema_problem(value: object) -> str | None:
+    if not isinstance(value, dict) or not isinstance(value.get("columns"), list):
+        return 'must be {"columns": [column, ...]}'
+    for column in value["columns"]:
+        problem = _column_problem(column)
+        if problem:
+            return problem
+    return None
+
+
+def _table_problem(value: object) -> str | None:
+    if not isinstance(value, dict) or not isinstance(value.get("records"), list):
+        return 'must be {"records": [object, ...], "schema": [column, ...]}'
+    if not all(isinstance(record, dict) for record in value["records"]):
+        return "each record must be an object"
+    schema = value.get("schema")
+    if schema is not None:
+        if not isinstance(schema, list):
+            return '"schema" must be a list of columns'
+        for column in schema:
+            problem = _column_problem(column)
+            if problem:
+                return problem
+    return None
+
+
+def _lineage_problem(value: object) -> str | None:
+    deps = value.get("deps_by_column") if isinstance(value, dict) else None
+    if not isinstance(deps, dict):
+        return 'must be {"deps_by_column": {column: [{"asset_key": ..., "column_name": str}]}}'
+    for column_deps in deps.values():
+        if not isinstance(column_deps, list):
+            return "each column's dependencies must be a list"
+        for dep in column_deps:
+            if not isinstance(dep, dict) or not isinstance(dep.get("column_name"), str):
+                return 'each dependency must be an object with a string "column_name"'
+            key = dep.get("asset_key")
+            if not (isinstance(key, str) or (isinstance(key, list) and all(isinstance(p, str) for p in key))):
+                return 'a dependency "asset_key" must be a string or a list of strings'
+    return None
+
+
+def metadata_problem(metadata_type: object, raw_value: object) -> str | None:
+    """Return why ``raw_value`` cannot be metadata of ``metadata_type``, or None when it can."""
+    if metadata_type not in METADATA_TYPES:
+        return f"unknown metadata type {metadata_type!r} (expected one of {', '.join(METADATA_TYPES)})"
+    if metadata_type in _STRING_METADATA_TYPES:
+        ok = isinstance(raw_value, str)
+        expected = "a string"
+    elif metadata_type == "json":
+        ok = isinstance(raw_value, (dict, list))
+        expected = "an object or a list"
+    elif metadata_type in ("float", "timestamp"):
+        ok = _is_number(raw_value)
+        expected = "a number"
+    elif metadata_type == "int":
+        ok = isinstance(raw_value, int) and not isinstance(raw_value, bool)
+        expected = "an integer"
+    elif metadata_type == "bool":
+        ok = isinstance(raw_value, bool)
+        expected = "a boolean"
+    elif metadata_type == "null":
+        ok = raw_value is None
+        expected = "null"
+    elif metadata_type == "table":
+        return _table_problem(raw_value)
+    elif metadata_type == "table_schema":
+        return _table_schema_problem(raw_value)
+    elif metadata_type == "table_column_lineage":
+        return _lineage_problem(raw_value)
+    else:  # __infer__
+        ok = raw_value is None or isinstance(raw_value, (str, int, float, bool, list, dict))
+        expected = "a JSON value"
+    if ok:
+        return None
+    return f"{metadata_type} metadata must be {expected}, got {_json_type_name(raw_value)}"
+
+
+def infer_metadata_type(raw_value: object) -> str:
+    """The concrete type an ``__infer__`` value stands for (str->text, bool, int, float, list/dict->json)."""
+    if raw_value is None:
+        return "null"
+    if isinstance(raw_value, bool):
+        return "bool"
+    if isinstance(raw_value, int):
+        return "int"
+    if isinstance(raw_value, float):
+        return "float"
+    if isinstance(raw_value, str):
+        return "text"
+    return "json"
+
+
+def normalize_metadata(metadata: Mapping[str, Any] | None) -> dict[str, dict[str, Any]] | None:
+    """Turn user metadata into its wire form, validating every entry.
+
+    A plain value becomes ``{"raw_value": v, "type": "__infer__"}``; an explicit ``{"raw_value", "type"}`` dict
+    is checked against its type (an ``int`` given for ``float`` is widened to ``float``, which the reference
+    orchestrator requires). Empty metadata is sent as ``None``.
+
+    Raises:
+        PipesUsageError: naming the entry, for an unknown type, a value of the wrong shape, or a dict that is
+            neither a plain JSON value wrapper nor exactly ``{"raw_value", "type"}``.
+    """
+    if not metadata:
+        return None
+    if not isinstance(metadata, dict):
+        metadata = dict(metadata)
+    out: dict[str, dict[str, Any]] = {}
+    for label, value in metadata.items():
+        if not isinstance(label, str):
+            raise PipesUsageError(f"metadata labels must be strings, got {label!r}")
+        if isinstance(value, dict) and set(value) == {METADATA_RAW_VALUE, METADATA_TYPE}:
+            metadata_type = value[METADATA_TYPE]
+            raw_value = value[METADATA_RAW_VALUE]
+            if metadata_type in ("float", "timestamp") and isinstance(raw_value, int) and not isinstance(
+                raw_value, bool
+            ):
+                raw_value = float(raw_value)
+        elif isinstance(value, dict) and (METADATA_RAW_VALUE in value or METADATA_TYPE in value):
+            raise PipesUsageError(
+                f'metadata entry "{label}": a typed entry must have exactly the keys "raw_value" and "type", '
+                f"got {sorted(value)}"
+            )
+        else:
+            metadata_type = METADATA_TYPE_INFER
+            raw_value = value
+        problem = metadata_problem(metadata_type, raw_value)
+        if problem:
+            raise PipesUsageError(f'metadata entry "{label}": {problem}')
+        out[label] = {METADATA_RAW_VALUE: raw_value, METADATA_TYPE: metadata_type}
+    return out
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Exceptions: {"message", "stack", "name", "cause", "context"}, cause/context nest the same shape.
+# --------------------------------------------------------------------------------------------------------------
+
+EXCEPTION_KEYS = ("message", "stack", "name", "cause", "context")
+# Cause/context chains can be cyclic or absurdly deep; past this depth the chain is cut.
+MAX_EXCEPTION_CHAIN_DEPTH = 32
+
+
+def serialize_exception(exc: BaseException, _depth: int = 0) -> dict[str, Any]:
+    """Describe ``exc`` (with its cause and context chain) in the wire's exception shape."""
+    import traceback  # only on the error path: keeps start-up lean
+
+    name = type(exc).__name__
+    stack = traceback.format_tb(exc.__traceback__) if exc.__traceback__ else []
+    message = "".join(traceback.format_exception_only(type(exc), exc))
+    deeper = _depth + 1 < MAX_EXCEPTION_CHAIN_DEPTH
+    cause = exc.__cause__
+    context = None if exc.__suppress_context__ else exc.__context__
+    return {
+        "message": message,
+        "stack": stack,
+        "name": name,
+        "cause": serialize_exception(cause, _depth + 1) if cause is not None and deeper else None,
+        "context": serialize_exception(context, _depth + 1) if context is not None and deeper else None,
+    }
+
+
+def validate_exception(value: object, where: str = "exception") -> str | None:
+    """Return why ``value`` is not a wire exception (recursively), or None when it is one."""
+    if not isinstance(value, dict):
+        return f"{where} must be an object, got {_json_type_name(value)}"
+    if not isinstance(value.get("message"), str):
+        return f'{where} "message" must be a string'
+    stack = value.get("stack")
+    if not (isinstance(stack, list) and all(isinstance(line, str) for line in stack)):
+        return f'{where} "stack" must be a list of strings'
+    if value.get("name") is not None and not isinstance(value.get("name"), str):
+        return f'{where} "name" must be null or a string'
+    for link in ("cause", "context"):
+        if value.get(link) is not None:
+            problem = validate_exception(value[link], f"{where}.{link}")
+            if problem:
+                return problem
+    return None
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Messages: {"__dagster_pipes_version": "0.1", "method": str, "params": object | null}, one JSON line each.
+# --------------------------------------------------------------------------------------------------------------
+
+
+def make_message(method: str, params: Mapping[str, Any] | None) -> dict[str, Any]:
+    """The message envelope, keys in the reference's order."""
+    return {
+        PIPES_PROTOCOL_VERSION_FIELD: PIPES_PROTOCOL_VERSION,
+        MESSAGE_METHOD_FIELD: method,
+        MESSAGE_PARAMS_FIELD: params,
+    }
+
+
+_LINE_PREFIX = '{"' + PIPES_PROTOCOL_VERSION_FIELD + '": "' + PIPES_PROTOCOL_VERSION + '", "method": "'
+
+
+def dumps_message(method: str, params: Mapping[str, Any] | None) -> str:
+    """Serialise one message to its JSON line (no newline), exactly as ``json.dumps(make_message(...))``.
+
+    Raises:
+        PipesUsageError: when something in ``params`` is not JSON-serialisable (nothing is sent).
+    """
+    try:
+        return _LINE_PREFIX + method + '", "params": ' + json.dumps(params) + "}"
+    except (TypeError, ValueError) as exc:
+        raise PipesUsageError(f"{method}: params are not JSON-serialisable: {exc}") from exc
+
+
+def _json_type_name(value: object) -> str:
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "a boolean"
+    if isinstance(value, (int, float)):
+        return "a number"
+    if isinstance(value, str):
+        return "a string"
+    if isinstance(value, list):
+        return "a list"
+    if isinstance(value, dict):
+        return "an object"
+    return type(value).__name__
+
+
+def parse_message_line(line: str | bytes) -> dict[str, Any]:
+    """Parse one message line and validate it; see :func:`validate_message`.
+
+    Raises:
+        PipesProtocolError: for a line that is not JSON, not an object, or not a valid message.
+    """
+    try:
+        obj = json.loads(line)
+    except ValueError as exc:
+        raise PipesProtocolError(f"message line is not JSON: {exc}") from exc
+    return validate_message(obj)
+
+
+def _require(method: str, params: Mapping[str, Any], key: str, check: Any, expected: str) -> None:
+    if key not in params:
+        raise PipesProtocolError(f'{method}: missing param "{key}" ({expected})')
+    if not check(params[key]):
+        raise PipesProtocolError(
+            f'{method}: param "{key}" must be {expected}, got {_json_type_name(params[key])}'
+        )
+
+
+def _is_str(v: object) -> bool:
+    return isinstance(v, str)
+
+
+def _is_opt_str(v: object) -> bool:
+    return v is None or isinstance(v, str)
+
+
+def _is_opt_dict(v: object) -> bool:
+    return v is None or isinstance(v, dict)
+
+
+def _is_bool(v: object) -> bool:
+    return isinstance(v, bool)
+
+
+def _check_wire_metadata(method: str, metadata: dict[str, Any] | None) -> None:
+    for label, entry in (metadata or {}).items():
+        if not isinstance(entry, dict) or METADATA_TYPE not in entry or METADATA_RAW_VALUE not in entry:
+            raise PipesProtocolError(f'{method}: metadata entry "{label}" must be {{"raw_value", "type"}}')
+        problem = metadata_problem(entry[METADATA_TYPE], entry[METADATA_RAW_VALUE])
+        if problem:
+            raise PipesProtocolError(f'{method}: metadata entry "{label}": {problem}')
+
+
+def validate_message(obj: object) -> dict[str, Any]:
+    """Check a decoded message and return it with ``params`` normalised to a dict.
+
+    Required params must be present with the right type; optional ones get their default; extra keys are kept
+    and tolerated (forward compatibility). Raises :class:`PipesProtocolError` naming the method and the param.
+    """
+    if not isinstance(obj, dict):
+        raise PipesProtocolError(f"message must be a JSON object, got {_json_type_name(obj)}")
+    if PIPES_PROTOCOL_VERSION_FIELD not in obj:
+        raise PipesProtocolError(f'message has no "{PIPES_PROTOCOL_VERSION_FIELD}" field; not a Pipes message')
+    method = obj.get(MESSAGE_METHOD_FIELD)
+    if not isinstance(method, str):
+        raise PipesProtocolError(f'message "{MESSAGE_METHOD_FIELD}" must be a string')
+    if method not in METHODS:
+        raise PipesProtocolError(f"unknown message method {method!r} (known: {', '.join(METHODS)})")
+    params = obj.get(MESSAGE_PARAMS_FIELD)
+    if params is None:
+        params = {}
+    elif not isinstance(params, dict):
+        raise PipesProtocolError(f'{method}: "params" must be an object or null')
+    if method == METHOD_OPENED:
+        if params.get("extras") is None:
+            params["extras"] = {}
+        elif not isinstance(params["extras"], dict):
+            raise PipesProtocolError('opened: param "extras" must be an object')
+    elif method == METHOD_CLOSED:
+        exc = params.get("exception")
+        if exc is not None:
+            problem = validate_exception(exc)
+            if problem:
+                raise PipesProtocolError(f"closed: {problem}")
+    elif method == METHOD_LOG:
+        _require(method, params, "message", _is_str, "a string")
+        level = params.get("level", "INFO")
+        if normalize_log_level(level) is None:
+            raise PipesProtocolError(
+                f"log: unknown level {level!r} (expected one of {', '.join(LOG_LEVELS)})"
+            )
+    elif method == METHOD_REPORT_ASSET_MATERIALIZATION:
+        _require(method, params, "asset_key", _is_str, "a string")
+        params.setdefault("data_version", None)
+        params.setdefault("metadata", None)
+        _require(method, params, "data_version", _is_opt_str, "null or a string")
+        _require(method, params, "metadata", _is_opt_dict, "null or an object")
+        _check_wire_metadata(method, params["metadata"])
+    elif method == METHOD_REPORT_ASSET_CHECK:
+        _require(method, params, "asset_key", _is_str, "a string")
+        _require(method, params, "check_name", _is_str, "a string")
+        _require(method, params, "passed", _is_bool, "a boolean")
+        params.setdefault("severity", SEVERITY_ERROR)
+        if params["severity"] not in SEVERITIES:
+            raise PipesProtocolError(
+                f"report_asset_check: unknown severity {params['severity']!r} (expected WARN or ERROR)"
+            )
+        params.setdefault("metadata", None)
+        _require(method, params, "metadata", _is_opt_dict, "null or an object")
+        _check_wire_metadata(method, params["metadata"])
+    elif method == METHOD_REPORT_CUSTOM_MESSAGE:
+        if "payload" not in params:
+            raise PipesProtocolError('report_custom_message: missing param "payload"')
+    elif method == METHOD_LOG_EXTERNAL_STREAM:
+        _require(method, params, "stream", lambda v: v in STREAMS, '"stdout" or "stderr"')
+        _require(method, params, "text", _is_str, "a string")
+        if params.get("extras") is None:
+            params["extras"] = {}
+    obj[MESSAGE_PARAMS_FIELD] = params
+    return obj

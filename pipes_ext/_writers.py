@@ -1,0 +1,205 @@
+"""Message writers: where the external process writes its messages.
+
+A writer turns the messages params into an open channel; a channel takes one serialised message (a JSON line
+without its newline) per :meth:`PipesMessageWriterChannel.write_line` call.
+
+Channels chosen by :class:`PipesDefaultMessageWriter`, by the first key present in the params:
+
+* ``path``: the file is opened once in append mode and kept open; each message is one ``os.write`` of the
+  whole line with its newline (looped only if the OS writes part of it, under a lock), so lines never split
+  or interleave between threads, and a message has been handed to the OS when the call returns: a SIGKILL
+  right after loses nothing.
+* ``stdio``: ``sys.stdout`` or ``sys.stderr``, flushed after every message.
+* ``buffered_stdio``: kept in memory and written at close (for log tails that only keep the end).
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import threading
+from typing import IO, TYPE_CHECKING, Any
+
+from ._errors import PipesProtocolError, PipesTransportError
+from ._protocol import (
+    PARAM_BUFFERED_STDIO,
+    PARAM_PATH,
+    PARAM_STDIO,
+    STREAM_STDERR,
+    STREAM_STDOUT,
+    STREAMS,
+)
+
+if TYPE_CHECKING:
+    from collections.abc import Mapping
+
+__all__ = [
+    "PipesMessageWriter",
+    "PipesMessageWriterChannel",
+    "PipesDefaultMessageWriter",
+    "PipesFileMessageWriterChannel",
+    "PipesStreamMessageWriterChannel",
+    "PipesBufferedStreamMessageWriterChannel",
+    "PipesInMemoryMessageWriter",
+    "PipesInMemoryMessageWriterChannel",
+    "PipesDiscardMessageWriterChannel",
+]
+
+
+class PipesMessageWriterChannel:
+    """Base class of an open channel."""
+
+    def write_line(self, line: str) -> None:
+        """Send one serialised message (no trailing newline)."""
+        raise NotImplementedError
+
+    def close(self) -> None:
+        """Flush what is buffered and release the channel. Idempotent."""
+
+    def __enter__(self) -> PipesMessageWriterChannel:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+
+class PipesMessageWriter:
+    """Base class: ``open(params)`` returns a channel for the messages params."""
+
+    def open(self, params: Mapping[str, Any]) -> PipesMessageWriterChannel:
+        raise NotImplementedError
+
+    def get_opened_extras(self) -> dict[str, Any]:
+        """Extras sent in the ``opened`` message (empty by default)."""
+        return {}
+
+
+class PipesFileMessageWriterChannel(PipesMessageWriterChannel):
+    """Appends one line per message to a file kept open; see the module docstring for the guarantees."""
+
+    def __init__(self, fd: int, path: str) -> None:
+        self._fd = fd
+        self.path = path
+        self._lock = threading.Lock()
+
+    @classmethod
+    def open_path(cls, path: str) -> PipesFileMessageWriterChannel:
+        try:
+            fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+        except OSError as exc:
+            raise PipesTransportError(f"cannot open the messages file {path!r}: {exc}") from exc
+        return cls(fd, path)
+
+    def write_line(self, line: str) -> None:
+        data = (line + "\n").encode("utf-8")
+        with self._lock:
+            if self._fd < 0:
+                raise PipesTransportError(f"messages file {self.path!r} is closed")
+            try:
+                written = os.write(self._fd, data)
+                while written < len(data):
+                    written += os.write(self._fd, memoryview(data)[written:])
+            except OSError as exc:
+                raise PipesTransportError(f"cannot write to the messages file {self.path!r}: {exc}") from exc
+
+    def close(self) -> None:
+        with self._lock:
+            if self._fd >= 0:
+                fd, self._fd = self._fd, -1
+                os.close(fd)
+
+
+def _stream(name: str) -> IO[str]:
+    return sys.stdout if name == STREAM_STDOUT else sys.stderr
+
+
+class PipesStreamMessageWriterChannel(PipesMessageWriterChannel):
+    """Writes each message as a line to a text stream and flushes it."""
+
+    def __init__(self, stream: IO[str]) -> None:
+        self._stream = stream
+        self._lock = threading.Lock()
+
+    def write_line(self, line: str) -> None:
+        with self._lock:
+            self._stream.write(line + "\n")
+            self._stream.flush()
+
+
+class PipesBufferedStreamMessageWriterChannel(PipesMessageWriterChannel):
+    """Keeps every message in memory and writes them all, one per line, at close."""
+
+    def __init__(self, stream: IO[str]) -> None:
+        self._stream = stream
+        self._lines: list[str] = []
+        self._closed = False
+
+    def write_line(self, line: str) -> None:
+        self._lines.append(line)
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        if self._lines:
+            self._stream.write("".join(line + "\n" for line in self._lines))
+            self._stream.flush()
+        self._lines = []
+
+
+class PipesDefaultMessageWriter(PipesMessageWriter):
+    """Chooses the channel from the params: ``path``, then ``stdio``, then ``buffered_stdio``."""
+
+    def open(self, params: Mapping[str, Any]) -> PipesMessageWriterChannel:
+        if PARAM_PATH in params:
+            path = params[PARAM_PATH]
+            if not isinstance(path, str):
+                raise PipesProtocolError(f'messages params "{PARAM_PATH}" must be a string')
+            return PipesFileMessageWriterChannel.open_path(path)
+        for key, channel in ((PARAM_STDIO, PipesStreamMessageWriterChannel),
+                             (PARAM_BUFFERED_STDIO, PipesBufferedStreamMessageWriterChannel)):
+            if key in params:
+                if params[key] not in STREAMS:
+                    raise PipesProtocolError(
+                        f'messages params "{key}" must be "{STREAM_STDOUT}" or "{STREAM_STDERR}", '
+                        f"got {params[key]!r}"
+                    )
+                return channel(_stream(params[key]))
+        raise PipesProtocolError(
+            f'messages params name no channel this writer knows: expected one of "{PARAM_PATH}", '
+            f'"{PARAM_STDIO}", "{PARAM_BUFFERED_STDIO}" (got keys: {sorted(params)}); a blob-store channel '
+            "needs its own writer, e.g. pipes_ext.s3.PipesS3MessageWriter"
+        )
+
+
+class PipesInMemoryMessageWriterChannel(PipesMessageWriterChannel):
+    """Keeps the lines it is given; see :class:`PipesInMemoryMessageWriter`."""
+
+    def __init__(self) -> None:
+        self.lines: list[str] = []
+
+    def write_line(self, line: str) -> None:
+        self.lines.append(line)
+
+
+class PipesInMemoryMessageWriter(PipesMessageWriter):
+    """A test double: every message is kept in memory, decoded, in :attr:`messages`."""
+
+    def __init__(self) -> None:
+        self.channel = PipesInMemoryMessageWriterChannel()
+
+    def open(self, params: Mapping[str, Any]) -> PipesMessageWriterChannel:
+        return self.channel
+
+    @property
+    def messages(self) -> list[dict[str, Any]]:
+        import json
+
+        return [json.loads(line) for line in self.channel.lines]
+
+
+class PipesDiscardMessageWriterChannel(PipesMessageWriterChannel):
+    """Drops every message: the channel of the local context outside an orchestrated run."""
+
+    def write_line(self, line: str) -> None:
+        return None
