@@ -1,0 +1,35 @@
+"""Shared fixtures: a clean Pipes environment for every test, and helpers to write child scripts."""
+
+from __future__ import annotations
+
+import os
+import sys
+import textwrap
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+PYTHON = sys.executable
+
+
+@pytest.fixture(autouse=True)
+def clean_pipes_environ(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    """No DAGSTER_PIPES_* variable leaks from the test runner into a test or its children."""
+    for name in list(os.environ):
+        if name.startswith("DAGSTER_PIPES_"):
+            monkeypatch.delenv(name)
+    yield
+
+
+@pytest.fixture
+def write_script(tmp_path: Path) -> Callable[[str, str], Path]:
+    """Write a dedented Python script into the test's temp dir and return its path."""
+
+    def write(source: str, name: str = "child.py") -> Path:
+        path = tmp_path / name
+        path.write_text(textwrap.dedent(source), encoding="utf-8")
+        return path
+
+    return write
