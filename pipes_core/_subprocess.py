@@ -204,8 +204,12 @@ class PipesSubprocessClient:
         on_event: Callable[[PipesEvent], None] | None = None,
         retain_messages: bool = True,
         metadata: Mapping[str, Any] | None = None,
+        stdout: int | IO[Any] | None = None,
     ) -> PipesClientCompletedInvocation:
         """Run ``command`` (a list, or a string split with :func:`shlex.split`) in a Pipes session.
+
+        ``stdout`` (with ``forward_stdio``) redirects the child's stdout, e.g. to ``sys.stderr`` when this
+        process's own stdout carries machine-readable output.
 
         Raises:
             PipesExecutionError: see the module docstring; ``.invocation`` holds what was received.
@@ -232,7 +236,7 @@ class PipesSubprocessClient:
                     argv,
                     env=child_env,
                     cwd=cwd or self.cwd,
-                    stdout=pipe,
+                    stdout=stdout if (self.forward_stdio and stdout is not None) else pipe,
                     stderr=pipe,
                     # Own process group, so termination reaches grandchildren; a terminal's Ctrl-C then
                     # reaches only us, and we forward it.

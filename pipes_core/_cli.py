@@ -1,0 +1,339 @@
+"""The ``pipes`` command line: wrap any command in a Pipes session.
+
+    pipes run [--asset KEY]... [--partition KEY] [--extras JSON | --extras-file PATH]
+              [--context-injector env|file|tempfile] [--message-reader file|tempfile]
+              [--json] [--no-strict] [--fail-on-check-error] [--timeout S] -- COMMAND [ARG]...
+
+Human mode prints each event as it arrives (colour on a terminal, plain when piped) and a summary. ``--json``
+prints one JSON object per event on stdout (the child's own stdout is sent to stderr so it cannot mix in).
+
+Exit codes: the child's exit code (128 + N when killed by signal N); 1 when the child exited 0 but the
+session failed (remote exception, never opened, protocol issues in strict mode, a failed ERROR check with
+``--fail-on-check-error``); 124 on ``--timeout``; 130 on Ctrl-C; 2 for a bad invocation.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+import threading
+import time
+from collections.abc import Sequence
+from typing import IO, Any, NoReturn
+
+from pipes_ext._protocol import escape_asset_key, parse_asset_key
+
+from ._errors import PipesExecutionError, PipesInterruptedError, PipesTimeoutError, PipesUsageError
+from ._handler import DEFAULT_LOGGER_NAME
+from ._injectors import (
+    PipesContextInjector,
+    PipesEnvContextInjector,
+    PipesFileContextInjector,
+    PipesTempFileContextInjector,
+)
+from ._readers import PipesFileMessageReader, PipesMessageReader, PipesTempFileMessageReader
+from ._results import (
+    AssetCheckResult,
+    MaterializeResult,
+    PipesClosedEvent,
+    PipesCustomMessageEvent,
+    PipesEvent,
+    PipesExternalStreamEvent,
+    PipesLogEvent,
+    PipesOpenedEvent,
+    PipesProtocolIssue,
+)
+from ._run_context import PipesRunContext
+from ._subprocess import PipesClientCompletedInvocation, PipesSubprocessClient
+
+__all__ = ["main", "event_to_json"]
+
+EXIT_USAGE = 2
+EXIT_SESSION_FAILED = 1
+EXIT_TIMEOUT = 124
+EXIT_INTERRUPTED = 130
+
+
+class _UsageError(Exception):
+    pass
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> NoReturn:
+        raise _UsageError(message)
+
+
+def _build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="pipes", description="Run a command as a Pipes external process.")
+    sub = parser.add_subparsers(dest="subcommand")
+    run = sub.add_parser("run", help="run COMMAND in a Pipes session and report what it sends")
+    run.add_argument("--asset", action="append", default=[], metavar="KEY",
+                     help="selected asset key, escaped form (a/b\\/c); repeatable")
+    run.add_argument("--partition", metavar="KEY", help="the partition key targeted")
+    extras = run.add_mutually_exclusive_group()
+    extras.add_argument("--extras", metavar="JSON", help="extras as a JSON object")
+    extras.add_argument("--extras-file", metavar="PATH", help="extras from a JSON file")
+    run.add_argument("--run-id", help="run id (default: a new UUID)")
+    run.add_argument("--job-name", help="job name sent in the context")
+    run.add_argument("--context-injector", choices=["env", "file", "tempfile"], default="tempfile")
+    run.add_argument("--context-path", help="context file for --context-injector file")
+    run.add_argument("--message-reader", choices=["file", "tempfile"], default="tempfile")
+    run.add_argument("--messages-path", help="messages file for --message-reader file")
+    run.add_argument("--include-stdio", action="store_true",
+                     help="ask the process to forward its stdout/stderr as messages")
+    run.add_argument("--json", action="store_true", help="one JSON object per event on stdout")
+    run.add_argument("--no-strict", action="store_true",
+                     help="a command that never opens the channel or breaks the protocol is not an error")
+    run.add_argument("--fail-on-check-error", action="store_true",
+                     help="exit non-zero when a check of severity ERROR fails")
+    run.add_argument("--timeout", type=float, metavar="S", help="terminate the command after S seconds")
+    run.add_argument("command", nargs=argparse.REMAINDER, help="-- COMMAND [ARG]...")
+    return parser
+
+
+def _check_asset_key(key: str) -> str:
+    parts = parse_asset_key(key)
+    if not parts or any(part == "" for part in parts) or escape_asset_key(parts) != key:
+        raise _UsageError(f"invalid asset key {key!r}: use non-empty components joined by '/', e.g. a/b\\/c")
+    return key
+
+
+def _load_extras(args: argparse.Namespace) -> dict[str, Any]:
+    if args.extras is None and args.extras_file is None:
+        return {}
+    try:
+        if args.extras is not None:
+            value = json.loads(args.extras)
+            where = "--extras"
+        else:
+            with open(args.extras_file, encoding="utf-8") as f:
+                value = json.load(f)
+            where = f"--extras-file {args.extras_file}"
+    except OSError as exc:
+        raise _UsageError(f"cannot read --extras-file: {exc}") from exc
+    except ValueError as exc:
+        raise _UsageError(f"--extras is not valid JSON: {exc}") from exc
+    if not isinstance(value, dict):
+        raise _UsageError(f"{where} must be a JSON object")
+    return value
+
+
+def _metadata_json(metadata: dict[str, Any]) -> dict[str, Any]:
+    return {label: {"type": value.type, "value": value.value} for label, value in metadata.items()}
+
+
+def event_to_json(event: PipesEvent) -> dict[str, Any]:
+    """The stable machine-readable form of an event (``--json`` output)."""
+    if isinstance(event, PipesOpenedEvent):
+        return {"event": "opened", "extras": event.extras}
+    if isinstance(event, PipesClosedEvent):
+        exc = event.exception
+        return {"event": "closed", "exception": None if exc is None else
+                {"name": exc.name, "message": exc.message, "stack": list(exc.stack), "text": exc.format()}}
+    if isinstance(event, PipesLogEvent):
+        return {"event": "log", "level": event.level, "message": event.message}
+    if isinstance(event, MaterializeResult):
+        return {"event": "materialization", "asset_key": event.asset_key, "data_version": event.data_version,
+                "metadata": _metadata_json(event.metadata)}
+    if isinstance(event, AssetCheckResult):
+        return {"event": "check", "asset_key": event.asset_key, "check_name": event.check_name,
+                "passed": event.passed, "severity": event.severity, "metadata": _metadata_json(event.metadata)}
+    if isinstance(event, PipesCustomMessageEvent):
+        return {"event": "custom_message", "payload": event.payload}
+    if isinstance(event, PipesExternalStreamEvent):
+        return {"event": "external_stream", "stream": event.stream, "text": event.text}
+    assert isinstance(event, PipesProtocolIssue)
+    return {"event": "protocol_issue", "reason": event.reason, "raw": event.raw}
+
+
+_COLOURS = {"red": "31", "green": "32", "yellow": "33", "blue": "34", "dim": "2", "bold": "1"}
+_LEVEL_COLOURS = {"DEBUG": "dim", "INFO": "blue", "WARNING": "yellow", "ERROR": "red", "CRITICAL": "red"}
+
+
+class _Printer:
+    """Prints events as they arrive and keeps the counts for the summary."""
+
+    def __init__(self, out: IO[str], as_json: bool, colour: bool) -> None:
+        self.out = out
+        self.as_json = as_json
+        self.colour = colour
+        self.lock = threading.Lock()
+        self.counts = {"materializations": 0, "checks_passed": 0, "checks_failed": 0, "failed_error_checks": 0,
+                       "custom_messages": 0, "logs": 0, "protocol_issues": 0}
+        self.assets: list[str] = []
+
+    def paint(self, text: str, colour: str) -> str:
+        return f"\033[{_COLOURS[colour]}m{text}\033[0m" if self.colour else text
+
+    def emit(self, record: dict[str, Any]) -> None:
+        with self.lock:
+            self.out.write(json.dumps(record) + "\n")
+            self.out.flush()
+
+    def line(self, text: str) -> None:
+        with self.lock:
+            self.out.write(text + "\n")
+            self.out.flush()
+
+    def __call__(self, event: PipesEvent) -> None:
+        self._count(event)
+        if self.as_json:
+            self.emit(event_to_json(event))
+            return
+        tag = self.paint("[pipes]", "dim")
+        if isinstance(event, PipesOpenedEvent):
+            self.line(f"{tag} opened")
+        elif isinstance(event, PipesClosedEvent):
+            if event.exception is None:
+                self.line(f"{tag} closed")
+            else:
+                self.line(f"{tag} closed with {self.paint('exception', 'red')}:\n{event.exception.format().rstrip()}")
+        elif isinstance(event, PipesLogEvent):
+            level = self.paint(f"{event.level:<8}", _LEVEL_COLOURS.get(event.level, "blue"))
+            self.line(f"{tag} {level} {event.message}")
+        elif isinstance(event, MaterializeResult):
+            meta = ", ".join(f"{k}={v.value!r}" for k, v in event.metadata.items())
+            version = f" data_version={event.data_version}" if event.data_version is not None else ""
+            self.line(f"{tag} {self.paint('materialized', 'green')} {event.asset_key}{version}"
+                      + (f" ({meta})" if meta else ""))
+        elif isinstance(event, AssetCheckResult):
+            verdict = self.paint("passed", "green") if event.passed else self.paint("FAILED", "red")
+            self.line(f"{tag} check {event.asset_key}:{event.check_name} {verdict} [{event.severity}]")
+        elif isinstance(event, PipesCustomMessageEvent):
+            self.line(f"{tag} message {json.dumps(event.payload)}")
+        elif isinstance(event, PipesExternalStreamEvent):
+            self.line(f"{tag} {event.stream}: {event.text.rstrip()}")
+        else:
+            self.line(f"{tag} {self.paint('protocol issue', 'red')}: {event}")
+
+    def _count(self, event: PipesEvent) -> None:
+        c = self.counts
+        if isinstance(event, MaterializeResult):
+            c["materializations"] += 1
+            self.assets.append(event.asset_key)
+        elif isinstance(event, AssetCheckResult):
+            c["checks_passed" if event.passed else "checks_failed"] += 1
+            if not event.passed and event.severity == "ERROR":
+                c["failed_error_checks"] += 1
+        elif isinstance(event, PipesCustomMessageEvent):
+            c["custom_messages"] += 1
+        elif isinstance(event, PipesLogEvent):
+            c["logs"] += 1
+        elif isinstance(event, PipesProtocolIssue):
+            c["protocol_issues"] += 1
+
+
+def _injector(args: argparse.Namespace) -> PipesContextInjector:
+    if args.context_injector == "env":
+        return PipesEnvContextInjector()
+    if args.context_injector == "file":
+        if not args.context_path:
+            raise _UsageError("--context-injector file needs --context-path PATH")
+        return PipesFileContextInjector(args.context_path)
+    return PipesTempFileContextInjector()
+
+
+def _reader(args: argparse.Namespace) -> PipesMessageReader:
+    if args.message_reader == "file":
+        if not args.messages_path:
+            raise _UsageError("--message-reader file needs --messages-path PATH")
+        return PipesFileMessageReader(args.messages_path, include_stdio_in_messages=args.include_stdio)
+    return PipesTempFileMessageReader(include_stdio_in_messages=args.include_stdio)
+
+
+def _run(args: argparse.Namespace, out: IO[str]) -> int:
+    command = list(args.command)
+    if command and command[0] == "--":
+        command = command[1:]
+    if not command:
+        raise _UsageError("no command given: pipes run [OPTIONS] -- COMMAND [ARG]...")
+    assets = [_check_asset_key(key) for key in args.asset]
+    extras = _load_extras(args)
+    if args.timeout is not None and args.timeout <= 0:
+        raise _UsageError("--timeout must be positive")
+    context = PipesRunContext(asset_keys=assets or None, partition_key=args.partition, job_name=args.job_name,
+                              **({"run_id": args.run_id} if args.run_id else {}))
+    client = PipesSubprocessClient(context_injector=_injector(args), message_reader=_reader(args),
+                                   strict=not args.no_strict)
+    colour = not args.json and out.isatty() and os.environ.get("NO_COLOR") is None
+    printer = _Printer(out, args.json, colour)
+    external = logging.getLogger(DEFAULT_LOGGER_NAME)  # events are printed by us, not by logging
+    external.addHandler(logging.NullHandler())
+    external.propagate = False
+    started = time.monotonic()
+    invocation: PipesClientCompletedInvocation | None = None
+    error: str | None = None
+    try:
+        invocation = client.run(context=context, command=command, extras=extras, timeout_seconds=args.timeout,
+                                on_event=printer, retain_messages=False,
+                                stdout=sys.stderr if args.json else None)
+        code = 0
+    except KeyboardInterrupt:
+        code, error = EXIT_INTERRUPTED, "interrupted"
+    except PipesTimeoutError as exc:
+        code, error = EXIT_TIMEOUT, str(exc).splitlines()[0]
+    except PipesInterruptedError as exc:
+        code, error = 128 + 15, str(exc).splitlines()[0]
+    except PipesExecutionError as exc:
+        error = str(exc).splitlines()[0]
+        invocation = exc.invocation
+        if exc.exit_code is None:
+            code = 127  # the command could not be started, as a shell says
+        elif exc.exit_code < 0:
+            code = 128 - exc.exit_code
+        else:
+            code = exc.exit_code or EXIT_SESSION_FAILED
+    except PipesUsageError as exc:
+        raise _UsageError(str(exc)) from exc
+    if code == 0 and args.fail_on_check_error and printer.counts["failed_error_checks"]:
+        code, error = EXIT_SESSION_FAILED, "a check of severity ERROR failed"
+    summary = {
+        "event": "summary",
+        "exit_code": code,
+        "duration_seconds": round(time.monotonic() - started, 3),
+        "opened": bool(invocation and invocation.session.opened),
+        "closed": bool(invocation and invocation.session.closed),
+        "assets": printer.assets,
+        **printer.counts,
+        "error": error,
+    }
+    if args.json:
+        printer.emit(summary)
+    else:
+        _print_summary(printer, summary)
+    return code
+
+
+def _print_summary(printer: _Printer, s: dict[str, Any]) -> None:
+    ok = s["exit_code"] == 0
+    status = printer.paint("succeeded", "green") if ok else printer.paint(f"failed (exit {s['exit_code']})", "red")
+    rows = [
+        ("status", status),
+        ("assets", ", ".join(s["assets"]) or "-"),
+        ("checks", f"{s['checks_passed']} passed, {s['checks_failed']} failed"),
+        ("messages", f"{s['custom_messages']} custom, {s['logs']} logs, {s['protocol_issues']} protocol issues"),
+        ("duration", f"{s['duration_seconds']:.3f} s"),
+    ]
+    if s["error"]:
+        rows.append(("error", s["error"]))
+    width = max(len(name) for name, _ in rows)
+    printer.line(printer.paint("── summary " + "─" * 30, "bold"))
+    for name, value in rows:
+        printer.line(f"{name:<{width}}  {value}")
+
+
+def main(argv: Sequence[str] | None = None, out: IO[str] | None = None) -> int:
+    """Entry point of the ``pipes`` console script; returns the exit code."""
+    out = out or sys.stdout
+    parser = _build_parser()
+    try:
+        args = parser.parse_args(argv)
+        if args.subcommand != "run":
+            raise _UsageError("usage: pipes run [OPTIONS] -- COMMAND [ARG]...")
+        return _run(args, out)
+    except _UsageError as exc:
+        sys.stderr.write(f"pipes: error: {exc}\n")
+        return EXIT_USAGE

@@ -1,0 +1,266 @@
+"""The ``pipes`` command line, end to end: real `pipes run` processes around real child scripts."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import REPO_ROOT
+
+PIPES = [sys.executable, "-m", "pipes_core"]
+EXAMPLE = str(REPO_ROOT / "examples" / "hello_pipes.py")
+
+
+def run_pipes(*args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([*PIPES, *args], capture_output=True, text=True, timeout=timeout, cwd=REPO_ROOT)
+
+
+def json_events(stdout: str) -> list[dict[str, object]]:
+    return [json.loads(line) for line in stdout.splitlines() if line.strip()]
+
+
+def test_human_mode_prints_each_event_and_a_summary() -> None:
+    proc = run_pipes("run", "--asset", "examples/hello", "--extras", '{"rows": 4}', "--", sys.executable, EXAMPLE)
+    assert proc.returncode == 0, proc.stderr
+    out = proc.stdout
+    assert "\033[" not in out  # plain when piped
+    lines = out.splitlines()
+    assert lines[0] == "[pipes] opened"
+    assert any("INFO" in line and "hello from the external process" in line for line in lines)
+    assert any(line.startswith("[pipes] materialized examples/hello data_version=14") for line in lines)
+    assert "[pipes] check examples/hello:rows_positive passed [ERROR]" in lines
+    assert '[pipes] message {"squares": [0, 1, 4, 9]}' in lines
+    assert "[pipes] closed" in lines
+    assert "status    succeeded" in out
+    assert "assets    examples/hello" in out
+    assert "checks    1 passed, 0 failed" in out
+
+
+def test_json_mode_emits_one_object_per_event_with_stable_fields() -> None:
+    proc = run_pipes("run", "--json", "--asset", "examples/hello", "--extras", '{"rows": 2}', "--",
+                     sys.executable, EXAMPLE)
+    assert proc.returncode == 0, proc.stderr
+    events = json_events(proc.stdout)
+    kinds = [e["event"] for e in events]
+    assert kinds == ["opened", "log", "materialization", "check", "custom_message", "closed", "summary"]
+    materialization = events[2]
+    assert materialization["asset_key"] == "examples/hello"
+    assert materialization["data_version"] == "1"
+    assert materialization["metadata"] == {
+        "rows": {"type": "int", "value": 2},
+        "preview": {"type": "json", "value": [{"id": 0, "square": 0}, {"id": 1, "square": 1}]},
+        "source": {"type": "url", "value": "https://example.com/data"},
+    }
+    assert events[3] == {"event": "check", "asset_key": "examples/hello", "check_name": "rows_positive",
+                         "passed": True, "severity": "ERROR", "metadata": {"rows": {"type": "int", "value": 2}}}
+    assert events[4] == {"event": "custom_message", "payload": {"squares": [0, 1]}}
+    summary = events[-1]
+    assert summary["exit_code"] == 0 and summary["materializations"] == 1 and summary["checks_passed"] == 1
+    assert summary["opened"] is True and summary["closed"] is True
+
+
+def test_json_mode_keeps_child_stdout_out_of_the_event_stream(write_script: Callable[..., Path]) -> None:
+    script = write_script(
+        """
+        from pipes_ext import open_pipes
+        print("plain child output")
+        with open_pipes() as pipes:
+            print("more child output")
+            pipes.report_custom_message(1)
+        """
+    )
+    proc = run_pipes("run", "--json", "--", sys.executable, str(script))
+    assert proc.returncode == 0, proc.stderr
+    events = json_events(proc.stdout)  # every stdout line parses as JSON
+    assert [e["event"] for e in events] == ["opened", "custom_message", "closed", "summary"]
+    assert "plain child output" in proc.stderr and "more child output" in proc.stderr
+
+
+def test_failing_child_exit_code_and_remote_exception(write_script: Callable[..., Path]) -> None:
+    script = write_script(
+        """
+        import sys
+        from pipes_ext import open_pipes
+        with open_pipes() as pipes:
+            pipes.log.warning("about to fail")
+            try:
+                raise KeyError("inner")
+            except KeyError as exc:
+                raise ValueError("outer boom") from exc
+        """
+    )
+    proc = run_pipes("run", "--json", "--", sys.executable, str(script))
+    assert proc.returncode == 1
+    events = json_events(proc.stdout)
+    closed = next(e for e in events if e["event"] == "closed")
+    exception = closed["exception"]
+    assert isinstance(exception, dict)
+    assert exception["name"] == "ValueError"
+    assert "outer boom" in exception["message"]
+    assert "KeyError: 'inner'" in exception["text"]
+    assert "direct cause" in exception["text"]
+    summary = events[-1]
+    assert summary["exit_code"] == 1
+    assert "ValueError" in str(summary["error"])
+
+    human = run_pipes("run", "--", sys.executable, str(script))
+    assert human.returncode == 1
+    assert "closed with exception" in human.stdout and "outer boom" in human.stdout
+    assert "failed (exit 1)" in human.stdout
+
+
+def test_child_exit_code_is_passed_through(write_script: Callable[..., Path]) -> None:
+    script = write_script(
+        """
+        import sys
+        from pipes_ext import open_pipes
+        with open_pipes() as pipes:
+            pipes.report_custom_message("bye")
+        sys.exit(7)
+        """
+    )
+    proc = run_pipes("run", "--json", "--", sys.executable, str(script))
+    assert proc.returncode == 7
+    assert json_events(proc.stdout)[-1]["exit_code"] == 7
+
+
+def test_never_opened_fails_unless_no_strict() -> None:
+    strict = run_pipes("run", "--", sys.executable, "-c", "pass")
+    assert strict.returncode == 1
+    assert "never opened the Pipes channel" in strict.stdout
+    relaxed = run_pipes("run", "--no-strict", "--", sys.executable, "-c", "pass")
+    assert relaxed.returncode == 0, relaxed.stdout
+
+
+def test_failed_error_check_only_fails_with_flag(write_script: Callable[..., Path]) -> None:
+    script = write_script(
+        """
+        from pipes_ext import open_pipes
+        with open_pipes() as pipes:
+            pipes.report_asset_check("non_empty", passed=False, severity="ERROR")
+            pipes.report_asset_check("fresh", passed=False, severity="WARN")
+        """
+    )
+    plain = run_pipes("run", "--json", "--asset", "t", "--", sys.executable, str(script))
+    assert plain.returncode == 0
+    summary = json_events(plain.stdout)[-1]
+    assert summary["checks_failed"] == 2 and summary["failed_error_checks"] == 1
+    flagged = run_pipes("run", "--json", "--fail-on-check-error", "--asset", "t", "--", sys.executable, str(script))
+    assert flagged.returncode == 1
+    assert "severity ERROR failed" in str(json_events(flagged.stdout)[-1]["error"])
+
+
+def test_context_options_reach_the_child(write_script: Callable[..., Path], tmp_path: Path) -> None:
+    script = write_script(
+        """
+        from pipes_ext import open_pipes
+        with open_pipes() as pipes:
+            pipes.report_custom_message({"assets": pipes.asset_keys, "partition": pipes.partition_key,
+                                         "extras": pipes.extras, "run_id": pipes.run_id})
+        """
+    )
+    extras_file = tmp_path / "extras.json"
+    extras_file.write_text('{"nested": {"k": [1, "ü"]}}', encoding="utf-8")
+    for injector in ("env", "tempfile"):
+        proc = run_pipes("run", "--json", "--asset", "b", "--asset", "a/x\\/y", "--partition", "2024-01-05",
+                         "--extras-file", str(extras_file), "--run-id", "r-1", "--context-injector", injector,
+                         "--", sys.executable, str(script))
+        assert proc.returncode == 0, proc.stderr
+        payload = next(e for e in json_events(proc.stdout) if e["event"] == "custom_message")["payload"]
+        assert payload == {"assets": ["a/x\\/y", "b"], "partition": "2024-01-05",
+                           "extras": {"nested": {"k": [1, "ü"]}}, "run_id": "r-1"}
+    ctx_path, msg_path = tmp_path / "ctx.json", tmp_path / "msgs.ndjson"
+    proc = run_pipes("run", "--json", "--asset", "c", "--partition", "p", "--context-injector", "file",
+                     "--context-path", str(ctx_path), "--message-reader", "file", "--messages-path", str(msg_path), "--",
+                     sys.executable, str(script))
+    assert proc.returncode == 0, proc.stderr
+    assert not ctx_path.exists() and not msg_path.exists()
+
+
+@pytest.mark.parametrize(
+    ("args", "expected"),
+    [
+        (["run"], "no command given"),
+        (["run", "--"], "no command given"),
+        (["run", "--extras", "{not json", "--", "true"], "--extras is not valid JSON"),
+        (["run", "--extras", "[1, 2]", "--", "true"], "must be a JSON object"),
+        (["run", "--asset", "a//b", "--", "true"], "invalid asset key"),
+        (["run", "--asset", "a/", "--", "true"], "invalid asset key"),
+        (["run", "--context-injector", "file", "--", "true"], "needs --context-path"),
+        (["run", "--timeout", "0", "--", "true"], "--timeout must be positive"),
+        (["frobnicate"], "invalid choice"),
+        ([], "usage: pipes run"),
+    ],
+)
+def test_bad_invocations_give_one_line_and_exit_2(args: list[str], expected: str) -> None:
+    proc = run_pipes(*args)
+    assert proc.returncode == 2
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1, proc.stderr
+    assert lines[0].startswith("pipes: error:") and expected in lines[0]
+    assert proc.stdout == ""
+
+
+def test_command_not_found_exits_127() -> None:
+    proc = run_pipes("run", "--", "/nonexistent/command-xyz")
+    assert proc.returncode == 127
+    assert "cannot start the external process" in proc.stdout
+
+
+def test_timeout_terminates_the_child(write_script: Callable[..., Path]) -> None:
+    script = write_script(
+        """
+        import time
+        from pipes_ext import open_pipes
+        with open_pipes() as pipes:
+            pipes.report_custom_message("started")
+            time.sleep(60)
+        """
+    )
+    started = time.monotonic()
+    proc = run_pipes("run", "--json", "--timeout", "1", "--", sys.executable, str(script))
+    assert proc.returncode == 124
+    assert time.monotonic() - started < 30
+    events = json_events(proc.stdout)
+    assert {"event": "custom_message", "payload": "started"} in events
+    assert "timeout" in str(events[-1]["error"])
+
+
+def test_ctrl_c_terminates_child_and_reports(write_script: Callable[..., Path], tmp_path: Path) -> None:
+    marker = tmp_path / "child.pid"
+    script = write_script(
+        f"""
+        import os, time
+        from pipes_ext import open_pipes
+        with open_pipes() as pipes:
+            pipes.report_custom_message("working")
+            open({str(marker)!r}, "w").write(str(os.getpid()))
+            time.sleep(60)
+        """
+    )
+    proc = subprocess.Popen([*PIPES, "run", "--json", "--", sys.executable, str(script)], cwd=REPO_ROOT,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 30
+    while not marker.exists() or not marker.read_text():
+        assert time.monotonic() < deadline, "child never started"
+        time.sleep(0.02)
+    child_pid = int(marker.read_text())
+    proc.send_signal(signal.SIGINT)
+    stdout, _ = proc.communicate(timeout=30)
+    assert proc.returncode == 130
+    events = json_events(stdout)
+    assert {"event": "custom_message", "payload": "working"} in events  # drained before exiting
+    closed = [e for e in events if e["event"] == "closed"]
+    assert closed and closed[0]["exception"] is not None  # the child reported its KeyboardInterrupt
+    assert closed[0]["exception"]["name"] == "KeyboardInterrupt"  # type: ignore[index]
+    assert events[-1]["error"] == "interrupted"
+    with pytest.raises(ProcessLookupError):
+        os.kill(child_pid, 0)
