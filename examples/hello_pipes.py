@@ -1,6 +1,7 @@
 """An example external process: reads its context, logs, reports a materialization, a check and a message.
 
-Run it under the orchestrator with:  pipes run --asset examples/hello --extras '{"rows": 3}' -- python examples/hello_pipes.py
+Run it under the orchestrator with:
+    pipes run --asset examples/hello --extras '{"rows": 3}' -- python examples/hello_pipes.py
 """
 
 from pipes_ext import open_pipes

@@ -8,7 +8,7 @@ components. Every event is an immutable dataclass; :data:`PipesEvent` is their u
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Union
+from typing import Any
 
 from pipes_ext._protocol import infer_metadata_type, parse_asset_key
 
@@ -42,7 +42,9 @@ class MetadataValue:
         value = entry["raw_value"]
         if metadata_type == "__infer__":
             metadata_type = infer_metadata_type(value)
-        elif metadata_type == "timestamp":
+        elif metadata_type in ("float", "timestamp"):
+            # The reference external side sends a float entry's int as is (e.g. ``{"raw_value": 3, "type":
+            # "float"}``): a float entry is a float here, as a timestamp is.
             value = float(value)
         return cls(metadata_type, value)
 
@@ -80,7 +82,7 @@ class AssetCheckResult:
         return parse_asset_key(self.asset_key)
 
 
-PipesExecutionResult = Union[MaterializeResult, AssetCheckResult]
+PipesExecutionResult = MaterializeResult | AssetCheckResult
 
 
 @dataclass(frozen=True)
@@ -109,7 +111,10 @@ class PipesRemoteException:
         if self.cause is not None:
             parts += [self.cause.format(), "\nThe above exception was the direct cause of the following exception:\n\n"]
         elif self.context is not None:
-            parts += [self.context.format(), "\nDuring handling of the above exception, another exception occurred:\n\n"]
+            parts += [
+                self.context.format(),
+                "\nDuring handling of the above exception, another exception occurred:\n\n",
+            ]
         if self.stack:
             parts.append("Traceback (most recent call last):\n")
             parts.extend(self.stack)
@@ -163,13 +168,13 @@ class PipesProtocolIssue:
         return f"{self.reason}{where}: {shown!r}"
 
 
-PipesEvent = Union[
-    PipesOpenedEvent,
-    PipesClosedEvent,
-    PipesLogEvent,
-    MaterializeResult,
-    AssetCheckResult,
-    PipesCustomMessageEvent,
-    PipesExternalStreamEvent,
-    PipesProtocolIssue,
-]
+PipesEvent = (
+    PipesOpenedEvent
+    | PipesClosedEvent
+    | PipesLogEvent
+    | MaterializeResult
+    | AssetCheckResult
+    | PipesCustomMessageEvent
+    | PipesExternalStreamEvent
+    | PipesProtocolIssue
+)

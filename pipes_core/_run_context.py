@@ -6,7 +6,7 @@ import uuid
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Any, Union
+from typing import Any
 
 from pipes_ext._errors import PipesUsageError
 from pipes_ext._protocol import escape_asset_key
@@ -14,7 +14,7 @@ from pipes_ext._protocol import escape_asset_key
 __all__ = ["PipesRunContext", "AssetKeyLike", "normalize_asset_key"]
 
 # An asset key as the user may give it: the escaped string form ("a/b\/c") or the list of components.
-AssetKeyLike = Union[str, Sequence[str]]
+AssetKeyLike = str | Sequence[str]
 
 
 def normalize_asset_key(key: AssetKeyLike) -> str:

@@ -354,7 +354,7 @@ class PipesSubprocessClient:
         if code is not None and code < 0:
             fail(PipesExecutionError, f"the external process {argv[0]!r} was killed by {_signal_name(-code)}")
         if code:
-            what = f" with {remote.name}: {str(remote)}" if remote is not None else ""
+            what = f" with {remote.name}: {remote!s}" if remote is not None else ""
             fail(PipesExecutionError, f"the external process {argv[0]!r} failed with exit code {code}{what}")
         if remote is not None:
             fail(PipesExecutionError, f"the external process {argv[0]!r} exited 0 but reported an exception")

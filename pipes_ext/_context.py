@@ -364,7 +364,7 @@ def _make_logger(context: PipesContext) -> logging.Logger:
             context._log(_level_name(record.levelno, record.levelname), message)
 
         def handleError(self, record: logging.LogRecord) -> None:
-            raise  # noqa: PLE0704 - a failed send must surface at the call site, not be printed and dropped
+            raise
 
     logger = logging.Logger("pipes_ext", level=logging.DEBUG)
     logger.propagate = False

@@ -7,7 +7,7 @@ it does not use. The envelope key ``__dagster_pipes_version`` is not an identifi
 
 from __future__ import annotations
 
-from typing import Any, Literal, Optional, TypedDict
+from typing import Any, Literal, TypedDict
 
 __all__ = [
     "PipesMessage",
@@ -39,16 +39,16 @@ PipesStream = Literal["stdout", "stderr"]
 
 PipesMessage = TypedDict(
     "PipesMessage",
-    {"__dagster_pipes_version": str, "method": str, "params": Optional[dict[str, Any]]},
+    {"__dagster_pipes_version": str, "method": str, "params": dict[str, Any] | None},
 )
 
 
 class PipesException(TypedDict):
     message: str
     stack: list[str]
-    name: Optional[str]
-    cause: Optional[PipesException]
-    context: Optional[PipesException]
+    name: str | None
+    cause: PipesException | None
+    context: PipesException | None
 
 
 class PipesMetadataValue(TypedDict):
@@ -73,14 +73,14 @@ class PipesTimeWindow(TypedDict):
 
 
 class PipesContextData(TypedDict):
-    asset_keys: Optional[list[str]]
-    code_version_by_asset_key: Optional[dict[str, Optional[str]]]
-    provenance_by_asset_key: Optional[dict[str, Optional[PipesDataProvenance]]]
-    partition_key: Optional[str]
-    partition_key_range: Optional[PipesPartitionKeyRange]
-    partition_time_window: Optional[PipesTimeWindow]
+    asset_keys: list[str] | None
+    code_version_by_asset_key: dict[str, str | None] | None
+    provenance_by_asset_key: dict[str, PipesDataProvenance | None] | None
+    partition_key: str | None
+    partition_key_range: PipesPartitionKeyRange | None
+    partition_time_window: PipesTimeWindow | None
     run_id: str
-    job_name: Optional[str]
+    job_name: str | None
     retry_number: int
     extras: dict[str, Any]
 
