@@ -1,0 +1,221 @@
+"""Blob-store channels, orchestrator side: the context injector and the chunk reader, for any store.
+
+A backend (``pipes_core.s3``, ``.gcs``, ``.azure``) supplies a :class:`pipes_ext._blob.PipesBlobStore`;
+the logic is here. Better than the reference's reader:
+
+* every poll reads **all** chunks available (n, n+1, ... until one is missing), not one per interval, and
+  once the process has ended the whole backlog is drained before the session closes;
+* transient store errors are retried with backoff; a permanent one (no such bucket, access denied) stops the
+  reader and is raised when the session ends, naming bucket and key;
+* a chunk that never appears while a later one exists is reported as a protocol issue after
+  ``missing_chunk_grace`` seconds, and reading goes on with the next one instead of waiting forever;
+* a bad line in a chunk is an issue; the rest of the chunk and later chunks are still read.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import string
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+from pipes_ext._blob import DEFAULT_RETRY_POLICY, PipesBlobStore, RetryPolicy, chunk_key
+from pipes_ext._errors import PipesTransportError
+from pipes_ext._protocol import PARAM_BUCKET, PARAM_INCLUDE_STDIO_IN_MESSAGES, PARAM_KEY, PARAM_KEY_PREFIX
+
+from ._handler import PipesMessageHandler
+from ._injectors import PipesContextInjector
+from ._readers import PipesMessageReader
+
+__all__ = [
+    "PipesBlobStoreContextInjector",
+    "PipesBlobStoreMessageReader",
+    "DEFAULT_POLL_INTERVAL",
+    "DEFAULT_MISSING_CHUNK_GRACE",
+    "random_key_component",
+]
+
+# How often the reader looks for new chunks while the process runs. Each poll that finds nothing costs one
+# request; each chunk costs one.
+DEFAULT_POLL_INTERVAL = 1.0
+# How long a missing chunk may stay missing while a later one exists before it is reported and skipped.
+DEFAULT_MISSING_CHUNK_GRACE = 10.0
+# The reference's random key component: 30 ASCII letters.
+KEY_COMPONENT_LENGTH = 30
+
+
+def random_key_component() -> str:
+    return "".join(random.choices(string.ascii_letters, k=KEY_COMPONENT_LENGTH))
+
+
+class PipesBlobStoreContextInjector(PipesContextInjector):
+    """Uploads the context as ``<key_prefix><30 letters>/context.json``; deleted after the session."""
+
+    def __init__(self, *, key_prefix: str | None = None, retry: RetryPolicy = DEFAULT_RETRY_POLICY) -> None:
+        self.key_prefix = key_prefix
+        self.retry = retry
+
+    def make_store(self) -> PipesBlobStore:
+        raise NotImplementedError
+
+    @contextmanager
+    def inject_context(self, context_data: dict[str, Any]) -> Iterator[dict[str, Any]]:
+        store = self.make_store()
+        key = f"{self.key_prefix or ''}{random_key_component()}/context.json"
+        data = json.dumps(context_data).encode("utf-8")
+        self.retry.call(store, "uploading the context", key, lambda: store.put(key, data))
+        try:
+            yield {PARAM_BUCKET: store.bucket, PARAM_KEY: key}
+        finally:
+            self.retry.call(store, "deleting the context", key, lambda: store.delete(key))
+
+    def describe(self) -> str:
+        return f"{type(self).__name__}"
+
+
+class _ChunkTailer:
+    """The reader's thread: follows ``<prefix>/1.json``, ``2.json``, ... into a handler."""
+
+    def __init__(self, reader: PipesBlobStoreMessageReader, store: PipesBlobStore, key_prefix: str,
+                 handler: PipesMessageHandler) -> None:
+        self.reader = reader
+        self.store = store
+        self.key_prefix = key_prefix
+        self.handler = handler
+        self.next_index = 1
+        self.chunks_read = 0
+        self.requests = 0
+        self.error: PipesTransportError | None = None
+        self._finish = threading.Event()
+        self._gap_since: float | None = None
+        self._thread = threading.Thread(target=self._run, name="pipes-blob-reader", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def finish(self) -> None:
+        self._finish.set()
+        self._thread.join()
+
+    def _get(self, index: int) -> bytes | None:
+        key = chunk_key(self.key_prefix, index)
+
+        def get() -> bytes | None:
+            self.requests += 1
+            return self.store.get(key)
+
+        return self.reader.retry.call(self.store, "reading messages chunk", key, get)
+
+    def _handle_chunk(self, index: int, data: bytes) -> None:
+        source = self.store.url(chunk_key(self.key_prefix, index))
+        for line in data.split(b"\n"):
+            if line.strip():
+                self.handler.handle_line(line, source)
+        self.chunks_read += 1
+
+    def _read_available(self) -> None:
+        while True:
+            data = self._get(self.next_index)
+            if data is None:
+                return
+            self._handle_chunk(self.next_index, data)
+            self.next_index += 1
+            self._gap_since = None
+
+    def _skip_gap_if_stale(self, final: bool) -> bool:
+        """If chunk n is missing but n+1 exists: after the grace period (or at the end), report n and go on."""
+        later = self._get(self.next_index + 1)
+        if later is None:
+            self._gap_since = None
+            return False
+        now = time.monotonic()
+        if self._gap_since is None:
+            self._gap_since = now
+        if not final and now - self._gap_since < self.reader.missing_chunk_grace:
+            return False
+        missing = chunk_key(self.key_prefix, self.next_index)
+        self.handler.report_issue(
+            f"messages chunk {self.store.url(missing)} never appeared while a later chunk did; its messages are "
+            "lost (skipped after waiting)",
+            "",
+            self.store.url(missing),
+        )
+        self._handle_chunk(self.next_index + 1, later)
+        self.next_index += 2
+        self._gap_since = None
+        return True
+
+    def _run(self) -> None:
+        try:
+            last_gap_probe = time.monotonic()
+            while True:
+                finishing = self._finish.is_set()
+                self._read_available()
+                if finishing:
+                    while self._skip_gap_if_stale(final=True):
+                        self._read_available()
+                    return
+                now = time.monotonic()
+                if now - last_gap_probe >= self.reader.missing_chunk_grace / 2:
+                    last_gap_probe = now
+                    if self._skip_gap_if_stale(final=False):
+                        continue
+                self._finish.wait(self.reader.interval)
+        except PipesTransportError as exc:
+            self.error = exc
+        except Exception as exc:  # pragma: no cover - a bug; surfaced at session end rather than lost
+            self.error = PipesTransportError(f"the blob-store reader failed: {type(exc).__name__}: {exc}")
+            self.error.__cause__ = exc
+
+
+class PipesBlobStoreMessageReader(PipesMessageReader):
+    """Base of the blob-store message readers; see the module docstring.
+
+    Args:
+        interval: seconds between polls while the process runs.
+        include_stdio_in_messages: ask the external side to forward its stdout/stderr.
+        missing_chunk_grace: see :data:`DEFAULT_MISSING_CHUNK_GRACE`.
+        retry: backoff for transient errors.
+    """
+
+    def __init__(
+        self,
+        *,
+        interval: float = DEFAULT_POLL_INTERVAL,
+        include_stdio_in_messages: bool = False,
+        missing_chunk_grace: float = DEFAULT_MISSING_CHUNK_GRACE,
+        retry: RetryPolicy = DEFAULT_RETRY_POLICY,
+    ) -> None:
+        self.interval = interval
+        self.include_stdio_in_messages = include_stdio_in_messages
+        self.missing_chunk_grace = missing_chunk_grace
+        self.retry = retry
+        self.last_stats: dict[str, int] = {}
+
+    def make_store(self) -> PipesBlobStore:
+        raise NotImplementedError
+
+    @contextmanager
+    def read_messages(self, handler: PipesMessageHandler) -> Iterator[dict[str, Any]]:
+        store = self.make_store()
+        key_prefix = random_key_component()
+        tailer = _ChunkTailer(self, store, key_prefix, handler)
+        tailer.start()
+        try:
+            yield {
+                PARAM_BUCKET: store.bucket,
+                PARAM_KEY_PREFIX: key_prefix,
+                PARAM_INCLUDE_STDIO_IN_MESSAGES: self.include_stdio_in_messages,
+            }
+        finally:
+            tailer.finish()
+            self.last_stats = {"chunks": tailer.chunks_read, "requests": tailer.requests}
+        if tailer.error is not None:
+            raise tailer.error
+
+    def describe(self) -> str:
+        return type(self).__name__

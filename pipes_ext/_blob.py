@@ -1,0 +1,355 @@
+"""Blob-store channels, external side: the chunked message writer and the context loader, for any store.
+
+Wire layout (as the reference): messages are uploaded as chunks ``<key_prefix>/<n>.json`` (``<n>.json`` with
+no prefix), ``n`` counting from 1 with no gaps, each chunk the messages' JSON lines joined by ``"\\n"`` with
+no trailing newline. The context is one JSON object at ``key`` in ``bucket``.
+
+A backend (``pipes_ext.s3``, ``.gcs``, ``.azure``) only supplies a :class:`PipesBlobStore`: put, get, delete
+and a classification of its SDK's errors. Everything else is here:
+
+* the writer uploads every ``interval`` seconds **and** whenever ``max_chunk_bytes`` are buffered, so a burst
+  does not build one huge chunk; one message larger than that travels alone in its chunk;
+* transient errors (5xx, throttling, timeouts, connection resets) are retried with exponential backoff; a
+  failed upload keeps its messages and is retried with the same chunk number, so nothing is lost or
+  reordered; a permanent error (no such bucket, access denied) fails fast, naming bucket and key;
+* ``close()`` uploads everything before returning (so before ``closed`` is sent), within ``close_timeout``
+  seconds, and raises :class:`PipesTransportError` saying how many messages were not uploaded otherwise;
+* if the process exits without closing, an ``atexit`` hook flushes what is buffered; if the upload thread
+  dies, ``close()`` uploads the rest from the calling thread.
+"""
+
+from __future__ import annotations
+
+import atexit
+import json
+import random
+import sys
+import threading
+import time
+from collections.abc import Callable, Mapping
+from typing import Any, TypeVar
+
+from ._context_loaders import PipesContextLoader
+from ._errors import PipesProtocolError, PipesTransportError
+from ._protocol import PARAM_BUCKET, PARAM_KEY, PARAM_KEY_PREFIX, validate_context_data
+from ._writers import PipesMessageWriter, PipesMessageWriterChannel
+
+__all__ = [
+    "PipesBlobStore",
+    "RetryPolicy",
+    "DEFAULT_RETRY_POLICY",
+    "PipesBlobStoreMessageWriter",
+    "PipesBlobStoreMessageWriterChannel",
+    "PipesBlobStoreContextLoader",
+    "DEFAULT_UPLOAD_INTERVAL",
+    "DEFAULT_MAX_CHUNK_BYTES",
+    "DEFAULT_CLOSE_TIMEOUT",
+    "chunk_key",
+    "missing_extra_error",
+]
+
+# The reference uploads every ~11 s and its reader fetches one chunk per 10 s. Our reader takes every
+# available chunk per poll, so a 1 s upload interval gives near-live messages at one request per second.
+DEFAULT_UPLOAD_INTERVAL = 1.0
+# A chunk is uploaded as soon as this much is buffered: large enough that 10,000 small messages need a handful
+# of requests, small enough that a burst never builds a chunk too big to download comfortably.
+DEFAULT_MAX_CHUNK_BYTES = 4 * 1024 * 1024
+# How long close() may spend uploading what is left (the reference waits 60 s, then drops messages silently).
+DEFAULT_CLOSE_TIMEOUT = 60.0
+
+T = TypeVar("T")
+
+
+def missing_extra_error(extra: str, package: str, exc: ImportError) -> ImportError:
+    """The ImportError raised when a backend's SDK is not installed, naming the extra to install."""
+    return ImportError(
+        f"this channel needs the {package!r} package: pip install 'pipes-sdk[{extra}]' ({exc})"
+    )
+
+
+def chunk_key(key_prefix: str | None, index: int) -> str:
+    """The object key of chunk ``index`` (from 1)."""
+    return f"{key_prefix}/{index}.json" if key_prefix else f"{index}.json"
+
+
+class PipesBlobStore:
+    """What a backend supplies: one bucket (or container) of one store, through an injected SDK client."""
+
+    scheme = "blob"
+
+    def __init__(self, bucket: str) -> None:
+        self.bucket = bucket
+
+    def put(self, key: str, data: bytes) -> None:
+        raise NotImplementedError
+
+    def get(self, key: str) -> bytes | None:
+        """The object's bytes, or None when it does not exist (yet)."""
+        raise NotImplementedError
+
+    def delete(self, key: str) -> None:
+        """Delete the object; a missing object is not an error."""
+        raise NotImplementedError
+
+    def is_transient(self, exc: BaseException) -> bool:
+        """Is ``exc`` worth retrying (5xx, throttling, timeout, connection reset)?"""
+        return isinstance(exc, (ConnectionError, TimeoutError))
+
+    def url(self, key: str) -> str:
+        return f"{self.scheme}://{self.bucket}/{key}"
+
+
+class RetryPolicy:
+    """Exponential backoff with full jitter for transient store errors.
+
+    Args:
+        attempts: tries in all, the first included.
+        base_delay: the first backoff, doubled per retry.
+        max_delay: the cap of one backoff.
+    """
+
+    def __init__(self, attempts: int = 6, base_delay: float = 0.1, max_delay: float = 2.0) -> None:
+        self.attempts = max(1, attempts)
+        self.base_delay = base_delay
+        self.max_delay = max_delay
+
+    def call(self, store: PipesBlobStore, what: str, key: str, fn: Callable[[], T],
+             deadline: float | None = None) -> T:
+        """Run ``fn``, retrying transient errors; raise :class:`PipesTransportError` naming the object."""
+        for attempt in range(1, self.attempts + 1):
+            try:
+                return fn()
+            except Exception as exc:
+                transient = store.is_transient(exc)
+                out_of_time = deadline is not None and time.monotonic() >= deadline
+                if not transient or attempt == self.attempts or out_of_time:
+                    kind = "transient error, retries exhausted" if transient else "error"
+                    raise PipesTransportError(
+                        f"{what} {store.url(key)} failed ({kind}; bucket {store.bucket!r}, key {key!r}): "
+                        f"{type(exc).__name__}: {exc}"
+                    ) from exc
+                delay = random.uniform(0, min(self.max_delay, self.base_delay * 2 ** (attempt - 1)))
+                if deadline is not None:
+                    delay = min(delay, max(0.0, deadline - time.monotonic()))
+                time.sleep(delay)
+        raise AssertionError("unreachable")  # pragma: no cover
+
+
+DEFAULT_RETRY_POLICY = RetryPolicy()
+
+
+class PipesBlobStoreMessageWriterChannel(PipesMessageWriterChannel):
+    """Buffers message lines and uploads them as numbered chunks; see the module docstring."""
+
+    def __init__(
+        self,
+        store: PipesBlobStore,
+        key_prefix: str | None,
+        *,
+        interval: float = DEFAULT_UPLOAD_INTERVAL,
+        max_chunk_bytes: int = DEFAULT_MAX_CHUNK_BYTES,
+        close_timeout: float = DEFAULT_CLOSE_TIMEOUT,
+        retry: RetryPolicy = DEFAULT_RETRY_POLICY,
+    ) -> None:
+        self.store = store
+        self.key_prefix = key_prefix
+        self.interval = interval
+        self.max_chunk_bytes = max_chunk_bytes
+        self.close_timeout = close_timeout
+        self.retry = retry
+        self._cond = threading.Condition()
+        self._buffer: list[str] = []
+        self._buffered_bytes = 0
+        self._next_index = 1
+        self._closing = False
+        self._closed = False
+        self._deadline: float | None = None
+        self._upload_lock = threading.Lock()
+        self.error: BaseException | None = None
+        self.chunks_uploaded = 0
+        self.requests = 0
+        self._thread = threading.Thread(target=self._run, name="pipes-blob-writer", daemon=True)
+
+    # ------------------------------------------------------------------ lifecycle
+
+    def start(self) -> PipesBlobStoreMessageWriterChannel:
+        self._thread.start()
+        atexit.register(self._flush_at_exit)
+        return self
+
+    def write_line(self, line: str) -> None:
+        with self._cond:
+            if self._closed:
+                raise PipesTransportError("the blob-store message channel is closed")
+            self._buffer.append(line)
+            self._buffered_bytes += len(line) + 1
+            if self._buffered_bytes >= self.max_chunk_bytes:
+                self._cond.notify_all()
+
+    def close(self) -> None:
+        """Upload everything still buffered, then stop. Raises :class:`PipesTransportError` when messages
+        could not be uploaded (permanent error, or ``close_timeout`` exceeded), saying how many."""
+        with self._cond:
+            if self._closed:
+                return
+            self._closing = True
+            self._deadline = time.monotonic() + self.close_timeout
+            self._cond.notify_all()
+        atexit.unregister(self._flush_at_exit)
+        if self._thread.is_alive():
+            self._thread.join(self.close_timeout)
+        with self._cond:
+            self._closed = True
+        if self._thread.is_alive():
+            left = self._pending_count()
+            raise PipesTransportError(
+                f"closing the blob-store channel took more than {self.close_timeout} s; {left} message(s) were "
+                f"not uploaded to {self.store.url(self.key_prefix or '')}"
+            )
+        if self._pending_count():
+            # The upload thread stopped early (an error or a crash): try once more from this thread.
+            try:
+                self._upload_all(deadline=time.monotonic() + self.close_timeout)
+            except PipesTransportError as exc:
+                raise PipesTransportError(
+                    f"{self._pending_count()} message(s) could not be uploaded: {exc}"
+                ) from exc
+
+    def _flush_at_exit(self) -> None:
+        try:
+            self.close()
+        except Exception as exc:  # at interpreter exit there is no caller left to raise to
+            sys.stderr.write(f"pipes: blob-store messages not uploaded at exit: {exc}\n")
+
+    # ------------------------------------------------------------------ uploading
+
+    def _pending_count(self) -> int:
+        with self._cond:
+            return len(self._buffer)
+
+    def _take_batch(self) -> list[str]:
+        """The next chunk's lines (at least one; at most max_chunk_bytes unless one line is larger)."""
+        size = 0
+        count = 0
+        for line in self._buffer:
+            if count and size + len(line) + 1 > self.max_chunk_bytes:
+                break
+            size += len(line) + 1
+            count += 1
+        return self._buffer[:count]
+
+    def _upload_one(self, deadline: float | None) -> bool:
+        """Upload the next chunk; False when nothing is buffered. The lines leave the buffer only once the
+        chunk is stored, so a failed upload keeps them for the next try."""
+        with self._upload_lock:
+            with self._cond:
+                batch = self._take_batch()
+                if not batch:
+                    return False
+                index = self._next_index
+            key = chunk_key(self.key_prefix, index)
+            data = "\n".join(batch).encode("utf-8")
+
+            def put() -> None:
+                self.requests += 1
+                self.store.put(key, data)
+
+            self.retry.call(self.store, "uploading messages chunk", key, put, deadline)
+            with self._cond:
+                del self._buffer[: len(batch)]
+                self._buffered_bytes -= sum(len(line) + 1 for line in batch)
+                self._next_index = index + 1
+                self.chunks_uploaded += 1
+            return True
+
+    def _upload_all(self, deadline: float | None) -> None:
+        while self._upload_one(deadline):
+            pass
+
+    def _run(self) -> None:
+        next_upload = time.monotonic() + self.interval
+        try:
+            while True:
+                with self._cond:
+                    while not self._closing and self._buffered_bytes < self.max_chunk_bytes:
+                        remaining = next_upload - time.monotonic()
+                        if remaining <= 0:
+                            break
+                        self._cond.wait(remaining)
+                    closing = self._closing
+                    deadline = self._deadline
+                if closing:
+                    self._upload_all(deadline)
+                    return
+                if self._buffered_bytes >= self.max_chunk_bytes:
+                    while self._buffered_bytes >= self.max_chunk_bytes and self._upload_one(None):
+                        pass
+                else:
+                    self._upload_all(None)
+                    next_upload = time.monotonic() + self.interval
+        except BaseException as exc:  # kept for close(), which retries from the caller's thread
+            self.error = exc
+
+
+class PipesBlobStoreMessageWriter(PipesMessageWriter):
+    """Base of the blob-store message writers: ``make_store(bucket)`` is what a backend supplies."""
+
+    def __init__(
+        self,
+        *,
+        interval: float = DEFAULT_UPLOAD_INTERVAL,
+        max_chunk_bytes: int = DEFAULT_MAX_CHUNK_BYTES,
+        close_timeout: float = DEFAULT_CLOSE_TIMEOUT,
+        retry: RetryPolicy = DEFAULT_RETRY_POLICY,
+    ) -> None:
+        self.interval = interval
+        self.max_chunk_bytes = max_chunk_bytes
+        self.close_timeout = close_timeout
+        self.retry = retry
+        self.channel: PipesBlobStoreMessageWriterChannel | None = None
+
+    def make_store(self, bucket: str) -> PipesBlobStore:
+        raise NotImplementedError
+
+    def open(self, params: Mapping[str, Any]) -> PipesMessageWriterChannel:
+        bucket = params.get(PARAM_BUCKET)
+        if not isinstance(bucket, str) or not bucket:
+            raise PipesProtocolError(f'blob-store messages params need a string "{PARAM_BUCKET}" (got {dict(params)})')
+        key_prefix = params.get(PARAM_KEY_PREFIX)
+        if key_prefix is not None and not isinstance(key_prefix, str):
+            raise PipesProtocolError(f'blob-store messages params "{PARAM_KEY_PREFIX}" must be a string')
+        self.channel = PipesBlobStoreMessageWriterChannel(
+            self.make_store(bucket),
+            key_prefix,
+            interval=self.interval,
+            max_chunk_bytes=self.max_chunk_bytes,
+            close_timeout=self.close_timeout,
+            retry=self.retry,
+        ).start()
+        return self.channel
+
+
+class PipesBlobStoreContextLoader(PipesContextLoader):
+    """Base of the blob-store context loaders: reads the JSON object at ``{"bucket", "key"}``."""
+
+    def __init__(self, *, retry: RetryPolicy = DEFAULT_RETRY_POLICY) -> None:
+        self.retry = retry
+
+    def make_store(self, bucket: str) -> PipesBlobStore:
+        raise NotImplementedError
+
+    def load_context(self, params: Mapping[str, Any]) -> dict[str, Any]:
+        bucket, key = params.get(PARAM_BUCKET), params.get(PARAM_KEY)
+        if not isinstance(bucket, str) or not isinstance(key, str):
+            raise PipesProtocolError(
+                f'blob-store context params need string "{PARAM_BUCKET}" and "{PARAM_KEY}" (got {dict(params)})'
+            )
+        store = self.make_store(bucket)
+        data = self.retry.call(store, "downloading the context", key, lambda: store.get(key))
+        if data is None:
+            raise PipesTransportError(f"the context object {store.url(key)} does not exist")
+        try:
+            document = json.loads(data.decode("utf-8"))
+        except (UnicodeDecodeError, ValueError) as exc:
+            raise PipesProtocolError(f"the context object {store.url(key)} is not UTF-8 JSON: {exc}") from exc
+        return validate_context_data(document)
