@@ -79,6 +79,7 @@ class _FileTailer:
         self.handler = handler
         self.watcher = FileWatcher(path, use_inotify=use_inotify)
         self._finish = threading.Event()
+        self._drained = threading.Event()  # set once everything is handled; the thread then only cleans up
         self._thread = threading.Thread(target=self._run, name=f"pipes-file-reader:{path}", daemon=True)
         self.error: BaseException | None = None
         self.bytes_read = 0
@@ -91,12 +92,18 @@ class _FileTailer:
         """Drain what is left and stop; returns when the thread has ended."""
         self._finish.set()
         self.watcher.wake()
-        self._thread.join()
-        self.watcher.close()
+        self._drained.wait()
         if self.error is not None:
             raise PipesTransportError(f"reading the messages file {self.path!r} failed: {self.error}") from self.error
 
     def _run(self) -> None:
+        try:
+            self._tail()
+        finally:
+            self._drained.set()
+            self.watcher.close()
+
+    def _tail(self) -> None:
         try:
             fd = os.open(self.path, os.O_RDONLY)
         except OSError as exc:

@@ -10,7 +10,6 @@ backing off while idle.
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import os
 import select
 import sys
@@ -29,11 +28,21 @@ _IN_NONBLOCK = 0o4000
 _IN_CLOEXEC = 0o2000000
 
 
+_LIBC: list[ctypes.CDLL | None] = []
+
+
 def _load_libc() -> ctypes.CDLL | None:
+    """libc, loaded once (the running program's own symbols: no library search, which would spawn processes)."""
+    if not _LIBC:
+        _LIBC.append(_find_libc())
+    return _LIBC[0]
+
+
+def _find_libc() -> ctypes.CDLL | None:
     if not sys.platform.startswith("linux"):
         return None
     try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or None, use_errno=True)
+        libc = ctypes.CDLL(None, use_errno=True)
         libc.inotify_init1  # noqa: B018 - probe that the symbol exists
         libc.inotify_add_watch  # noqa: B018
     except (OSError, AttributeError):
@@ -50,6 +59,7 @@ class FileWatcher:
         self._wake_r = -1
         self._wake_w = -1
         self._event = threading.Event()
+        self._fd_lock = threading.Lock()  # wake() from another thread must not write to a closed, reused fd
         self._poll = POLL_MIN_SECONDS
         self._started = False
         self._use_inotify = use_inotify
@@ -97,15 +107,19 @@ class FileWatcher:
     def wake(self) -> None:
         """Make a current or the next :meth:`wait` return at once (thread-safe)."""
         self._event.set()
-        if self._wake_w >= 0:
-            try:
-                os.write(self._wake_w, b"x")
-            except (BlockingIOError, OSError):
-                pass
+        with self._fd_lock:
+            if self._wake_w >= 0:
+                try:
+                    os.write(self._wake_w, b"x")
+                except OSError:
+                    pass
 
     def close(self) -> None:
-        for name in ("_inotify_fd", "_wake_r", "_wake_w"):
-            fd = getattr(self, name)
+        """Release the descriptors. Closing an inotify descriptor can take milliseconds in the kernel, so the
+        reader calls this from its own thread after it has finished, not on the session's exit path."""
+        with self._fd_lock:
+            fds = [self._inotify_fd, self._wake_r, self._wake_w]
+            self._inotify_fd = self._wake_r = self._wake_w = -1
+        for fd in fds:
             if fd >= 0:
-                setattr(self, name, -1)
                 os.close(fd)
