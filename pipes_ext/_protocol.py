@@ -313,7 +313,9 @@ def parse_asset_key(escaped: str) -> list[str]:
     chars = iter(escaped)
     for char in chars:
         if char == "\\":
-            current.append(next(chars, ""))
+            escaped_char = next(chars, None)
+            if escaped_char is not None:  # a dangling "\" at the end adds nothing, as in the reference
+                current.append(escaped_char)
         elif char == "/":
             parts.append("".join(current))
             current = []
@@ -357,11 +359,34 @@ def _is_number(value: object) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
+# Dagster's orchestrator builds TableColumn / TableColumnConstraints / TableRecord / TableColumnDep from these
+# shapes and raises (killing its reader) on a missing "schema" or column "type", on unknown constraint or
+# dependency keys, and on non-scalar table cells; they are rejected here instead.
+_COLUMN_CONSTRAINT_KEYS = frozenset({"nullable", "unique", "other"})
+_LINEAGE_DEP_KEYS = frozenset({"asset_key", "column_name"})
+
+
 def _column_problem(column: object) -> str | None:
     if not isinstance(column, dict) or not isinstance(column.get("name"), str):
         return 'each column must be an object with a string "name"'
-    if "type" in column and not isinstance(column["type"], str):
-        return 'a column "type" must be a string'
+    name = column["name"]
+    if not isinstance(column.get("type"), str):
+        return f'column {name!r}: "type" must be a string'
+    if column.get("description") is not None and not isinstance(column["description"], str):
+        return f'column {name!r}: "description" must be null or a string'
+    tags = column.get("tags")
+    if tags is not None and not (isinstance(tags, dict) and all(isinstance(v, str) for v in tags.values())):
+        return f'column {name!r}: "tags" must be null or an object of strings'
+    constraints = column.get("constraints")
+    if constraints:
+        if not isinstance(constraints, dict) or not set(constraints) <= _COLUMN_CONSTRAINT_KEYS:
+            return f'column {name!r}: "constraints" must be an object with keys among nullable, unique, other'
+        for flag in ("nullable", "unique"):
+            if flag in constraints and not isinstance(constraints[flag], bool):
+                return f'column {name!r}: constraint "{flag}" must be a boolean'
+        other = constraints.get("other")
+        if other is not None and not (isinstance(other, list) and all(isinstance(o, str) for o in other)):
+            return f'column {name!r}: constraint "other" must be null or a list of strings'
     return None
 
 
@@ -378,16 +403,20 @@ def _table_schema_problem(value: object) -> str | None:
 def _table_problem(value: object) -> str | None:
     if not isinstance(value, dict) or not isinstance(value.get("records"), list):
         return 'must be {"records": [object, ...], "schema": [column, ...]}'
-    if not all(isinstance(record, dict) for record in value["records"]):
-        return "each record must be an object"
+    for record in value["records"]:
+        if not isinstance(record, dict):
+            return "each record must be an object"
+        for cell in record.values():
+            if cell is not None and not isinstance(cell, (str, int, float, bool)):
+                got = _json_type_name(cell)
+                return f"a record value must be a string, number, boolean or null, got {got}"
     schema = value.get("schema")
-    if schema is not None:
-        if not isinstance(schema, list):
-            return '"schema" must be a list of columns'
-        for column in schema:
-            problem = _column_problem(column)
-            if problem:
-                return problem
+    if not isinstance(schema, list):
+        return '"schema" must be a list of columns'
+    for column in schema:
+        problem = _column_problem(column)
+        if problem:
+            return problem
     return None
 
 
@@ -401,6 +430,9 @@ def _lineage_problem(value: object) -> str | None:
         for dep in column_deps:
             if not isinstance(dep, dict) or not isinstance(dep.get("column_name"), str):
                 return 'each dependency must be an object with a string "column_name"'
+            if set(dep) != _LINEAGE_DEP_KEYS:
+                keys = sorted(dep)
+                return f'a dependency must have exactly the keys "asset_key" and "column_name", got {keys}'
             key = dep.get("asset_key")
             if not (isinstance(key, str) or (isinstance(key, list) and all(isinstance(p, str) for p in key))):
                 return 'a dependency "asset_key" must be a string or a list of strings'
@@ -560,7 +592,8 @@ def make_message(method: str, params: Mapping[str, Any] | None) -> dict[str, Any
     }
 
 
-_LINE_PREFIX = '{"' + PIPES_PROTOCOL_VERSION_FIELD + '": "' + PIPES_PROTOCOL_VERSION + '", "method": "'
+_LINE_PREFIX = '{"' + PIPES_PROTOCOL_VERSION_FIELD + '": "' + PIPES_PROTOCOL_VERSION + '", "method": '
+_METHOD_JSON = {method: json.dumps(method) for method in METHODS}
 
 
 def dumps_message(method: str, params: Mapping[str, Any] | None) -> str:
@@ -570,7 +603,9 @@ def dumps_message(method: str, params: Mapping[str, Any] | None) -> str:
         PipesUsageError: when something in ``params`` is not JSON-serialisable (nothing is sent).
     """
     try:
-        return _LINE_PREFIX + method + '", "params": ' + json.dumps(params) + "}"
+        # The method is JSON-encoded too: a name with a quote, backslash or non-ASCII character stays exact.
+        method_json = _METHOD_JSON.get(method) or json.dumps(method)
+        return _LINE_PREFIX + method_json + ', "params": ' + json.dumps(params) + "}"
     except (TypeError, ValueError) as exc:
         raise PipesUsageError(f"{method}: params are not JSON-serialisable: {exc}") from exc
 
