@@ -302,20 +302,29 @@ class PipesSubprocessClient:
             pass
 
     def _terminate(self, process: subprocess.Popen[bytes]) -> int:
-        """SIGINT, wait, SIGTERM, wait, SIGKILL, to the child's process group. Returns the exit code."""
-        for sig, wait_seconds in (
-            (signal.SIGINT, self.termination_timeout_seconds),
-            (signal.SIGTERM, min(TERM_GRACE_SECONDS, self.termination_timeout_seconds)),
-        ):
-            self._signal_group(process, sig)
-            try:
-                code = process.wait(timeout=wait_seconds)
-                break
-            except subprocess.TimeoutExpired:
-                continue
-        else:
+        """SIGINT, wait, SIGTERM, wait, SIGKILL, to the child's process group. Returns the exit code.
+
+        A second interruption while waiting (Ctrl-C twice) skips the rest of the grace: the group is killed at
+        once and the interruption propagates. The child runs in its own session, so nothing else would stop it.
+        """
+        try:
+            for sig, wait_seconds in (
+                (signal.SIGINT, self.termination_timeout_seconds),
+                (signal.SIGTERM, min(TERM_GRACE_SECONDS, self.termination_timeout_seconds)),
+            ):
+                self._signal_group(process, sig)
+                try:
+                    code = process.wait(timeout=wait_seconds)
+                    break
+                except subprocess.TimeoutExpired:
+                    continue
+            else:
+                self._signal_group(process, signal.SIGKILL)
+                code = process.wait()
+        except BaseException:
             self._signal_group(process, signal.SIGKILL)
-            code = process.wait()
+            process.wait()
+            raise
         # Grandchildren that outlived the child are not left behind as orphans.
         self._signal_group(process, signal.SIGKILL)
         return code
@@ -354,7 +363,12 @@ class PipesSubprocessClient:
         if code is not None and code < 0:
             fail(PipesExecutionError, f"the external process {argv[0]!r} was killed by {_signal_name(-code)}")
         if code:
-            what = f" with {remote.name}: {remote!s}" if remote is not None else ""
+            what = ""
+            if remote is not None:
+                # A Python peer's message already starts with its type ("ValueError: ..."): don't repeat it.
+                text = str(remote)
+                named = not remote.name or text.startswith(remote.name)
+                what = f" with {text}" if named else f" with {remote.name}: {text}"
             fail(PipesExecutionError, f"the external process {argv[0]!r} failed with exit code {code}{what}")
         if remote is not None:
             fail(PipesExecutionError, f"the external process {argv[0]!r} exited 0 but reported an exception")

@@ -1,0 +1,315 @@
+"""The file message reader: tailing NDJSON with inotify wake-ups, partial and bad lines, draining, speed.
+
+Performance tests assert only generous safety bounds; they print what they measured (run with ``-s``).
+"""
+
+from __future__ import annotations
+
+import os
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from pipes_core import (
+    PipesCustomMessageEvent,
+    PipesEvent,
+    PipesFileMessageReader,
+    PipesProtocolIssue,
+    PipesSession,
+    PipesTempFileContextInjector,
+    PipesTempFileMessageReader,
+    open_pipes_session,
+)
+from pipes_ext._protocol import dumps_message
+
+PYTHON = sys.executable
+OPENED = dumps_message("opened", {"extras": {}})
+CLOSED = dumps_message("closed", {})
+
+
+def custom(payload: Any) -> str:
+    return dumps_message("report_custom_message", {"payload": payload})
+
+
+def wait_until(predicate: Callable[[], bool], timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError("condition not met within the timeout")
+        time.sleep(0.002)
+
+
+@contextmanager
+def session_for(**kwargs: Any) -> Iterator[PipesSession]:
+    injector, reader = PipesTempFileContextInjector(), PipesTempFileMessageReader()
+    with open_pipes_session(None, injector, reader, **kwargs) as session:
+        yield session
+
+
+class RawWriter:
+    """Appends raw bytes to the session's messages file, one os.write per call."""
+
+    def __init__(self, session: PipesSession) -> None:
+        self.fd = os.open(session.message_params["path"], os.O_WRONLY | os.O_APPEND)
+
+    def write(self, data: str | bytes) -> None:
+        raw = data.encode("utf-8") if isinstance(data, str) else data
+        assert os.write(self.fd, raw) == len(raw)
+
+    def close(self) -> None:
+        os.close(self.fd)
+
+
+def run_child(session: PipesSession, script: Path, *args: str) -> subprocess.CompletedProcess[bytes]:
+    env = {**os.environ, **session.get_bootstrap_env_vars()}
+    return subprocess.run([PYTHON, str(script), *args], env=env, capture_output=True, timeout=60, check=False)
+
+
+# ---------------------------------------------------------------------------------------------- framing
+
+
+def test_a_partial_line_is_delivered_once_complete() -> None:
+    with session_for() as session:
+        writer = RawWriter(session)
+        writer.write(OPENED + "\n")
+        wait_until(lambda: session.opened)
+        line = custom({"text": "x" * 500})
+        writer.write(line[:200])
+        time.sleep(0.3)
+        # Half a line is neither a message nor an issue.
+        assert session.message_count == 1
+        assert session.issue_count == 0
+        writer.write(line[200:] + "\n")
+        wait_until(lambda: session.message_count == 2)
+        writer.write(CLOSED + "\n")
+        writer.close()
+    assert session.get_custom_messages() == [{"text": "x" * 500}]
+    assert session.issue_count == 0
+    assert session.message_count == 3
+
+
+def test_a_line_longer_than_one_read_block_is_delivered() -> None:
+    big = "y" * (3 << 20)  # larger than READ_BLOCK_BYTES: several reads make one line
+    with session_for() as session:
+        writer = RawWriter(session)
+        writer.write(OPENED + "\n" + custom(1) + "\n")
+        line = custom(big) + "\n" + custom(3) + "\n" + custom(4)[:10]
+        for start in range(0, len(line), 100_000):
+            writer.write(line[start : start + 100_000])
+        writer.write(custom(4)[10:] + "\n" + CLOSED + "\n")
+        writer.close()
+    assert session.get_custom_messages() == [1, big, 3, 4]
+    assert session.issue_count == 0
+
+
+def test_the_file_is_drained_to_the_last_byte_after_the_session_ends() -> None:
+    count = 50_000
+    with session_for() as session:
+        writer = RawWriter(session)
+        writer.write(OPENED + "\n")
+        for start in range(0, count, 1000):
+            writer.write("".join(custom(i) + "\n" for i in range(start, start + 1000)))
+        writer.write(CLOSED + "\n")
+        writer.close()
+        # The block ends right after the last write: whatever the reader has not read yet must still come.
+    assert session.get_custom_messages() == list(range(count))
+    assert session.closed
+    assert session.message_count == count + 2
+
+
+def test_the_file_is_drained_when_the_block_raises() -> None:
+    with pytest.raises(RuntimeError, match="launcher failed"):
+        with session_for() as session:
+            writer = RawWriter(session)
+            writer.write(OPENED + "\n" + "".join(custom(i) + "\n" for i in range(5000)))
+            writer.close()
+            raise RuntimeError("launcher failed")
+    assert session.get_custom_messages() == list(range(5000))
+
+
+def test_a_truncated_final_line_is_an_issue_not_a_message() -> None:
+    events: list[PipesEvent] = []
+    with session_for(on_event=events.append) as session:
+        writer = RawWriter(session)
+        writer.write(OPENED + "\n" + custom(1) + "\n")
+        # A complete, valid message, but with no newline: the writer may have been killed mid-write.
+        writer.write(CLOSED)
+        writer.close()
+    assert session.get_custom_messages() == [1]
+    assert not session.closed  # the partial line was not parsed
+    assert session.message_count == 2
+    assert session.issue_count == 1
+    (issue,) = session.protocol_issues
+    assert "truncated final line" in issue.reason
+    assert issue.raw == CLOSED
+    assert issue.source == session.message_params["path"]
+    assert events[-1] == issue
+
+
+def test_malformed_lines_do_not_stop_reading() -> None:
+    events: list[PipesEvent] = []
+    with session_for(on_event=events.append) as session:
+        writer = RawWriter(session)
+        writer.write(OPENED + "\n")
+        writer.write(custom(1) + "\n")
+        writer.write("this is not json\n")
+        writer.write(custom(2) + "\n")
+        writer.write('{"some": "object"}\n')
+        writer.write("\n   \n")  # blank lines are skipped, not issues
+        writer.write(custom(3) + "\n")
+        writer.write(b"\xff\xfe garbage bytes\n")
+        writer.write(dumps_message("no_such_method", {}) + "\n")
+        writer.write('{"__dagster_pipes_version": "0.1", "method": "report_custom_message", "params": {}}\n')
+        writer.write(custom(4) + "\n" + CLOSED + "\n")
+        writer.close()
+    assert session.get_custom_messages() == [1, 2, 3, 4]
+    assert session.closed
+    assert session.issue_count == 5
+    raws = [issue.raw for issue in session.protocol_issues]
+    assert raws[0] == "this is not json"
+    assert raws[1] == '{"some": "object"}'
+    assert "garbage bytes" in raws[2]
+    assert "no_such_method" in raws[3]
+    # Issues reach on_event in their place in the stream.
+    kinds = [
+        e.payload if isinstance(e, PipesCustomMessageEvent) else "issue"
+        for e in events
+        if isinstance(e, (PipesCustomMessageEvent, PipesProtocolIssue))
+    ]
+    assert kinds == [1, "issue", 2, "issue", 3, "issue", "issue", "issue", 4]
+
+
+# ---------------------------------------------------------------------------------------------- files
+
+
+def test_temp_files_are_private_and_removed() -> None:
+    with session_for() as session:
+        path = session.message_params["path"]
+        directory = os.path.dirname(path)
+        assert os.path.basename(directory).startswith("pipes-messages-")
+        assert os.stat(directory).st_mode & 0o777 == 0o700
+        assert os.stat(path).st_mode & 0o777 == 0o600
+        context_path = session.context_params["path"]
+        assert os.stat(os.path.dirname(context_path)).st_mode & 0o777 == 0o700
+        assert os.stat(context_path).st_mode & 0o777 == 0o600
+    assert not os.path.exists(directory)
+    assert not os.path.exists(os.path.dirname(context_path))
+
+
+def test_temp_files_are_removed_when_the_block_raises() -> None:
+    with pytest.raises(KeyError):
+        with session_for() as session:
+            path = session.message_params["path"]
+            context_path = session.context_params["path"]
+            raise KeyError("x")
+    assert not os.path.exists(os.path.dirname(path))
+    assert not os.path.exists(os.path.dirname(context_path))
+
+
+@pytest.mark.parametrize("cleanup", [True, False])
+def test_file_reader_truncates_then_cleans_up_as_asked(tmp_path: Path, cleanup: bool) -> None:
+    path = tmp_path / "messages.ndjson"
+    path.write_text(custom("stale") + "\n", encoding="utf-8")
+    reader = PipesFileMessageReader(path, cleanup_file=cleanup)
+    with open_pipes_session(None, PipesTempFileContextInjector(), reader) as session:
+        assert session.message_params["path"] == str(path)
+        assert os.path.getsize(path) == 0  # truncated: stale content is not read
+        writer = RawWriter(session)
+        writer.write(OPENED + "\n" + custom("fresh") + "\n" + CLOSED + "\n")
+        writer.close()
+    assert session.get_custom_messages() == ["fresh"]
+    assert path.exists() is (not cleanup)
+
+
+# ---------------------------------------------------------------------------------------------- performance
+
+
+LATENCY_CHILD = """
+import sys, time
+from pipes_ext import open_pipes
+
+with open_pipes() as pipes:
+    for i in range(int(sys.argv[1])):
+        pipes.report_custom_message({"i": i, "t": time.monotonic()})
+        time.sleep(0.004)
+"""
+
+
+def test_read_latency(write_script: Callable[[str], Path]) -> None:
+    count = 200
+    delays: list[float] = []
+    order: list[int] = []
+
+    def on_event(event: PipesEvent) -> None:
+        if isinstance(event, PipesCustomMessageEvent):
+            delays.append(time.monotonic() - event.payload["t"])
+            order.append(event.payload["i"])
+
+    script = write_script(LATENCY_CHILD)
+    with session_for(on_event=on_event, retain_messages=False) as session:
+        result = run_child(session, script, str(count))
+    assert result.returncode == 0, result.stderr.decode()
+    assert order == list(range(count))
+    delays_ms = sorted(d * 1000 for d in delays)
+    median = statistics.median(delays_ms)
+    p99 = delays_ms[int(0.99 * (len(delays_ms) - 1))]
+    print(f"\n[reader latency] {count} messages: median {median:.3f} ms, p99 {p99:.3f} ms, "
+          f"max {delays_ms[-1]:.3f} ms")
+    assert median < 50, f"median read latency {median:.1f} ms"
+
+
+def test_idle_cpu() -> None:
+    with session_for() as session:
+        time.sleep(0.1)  # let the reader thread settle into its wait
+        cpu_before = time.process_time()
+        wall_before = time.monotonic()
+        time.sleep(2.0)
+        cpu = time.process_time() - cpu_before
+        wall = time.monotonic() - wall_before
+    assert not session.opened
+    print(f"\n[reader idle] {cpu * 1000:.1f} ms of CPU (whole process) over {wall:.2f} s idle")
+    assert cpu < 0.2, f"an idle session used {cpu:.3f} s of CPU in {wall:.1f} s"
+
+
+THROUGHPUT_CHILD = """
+import sys
+from pipes_ext import open_pipes
+
+with open_pipes() as pipes:
+    for i in range(int(sys.argv[1])):
+        pipes.report_custom_message(i)
+"""
+
+
+def test_throughput_100k_messages_in_order(write_script: Callable[[str], Path]) -> None:
+    count = 100_000
+    received: list[int] = []
+    first_at: list[float] = []
+
+    def on_event(event: PipesEvent) -> None:
+        if isinstance(event, PipesCustomMessageEvent):
+            if not received:
+                first_at.append(time.monotonic())
+            received.append(event.payload)
+
+    script = write_script(THROUGHPUT_CHILD)
+    started = time.monotonic()
+    with session_for(on_event=on_event, retain_messages=False) as session:
+        result = run_child(session, script, str(count))
+    ended = time.monotonic()
+    assert result.returncode == 0, result.stderr.decode()
+    assert received == list(range(count))
+    assert session.closed and session.issue_count == 0
+    total = ended - started
+    streaming = ended - first_at[0]
+    print(f"\n[reader throughput] {count} messages: {count / total:,.0f} msgs/s end to end "
+          f"({total:.2f} s incl. child start-up), {count / streaming:,.0f} msgs/s from first message to "
+          "drained")
+    assert total < 60
