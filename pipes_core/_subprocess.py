@@ -50,6 +50,9 @@ TERM_GRACE_SECONDS = 5.0
 # With forward_stdio=False the child's output is read continuously (so it never blocks on a full pipe) and
 # only this many trailing bytes per stream are kept, for the error message.
 OUTPUT_TAIL_BYTES = 64 * 1024
+# After the child exits, how long to wait for its output pipes to reach end-of-file (a background process it
+# left behind may hold them open).
+OUTPUT_DRAIN_SECONDS = 5.0
 
 logger = logging.getLogger("pipes_core")
 
@@ -261,9 +264,14 @@ class PipesSubprocessClient:
                         exit_code = self._terminate(process)
                     if not terminated:
                         raise
+            except _TerminationRequested:  # SIGTERM during the escalation: the group was killed at once
+                terminated = True
+                exit_code = process.returncode
             finally:
                 self._restore_sigterm_handler(previous_handler)
-                output_tail = "".join(tail.text() for tail in tails)
+                # One shared deadline: a background process holding both pipes costs it once, not per stream.
+                deadline = time.monotonic() + OUTPUT_DRAIN_SECONDS
+                output_tail = "".join(tail.text(max(0.0, deadline - time.monotonic())) for tail in tails)
         invocation = PipesClientCompletedInvocation(
             session,
             exit_code=exit_code,
@@ -358,8 +366,8 @@ class PipesSubprocessClient:
             fail(PipesTimeoutError, f"the external process {argv[0]!r} ran past its timeout of {timeout_seconds} s "
                  "and was terminated")
         if terminated:
-            fail(PipesInterruptedError, f"the orchestrator received SIGTERM; the external process {argv[0]!r} was "
-                 "terminated")
+            fate = "was terminated" if self.forward_termination else "was left running (forward_termination=False)"
+            fail(PipesInterruptedError, f"the orchestrator received SIGTERM; the external process {argv[0]!r} {fate}")
         if code is not None and code < 0:
             fail(PipesExecutionError, f"the external process {argv[0]!r} was killed by {_signal_name(-code)}")
         if code:
