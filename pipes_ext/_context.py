@@ -28,6 +28,7 @@ from ._protocol import (
     METHOD_REPORT_ASSET_CHECK,
     METHOD_REPORT_ASSET_MATERIALIZATION,
     METHOD_REPORT_CUSTOM_MESSAGE,
+    PARAM_INCLUDE_STDIO_IN_MESSAGES,
     SEVERITIES,
     STREAMS,
     dumps_message,
@@ -47,6 +48,8 @@ if TYPE_CHECKING:
     import logging
     from collections.abc import Mapping, Sequence
     from types import TracebackType
+
+    from ._capture import PipesStdioCapture
 
 __all__ = ["PipesContext", "open_pipes", "open_dagster_pipes", "LOCAL_RUN_ID"]
 
@@ -72,12 +75,14 @@ class PipesContext:
         opened_extras: Mapping[str, Any] | None = None,
         is_local: bool = False,
         on_close: Sequence[Any] = (),
+        before_close: Sequence[Any] = (),
     ) -> None:
         self._data = dict(context_data)
         self._channel = channel
         self._opened_extras = dict(opened_extras or {})
         self._is_local = is_local
         self._on_close = list(on_close)
+        self._before_close = list(before_close)
         self._materialized: set[str] = set()
         self._opened = False
         self._closed = False
@@ -119,23 +124,31 @@ class PipesContext:
         return self._is_local
 
     def close(self, exc: BaseException | None = None) -> None:
-        """Send ``closed`` (with ``exc`` if given) and close the channel. Idempotent."""
+        """Send ``closed`` (with ``exc`` if given) and close the channel. Idempotent.
+
+        Order: ``close()`` each ``before_close`` object (they may still write to the channel, e.g. the stdio
+        capture draining), send ``closed``, close the channel, then ``close()`` each ``on_close`` object.
+        """
         if self._closed:
             return
         self._closed = True
         if self in PipesContext._current:
             PipesContext._current.remove(self)
         try:
-            params: dict[str, Any] = {}
-            if exc is not None:
-                params["exception"] = serialize_exception(exc)
-            self._channel.write_line(dumps_message(METHOD_CLOSED, params))
+            for resource in self._before_close:
+                resource.close()
         finally:
             try:
-                self._channel.close()
+                params: dict[str, Any] = {}
+                if exc is not None:
+                    params["exception"] = serialize_exception(exc)
+                self._channel.write_line(dumps_message(METHOD_CLOSED, params))
             finally:
-                for resource in self._on_close:
-                    resource.close()
+                try:
+                    self._channel.close()
+                finally:
+                    for resource in self._on_close:
+                        resource.close()
 
     def __enter__(self) -> PipesContext:
         return self
@@ -366,7 +379,8 @@ def _make_logger(context: PipesContext) -> logging.Logger:
         def handleError(self, record: logging.LogRecord) -> None:
             raise
 
-    logger = logging.Logger("pipes_ext", level=logging.DEBUG)
+    # NOTSET with no parent: every level is enabled, custom ones below DEBUG too (mapped by _level_name).
+    logger = logging.Logger("pipes_ext", level=logging.NOTSET)
     logger.propagate = False
     logger.addHandler(_PipesLogHandler())
     return logger
@@ -391,6 +405,8 @@ def open_pipes(
     Raises:
         PipesProtocolError: bootstrap params or context data that cannot be decoded.
         PipesTransportError: a context file or messages channel that cannot be opened.
+        OSError: the stdio capture asked for by ``include_stdio_in_messages`` cannot be set up (``closed``
+            carrying this error has been sent).
     """
     params_loader = params_loader or PipesEnvVarParamsLoader()
     if not params_loader.is_pipes_process():
@@ -415,12 +431,44 @@ def open_pipes(
         raise
     context_loader.close()
     channel = message_writer.open(messages_params)
-    context = PipesContext(data, channel, opened_extras=message_writer.get_opened_extras())
+    capture = _stdio_capture(messages_params, channel)
+    context = PipesContext(
+        data,
+        channel,
+        opened_extras=message_writer.get_opened_extras(),
+        before_close=() if capture is None else (capture,),
+    )
     try:
-        return context.open()
+        context.open()
     except BaseException:
         channel.close()
         raise
+    if capture is not None:
+        try:
+            capture.start()  # after opened, so that opened is the first message
+        except BaseException as exc:
+            context.close(exc)
+            raise
+    return context
+
+
+def _stdio_capture(
+    messages_params: Mapping[str, Any], channel: PipesMessageWriterChannel
+) -> PipesStdioCapture | None:
+    """The (not yet started) stdio capture the messages params ask for, if any."""
+    if not messages_params.get(PARAM_INCLUDE_STDIO_IN_MESSAGES):
+        return None
+    if channel.writes_to_stdio:
+        warnings.warn(
+            f'messages params ask for "{PARAM_INCLUDE_STDIO_IN_MESSAGES}", but the messages channel writes to '
+            "stdout/stderr itself: not capturing stdio",
+            PipesWarning,
+            stacklevel=3,
+        )
+        return None
+    from ._capture import PipesStdioCapture  # only when asked for: keeps start-up lean
+
+    return PipesStdioCapture(channel)
 
 
 # The name used by the ``dagster-pipes`` package: a script only has to change its import.

@@ -18,7 +18,7 @@ from __future__ import annotations
 import os
 import sys
 import threading
-from typing import IO, TYPE_CHECKING, Any
+from typing import IO, TYPE_CHECKING, Any, ClassVar
 
 from ._errors import PipesProtocolError, PipesTransportError
 from ._protocol import (
@@ -48,6 +48,10 @@ __all__ = [
 
 class PipesMessageWriterChannel:
     """Base class of an open channel."""
+
+    # True when the channel writes to this process's own stdout/stderr: stdio capture
+    # (``include_stdio_in_messages``) is then not started, as it would capture the channel's own messages.
+    writes_to_stdio: ClassVar[bool] = False
 
     def write_line(self, line: str) -> None:
         """Send one serialised message (no trailing newline)."""
@@ -116,6 +120,8 @@ def _stream(name: str) -> IO[str]:
 class PipesStreamMessageWriterChannel(PipesMessageWriterChannel):
     """Writes each message as a line to a text stream and flushes it."""
 
+    writes_to_stdio = True
+
     def __init__(self, stream: IO[str]) -> None:
         self._stream = stream
         self._lock = threading.Lock()
@@ -128,6 +134,8 @@ class PipesStreamMessageWriterChannel(PipesMessageWriterChannel):
 
 class PipesBufferedStreamMessageWriterChannel(PipesMessageWriterChannel):
     """Keeps every message in memory and writes them all, one per line, at close."""
+
+    writes_to_stdio = True
 
     def __init__(self, stream: IO[str]) -> None:
         self._stream = stream
