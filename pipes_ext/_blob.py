@@ -11,7 +11,8 @@ and a classification of its SDK's errors. Everything else is here:
   does not build one huge chunk; one message larger than that travels alone in its chunk;
 * transient errors (5xx, throttling, timeouts, connection resets) are retried with exponential backoff; a
   failed upload keeps its messages and is retried with the same chunk number, so nothing is lost or
-  reordered; a permanent error (no such bucket, access denied) fails fast, naming bucket and key;
+  reordered; an outage that outlasts the retries pauses the upload thread, which then tries again; a permanent
+  error (no such bucket, access denied) fails fast, naming bucket and key;
 * ``close()`` uploads everything before returning (so before ``closed`` is sent), within ``close_timeout``
   seconds, and raises :class:`PipesTransportError` saying how many messages were not uploaded otherwise;
 * if the process exits without closing, an ``atexit`` hook flushes what is buffered; if the upload thread
@@ -46,6 +47,7 @@ __all__ = [
     "DEFAULT_CLOSE_TIMEOUT",
     "chunk_key",
     "missing_extra_error",
+    "is_transient_failure",
 ]
 
 # The reference uploads every ~11 s and its reader fetches one chunk per 10 s. Our reader takes every
@@ -136,6 +138,13 @@ class RetryPolicy:
 
 
 DEFAULT_RETRY_POLICY = RetryPolicy()
+
+
+def is_transient_failure(store: PipesBlobStore, exc: BaseException) -> bool:
+    """Is ``exc`` (raised by :meth:`RetryPolicy.call`) a transient error whose retries ran out, so that trying
+    again later may succeed (unlike a permanent one such as no such bucket)?"""
+    cause = exc.__cause__
+    return isinstance(exc, PipesTransportError) and cause is not None and store.is_transient(cause)
 
 
 class PipesBlobStoreMessageWriterChannel(PipesMessageWriterChannel):
@@ -281,12 +290,23 @@ class PipesBlobStoreMessageWriterChannel(PipesMessageWriterChannel):
                 if closing:
                     self._upload_all(deadline)
                     return
-                if self._buffered_bytes >= self.max_chunk_bytes:
-                    while self._buffered_bytes >= self.max_chunk_bytes and self._upload_one(None):
-                        pass
-                else:
-                    self._upload_all(None)
-                    next_upload = time.monotonic() + self.interval
+                try:
+                    if self._buffered_bytes >= self.max_chunk_bytes:
+                        while self._buffered_bytes >= self.max_chunk_bytes and self._upload_one(None):
+                            pass
+                    else:
+                        self._upload_all(None)
+                        next_upload = time.monotonic() + self.interval
+                except PipesTransportError as exc:
+                    if not is_transient_failure(self.store, exc):
+                        raise
+                    # An outage outlasted the retries: the lines are kept; pause, then try again (the thread
+                    # must not die, or nothing would be uploaded before close()).
+                    pause_until = time.monotonic() + max(self.interval, self.retry.max_delay)
+                    with self._cond:
+                        while not self._closing and time.monotonic() < pause_until:
+                            self._cond.wait(pause_until - time.monotonic())
+                    next_upload = time.monotonic()
         except BaseException as exc:  # kept for close(), which retries from the caller's thread
             self.error = exc
 

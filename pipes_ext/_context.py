@@ -14,7 +14,6 @@ orchestrated run ``open_pipes()`` returns a *local* context: empty context data,
 from __future__ import annotations
 
 import warnings
-from typing import TYPE_CHECKING, Any, ClassVar
 
 from ._context_loaders import PipesContextLoader, PipesDefaultContextLoader
 from ._errors import PipesUsageError, PipesWarning
@@ -44,10 +43,14 @@ from ._writers import (
     PipesMessageWriterChannel,
 )
 
+# `typing` is not imported at run time: it costs start-up time and every annotation here is a string.
+TYPE_CHECKING = False
+
 if TYPE_CHECKING:
     import logging
     from collections.abc import Mapping, Sequence
     from types import TracebackType
+    from typing import Any, ClassVar
 
     from ._capture import PipesStdioCapture
 

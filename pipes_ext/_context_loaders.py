@@ -7,13 +7,16 @@ are given, as in the reference). Blob-store loaders live in their own modules.
 from __future__ import annotations
 
 import json
-from typing import TYPE_CHECKING, Any
 
 from ._errors import PipesProtocolError, PipesTransportError
 from ._protocol import PARAM_DATA, PARAM_PATH, validate_context_data
 
+# `typing` is not imported at run time: it costs start-up time and every annotation here is a string.
+TYPE_CHECKING = False
+
 if TYPE_CHECKING:
     from collections.abc import Mapping
+    from typing import Any
 
 __all__ = ["PipesContextLoader", "PipesDefaultContextLoader", "PipesDirectContextLoader"]
 

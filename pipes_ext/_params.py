@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import os
 import sys
-from typing import TYPE_CHECKING, Any
 
 from ._errors import PipesProtocolError
 from ._protocol import (
@@ -21,8 +20,12 @@ from ._protocol import (
     decode_param,
 )
 
+# `typing` is not imported at run time: it costs start-up time and every annotation here is a string.
+TYPE_CHECKING = False
+
 if TYPE_CHECKING:
     from collections.abc import Mapping, Sequence
+    from typing import Any
 
 __all__ = [
     "PipesParamsLoader",

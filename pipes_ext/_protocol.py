@@ -16,12 +16,15 @@ import base64
 import binascii
 import json
 import zlib
-from typing import TYPE_CHECKING, Any
 
 from ._errors import PipesProtocolError, PipesUsageError
 
+# `typing` is not imported at run time: it costs start-up time and every annotation here is a string.
+TYPE_CHECKING = False
+
 if TYPE_CHECKING:
     from collections.abc import Mapping, Sequence
+    from typing import Any
 
 __all__ = [
     # versions and envelope

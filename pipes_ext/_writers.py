@@ -15,10 +15,9 @@ Channels chosen by :class:`PipesDefaultMessageWriter`, by the first key present 
 
 from __future__ import annotations
 
+import _thread  # the lock alone: `threading` costs start-up time the file channel does not need
 import os
 import sys
-import threading
-from typing import IO, TYPE_CHECKING, Any, ClassVar
 
 from ._errors import PipesProtocolError, PipesTransportError
 from ._protocol import (
@@ -30,8 +29,12 @@ from ._protocol import (
     STREAMS,
 )
 
+# `typing` is not imported at run time: it costs start-up time and every annotation here is a string.
+TYPE_CHECKING = False
+
 if TYPE_CHECKING:
     from collections.abc import Mapping
+    from typing import IO, Any, ClassVar
 
 __all__ = [
     "PipesMessageWriter",
@@ -84,7 +87,7 @@ class PipesFileMessageWriterChannel(PipesMessageWriterChannel):
     def __init__(self, fd: int, path: str) -> None:
         self._fd = fd
         self.path = path
-        self._lock = threading.Lock()
+        self._lock = _thread.allocate_lock()
 
     @classmethod
     def open_path(cls, path: str) -> PipesFileMessageWriterChannel:
@@ -124,7 +127,7 @@ class PipesStreamMessageWriterChannel(PipesMessageWriterChannel):
 
     def __init__(self, stream: IO[str]) -> None:
         self._stream = stream
-        self._lock = threading.Lock()
+        self._lock = _thread.allocate_lock()
 
     def write_line(self, line: str) -> None:
         with self._lock:

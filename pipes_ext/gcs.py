@@ -1,0 +1,215 @@
+"""GCS channels for the external side (extra ``gcs``: google-cloud-storage).
+
+``PipesGCSContextLoader(client)`` and ``PipesGCSMessageWriter(client, interval=...)``. The client is any
+``google.cloud.storage.Client`` (injected; built with ``storage.Client()`` when omitted, which honours
+``STORAGE_EMULATOR_HOST``). google-cloud-storage is imported only when a class here is constructed without a
+client or needs to classify an error.
+
+Retries: google-cloud-storage retries some calls by itself (downloads and deletes with its ``DEFAULT_RETRY``,
+for up to 120 s). Every call here passes ``retry=None`` and an explicit ``timeout``, so :class:`RetryPolicy`
+is the only retry layer: its attempts are bounded, counted, and stop at the writer's ``close_timeout``
+deadline, and a permanent error is never retried. Two stacked retry layers would multiply the attempts and
+could outlast ``close_timeout`` by minutes.
+
+google-cloud-storage 3.17+ also GETs a bucket's metadata once per client and bucket, in a background thread, to
+label tracing spans (errors swallowed); ``DISABLE_GCS_PYTHON_CLIENT_OTEL_BUCKET_METADATA=true`` turns it off.
+"""
+
+from __future__ import annotations
+
+import http.client
+from typing import Any, Protocol
+
+from ._blob import (
+    DEFAULT_CLOSE_TIMEOUT,
+    DEFAULT_MAX_CHUNK_BYTES,
+    DEFAULT_RETRY_POLICY,
+    DEFAULT_UPLOAD_INTERVAL,
+    PipesBlobStore,
+    PipesBlobStoreContextLoader,
+    PipesBlobStoreMessageWriter,
+    RetryPolicy,
+    missing_extra_error,
+)
+
+__all__ = [
+    "GCSClientLike",
+    "GCSBlobStore",
+    "PipesGCSContextLoader",
+    "PipesGCSMessageWriter",
+    "default_gcs_client",
+    "DEFAULT_GCS_REQUEST_TIMEOUT",
+]
+
+# Seconds one HTTP request may take (connect and each read), as google-cloud-storage's own default.
+DEFAULT_GCS_REQUEST_TIMEOUT = 60.0
+# HTTP statuses worth retrying (as google-cloud-storage's own retry predicate).
+_TRANSIENT_STATUS = frozenset({408, 429, 500, 502, 503, 504})
+
+
+class GCSClientLike(Protocol):
+    """The part of a ``google.cloud.storage.Client`` this module uses: ``bucket(name)`` (no request)."""
+
+    def bucket(self, bucket_name: str, /) -> Any: ...
+
+
+def default_gcs_client() -> Any:
+    try:
+        from google.cloud import storage
+    except ImportError as exc:
+        raise missing_extra_error("gcs", "google-cloud-storage", exc) from exc
+    return storage.Client()
+
+
+def _status(exc: BaseException) -> int | None:
+    code = getattr(exc, "code", None)
+    return code if isinstance(code, int) else None
+
+
+def _is_not_found(exc: BaseException) -> bool:
+    try:
+        from google.api_core.exceptions import NotFound
+    except ImportError:  # pragma: no cover - a client without google-api-core
+        return _status(exc) == 404
+    return isinstance(exc, NotFound)
+
+
+def _is_forbidden(exc: BaseException) -> bool:
+    return _status(exc) in (401, 403)
+
+
+class GCSBlobStore(PipesBlobStore):
+    """One GCS bucket through a ``google.cloud.storage.Client``.
+
+    GCS answers 404 both for a missing object and for a missing bucket. ``get`` returns None only for a
+    missing object: on its first 404 it checks once that the bucket exists (one extra request per store), so
+    a reader pointed at a bucket that does not exist fails at once instead of waiting for chunks forever. A
+    404 on an upload can only mean a missing bucket.
+    """
+
+    scheme = "gs"
+
+    def __init__(self, client: GCSClientLike, bucket: str, *, timeout: float = DEFAULT_GCS_REQUEST_TIMEOUT) -> None:
+        super().__init__(bucket)
+        self.client = client
+        self.timeout = timeout
+        self._bucket = client.bucket(bucket)
+        self._bucket_exists = False
+
+    def _missing_bucket_error(self, exc: BaseException | None = None) -> LookupError:
+        detail = f" ({type(exc).__name__}: {exc})" if exc is not None else ""
+        return LookupError(f"the GCS bucket {self.bucket!r} does not exist{detail}")
+
+    def put(self, key: str, data: bytes) -> None:
+        try:
+            self._bucket.blob(key).upload_from_string(data, retry=None, timeout=self.timeout)
+        except Exception as exc:
+            if _is_not_found(exc):
+                raise self._missing_bucket_error(exc) from exc
+            raise
+        self._bucket_exists = True
+
+    def get(self, key: str) -> bytes | None:
+        try:
+            data: bytes = self._bucket.blob(key).download_as_bytes(retry=None, timeout=self.timeout)
+        except Exception as exc:
+            if not _is_not_found(exc):
+                raise
+        else:
+            self._bucket_exists = True
+            return data
+        if not self._check_bucket_exists():
+            raise self._missing_bucket_error()
+        return None
+
+    def _check_bucket_exists(self) -> bool:
+        if self._bucket_exists:
+            return True
+        try:
+            exists = bool(self._bucket.exists(retry=None, timeout=self.timeout))
+        except Exception as exc:
+            if not _is_forbidden(exc):
+                raise  # transient ones are retried by the caller's RetryPolicy
+            exists = True  # may read objects but not the bucket's metadata: assume it exists
+        self._bucket_exists = exists
+        return exists
+
+    def delete(self, key: str) -> None:
+        try:
+            self._bucket.blob(key).delete(retry=None, timeout=self.timeout)
+        except Exception as exc:
+            if not _is_not_found(exc):
+                raise
+
+    def is_transient(self, exc: BaseException) -> bool:
+        if super().is_transient(exc):
+            return True
+        try:
+            from google.api_core import exceptions as gex
+        except ImportError:  # pragma: no cover - a client without google-api-core
+            return False
+        if isinstance(exc, (gex.ServiceUnavailable, gex.InternalServerError, gex.TooManyRequests,
+                            gex.BadGateway, gex.GatewayTimeout, gex.DeadlineExceeded)):
+            return True
+        if isinstance(exc, gex.GoogleAPICallError):
+            return _status(exc) in _TRANSIENT_STATUS
+        return _is_transient_transport(exc)
+
+
+def _is_transient_transport(exc: BaseException) -> bool:
+    """Network-level errors of the HTTP stack under google-cloud-storage (requests, urllib3, google-auth)."""
+    if isinstance(exc, (http.client.IncompleteRead, http.client.BadStatusLine, http.client.ResponseNotReady)):
+        return True
+    try:
+        import requests.exceptions as rex
+        import urllib3.exceptions as uex
+    except ImportError:  # pragma: no cover - google-cloud-storage always brings both
+        return False
+    if isinstance(exc, (rex.ConnectionError, rex.Timeout, rex.ChunkedEncodingError)):
+        return True
+    if isinstance(exc, (uex.ProtocolError, uex.TimeoutError, uex.PoolError, uex.SSLError, uex.NewConnectionError)):
+        return True
+    try:
+        from google.auth import exceptions as aex
+        from google.cloud.storage import exceptions as sex
+    except ImportError:  # pragma: no cover
+        return False
+    if isinstance(exc, sex.DataCorruption):  # a download whose checksum did not match: fetch it again
+        return True
+    if isinstance(exc, sex.InvalidResponse):
+        response = getattr(exc, "response", None)
+        return getattr(response, "status_code", None) in _TRANSIENT_STATUS
+    if isinstance(exc, aex.TransportError):  # refreshing credentials failed on the network
+        cause = exc.args[0] if exc.args and isinstance(exc.args[0], BaseException) else None
+        return cause is None or _is_transient_transport(cause) or isinstance(cause, (ConnectionError, TimeoutError))
+    return False
+
+
+class PipesGCSContextLoader(PipesBlobStoreContextLoader):
+    """Loads the context from ``{"bucket", "key"}`` in GCS."""
+
+    def __init__(self, client: GCSClientLike | None = None, *, retry: RetryPolicy = DEFAULT_RETRY_POLICY) -> None:
+        super().__init__(retry=retry)
+        self.client = client if client is not None else default_gcs_client()
+
+    def make_store(self, bucket: str) -> PipesBlobStore:
+        return GCSBlobStore(self.client, bucket)
+
+
+class PipesGCSMessageWriter(PipesBlobStoreMessageWriter):
+    """Writes messages as numbered chunks under ``{"bucket", "key_prefix"}`` in GCS."""
+
+    def __init__(
+        self,
+        client: GCSClientLike | None = None,
+        *,
+        interval: float = DEFAULT_UPLOAD_INTERVAL,
+        max_chunk_bytes: int = DEFAULT_MAX_CHUNK_BYTES,
+        close_timeout: float = DEFAULT_CLOSE_TIMEOUT,
+        retry: RetryPolicy = DEFAULT_RETRY_POLICY,
+    ) -> None:
+        super().__init__(interval=interval, max_chunk_bytes=max_chunk_bytes, close_timeout=close_timeout, retry=retry)
+        self.client = client if client is not None else default_gcs_client()
+
+    def make_store(self, bucket: str) -> PipesBlobStore:
+        return GCSBlobStore(self.client, bucket)
