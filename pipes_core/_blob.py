@@ -5,8 +5,9 @@ the logic is here. Better than the reference's reader:
 
 * every poll reads **all** chunks available (n, n+1, ... until one is missing), not one per interval, and
   once the process has ended the whole backlog is drained before the session closes;
-* transient store errors are retried with backoff; a permanent one (no such bucket, access denied) stops the
-  reader and is raised when the session ends, naming bucket and key;
+* transient store errors are retried with backoff (while the process runs, an outage that outlasts the retries
+  is tried again at the next poll); a permanent one (no such bucket, access denied) stops the reader and is
+  raised when the session ends, naming bucket and key;
 * a chunk that never appears while a later one exists is reported as a protocol issue after
   ``missing_chunk_grace`` seconds, and reading goes on with the next one instead of waiting forever;
 * a bad line in a chunk is an issue; the rest of the chunk and later chunks are still read.
@@ -23,7 +24,13 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
-from pipes_ext._blob import DEFAULT_RETRY_POLICY, PipesBlobStore, RetryPolicy, chunk_key
+from pipes_ext._blob import (
+    DEFAULT_RETRY_POLICY,
+    PipesBlobStore,
+    RetryPolicy,
+    chunk_key,
+    is_transient_failure,
+)
 from pipes_ext._errors import PipesTransportError
 from pipes_ext._protocol import PARAM_BUCKET, PARAM_INCLUDE_STDIO_IN_MESSAGES, PARAM_KEY, PARAM_KEY_PREFIX
 
@@ -154,16 +161,22 @@ class _ChunkTailer:
             last_gap_probe = time.monotonic()
             while True:
                 finishing = self._finish.is_set()
-                self._read_available()
-                if finishing:
-                    while self._skip_gap_if_stale(final=True):
-                        self._read_available()
-                    return
-                now = time.monotonic()
-                if now - last_gap_probe >= self.reader.missing_chunk_grace / 2:
-                    last_gap_probe = now
-                    if self._skip_gap_if_stale(final=False):
-                        continue
+                try:
+                    self._read_available()
+                    if finishing:
+                        while self._skip_gap_if_stale(final=True):
+                            self._read_available()
+                        return
+                    now = time.monotonic()
+                    if now - last_gap_probe >= self.reader.missing_chunk_grace / 2:
+                        last_gap_probe = now
+                        if self._skip_gap_if_stale(final=False):
+                            continue
+                except PipesTransportError as exc:
+                    # While the process runs, an outage that outlasted the retries is not the end: the chunks
+                    # wait in the store, so poll again next interval. At the final drain it is raised.
+                    if finishing or not is_transient_failure(self.store, exc):
+                        raise
                 self._finish.wait(self.reader.interval)
         except PipesTransportError as exc:
             self.error = exc
