@@ -51,6 +51,8 @@ __all__ = [
 DEFAULT_POLL_INTERVAL = 1.0
 # How long a missing chunk may stay missing while a later one exists before it is reported and skipped.
 DEFAULT_MISSING_CHUNK_GRACE = 10.0
+# At the final drain, how far past a missing chunk to look for a later one.
+GAP_PROBE_CHUNKS = 8
 # The reference's random key component: 30 ASCII letters.
 KEY_COMPONENT_LENGTH = 30
 
@@ -134,8 +136,15 @@ class _ChunkTailer:
             self._gap_since = None
 
     def _skip_gap_if_stale(self, final: bool) -> bool:
-        """If chunk n is missing but n+1 exists: after the grace period (or at the end), report n and go on."""
-        later = self._get(self.next_index + 1)
+        """If chunk n is missing but a later one exists: after the grace period (or at the end), report the
+        missing ones and go on. While the process runs only n+1 is probed (one request); at the end up to
+        :data:`GAP_PROBE_CHUNKS` ahead, so a run of missing chunks does not hide the ones after it."""
+        later: bytes | None = None
+        distance = 0
+        for distance in range(1, (GAP_PROBE_CHUNKS if final else 1) + 1):
+            later = self._get(self.next_index + distance)
+            if later is not None:
+                break
         if later is None:
             self._gap_since = None
             return False
@@ -144,15 +153,16 @@ class _ChunkTailer:
             self._gap_since = now
         if not final and now - self._gap_since < self.reader.missing_chunk_grace:
             return False
-        missing = chunk_key(self.key_prefix, self.next_index)
-        self.handler.report_issue(
-            f"messages chunk {self.store.url(missing)} never appeared while a later chunk did; its messages are "
-            "lost (skipped after waiting)",
-            "",
-            self.store.url(missing),
-        )
-        self._handle_chunk(self.next_index + 1, later)
-        self.next_index += 2
+        for index in range(self.next_index, self.next_index + distance):
+            missing = chunk_key(self.key_prefix, index)
+            self.handler.report_issue(
+                f"messages chunk {self.store.url(missing)} never appeared while a later chunk did; its messages "
+                "are lost (skipped after waiting)",
+                "",
+                self.store.url(missing),
+            )
+        self._handle_chunk(self.next_index + distance, later)
+        self.next_index += distance + 1
         self._gap_since = None
         return True
 

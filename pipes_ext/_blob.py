@@ -190,6 +190,9 @@ class PipesBlobStoreMessageWriterChannel(PipesMessageWriterChannel):
         with self._cond:
             if self._closed:
                 raise PipesTransportError("the blob-store message channel is closed")
+            if isinstance(self.error, PipesTransportError):
+                # A permanent store error stopped the uploads: say so now rather than buffer without bound.
+                raise PipesTransportError(f"messages can no longer be uploaded: {self.error}") from self.error
             self._buffer.append(line)
             self._buffered_bytes += len(line) + 1
             if self._buffered_bytes >= self.max_chunk_bytes:

@@ -44,7 +44,11 @@ def default_s3_client() -> Any:
         import boto3
     except ImportError as exc:
         raise missing_extra_error("s3", "boto3", exc) from exc
-    return boto3.client("s3")
+    from botocore.config import Config
+
+    # botocore's own retries are turned off: RetryPolicy is the one retry layer (stacked layers multiply the
+    # requests and stretch close times). A client you inject keeps whatever retries it was built with.
+    return boto3.client("s3", config=Config(retries={"total_max_attempts": 1}))
 
 
 def _error_code(exc: BaseException) -> str | None:
