@@ -22,8 +22,7 @@ import subprocess
 import sys
 import time
 import uuid
-from collections.abc import Callable, Iterator, Mapping
-from contextlib import contextmanager
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -714,72 +713,6 @@ def test_dagster_pipes_child_read_by_our_reader(
     assert not any(name.endswith("context.json") for name in blob_names(service, container))
 
 
-# Dagster's Azure reader and injector, copied from dagster-azure 0.29.27 (dagster_azure/pipes/message_readers.py
-# and context_injectors.py) onto Dagster's own bases: dagster-azure itself pins dagster==1.13.27, older than
-# the dagster this venv has, so it is not installed.
-def _dagster_azure_classes() -> tuple[type[Any], type[Any]]:
-    import random as _random
-    import string
-
-    from dagster._core.pipes.client import PipesContextInjector
-    from dagster._core.pipes.utils import PipesBlobStoreMessageReader
-    from dagster_pipes import PipesBlobStoreMessageWriter, PipesContextData
-
-    class DagsterAzureMessageReader(PipesBlobStoreMessageReader):
-        def __init__(self, *, interval: float = 10, container: str, client: Any) -> None:
-            super().__init__(interval=interval)
-            self.bucket = container
-            self.include_stdio_in_messages = False
-            self.client = client
-
-        @contextmanager
-        def get_params(self) -> Iterator[dict[str, Any]]:
-            key_prefix = "".join(_random.choices(string.ascii_letters, k=30))
-            yield {"bucket": self.bucket, "key_prefix": key_prefix,
-                   PipesBlobStoreMessageWriter.INCLUDE_STDIO_IN_MESSAGES_KEY: self.include_stdio_in_messages}
-
-        def messages_are_readable(self, params: Mapping[str, Any]) -> bool:
-            key_prefix = params.get("key_prefix")
-            if key_prefix is None:
-                return False
-            try:
-                with self.client.get_blob_client(self.bucket, f"{key_prefix}/1.json") as blob_client:
-                    return bool(blob_client.exists())
-            except Exception:
-                return False
-
-        def download_messages_chunk(self, index: int, params: Mapping[str, Any]) -> str | None:
-            key = f"{params['key_prefix']}/{index}.json"
-            try:
-                with self.client.get_blob_client(self.bucket, key) as blob_client:
-                    return str(blob_client.download_blob().readall().decode("utf-8"))
-            except Exception:
-                return None
-
-        def no_messages_debug_text(self) -> str:
-            return f"Attempted to read messages from Azure Blob Storage container {self.bucket}."
-
-    class DagsterAzureContextInjector(PipesContextInjector):
-        def __init__(self, *, container: str, client: Any) -> None:
-            super().__init__()
-            self.bucket = container
-            self.client = client
-
-        @contextmanager
-        def inject_context(self, context: PipesContextData) -> Iterator[dict[str, Any]]:
-            key_prefix = "".join(_random.choices(string.ascii_letters, k=30))
-            key = os.path.join(key_prefix, "context.json")
-            with self.client.get_blob_client(self.bucket, key) as blob_client:
-                blob_client.upload_blob(json.dumps(context).encode("utf-8"))
-                yield {"bucket": self.bucket, "key": key}
-                blob_client.delete_blob()
-
-        def no_messages_debug_text(self) -> str:
-            return "Attempted to inject context via a temporary file in AzureBlobStorage."
-
-    return DagsterAzureMessageReader, DagsterAzureContextInjector
-
-
 OUR_CHILD_FOR_DAGSTER = """
 writer = PipesAzureBlobStorageMessageWriter(client(), interval=0.2)
 with open_pipes(context_loader=PipesAzureBlobStorageContextLoader(client()), message_writer=writer) as pipes:
@@ -799,7 +732,9 @@ save_stats(writer)
 def test_our_child_under_dagsters_azure_reader_and_injector(
     service: BlobServiceClient, container: str, conn_str: str, tmp_path: Path, write_script: Callable[..., Path]
 ) -> None:
-    reader_cls, injector_cls = _dagster_azure_classes()
+    from dagster_azure.pipes import PipesAzureBlobStorageContextInjector as injector_cls
+    from dagster_azure.pipes import PipesAzureBlobStorageMessageReader as reader_cls
+
     script = write_script(CHILD_HEADER + OUR_CHILD_FOR_DAGSTER)
     stats_path = tmp_path / "stats.json"
     custom: list[Any] = []

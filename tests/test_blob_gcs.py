@@ -18,7 +18,7 @@ import sys
 import time
 import uuid
 import warnings
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -695,42 +695,12 @@ with dp.open_dagster_pipes(
     "ignore:Function `PipesMessageReader.expected_writer_count` is currently in preview"
     ":dagster_shared.utils.warnings.PreviewWarning"
 )
-def test_our_writer_is_read_by_dagsters_blob_store_reader(
+def test_our_writer_is_read_by_dagsters_gcs_reader(
     child: ChildFactory, client: Any, bucket: str
 ) -> None:
-    """Dagster's own chunk reader (``dagster.PipesBlobStoreMessageReader``) reads what our writer uploads.
-
-    ``dagster_gcp.pipes.PipesGCSMessageReader`` itself is not used: the newest dagster-gcp (0.29.27) pins
-    dagster 1.13.27 (this venv has 1.13.29) and pulls pandas/pyarrow/bigquery. The subclass below does what
-    its ``download_messages_chunk`` does: download ``<key_prefix>/<n>.json``, None when missing.
-    """
-    import random
-    import string
-    from contextlib import contextmanager
-
+    """Dagster's own GCS reader (``dagster_gcp.pipes.PipesGCSMessageReader``) reads what our writer uploads."""
     import dagster as dg
-    from google.api_core.exceptions import NotFound
-
-    class DagsterStyleGCSReader(dg.PipesBlobStoreMessageReader):
-        def __init__(self) -> None:
-            super().__init__(interval=0)
-
-        @contextmanager
-        def get_params(self) -> Iterator[dict[str, Any]]:
-            yield {"bucket": bucket, "key_prefix": "".join(random.choices(string.ascii_letters, k=30))}
-
-        def messages_are_readable(self, params: Mapping[str, Any]) -> bool:
-            return True
-
-        def download_messages_chunk(self, index: int, params: Mapping[str, Any]) -> str | None:
-            try:
-                data: bytes = client.bucket(bucket).blob(f"{params['key_prefix']}/{index}.json").download_as_bytes()
-            except NotFound:
-                return None
-            return data.decode("utf-8")
-
-        def no_messages_debug_text(self) -> str:
-            return "GCS"
+    from dagster_gcp.pipes import PipesGCSMessageReader
 
     script, env = child("""
 writer = PipesGCSMessageWriter(client, interval=0.05)
@@ -745,7 +715,9 @@ with open_pipes(message_writer=writer) as pipes:
     # ``context`` unannotated: with the future import, Dagster would have to resolve a string annotation.
     def gcs_interop(context):  # type: ignore[no-untyped-def]
         runner = dg.PipesSubprocessClient(
-            env=env, context_injector=dg.PipesEnvContextInjector(), message_reader=DagsterStyleGCSReader()
+            env=env,
+            context_injector=dg.PipesEnvContextInjector(),
+            message_reader=PipesGCSMessageReader(interval=0, bucket=bucket, client=client),
         )
         invocation = runner.run(context=context, command=[PYTHON, str(script)], extras={"k": "v"})
         stash["custom"] = invocation.get_custom_messages()

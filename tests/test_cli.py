@@ -179,8 +179,8 @@ def test_context_options_reach_the_child(write_script: Callable[..., Path], tmp_
                            "extras": {"nested": {"k": [1, "ü"]}}, "run_id": "r-1"}
     ctx_path, msg_path = tmp_path / "ctx.json", tmp_path / "msgs.ndjson"
     proc = run_pipes("run", "--json", "--asset", "c", "--partition", "p", "--context-injector", "file",
-                     "--context-path", str(ctx_path), "--message-reader", "file", "--messages-path", str(msg_path), "--",
-                     sys.executable, str(script))
+                     "--context-path", str(ctx_path), "--message-reader", "file", "--messages-path", str(msg_path),
+                     "--", sys.executable, str(script))
     assert proc.returncode == 0, proc.stderr
     assert not ctx_path.exists() and not msg_path.exists()
 
