@@ -128,8 +128,13 @@ class _FileTailer:
                         pending.append(block)  # a long line: keep the pieces, join once at its end
                         continue
                     pending.append(block[:cut])
-                    lines = b"".join(pending).split(b"\n")
+                    complete = b"".join(pending)
                     pending = [block[cut + 1 :]]
+                    lines: list[str] | list[bytes]
+                    try:  # one decode for the whole block; a bad byte sends it line by line, to blame one line
+                        lines = complete.decode("utf-8").split("\n")
+                    except UnicodeDecodeError:
+                        lines = complete.split(b"\n")
                     for line in lines:
                         line_number += 1
                         if line.strip():

@@ -198,6 +198,8 @@ METHODS = (
     METHOD_LOG_EXTERNAL_STREAM,
 )
 
+_METHOD_SET = frozenset(METHODS)
+
 SEVERITY_WARN = "WARN"
 SEVERITY_ERROR = "ERROR"
 SEVERITIES = (SEVERITY_WARN, SEVERITY_ERROR)
@@ -635,11 +637,27 @@ def parse_message_line(line: str | bytes) -> dict[str, Any]:
     Raises:
         PipesProtocolError: for a line that is not JSON, not an object, or not a valid message.
     """
+    if isinstance(line, bytes):
+        try:
+            line = line.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            raise PipesProtocolError(f"message line is not JSON (not valid UTF-8): {exc}") from exc
+    # Fast path: the scanner alone, as json.loads would call it, without its per-call set-up. Anything it
+    # does not consume whole (surrounding whitespace, extra data, an error) takes the full json.loads path,
+    # which also gives JSON's own error message.
     try:
-        obj = json.loads(line)
-    except ValueError as exc:
-        raise PipesProtocolError(f"message line is not JSON: {exc}") from exc
+        obj, end = _scan_once(line, 0)
+    except (StopIteration, ValueError):
+        end = -1
+    if end != len(line):
+        try:
+            obj = json.loads(line)
+        except ValueError as exc:
+            raise PipesProtocolError(f"message line is not JSON: {exc}") from exc
     return validate_message(obj)
+
+
+_scan_once = json.JSONDecoder().scan_once  # type: ignore[attr-defined]  # set in JSONDecoder.__init__
 
 
 def _require(method: str, params: Mapping[str, Any], key: str, check: Any, expected: str) -> None:
@@ -689,14 +707,17 @@ def validate_message(obj: object) -> dict[str, Any]:
     method = obj.get(MESSAGE_METHOD_FIELD)
     if not isinstance(method, str):
         raise PipesProtocolError(f'message "{MESSAGE_METHOD_FIELD}" must be a string')
-    if method not in METHODS:
+    if method not in _METHOD_SET:
         raise PipesProtocolError(f"unknown message method {method!r} (known: {', '.join(METHODS)})")
     params = obj.get(MESSAGE_PARAMS_FIELD)
     if params is None:
         params = {}
     elif not isinstance(params, dict):
         raise PipesProtocolError(f'{method}: "params" must be an object or null')
-    if method == METHOD_OPENED:
+    if method == METHOD_REPORT_CUSTOM_MESSAGE:  # the high-volume method first
+        if "payload" not in params:
+            raise PipesProtocolError('report_custom_message: missing param "payload"')
+    elif method == METHOD_OPENED:
         if params.get("extras") is None:
             params["extras"] = {}
         elif not isinstance(params["extras"], dict):
@@ -733,9 +754,6 @@ def validate_message(obj: object) -> dict[str, Any]:
         params.setdefault("metadata", None)
         _require(method, params, "metadata", _is_opt_dict, "null or an object")
         _check_wire_metadata(method, params["metadata"])
-    elif method == METHOD_REPORT_CUSTOM_MESSAGE:
-        if "payload" not in params:
-            raise PipesProtocolError('report_custom_message: missing param "payload"')
     elif method == METHOD_LOG_EXTERNAL_STREAM:
         _require(method, params, "stream", lambda v: v in STREAMS, '"stdout" or "stderr"')
         _require(method, params, "text", _is_str, "a string")
