@@ -9,7 +9,7 @@ from datetime import datetime
 from typing import Any
 
 from pipes_ext._errors import PipesUsageError
-from pipes_ext._protocol import escape_asset_key
+from pipes_ext._protocol import escape_asset_key, parse_asset_key
 
 __all__ = ["PipesRunContext", "AssetKeyLike", "normalize_asset_key"]
 
@@ -64,12 +64,13 @@ class PipesRunContext:
     retry_number: int = 0
 
     def selected_asset_keys(self) -> list[str] | None:
-        """The escaped asset keys in scope, sorted, or None for a step with no assets."""
+        """The escaped asset keys in scope, or None for a step with no assets. Sorted as the reference sorts its
+        ``AssetKey``s: by their components, not by the escaped strings (``a/b`` before ``a-b``)."""
         if self.asset_keys is None:
             return None
         if isinstance(self.asset_keys, str):
             raise PipesUsageError("asset_keys must be a list of asset keys, not a single string")
-        return sorted({normalize_asset_key(k) for k in self.asset_keys})
+        return sorted({normalize_asset_key(k) for k in self.asset_keys}, key=parse_asset_key)
 
     def to_context_data(self, extras: Mapping[str, Any] | None = None) -> dict[str, Any]:
         """The context-data document sent to the external process: all ten keys present."""

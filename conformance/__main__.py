@@ -1,0 +1,146 @@
+"""``python -m conformance``: run the Pipes conformance suite against a harness, or list its cases.
+
+    python -m conformance run [--capabilities FILE] [--case PATTERN] [--json] [--junit FILE] -- COMMAND [ARG]...
+    python -m conformance list [--json]
+
+Exit codes: 0 when nothing failed, 1 when a run failed, 2 for a usage error (bad capabilities file, no case
+matching ``--case``, no command).
+"""
+
+from __future__ import annotations
+
+import argparse
+import fnmatch
+import json
+import os
+import shutil
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+from ._capabilities import CapabilitiesError, load_capabilities
+from ._cases import CASES, Case
+from ._report import json_report, json_text, junit_report, summary, text_report
+from ._runner import DEFAULT_TIMEOUT, Result, plan, run_plan
+
+EXIT_OK = 0
+EXIT_FAILED = 1
+EXIT_USAGE = 2
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m conformance",
+                                     description="The Pipes protocol 0.1 conformance suite (orchestrator: pipes_core).")
+    sub = parser.add_subparsers(dest="command_name", required=True)
+    run = sub.add_parser("run", help="run the cases against a harness: run [OPTIONS] -- COMMAND [ARG]...")
+    run.add_argument("--capabilities", metavar="FILE",
+                     help="the harness's capabilities (JSON, or TOML on Python 3.11+); default: env bootstrap, env "
+                          "and file context, file messages, no features")
+    run.add_argument("--case", metavar="PATTERN", action="append", default=[],
+                     help="run only the cases whose name matches (a glob; without wildcards, a substring); repeatable")
+    run.add_argument("--json", action="store_true", help="print the report as JSON instead of the table")
+    run.add_argument("--junit", metavar="FILE", help="also write the report as JUnit XML to FILE")
+    run.add_argument("--timeout", type=float, default=DEFAULT_TIMEOUT, metavar="SECONDS",
+                     help=f"kill a harness run after this long (default {DEFAULT_TIMEOUT:g})")
+    run.add_argument("--jobs", type=int, default=_default_jobs(), metavar="N",
+                     help="harness runs at a time (default %(default)s)")
+    run.add_argument("--progress", action="store_true", help="print one line per finished run to stderr")
+    run.add_argument("harness", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
+    listing = sub.add_parser("list", help="the cases, one line each")
+    listing.add_argument("--json", action="store_true", help="as JSON")
+    return parser
+
+
+def _default_jobs() -> int:
+    # Most of a run is waiting (process start-up, blob-store polling), so more runs than CPUs pay off.
+    return max(4, min(16, 4 * (os.cpu_count() or 1)))
+
+
+def select_cases(patterns: Sequence[str]) -> list[Case]:
+    if not patterns:
+        return list(CASES)
+    chosen = []
+    for case in CASES:
+        for pattern in patterns:
+            glob = pattern if any(ch in pattern for ch in "*?[") else f"*{pattern}*"
+            if fnmatch.fnmatchcase(case.name, glob):
+                chosen.append(case)
+                break
+    return chosen
+
+
+def _list(as_json: bool) -> int:
+    if as_json:
+        print(json.dumps([{"name": c.name, "scope": c.scope, "requires": list(c.requires),
+                           "description": c.description} for c in CASES], indent=2))
+        return EXIT_OK
+    width = max(len(c.name) for c in CASES)
+    for case in CASES:
+        print(f"{case.name:<{width}}  {case.scope:<8}  {case.description}")
+    return EXIT_OK
+
+
+def _usage(message: str) -> int:
+    print(f"python -m conformance: error: {message}", file=sys.stderr)
+    return EXIT_USAGE
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args_list = list(sys.argv[1:] if argv is None else argv)
+    command: list[str] = []
+    if "--" in args_list:
+        cut = args_list.index("--")
+        args_list, command = args_list[:cut], args_list[cut + 1:]
+    args = _parser().parse_args(args_list)
+    if args.command_name == "list":
+        return _list(args.json)
+    command = command or list(args.harness)
+    if not command:
+        return _usage("no harness command; usage: python -m conformance run [OPTIONS] -- COMMAND [ARG]...")
+    if os.sep not in command[0] and shutil.which(command[0]) is None:
+        return _usage(f"harness command not found: {command[0]!r}")
+    if os.sep in command[0] and not Path(command[0]).exists():
+        return _usage(f"harness command not found: {command[0]!r}")
+    try:
+        caps = load_capabilities(args.capabilities)
+    except CapabilitiesError as exc:
+        return _usage(str(exc))
+    cases = select_cases(args.case)
+    if not cases:
+        return _usage(f"no case matches {', '.join(args.case)} (see: python -m conformance list)")
+    if args.timeout <= 0:
+        return _usage("--timeout must be positive")
+
+    def progress(result: Result) -> None:
+        print(f"{result.status:<4} {result.case} {result.combo.label} {result.reason}"[:300], file=sys.stderr,
+              flush=True)
+
+    # Reasons quote what arrived (any Unicode): never fail on a narrow stdout encoding.
+    for stream in (sys.stdout, sys.stderr):
+        reconfigure = getattr(stream, "reconfigure", None)
+        if reconfigure is not None:
+            reconfigure(errors="backslashreplace")
+    started = time.monotonic()
+    try:
+        results = run_plan(plan(cases, caps), command, timeout=args.timeout, jobs=args.jobs,
+                           progress=progress if args.progress else None)
+    except KeyboardInterrupt:
+        print("python -m conformance: interrupted", file=sys.stderr)
+        return 130
+    duration = time.monotonic() - started
+    if args.json:
+        sys.stdout.write(json_text(json_report(cases, results, caps, command, duration)))
+    else:
+        sys.stdout.write(text_report(cases, results, caps, command, duration))
+    if args.junit:
+        try:
+            Path(args.junit).write_bytes(junit_report(cases, results, caps, duration))
+        except OSError as exc:
+            print(f"python -m conformance: cannot write {args.junit}: {exc}", file=sys.stderr)
+            return EXIT_USAGE
+    return EXIT_FAILED if summary(results)["failed"] else EXIT_OK
+
+
+if __name__ == "__main__":
+    sys.exit(main())

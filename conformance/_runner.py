@@ -1,0 +1,555 @@
+"""Plan the runs (case x channel combination), launch the harness for each with ``pipes_core`` as the
+orchestrator, and judge what arrived.
+
+One run: open a ``pipes_core`` session with the combination's context injector and message reader, launch the
+harness with the bootstrap params (env vars, or CLI arguments appended to the command), wait for it (killing
+its process group after the timeout), let the session drain the channel, then compare. The ``stdio`` message
+channel has no ``pipes_core`` reader: here the harness's stdout is a pipe, and every line that carries
+``__dagster_pipes_version`` goes to ``PipesMessageHandler.handle_line``; other lines are kept as output.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import subprocess
+import tempfile
+import threading
+import time
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import IO, Any
+
+from pipes_core import (
+    AssetCheckResult,
+    MaterializeResult,
+    PipesClosedEvent,
+    PipesContextInjector,
+    PipesCustomMessageEvent,
+    PipesEnvContextInjector,
+    PipesError,
+    PipesEvent,
+    PipesExternalStreamEvent,
+    PipesLogEvent,
+    PipesMessageHandler,
+    PipesMessageReader,
+    PipesOpenedEvent,
+    PipesProtocolIssue,
+    PipesRemoteException,
+    PipesRunContext,
+    PipesTempFileContextInjector,
+    PipesTempFileMessageReader,
+    open_pipes_session,
+)
+from pipes_ext._protocol import PIPES_PROTOCOL_VERSION_FIELD
+
+from ._capabilities import BOOTSTRAP_MODES, CONTEXT_CHANNELS, MESSAGE_CHANNELS, Capabilities
+from ._cases import Case, ExceptionSpec, Seen
+from ._compare import first_difference, short
+from ._servers import BLOB_STORES, BlobServer, start_store, unavailable_reason
+
+__all__ = [
+    "BLOB_STORE_ENV_VAR",
+    "Combo",
+    "Planned",
+    "Result",
+    "plan",
+    "run_plan",
+    "DEFAULT_TIMEOUT",
+    "READER_INTERVAL",
+]
+
+BLOB_STORE_ENV_VAR = "PIPES_CONFORMANCE_BLOB_STORE"
+DEFAULT_TIMEOUT = 60.0
+# How often the blob-store readers poll: short, so a run waits little for its last chunk.
+READER_INTERVAL = 0.05
+# How long to wait for the stdio pipe's end after the harness exited (a grandchild may hold it open).
+STDIO_EOF_TIMEOUT = 10.0
+_MARKER = f'"{PIPES_PROTOCOL_VERSION_FIELD}"'.encode()
+
+# Harness processes running now, killed (by process group) if the suite itself is interrupted.
+_RUNNING: set[subprocess.Popen[bytes]] = set()
+_RUNNING_LOCK = threading.Lock()
+
+# The external process's log messages and the session's warnings are part of the outcome, not console output.
+_QUIET = logging.getLogger("conformance.external")
+_QUIET.propagate = False
+_QUIET.addHandler(logging.NullHandler())
+
+
+@dataclass(frozen=True)
+class Combo:
+    bootstrap: str
+    context: str
+    messages: str
+
+    @property
+    def label(self) -> str:
+        return f"{self.bootstrap}/{self.context}/{self.messages}"
+
+    @property
+    def stores(self) -> set[str]:
+        return {c for c in (self.context, self.messages) if c in BLOB_STORES}
+
+
+@dataclass
+class Planned:
+    case: Case
+    combo: Combo
+    skip: str | None = None
+
+
+@dataclass
+class Result:
+    case: str
+    combo: Combo
+    status: str  # "pass" | "fail" | "skip"
+    reason: str = ""
+    duration: float = 0.0
+    returncode: int | None = None
+    stderr_tail: str = ""
+
+
+# ------------------------------------------------------------------------------------------------ planning
+
+
+def _default(declared: Sequence[str], preferred: Sequence[str]) -> str:
+    for choice in preferred:
+        if choice in declared:
+            return choice
+    return declared[0]
+
+
+def _combos(case: Case, caps: Capabilities) -> list[Combo]:
+    """Every combination of the case's scope, declared or not (the undeclared are reported as skipped)."""
+    boot = _default(caps.bootstrap, ("env", "cli"))
+    context = _default(caps.context_channels, ("env", "file"))
+    messages = _default(caps.message_channels, ("file", "stdio"))
+    if case.scope == "full":
+        return [Combo(b, c, m) for b in BOOTSTRAP_MODES for c in CONTEXT_CHANNELS for m in MESSAGE_CHANNELS]
+    if case.scope == "context":
+        return [Combo(b, c, messages) for b in BOOTSTRAP_MODES for c in CONTEXT_CHANNELS]
+    return [Combo(boot, context, m) for m in MESSAGE_CHANNELS]
+
+
+def _skip_reason(case: Case, combo: Combo, caps: Capabilities) -> str | None:
+    missing = [f for f in case.requires if f not in caps.features]
+    if missing:
+        return f"feature {', '.join(missing)} not declared"
+    if combo.bootstrap not in caps.bootstrap:
+        return f"bootstrap {combo.bootstrap!r} not declared"
+    if combo.context not in caps.context_channels:
+        return f"context channel {combo.context!r} not declared"
+    if combo.messages not in caps.message_channels:
+        return f"message channel {combo.messages!r} not declared"
+    if combo.messages in case.skip_messages:
+        return case.skip_messages[combo.messages]
+    if len(combo.stores) > 1:
+        return (f"two blob stores in one run (context {combo.context}, messages {combo.messages}): the harness "
+                f"contract has one blob-store hint ({BLOB_STORE_ENV_VAR})")
+    for store in sorted(combo.stores):
+        reason = unavailable_reason(store)
+        if reason:
+            return reason
+    return None
+
+
+def plan(cases: Sequence[Case], caps: Capabilities) -> list[Planned]:
+    return [Planned(case, combo, _skip_reason(case, combo, caps)) for case in cases for combo in _combos(case, caps)]
+
+
+# ------------------------------------------------------------------------------------------------ channels
+
+
+class StdioMessageReader(PipesMessageReader):
+    """Messages on the harness's stdout (``{"stdio": "stdout"}``): the runner hands the pipe to :meth:`pump`."""
+
+    def __init__(self) -> None:
+        self.other_output: list[bytes] = []
+        self._handler: PipesMessageHandler | None = None
+        self._thread: threading.Thread | None = None
+        self.eof_missing = False
+
+    @contextmanager
+    def read_messages(self, handler: PipesMessageHandler) -> Iterator[dict[str, Any]]:
+        self._handler = handler
+        try:
+            yield {"stdio": "stdout"}
+        finally:
+            if self._thread is not None:
+                self._thread.join(STDIO_EOF_TIMEOUT)
+                self.eof_missing = self._thread.is_alive()
+
+    def pump(self, stream: IO[bytes]) -> None:
+        handler = self._handler
+        assert handler is not None, "pump() is called inside read_messages()"
+
+        def run() -> None:
+            with stream:
+                for line in iter(stream.readline, b""):
+                    if _MARKER in line:
+                        handler.handle_line(line.rstrip(b"\r\n"), "stdout")
+                    else:
+                        self.other_output.append(line)
+
+        self._thread = threading.Thread(target=run, name="conformance-stdio-reader", daemon=True)
+        self._thread.start()
+
+    def describe(self) -> str:
+        return "the conformance suite's stdio reader (harness stdout)"
+
+
+def _injector(channel: str, server: BlobServer | None) -> PipesContextInjector:
+    if channel == "env":
+        return PipesEnvContextInjector()
+    if channel == "file":
+        return PipesTempFileContextInjector()
+    assert server is not None
+    if channel == "s3":
+        from pipes_core.s3 import PipesS3ContextInjector
+
+        return PipesS3ContextInjector(server.bucket, server.make_client())
+    if channel == "gcs":
+        from pipes_core.gcs import PipesGCSContextInjector
+
+        return PipesGCSContextInjector(server.bucket, server.make_client())
+    from pipes_core.azure import PipesAzureBlobStorageContextInjector
+
+    return PipesAzureBlobStorageContextInjector(server.bucket, server.make_client())
+
+
+def _reader(channel: str, server: BlobServer | None, capture: bool) -> PipesMessageReader:
+    if channel == "file":
+        return PipesTempFileMessageReader(include_stdio_in_messages=capture)
+    if channel == "stdio":
+        return StdioMessageReader()
+    assert server is not None
+    if channel == "s3":
+        from pipes_core.s3 import PipesS3MessageReader
+
+        return PipesS3MessageReader(server.bucket, server.make_client(), interval=READER_INTERVAL,
+                                    include_stdio_in_messages=capture)
+    if channel == "gcs":
+        from pipes_core.gcs import PipesGCSMessageReader
+
+        return PipesGCSMessageReader(server.bucket, server.make_client(), interval=READER_INTERVAL,
+                                     include_stdio_in_messages=capture)
+    from pipes_core.azure import PipesAzureBlobStorageMessageReader
+
+    return PipesAzureBlobStorageMessageReader(server.bucket, server.make_client(), interval=READER_INTERVAL,
+                                              include_stdio_in_messages=capture)
+
+
+# ------------------------------------------------------------------------------------------------ events
+
+
+def _exception_json(exc: PipesRemoteException | None) -> dict[str, Any] | None:
+    if exc is None:
+        return None
+    return {"name": exc.name, "message": exc.message, "cause": _exception_json(exc.cause),
+            "context": _exception_json(exc.context)}
+
+
+def _metadata_json(metadata: dict[str, Any]) -> dict[str, Any]:
+    return {label: {"type": value.type, "raw_value": value.value} for label, value in metadata.items()}
+
+
+def event_json(event: PipesEvent) -> dict[str, Any]:
+    """A message as the suite compares it: ``method`` and what ``pipes_core`` decoded."""
+    if isinstance(event, PipesOpenedEvent):
+        return {"method": "opened", "extras": event.extras}
+    if isinstance(event, PipesClosedEvent):
+        return {"method": "closed", "exception": _exception_json(event.exception)}
+    if isinstance(event, PipesLogEvent):
+        return {"method": "log", "level": event.level, "message": event.message}
+    if isinstance(event, MaterializeResult):
+        return {"method": "report_asset_materialization", "asset_key": event.asset_key,
+                "data_version": event.data_version, "metadata": _metadata_json(event.metadata)}
+    if isinstance(event, AssetCheckResult):
+        return {"method": "report_asset_check", "asset_key": event.asset_key, "check_name": event.check_name,
+                "passed": event.passed, "severity": event.severity, "metadata": _metadata_json(event.metadata)}
+    if isinstance(event, PipesCustomMessageEvent):
+        return {"method": "report_custom_message", "payload": event.payload}
+    if isinstance(event, PipesExternalStreamEvent):
+        return {"method": "log_external_stream", "stream": event.stream, "text": event.text, "extras": event.extras}
+    assert isinstance(event, PipesProtocolIssue)
+    return {"method": "protocol_issue", "reason": str(event)}
+
+
+# ------------------------------------------------------------------------------------------------ one run
+
+
+@dataclass
+class Outcome:
+    messages: list[dict[str, Any]] = field(default_factory=list)
+    context_data: dict[str, Any] = field(default_factory=dict)
+    returncode: int | None = None
+    stdout: str = ""
+    stderr: str = ""
+    start_error: str | None = None
+    channel_error: str | None = None
+    timed_out: bool = False
+    eof_missing: bool = False
+
+
+def _tail(text: str, lines: int = 3, chars: int = 400) -> str:
+    kept = [line for line in text.strip().splitlines() if line.strip()][-lines:]
+    joined = " / ".join(kept)
+    return joined if len(joined) <= chars else "..." + joined[-chars:]
+
+
+def _kill_group(process: subprocess.Popen[bytes]) -> None:
+    try:
+        os.killpg(process.pid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+        process.kill()
+
+
+def _base_env(server: BlobServer | None) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("DAGSTER_PIPES_CONTEXT", "DAGSTER_PIPES_MESSAGES", BLOB_STORE_ENV_VAR)}
+    if server is not None:
+        env.update(server.env)
+        env[BLOB_STORE_ENV_VAR] = server.store
+    return env
+
+
+def _read(file: IO[bytes]) -> str:
+    file.seek(0)
+    return file.read().decode("utf-8", "replace")
+
+
+def execute(case: Case, combo: Combo, command: Sequence[str], servers: dict[str, BlobServer],
+            timeout: float) -> Outcome:
+    """Run ``case`` once over ``combo``; never raises for anything the harness or a channel does."""
+    outcome = Outcome()
+    server = next((servers[s] for s in sorted(combo.stores)), None)
+    extras = {**case.extras, "conformance": {"case": case.name, "steps": [dict(s) for s in case.steps]}}
+    events: list[PipesEvent] = []
+    try:
+        injector = _injector(combo.context, server)
+        reader = _reader(combo.messages, server, case.capture)
+    except Exception as exc:  # a client that cannot be built: the run fails, the suite goes on
+        outcome.start_error = f"cannot set up the channels: {type(exc).__name__}: {exc}"
+        return outcome
+    stdio = isinstance(reader, StdioMessageReader)
+    with tempfile.TemporaryFile() as out_file, tempfile.TemporaryFile() as err_file:
+        try:
+            with open_pipes_session(PipesRunContext(**case.run_context), injector, reader, extras,
+                                    on_event=events.append, retain_messages=False, logger=_QUIET,
+                                    external_stream_handler=lambda _stream, _text: None) as session:
+                outcome.context_data = session.context_data
+                env = _base_env(server)
+                argv = list(command)
+                if combo.bootstrap == "cli":
+                    argv += session.get_bootstrap_argv()
+                else:
+                    env.update(session.get_bootstrap_env_vars())
+                try:
+                    process = subprocess.Popen(argv, env=env, stdin=subprocess.DEVNULL,
+                                               stdout=subprocess.PIPE if stdio else out_file, stderr=err_file,
+                                               start_new_session=True)
+                except OSError as exc:
+                    outcome.start_error = f"cannot start the harness {argv[0]!r}: {exc}"
+                else:
+                    with _RUNNING_LOCK:
+                        _RUNNING.add(process)
+                    try:
+                        if stdio:
+                            assert isinstance(reader, StdioMessageReader) and process.stdout is not None
+                            reader.pump(process.stdout)
+                        outcome.returncode = process.wait(timeout)
+                    except subprocess.TimeoutExpired:
+                        outcome.timed_out = True
+                        _kill_group(process)
+                        outcome.returncode = process.wait()
+                    finally:
+                        with _RUNNING_LOCK:
+                            _RUNNING.discard(process)
+        except PipesError as exc:
+            outcome.channel_error = f"{type(exc).__name__}: {exc}"
+        except Exception as exc:  # the channel's SDK failed (e.g. the local server went away)
+            outcome.channel_error = f"{type(exc).__name__}: {exc}"
+        outcome.stdout = _read(out_file)
+        outcome.stderr = _read(err_file)
+    if stdio:
+        assert isinstance(reader, StdioMessageReader)
+        outcome.stdout = b"".join(reader.other_output).decode("utf-8", "replace")
+        outcome.eof_missing = reader.eof_missing
+    outcome.messages = [event_json(e) for e in events]
+    return outcome
+
+
+# ------------------------------------------------------------------------------------------------ judging
+
+
+def _last_line(text: str) -> str:
+    lines = [line for line in text.strip().splitlines() if line.strip()]
+    return lines[-1].strip() if lines else ""
+
+
+def _check_exception(spec: ExceptionSpec, exc: dict[str, Any] | None) -> str | None:
+    if exc is None:
+        return f"closed carries no exception; expected one with message containing {spec.message!r}"
+    if spec.message not in exc["message"]:
+        return f"closed.exception.message is {short(exc['message'])}; expected it to contain {spec.message!r}"
+    if not isinstance(exc["name"], str) or not exc["name"]:
+        return f"closed.exception.name is {short(exc['name'])}; expected the error's type name"
+    for link, wanted in (("cause", spec.cause), ("context", spec.context)):
+        got = exc[link]
+        if wanted is None and got is not None:
+            return f"closed.exception.{link} is {short(got['message'])}; expected null"
+        if wanted is not None:
+            if got is None:
+                return f"closed.exception.{link} is null; expected an exception with message containing {wanted!r}"
+            if wanted not in got["message"]:
+                return f"closed.exception.{link}.message is {short(got['message'])}; expected it to contain {wanted!r}"
+    return None
+
+
+def _exit_text(outcome: Outcome) -> str:
+    where = f"exit code {outcome.returncode}"
+    last = _last_line(outcome.stderr)
+    return f"{where}; last stderr line: {short(last, 200)}" if last else where
+
+
+def judge(case: Case, outcome: Outcome, timeout: float) -> str | None:
+    """None when the run conforms, else the first difference found."""
+    if outcome.start_error:
+        return outcome.start_error
+    if outcome.timed_out:
+        return f"the harness did not exit within {timeout:g} s (killed); {_exit_text(outcome)}"
+    if outcome.channel_error:
+        return f"the context injector or message reader failed: {outcome.channel_error}"
+    messages = outcome.messages
+    methods = [m["method"] for m in messages]
+    if "opened" not in methods:
+        if messages:
+            return f"the harness never sent opened (got {methods[0]} first); {_exit_text(outcome)}"
+        return f"the harness never sent opened: no message arrived ({_exit_text(outcome)})"
+    issues = [m for m in messages if m["method"] == "protocol_issue"]
+    if issues:
+        return f"protocol issue ({len(issues)} in all): {issues[0]['reason']}"
+    if methods[0] != "opened":
+        return f"the first message is {methods[0]}, not opened"
+    if methods.count("opened") > 1:
+        return f"opened arrived {methods.count('opened')} times"
+    closed_at = [i for i, m in enumerate(methods) if m == "closed"]
+    if case.closed:
+        if not closed_at:
+            return f"closed never arrived; {_exit_text(outcome)}"
+        closed = messages[closed_at[0]]
+        exc = closed["exception"]
+        if case.exception is None and exc is not None:
+            return f"closed carries an unexpected exception: {_last_line(exc['message']) or exc['name']}"
+        if len(closed_at) > 1:
+            return f"closed arrived {len(closed_at)} times"
+        after = messages[closed_at[0] + 1:]
+        if not case.streams_before_closed:
+            after = [m for m in after if m["method"] != "log_external_stream"]
+        if after:
+            return f"{len(after)} message(s) arrived after closed, the first: {short(after[0], 160)}"
+        if case.exception is not None:
+            problem = _check_exception(case.exception, exc)
+            if problem:
+                return problem
+        body = messages[1:closed_at[0]]
+    else:
+        if closed_at:
+            return "closed arrived, but the harness was told to stop without closing"
+        body = messages[1:]
+    if case.body is not None:
+        found = first_difference(case.body(outcome.context_data), body, "messages")
+        if found:
+            return found
+    if case.exit_code is None:
+        if outcome.returncode == 0:
+            return "exit code 0; expected a non-zero exit code"
+    elif outcome.returncode != case.exit_code:
+        return f"expected exit code {case.exit_code}; got {_exit_text(outcome)}"
+    if case.check is not None:
+        found = case.check(Seen(messages, body, outcome.context_data, outcome.returncode, outcome.stdout,
+                                outcome.stderr))
+        if found:
+            return found
+    if outcome.eof_missing:
+        return f"the harness's stdout stayed open {STDIO_EOF_TIMEOUT:g} s after it exited (a process left behind?)"
+    return None
+
+
+def run_one(case: Case, combo: Combo, command: Sequence[str], servers: dict[str, BlobServer],
+            timeout: float) -> Result:
+    started = time.monotonic()
+    outcome = execute(case, combo, command, servers, timeout)
+    problem = judge(case, outcome, timeout)
+    return Result(case.name, combo, "fail" if problem else "pass", problem or "", time.monotonic() - started,
+                  outcome.returncode, _tail(outcome.stderr))
+
+
+# ------------------------------------------------------------------------------------------------ the plan
+
+
+def _start_servers(stores: set[str]) -> tuple[dict[str, BlobServer], dict[str, str]]:
+    """Start the needed servers in parallel; the stores that failed to start, with why."""
+    servers: dict[str, BlobServer] = {}
+    failed: dict[str, str] = {}
+
+    def start(store: str) -> None:
+        try:
+            servers[store] = start_store(store)
+        except Exception as exc:
+            failed[store] = f"{store} server failed to start: {type(exc).__name__}: {exc}"
+
+    threads = [threading.Thread(target=start, args=(s,), daemon=True) for s in sorted(stores)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    return servers, failed
+
+
+def run_plan(planned: Sequence[Planned], command: Sequence[str], *, timeout: float = DEFAULT_TIMEOUT,
+             jobs: int = 4, progress: Callable[[Result], None] | None = None) -> list[Result]:
+    """Run every planned (not skipped) run, ``jobs`` at a time; results in plan order."""
+    needed: set[str] = set().union(*(p.combo.stores for p in planned if p.skip is None))
+    servers, failed = _start_servers(needed)
+    try:
+        results: list[Result | None] = [None] * len(planned)
+        todo: list[int] = []
+        for index, item in enumerate(planned):
+            reason = item.skip or next((failed[s] for s in sorted(item.combo.stores) if s in failed), None)
+            if reason:
+                skipped = results[index] = Result(item.case.name, item.combo, "skip", reason)
+                if progress:
+                    progress(skipped)
+            else:
+                todo.append(index)
+        # The heaviest runs first, so they do not end the whole run alone.
+        heavy = {"large_payload", "many_messages"}
+        todo.sort(key=lambda i: (planned[i].case.name not in heavy, not planned[i].combo.stores))
+
+        def work(index: int) -> None:
+            item = planned[index]
+            result = run_one(item.case, item.combo, command, servers, timeout)
+            results[index] = result
+            if progress:
+                progress(result)
+
+        pool = ThreadPoolExecutor(max_workers=max(1, jobs))
+        try:
+            for future in [pool.submit(work, i) for i in todo]:
+                future.result()
+        except BaseException:  # interrupted (or a bug): stop at once, leave no harness running
+            pool.shutdown(wait=False, cancel_futures=True)
+            with _RUNNING_LOCK:
+                for process in list(_RUNNING):
+                    _kill_group(process)
+            raise
+        pool.shutdown()
+        return [r for r in results if r is not None]
+    finally:
+        for server in servers.values():
+            server.stop()
