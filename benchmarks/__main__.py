@@ -27,6 +27,8 @@ def _fmt(value: float, unit: str) -> str:
         return f"{value:.1f} MB"
     if unit == "%":
         return f"{value:.2f} %"
+    if unit in ("chunks", "requests"):
+        return f"{value:,.0f}"
     return f"{value:.4g} {unit}"
 
 

@@ -417,12 +417,19 @@ def idle(*, quick: bool, repeat: int) -> dict[str, Any]:
     }
 
 
+def _blob(*, quick: bool, repeat: int) -> dict[str, Any]:
+    from .blob import blob  # needs the blob SDKs, their local servers and the reference's integrations
+
+    return blob(quick=quick, repeat=repeat)
+
+
 ALL: list[tuple[str, Callable[..., dict[str, Any]]]] = [
     ("throughput", throughput),
     ("latency", latency),
     ("startup", startup),
     ("memory", memory),
     ("idle", idle),
+    ("blob", _blob),
 ]
 
 

@@ -51,8 +51,9 @@ __all__ = [
 DEFAULT_POLL_INTERVAL = 1.0
 # How long a missing chunk may stay missing while a later one exists before it is reported and skipped.
 DEFAULT_MISSING_CHUNK_GRACE = 10.0
-# At the final drain, how far past a missing chunk to look for a later one.
-GAP_PROBE_CHUNKS = 8
+# At the final drain, how far past a missing chunk to look for a later one. Each probe is a request paid by every
+# session at its end, and our writers never skip a number, so two (a double gap is already very unlikely).
+GAP_PROBE_CHUNKS = 2
 # The reference's random key component: 30 ASCII letters.
 KEY_COMPONENT_LENGTH = 30
 
