@@ -65,9 +65,10 @@ def main(argv: list[str] | None = None) -> int:
                     line += (f" {side}: {_fmt(s['median'], unit)} "
                              f"[{_fmt(s['min'], unit)} .. {_fmt(s['max'], unit)}]")
             if metric.get("ours") and metric.get("reference"):
-                ratio = statistics.median(metric["ours"]) / statistics.median(metric["reference"])
+                reference = statistics.median(metric["reference"])
+                ratio = statistics.median(metric["ours"]) / reference if reference else None
                 metric["ratio_ours_over_reference"] = ratio
-                line += f"  ratio ours/ref: {ratio:.2f}"
+                line += f"  ratio ours/ref: {ratio:.2f}" if ratio is not None else "  ratio ours/ref: n/a (ref 0)"
             if metric.get("ours") and metric.get("limit"):
                 frac = statistics.median(metric["ours"]) / statistics.median(metric["limit"])
                 metric["ours_over_limit"] = frac

@@ -30,6 +30,7 @@ from ._protocol import (
     PARAM_INCLUDE_STDIO_IN_MESSAGES,
     SEVERITIES,
     STREAMS,
+    dumps_custom_message,
     dumps_message,
     empty_context_data,
     escape_asset_key,
@@ -335,7 +336,9 @@ class PipesContext:
 
     def report_custom_message(self, payload: Any) -> None:
         """Send any JSON-serialisable payload; it is serialised here, so a bad payload raises here."""
-        self._send(METHOD_REPORT_CUSTOM_MESSAGE, {"payload": payload})
+        if self._closed:
+            raise PipesUsageError(f"cannot send {METHOD_REPORT_CUSTOM_MESSAGE}: the Pipes context is closed")
+        self._channel.write_line(dumps_custom_message(payload))
 
     def log_external_stream(self, stream: str, text: str, extras: Mapping[str, Any] | None = None) -> None:
         """Forward text written to ``"stdout"`` or ``"stderr"``."""

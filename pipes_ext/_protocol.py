@@ -86,6 +86,7 @@ __all__ = [
     # messages
     "make_message",
     "dumps_message",
+    "dumps_custom_message",
     "parse_message_line",
     "validate_message",
 ]
@@ -613,6 +614,22 @@ def dumps_message(method: str, params: Mapping[str, Any] | None) -> str:
         return _LINE_PREFIX + method_json + ', "params": ' + json.dumps(params) + "}"
     except (TypeError, ValueError) as exc:
         raise PipesUsageError(f"{method}: params are not JSON-serialisable: {exc}") from exc
+
+
+_encode = json.JSONEncoder().encode  # the same defaults as json.dumps, without its per-call checks
+_CUSTOM_MESSAGE_PREFIX = _LINE_PREFIX + _METHOD_JSON[METHOD_REPORT_CUSTOM_MESSAGE] + ', "params": {"payload": '
+
+
+def dumps_custom_message(payload: Any) -> str:
+    """``dumps_message("report_custom_message", {"payload": payload})``, on the high-volume path.
+
+    Raises:
+        PipesUsageError: when ``payload`` is not JSON-serialisable (nothing is sent).
+    """
+    try:
+        return _CUSTOM_MESSAGE_PREFIX + _encode(payload) + "}}"
+    except (TypeError, ValueError) as exc:
+        raise PipesUsageError(f"report_custom_message: params are not JSON-serialisable: {exc}") from exc
 
 
 def _json_type_name(value: object) -> str:

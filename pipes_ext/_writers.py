@@ -98,14 +98,16 @@ class PipesFileMessageWriterChannel(PipesMessageWriterChannel):
         return cls(fd, path)
 
     def write_line(self, line: str) -> None:
-        data = (line + "\n").encode("utf-8")
+        data = (line + "\n").encode()
         with self._lock:
             if self._fd < 0:
                 raise PipesTransportError(f"messages file {self.path!r} is closed")
             try:
                 written = os.write(self._fd, data)
-                while written < len(data):
-                    written += os.write(self._fd, memoryview(data)[written:])
+                if written < len(data):  # rare on a regular file: finish the line before anyone else writes
+                    view = memoryview(data)
+                    while written < len(data):
+                        written += os.write(self._fd, view[written:])
             except OSError as exc:
                 raise PipesTransportError(f"cannot write to the messages file {self.path!r}: {exc}") from exc
 

@@ -1,0 +1,32 @@
+"""The benchmark suite keeps working: one ``--quick`` run with tiny sizes. No timing is asserted here; speed is
+read from ``python -m benchmarks`` itself (see the README's Performance section)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import REPO_ROOT
+
+
+@pytest.mark.slow
+def test_quick_benchmark_run_reports_every_benchmark_for_both_sides(tmp_path: Path) -> None:
+    out = tmp_path / "bench.json"
+    proc = subprocess.run([sys.executable, "-m", "benchmarks", "--quick", "--json", str(out)], cwd=REPO_ROOT,
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads(out.read_text())
+    assert set(report["results"]) == {"throughput", "latency", "startup", "memory", "idle", "blob"}
+    for name, result in report["results"].items():
+        assert result["metrics"], name
+        for metric in result["metrics"]:
+            assert metric["ours"] and metric["reference"], (name, metric["name"])
+            ratio = metric["ratio_ours_over_reference"]  # None only when the reference measured 0
+            assert ratio is None or ratio >= 0, (name, metric["name"])
+    throughput = report["results"]["throughput"]["metrics"][0]
+    assert throughput["limit"] and throughput["ours_over_limit"] > 0
+    assert "ours/ref" in proc.stdout and "## blob" in proc.stdout
