@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-__all__ = ["BLOB_STORES", "BlobServer", "unavailable_reason", "start_store"]
+__all__ = ["BLOB_STORES", "BlobServer", "unavailable_reason", "start_store", "free_port", "wait_http", "stop_process"]
 
 BLOB_STORES = ("s3", "gcs", "azure")
 
@@ -74,14 +74,14 @@ def unavailable_reason(store: str) -> str | None:
     return None
 
 
-def _free_port() -> int:
+def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port: int = s.getsockname()[1]
         return port
 
 
-def _wait_http(url: str, process: subprocess.Popen[bytes], timeout: float = 60) -> None:
+def wait_http(url: str, process: subprocess.Popen[bytes], timeout: float = 60) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if process.poll() is not None:
@@ -96,7 +96,8 @@ def _wait_http(url: str, process: subprocess.Popen[bytes], timeout: float = 60) 
     raise TimeoutError(f"no answer from {url} within {timeout} s")
 
 
-def _stop(process: subprocess.Popen[bytes]) -> None:
+def stop_process(process: subprocess.Popen[bytes]) -> None:
+    """Stop a server by its own process group (SIGTERM, then SIGKILL after 10 s)."""
     if process.poll() is None:
         try:
             os.killpg(process.pid, signal.SIGTERM)
@@ -133,7 +134,7 @@ class BlobServer:
                 close()
             except Exception:  # a client that fails to close must not keep the server running
                 pass
-        _stop(self.process)
+        stop_process(self.process)
 
 
 def _spawn(cmd: list[str]) -> subprocess.Popen[bytes]:
@@ -155,13 +156,13 @@ def _bucket_name() -> str:
 
 def start_store(store: str) -> BlobServer:
     """Start the server of ``store``, make a bucket (container) on it, and return it."""
-    port = _free_port()
+    port = free_port()
     bucket = _bucket_name()
     if store == "s3":
         process = _spawn([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)])
         url = f"http://127.0.0.1:{port}"
         try:
-            _wait_http(f"{url}/moto-api/", process)
+            wait_http(f"{url}/moto-api/", process)
             import boto3
 
             client = boto3.session.Session().client(
@@ -170,7 +171,7 @@ def start_store(store: str) -> BlobServer:
             )
             client.create_bucket(Bucket=bucket)
         except BaseException:
-            _stop(process)
+            stop_process(process)
             raise
         env = {"AWS_ENDPOINT_URL": url, "AWS_REGION": S3_REGION, "AWS_DEFAULT_REGION": S3_REGION, **S3_KEYS}
         return BlobServer(store, process, url, bucket, env, client)
@@ -179,10 +180,10 @@ def start_store(store: str) -> BlobServer:
                           str(port), "--in-memory", "-q"])
         url = f"http://127.0.0.1:{port}"
         try:
-            _wait_http(f"{url}/", process)
+            wait_http(f"{url}/", process)
             _gcs_client(url).create_bucket(bucket)
         except BaseException:
-            _stop(process)
+            stop_process(process)
             raise
         return BlobServer(store, process, url, bucket, {"STORAGE_EMULATOR_HOST": url})
     if store == "azure":
@@ -195,13 +196,13 @@ def start_store(store: str) -> BlobServer:
         connection_string = (f"DefaultEndpointsProtocol=http;AccountName={AZURITE_ACCOUNT};AccountKey={AZURITE_KEY};"
                              f"BlobEndpoint={url};")
         try:
-            _wait_http(f"{url}?comp=list", process)
+            wait_http(f"{url}?comp=list", process)
             from azure.storage.blob import BlobServiceClient
 
             client = BlobServiceClient.from_connection_string(connection_string, retry_total=0)
             client.create_container(bucket)
         except BaseException:
-            _stop(process)
+            stop_process(process)
             raise
         return BlobServer(store, process, url, bucket, {"AZURE_STORAGE_CONNECTION_STRING": connection_string}, client)
     raise ValueError(f"unknown blob store {store!r}")

@@ -6,60 +6,23 @@ its own process id. See ../shared/reference/emulators.md for the commands.
 
 from __future__ import annotations
 
-import os
 import shutil
-import signal
-import socket
 import subprocess
 import sys
-import time
-import urllib.error
-import urllib.request
 from pathlib import Path
+
+from conformance._servers import AZURITE_ACCOUNT, AZURITE_KEY, free_port, stop_process, wait_http
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 # Where .ci/test installs Azurite with npm (a project-local folder, never global).
 AZURITE_MAIN = REPO_ROOT / ".ci" / "node" / "node_modules" / "azurite" / "dist" / "src" / "blob" / "main.js"
-AZURITE_ACCOUNT = "devstoreaccount1"
-AZURITE_KEY = "Eby8vdM02xNOcqFlqUwJPLlmEtlCDXJ1OUzFT50uSRZ6IFsuFq2UVErCz4I6tq/K1SZFPTOtr/KBHBeksoGMGw=="
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
-
-
-def wait_http(url: str, process: subprocess.Popen[bytes], timeout: float = 60) -> None:
-    """Wait until ``url`` answers with any HTTP status; fail early if the server process died."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise RuntimeError(f"server exited with {process.returncode} before answering {url}")
-        try:
-            urllib.request.urlopen(url, timeout=1)
-            return
-        except urllib.error.HTTPError:
-            return
-        except OSError:
-            time.sleep(0.02)
-    raise TimeoutError(f"no answer from {url} within {timeout} s")
 
 
 def start(cmd: list[str]) -> subprocess.Popen[bytes]:
     return subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
 
 
-def stop(process: subprocess.Popen[bytes]) -> None:
-    """Stop the server by its own process group."""
-    if process.poll() is None:
-        os.killpg(process.pid, signal.SIGTERM)
-        try:
-            process.wait(10)
-        except subprocess.TimeoutExpired:
-            os.killpg(process.pid, signal.SIGKILL)
-            process.wait()
+stop = stop_process
 
 
 def bin_path(name: str) -> str:
