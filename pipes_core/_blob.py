@@ -121,10 +121,7 @@ class _ChunkTailer:
         return self.reader.retry.call(self.store, "reading messages chunk", key, get)
 
     def _handle_chunk(self, index: int, data: bytes) -> None:
-        source = self.store.url(chunk_key(self.key_prefix, index))
-        for line in data.split(b"\n"):
-            if line.strip():
-                self.handler.handle_line(line, source)
+        self.handler.handle_lines(data, self.store.url(chunk_key(self.key_prefix, index)))
         self.chunks_read += 1
 
     def _read_available(self) -> None:

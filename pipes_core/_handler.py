@@ -54,6 +54,11 @@ DEFAULT_LOGGER_NAME = "pipes_core.external"
 MAX_RETAINED_ISSUES = 1000
 
 
+def _raw_text(line: str | bytes) -> str:
+    """What was read, as text for an issue (undecodable bytes replaced, never dropped)."""
+    return line.decode("utf-8", "replace") if isinstance(line, bytes) else line
+
+
 def _write_external_stream(stream: str, text: str) -> None:
     target = sys.stdout if stream == STREAM_STDOUT else sys.stderr
     target.write(text)
@@ -108,10 +113,25 @@ class PipesMessageHandler:
         try:
             message = parse_message_line(line)
         except PipesProtocolError as exc:
-            raw = line.decode("utf-8", "replace") if isinstance(line, bytes) else line
-            self.report_issue(str(exc), raw, source)
+            self.report_issue(str(exc), _raw_text(line), source)
             return
         self._dispatch(message, line, source)
+
+    def handle_lines(self, data: bytes, source: str = "") -> None:
+        """Handle a block of complete, newline-separated message lines (blank lines are skipped).
+
+        The block is decoded once; one that is not valid UTF-8 goes line by line, so that only the bad line
+        becomes an issue.
+        """
+        lines: list[str] | list[bytes]
+        try:
+            lines = data.decode("utf-8").split("\n")
+        except UnicodeDecodeError:
+            lines = data.split(b"\n")
+        handle_line = self.handle_line
+        for line in lines:
+            if line.strip():
+                handle_line(line, source)
 
     def handle_message(self, message: Any, source: str = "") -> None:
         """Handle one already-decoded message (e.g. from a custom reader)."""
@@ -144,11 +164,7 @@ class PipesMessageHandler:
             self.logger.exception("[pipes] on_event callback raised")
 
     def _issue_for(self, message: dict[str, Any], line: str | bytes | None, source: str, reason: str) -> None:
-        if line is None:
-            raw = repr(message)
-        else:
-            raw = line.decode("utf-8", "replace") if isinstance(line, bytes) else line
-        self.report_issue(reason, raw, source)
+        self.report_issue(reason, repr(message) if line is None else _raw_text(line), source)
 
     def _dispatch(self, message: dict[str, Any], line: str | bytes | None, source: str) -> None:
         method = message["method"]

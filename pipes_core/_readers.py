@@ -110,8 +110,6 @@ class _FileTailer:
             self.error = exc
             return
         pending: list[bytes] = []
-        line_number = 0
-        handle_line = self.handler.handle_line
         source = self.path
         try:
             while True:
@@ -130,15 +128,7 @@ class _FileTailer:
                     pending.append(block[:cut])
                     complete = b"".join(pending)
                     pending = [block[cut + 1 :]]
-                    lines: list[str] | list[bytes]
-                    try:  # one decode for the whole block; a bad byte sends it line by line, to blame one line
-                        lines = complete.decode("utf-8").split("\n")
-                    except UnicodeDecodeError:
-                        lines = complete.split(b"\n")
-                    for line in lines:
-                        line_number += 1
-                        if line.strip():
-                            handle_line(line, source)
+                    self.handler.handle_lines(complete, source)
                 if finishing:
                     break
                 if got_data:

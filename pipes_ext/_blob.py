@@ -239,8 +239,9 @@ class PipesBlobStoreMessageWriterChannel(PipesMessageWriterChannel):
         with self._cond:
             return len(self._buffer)
 
-    def _take_batch(self) -> list[str]:
-        """The next chunk's lines (at least one; at most max_chunk_bytes unless one line is larger)."""
+    def _take_batch(self) -> tuple[list[str], int]:
+        """The next chunk's lines (at least one; at most max_chunk_bytes unless one line is larger) and their
+        buffered size."""
         size = 0
         count = 0
         for line in self._buffer:
@@ -248,14 +249,14 @@ class PipesBlobStoreMessageWriterChannel(PipesMessageWriterChannel):
                 break
             size += len(line) + 1
             count += 1
-        return self._buffer[:count]
+        return self._buffer[:count], size
 
     def _upload_one(self, deadline: float | None) -> bool:
         """Upload the next chunk; False when nothing is buffered. The lines leave the buffer only once the
         chunk is stored, so a failed upload keeps them for the next try."""
         with self._upload_lock:
             with self._cond:
-                batch = self._take_batch()
+                batch, batch_bytes = self._take_batch()
                 if not batch:
                     return False
                 index = self._next_index
@@ -269,7 +270,7 @@ class PipesBlobStoreMessageWriterChannel(PipesMessageWriterChannel):
             self.retry.call(self.store, "uploading messages chunk", key, put, deadline)
             with self._cond:
                 del self._buffer[: len(batch)]
-                self._buffered_bytes -= sum(len(line) + 1 for line in batch)
+                self._buffered_bytes -= batch_bytes
                 self._next_index = index + 1
                 self.chunks_uploaded += 1
             return True

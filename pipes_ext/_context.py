@@ -267,9 +267,12 @@ class PipesContext:
 
     # ---------------------------------------------------------------- reporting
 
-    def _send(self, method: str, params: Mapping[str, Any]) -> None:
+    def _check_open(self, method: str) -> None:
         if self._closed:
             raise PipesUsageError(f"cannot send {method}: the Pipes context is closed")
+
+    def _send(self, method: str, params: Mapping[str, Any]) -> None:
+        self._check_open(method)
         self._channel.write_line(dumps_message(method, params))
 
     def _resolve_asset_key(self, method: str, asset_key: str | Sequence[str] | None) -> str:
@@ -336,8 +339,7 @@ class PipesContext:
 
     def report_custom_message(self, payload: Any) -> None:
         """Send any JSON-serialisable payload; it is serialised here, so a bad payload raises here."""
-        if self._closed:
-            raise PipesUsageError(f"cannot send {METHOD_REPORT_CUSTOM_MESSAGE}: the Pipes context is closed")
+        self._check_open(METHOD_REPORT_CUSTOM_MESSAGE)
         self._channel.write_line(dumps_custom_message(payload))
 
     def log_external_stream(self, stream: str, text: str, extras: Mapping[str, Any] | None = None) -> None:
@@ -381,9 +383,6 @@ def _make_logger(context: PipesContext) -> logging.Logger:
             if record.exc_info:
                 message += "\n" + logging.Formatter().formatException(record.exc_info)
             context._log(_level_name(record.levelno, record.levelname), message)
-
-        def handleError(self, record: logging.LogRecord) -> None:
-            raise
 
     # NOTSET with no parent: every level is enabled, custom ones below DEBUG too (mapped by _level_name).
     logger = logging.Logger("pipes_ext", level=logging.NOTSET)
