@@ -13,6 +13,9 @@ import pytest
 REPO_ROOT = Path(__file__).resolve().parent.parent
 PYTHON = sys.executable
 
+# Engine fixtures (session-scoped, each skipping with its reason when the engine cannot run here).
+pytest_plugins = ["tests.engines_slurm"]
+
 
 @pytest.fixture(autouse=True)
 def clean_pipes_environ(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
