@@ -341,7 +341,7 @@ def execute(case: Case, combo: Combo, command: Sequence[str], servers: dict[str,
             with open_pipes_session(PipesRunContext(**case.run_context), injector, reader, extras,
                                     on_event=events.append, retain_messages=False, logger=_QUIET,
                                     external_stream_handler=lambda _stream, _text: None) as session:
-                outcome.context_data = session.context_data
+                outcome.context_data = dict(session.context_data)
                 env = _base_env(server)
                 argv = list(command)
                 if combo.bootstrap == "cli":

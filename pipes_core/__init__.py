@@ -27,6 +27,7 @@ from pipes_ext._protocol import (
     decode_param,
     encode_param,
 )
+from pipes_ext._types import PipesContextData, PipesExtras, PipesMessage, PipesParams
 
 from ._errors import (
     PipesError,
@@ -101,6 +102,10 @@ __all__ = [
     "DAGSTER_PIPES_MESSAGES_CLI_ARGUMENT",
     "encode_param",
     "decode_param",
+    "PipesParams",
+    "PipesExtras",
+    "PipesContextData",
+    "PipesMessage",
     # errors
     "PipesError",
     "PipesProtocolError",

@@ -152,6 +152,12 @@ class PipesMessageHandler:
         self.logger.error("[pipes] protocol issue: %s", issue)
         self._emit(issue)
 
+    @property
+    def materialized_keys(self) -> frozenset[str]:
+        """The asset keys materialized so far (counted even with ``retain_messages=False``)."""
+        with self._lock:
+            return frozenset(self._materialized)
+
     # ------------------------------------------------------------------ dispatch
 
     def _emit(self, event: PipesEvent) -> None:

@@ -8,9 +8,12 @@ finished) it drains the channel before returning, so every message that reached 
 from __future__ import annotations
 
 import logging
+import threading
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
-from typing import Any
+from dataclasses import replace
+from datetime import datetime, timezone
+from typing import Any, cast
 
 from pipes_ext._protocol import (
     DAGSTER_PIPES_CONTEXT_CLI_ARGUMENT,
@@ -19,13 +22,13 @@ from pipes_ext._protocol import (
     DAGSTER_PIPES_MESSAGES_ENV_VAR,
     encode_param,
 )
+from pipes_ext._types import PipesContextData, PipesExtras, PipesParams
 
 from ._errors import PipesUsageError
 from ._handler import PipesMessageHandler
 from ._injectors import PipesContextInjector
 from ._readers import PipesMessageReader
 from ._results import (
-    AssetCheckResult,
     MaterializeResult,
     MetadataValue,
     PipesEvent,
@@ -45,44 +48,96 @@ def _as_metadata_value(value: Any) -> MetadataValue:
     return MetadataValue.from_wire({"type": "__infer__", "raw_value": value})
 
 
+def _with_metadata(
+    results: list[PipesExecutionResult], metadata: Mapping[str, Any] | None
+) -> list[PipesExecutionResult]:
+    """``results`` with ``metadata`` merged into each (the given keys win over reported ones)."""
+    if not metadata:
+        return results
+    extra = {label: _as_metadata_value(value) for label, value in metadata.items()}
+    return [replace(result, metadata={**result.metadata, **extra}) for result in results]
+
+
+def _now() -> datetime:
+    return datetime.now(timezone.utc)
+
+
 class PipesSession:
-    """One exchange with one external process. Built by :func:`open_pipes_session`."""
+    """One exchange with one external process. Built by :func:`open_pipes_session`.
+
+    The documented fields: ``context_data`` (what was sent to the process), ``message_handler``,
+    ``context_injector_params`` / ``message_reader_params`` (what the injector and the reader yielded: where
+    the process finds its context and writes its messages), ``context`` (the :class:`PipesRunContext`) and
+    ``created_at`` (when the session started, timezone-aware UTC: a cutoff for reading logs). Also:
+    ``context_injector``, ``message_reader``, ``finished`` (the session block has ended), and the short names
+    ``handler``, ``context_params`` and ``message_params`` for the same objects.
+
+    Results: :meth:`get_results` hands out each result once (a stream, see there); :meth:`get_all_results` and
+    :meth:`get_reported_results` are snapshots that consume nothing.
+    """
 
     def __init__(
         self,
-        context_data: dict[str, Any],
-        context_params: dict[str, Any],
-        message_params: dict[str, Any],
-        handler: PipesMessageHandler,
-        context_injector: PipesContextInjector,
-        message_reader: PipesMessageReader,
+        context_data: PipesContextData,
+        message_handler: PipesMessageHandler,
+        context_injector_params: PipesParams,
+        message_reader_params: PipesParams,
+        context: PipesRunContext | None = None,
+        created_at: datetime | None = None,
+        *,
+        context_injector: PipesContextInjector | None = None,
+        message_reader: PipesMessageReader | None = None,
     ) -> None:
         self.context_data = context_data
-        self.context_params = context_params
-        self.message_params = message_params
-        self.handler = handler
-        self.context_injector = context_injector
-        self.message_reader = message_reader
+        self.message_handler = message_handler
+        self.context_injector_params: dict[str, Any] = dict(context_injector_params)
+        self.message_reader_params: dict[str, Any] = dict(message_reader_params)
+        self.context = context
+        self.created_at = created_at if created_at is not None else _now()
+        # Not among the documented constructor's fields; a session built by hand gets the bases (which describe
+        # themselves by class name in messages).
+        self.context_injector = context_injector if context_injector is not None else PipesContextInjector()
+        self.message_reader = message_reader if message_reader is not None else PipesMessageReader()
         self.finished = False
+        self._results_lock = threading.Lock()
+        self._handed_out = 0  # how many of handler.results get_results() has returned
+        self._implicit_done = False
+        self._implicit_keys: set[str] = set()
+
+    # Short names, kept for existing callers (one object each: these are the documented fields).
+    @property
+    def handler(self) -> PipesMessageHandler:
+        return self.message_handler
+
+    @property
+    def context_params(self) -> dict[str, Any]:
+        return self.context_injector_params
+
+    @property
+    def message_params(self) -> dict[str, Any]:
+        return self.message_reader_params
 
     # ------------------------------------------------------------------ bootstrap
 
     def get_bootstrap_params(self) -> dict[str, dict[str, Any]]:
         """The raw (unencoded) params, keyed by env-var name."""
-        return {DAGSTER_PIPES_CONTEXT_ENV_VAR: self.context_params, DAGSTER_PIPES_MESSAGES_ENV_VAR: self.message_params}
+        return {
+            DAGSTER_PIPES_CONTEXT_ENV_VAR: self.context_injector_params,
+            DAGSTER_PIPES_MESSAGES_ENV_VAR: self.message_reader_params,
+        }
 
     def get_bootstrap_env_vars(self) -> dict[str, str]:
         """``DAGSTER_PIPES_CONTEXT`` / ``DAGSTER_PIPES_MESSAGES`` with base64(zlib(json)) values."""
         return {
-            DAGSTER_PIPES_CONTEXT_ENV_VAR: encode_param(self.context_params),
-            DAGSTER_PIPES_MESSAGES_ENV_VAR: encode_param(self.message_params),
+            DAGSTER_PIPES_CONTEXT_ENV_VAR: encode_param(self.context_injector_params),
+            DAGSTER_PIPES_MESSAGES_ENV_VAR: encode_param(self.message_reader_params),
         }
 
     def get_bootstrap_cli_arguments(self) -> dict[str, str]:
         """``{"--dagster-pipes-context": value, "--dagster-pipes-messages": value}`` (as the reference)."""
         return {
-            DAGSTER_PIPES_CONTEXT_CLI_ARGUMENT: encode_param(self.context_params),
-            DAGSTER_PIPES_MESSAGES_CLI_ARGUMENT: encode_param(self.message_params),
+            DAGSTER_PIPES_CONTEXT_CLI_ARGUMENT: encode_param(self.context_injector_params),
+            DAGSTER_PIPES_MESSAGES_CLI_ARGUMENT: encode_param(self.message_reader_params),
         }
 
     def get_bootstrap_argv(self) -> list[str]:
@@ -94,74 +149,97 @@ class PipesSession:
     @property
     def opened(self) -> bool:
         """The external process sent ``opened``."""
-        return self.handler.opened_count > 0
+        return self.message_handler.opened_count > 0
 
     @property
     def closed(self) -> bool:
         """The external process sent ``closed``."""
-        return self.handler.closed_count > 0
+        return self.message_handler.closed_count > 0
 
     @property
     def exception(self) -> PipesRemoteException | None:
         """The exception the external process reported in ``closed``, if any."""
-        return self.handler.exception
+        return self.message_handler.exception
 
     @property
     def protocol_issues(self) -> list[PipesProtocolIssue]:
         """What broke the protocol (first :data:`MAX_RETAINED_ISSUES` kept; see ``issue_count``)."""
-        return list(self.handler.issues)
+        return list(self.message_handler.issues)
 
     @property
     def issue_count(self) -> int:
-        return self.handler.issue_count
+        return self.message_handler.issue_count
 
     @property
     def message_count(self) -> int:
         """Valid messages handled so far."""
-        return self.handler.message_count
+        return self.message_handler.message_count
+
+    @property
+    def process_finished(self) -> bool:
+        """No more results will come: the external process sent ``closed``, or the session block has ended."""
+        return self.finished or self.closed
 
     # ------------------------------------------------------------------ results
 
     def get_reported_results(self) -> list[PipesExecutionResult]:
-        """Materializations and checks the external process reported, in arrival order."""
-        return list(self.handler.results)
+        """Snapshot: the materializations and checks the external process reported so far, in arrival order
+        (no implicit ones). Consumes nothing."""
+        return list(self.message_handler.results)
+
+    def _implicit_materializations(self, reported: frozenset[str]) -> list[PipesExecutionResult]:
+        selected = self.context_data.get("asset_keys") or []
+        return [MaterializeResult(key, implicit=True) for key in selected if key not in reported]
+
+    def get_all_results(
+        self, *, implicit_materializations: bool = True, metadata: Mapping[str, Any] | None = None
+    ) -> list[PipesExecutionResult]:
+        """Snapshot: every result received so far, then (with ``implicit_materializations``, once the process
+        has finished) a bare materialization for each selected asset it never reported; ``metadata`` merged
+        into each. Consumes nothing: use it for a complete, repeatable answer (the client's invocation does)."""
+        finished = self.process_finished  # read before the results: all that came before `closed` is in them
+        results = self.get_reported_results()
+        if implicit_materializations and finished:
+            results += self._implicit_materializations(self.message_handler.materialized_keys)
+        return _with_metadata(results, metadata)
 
     def get_results(
-        self, implicit_materializations: bool = True, metadata: Mapping[str, Any] | None = None
+        self, *, implicit_materializations: bool = True, metadata: Mapping[str, Any] | None = None
     ) -> list[PipesExecutionResult]:
-        """Reported results, then (with ``implicit_materializations``) a bare materialization for each selected
-        asset the process did not report. ``metadata`` is merged into every result and wins over reported
-        keys. A snapshot: calling it again while the session runs is safe."""
-        results = self.get_reported_results()
-        if implicit_materializations:
-            reported = {r.asset_key for r in results if isinstance(r, MaterializeResult)}
-            for key in self.context_data.get("asset_keys") or []:
-                if key not in reported:
-                    results.append(MaterializeResult(key, implicit=True))
-        if metadata:
-            extra = {label: _as_metadata_value(value) for label, value in metadata.items()}
-            merged: list[PipesExecutionResult] = []
-            for result in results:
-                if isinstance(result, MaterializeResult):
-                    merged.append(
-                        MaterializeResult(result.asset_key, {**result.metadata, **extra}, result.data_version,
-                                          result.implicit)
-                    )
-                else:
-                    merged.append(
-                        AssetCheckResult(result.asset_key, result.check_name, result.passed, result.severity,
-                                         {**result.metadata, **extra})
-                    )
-            results = merged
-        return results
+        """Stream: the results that arrived since the previous call, each handed out once.
+
+        Call it while the process runs (``yield from session.get_results()``) and once more after the session
+        block; every reported materialization and check comes out exactly once, in arrival order. With
+        ``implicit_materializations``, a bare materialization for each selected asset the process never
+        reported is added once, and only once the process has finished (``closed`` arrived, or the session
+        block ended), so an asset reported late is never materialized twice. ``metadata`` is merged into the
+        results of this call (its keys win over reported ones). Safe to call from several threads.
+        """
+        finished = self.process_finished
+        with self._results_lock:
+            results = self.message_handler.results
+            end = len(results)
+            fresh: list[PipesExecutionResult] = [
+                r for r in results[self._handed_out : end]
+                # A materialization after `closed` (a protocol issue) of an asset already handed out as implicit
+                # is not handed out again; get_reported_results() still has it.
+                if not (isinstance(r, MaterializeResult) and r.asset_key in self._implicit_keys)
+            ]
+            self._handed_out = end
+            if implicit_materializations and finished and not self._implicit_done:
+                self._implicit_done = True
+                implicit = self._implicit_materializations(self.message_handler.materialized_keys)
+                self._implicit_keys.update(r.asset_key for r in implicit)
+                fresh += implicit
+        return _with_metadata(fresh, metadata)
 
     def get_custom_messages(self) -> list[Any]:
         """Payloads of ``report_custom_message``, in arrival order."""
-        return list(self.handler.custom_messages)
+        return list(self.message_handler.custom_messages)
 
     def get_logs(self) -> list[PipesLogEvent]:
         """``log`` messages, in arrival order."""
-        return list(self.handler.logs)
+        return list(self.message_handler.logs)
 
 
 @contextmanager
@@ -169,7 +247,7 @@ def open_pipes_session(
     context: PipesRunContext | None,
     context_injector: PipesContextInjector,
     message_reader: PipesMessageReader,
-    extras: Mapping[str, Any] | None = None,
+    extras: PipesExtras | None = None,
     *,
     on_event: Callable[[PipesEvent], None] | None = None,
     retain_messages: bool = True,
@@ -203,6 +281,7 @@ def open_pipes_session(
     if extras is not None and not isinstance(extras, Mapping):
         raise PipesUsageError("extras must be a mapping (a JSON object)")
     context_data = context.to_context_data(extras)
+    created_at = _now()
     handler = PipesMessageHandler(
         context_data,
         on_event=on_event,
@@ -213,7 +292,8 @@ def open_pipes_session(
     with context_injector.inject_context(context_data) as context_params:
         with message_reader.read_messages(handler) as message_params:
             session = PipesSession(
-                context_data, dict(context_params), dict(message_params), handler, context_injector, message_reader
+                cast(PipesContextData, context_data), handler, context_params, message_params, context, created_at,
+                context_injector=context_injector, message_reader=message_reader,
             )
             yield session
     session.finished = True

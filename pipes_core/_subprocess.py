@@ -122,7 +122,11 @@ class PipesClientCompletedInvocation:
         return self.session.opened and not self.session.closed
 
     def get_results(self, implicit_materializations: bool = True) -> list[PipesExecutionResult]:
-        return self.session.get_results(implicit_materializations=implicit_materializations, metadata=self.metadata)
+        """Every result of the run (implicit materializations included unless turned off), with the run's
+        ``metadata``; complete and repeatable, whatever was streamed from the session before."""
+        return self.session.get_all_results(
+            implicit_materializations=implicit_materializations, metadata=self.metadata
+        )
 
     def get_materialize_result(self, implicit_materializations: bool = True) -> MaterializeResult:
         """The single materialization of the run, with the run's check results folded into ``check_results``.

@@ -7,6 +7,7 @@ it does not use. The envelope key ``__dagster_pipes_version`` is not an identifi
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any, Literal, TypedDict
 
 __all__ = [
@@ -20,6 +21,8 @@ __all__ = [
     "PipesOpenedData",
     "PipesContextParams",
     "PipesMessagesParams",
+    "PipesParams",
+    "PipesExtras",
     "PipesMethod",
     "PipesSeverity",
     "PipesStream",
@@ -92,3 +95,7 @@ class PipesOpenedData(TypedDict):
 # Params are free-form objects; these name the common shapes.
 PipesContextParams = dict[str, Any]
 PipesMessagesParams = dict[str, Any]
+# The names the orchestrator API documents: the params an injector or reader yields (either of the two above,
+# read-only), and the extras a caller passes to the external process (any JSON object).
+PipesParams = Mapping[str, Any]
+PipesExtras = Mapping[str, Any]

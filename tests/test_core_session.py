@@ -248,15 +248,14 @@ def test_get_results_order_implicit_and_metadata_merge() -> None:
     assert [type(r) for r in reported] == [AssetCheckResult, MaterializeResult, MaterializeResult]
     assert [r.asset_key for r in reported] == ["b", "c", "a"]
 
-    results = session.get_results()
+    results = session.get_all_results()
     assert results[:3] == reported
     assert results[3] == MaterializeResult("b", implicit=True)
     assert len(results) == 4
     assert all(not r.implicit for r in results[:3] if isinstance(r, MaterializeResult))
+    assert session.get_all_results(implicit_materializations=False) == reported
 
-    assert session.get_results(implicit_materializations=False) == reported
-
-    merged = session.get_results(metadata={"owner": "orch", "extra": 5})
+    merged = session.get_all_results(metadata={"owner": "orch", "extra": 5})
     assert [r.asset_key for r in merged] == ["b", "c", "a", "b"]
     check, mat_c, mat_a, implicit_b = merged
     assert isinstance(check, AssetCheckResult)
@@ -277,30 +276,36 @@ def test_get_results_order_implicit_and_metadata_merge() -> None:
     assert isinstance(implicit_b, MaterializeResult) and implicit_b.implicit
     assert implicit_b.metadata == mat_a.metadata
     # A MetadataValue passed as is is kept as is.
-    typed = session.get_results(metadata={"u": MetadataValue("url", "http://x")})
+    typed = session.get_all_results(metadata={"u": MetadataValue("url", "http://x")})
     assert typed[0].metadata["u"] == MetadataValue("url", "http://x")
     # Merging did not alter the reported results.
     assert session.get_reported_results() == reported
+    # The stream, called once after the session, hands out the same, then nothing.
+    assert session.get_results(metadata={"owner": "orch", "extra": 5}) == merged
+    assert session.get_results() == []
+    assert session.get_all_results() == results
 
 
-def test_get_results_is_a_snapshot_while_the_session_runs() -> None:
+def test_snapshots_while_the_session_runs_consume_nothing() -> None:
     with session_for(PipesRunContext(asset_keys=["a", "b"])) as session:
         pipes = external(session)
         pipes.report_asset_materialization(asset_key="a", metadata={"k": 1})
         wait_until(lambda: session.message_count >= 2)
-        first = session.get_results()
-        second = session.get_results()
+        first = session.get_all_results()
+        second = session.get_all_results()
         assert first == second
-        assert [(r.asset_key, r.implicit) for r in first] == [("a", False), ("b", True)]
+        # No implicit materialization while the process runs: "b" may still be reported.
+        assert [(r.asset_key, r.implicit) for r in first] == [("a", False)]
         first.clear()  # the caller owns the list
-        assert session.get_results() == second
+        assert session.get_all_results() == second
+        assert session.get_reported_results() == second
         pipes.report_asset_materialization(asset_key="b")
         pipes.close()
         wait_until(lambda: session.closed)
-        third = session.get_results()
+        third = session.get_all_results()
         assert [(r.asset_key, r.implicit) for r in third] == [("a", False), ("b", False)]
-    assert session.get_results() == third
-    assert session.get_results() == third
+    assert session.get_all_results() == third
+    assert session.get_all_results() == third
 
 
 def test_custom_messages_and_logs() -> None:

@@ -1,0 +1,433 @@
+"""The orchestrator API as the Dagster Pipes reference documents it (issue 15): one test per documented class
+and method, checking its signature and its behaviour, and the reference's own ``open_pipes_session`` example
+run with a real child.
+
+The reference text is ``dagster-pipes-orchestrator-api.txt`` (Dagster's API docs). Where we extend a signature
+the documented parameters come first, in the documented order, with the documented defaults (or a documented
+difference, e.g. the blob reader's poll interval).
+"""
+
+from __future__ import annotations
+
+import inspect
+import os
+import subprocess
+import sys
+import threading
+import typing
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import pipes_core
+from pipes_core import (
+    AssetCheckResult,
+    MaterializeResult,
+    MetadataValue,
+    PipesContextData,
+    PipesEnvContextInjector,
+    PipesExecutionResult,
+    PipesExtras,
+    PipesFileContextInjector,
+    PipesFileMessageReader,
+    PipesMessage,
+    PipesMessageHandler,
+    PipesParams,
+    PipesRunContext,
+    PipesSession,
+    PipesSubprocessClient,
+    PipesTempFileContextInjector,
+    PipesTempFileMessageReader,
+    open_pipes_session,
+)
+from pipes_ext import PipesContext, PipesMappingParamsLoader, open_pipes
+from pipes_ext import _types as ext_types
+from pipes_ext._protocol import dumps_message
+
+PYTHON = sys.executable
+
+
+class Arrivals:
+    """An ``on_event`` callback that wakes waiters: ``wait_for(predicate)`` returns once an arrival made it
+    true (a generous deadline catches hangs)."""
+
+    def __init__(self) -> None:
+        self._condition = threading.Condition()
+
+    def __call__(self, event: object) -> None:
+        with self._condition:
+            self._condition.notify_all()
+
+    def wait_for(self, predicate: Callable[[], bool], timeout: float = 30.0) -> None:
+        with self._condition:
+            if not self._condition.wait_for(predicate, timeout):
+                raise AssertionError("condition not met within the timeout")
+
+
+@contextmanager
+def session_for(asset_keys: list[str] | None = None, **kwargs: Any) -> Iterator[tuple[PipesSession, Arrivals]]:
+    arrivals = Arrivals()
+    with open_pipes_session(PipesRunContext(asset_keys=asset_keys), PipesTempFileContextInjector(),
+                            PipesTempFileMessageReader(), on_event=arrivals, **kwargs) as session:
+        yield session, arrivals
+
+
+def external(session: PipesSession) -> PipesContext:
+    """The external side of ``session``, opened in this process."""
+    return open_pipes(params_loader=PipesMappingParamsLoader(session.get_bootstrap_env_vars()))
+
+
+def params_of(fn: Callable[..., Any]) -> list[tuple[str, Any, str]]:
+    """(name, default, kind) of each parameter, ``self`` left out."""
+    return [
+        (p.name, p.default, p.kind.name)
+        for p in inspect.signature(fn).parameters.values()
+        if p.name != "self"
+    ]
+
+
+def keys(results: list[PipesExecutionResult]) -> list[tuple[str, bool]]:
+    return [(r.asset_key, getattr(r, "implicit", False)) for r in results]
+
+
+# ---------------------------------------------------------------------------------------------- type names
+
+
+def test_documented_type_names_exist_once() -> None:
+    # One home: pipes_core re-exports the protocol module's types, it does not copy them.
+    assert PipesParams is ext_types.PipesParams
+    assert PipesExtras is ext_types.PipesExtras
+    assert PipesContextData is ext_types.PipesContextData
+    assert PipesMessage is ext_types.PipesMessage
+    for name in ("PipesParams", "PipesExtras", "PipesContextData", "PipesMessage"):
+        assert name in pipes_core.__all__
+    # PipesParams / PipesExtras: read-only string-keyed mappings of JSON values.
+    assert typing.get_origin(PipesParams) is typing.get_origin(typing.Mapping[str, Any])
+    assert typing.get_args(PipesParams) == (str, Any)
+    assert typing.get_args(PipesExtras) == (str, Any)
+    # PipesContextData / PipesMessage: TypedDicts of the wire documents, with the wire's key names.
+    assert set(typing.get_type_hints(PipesContextData)) == {
+        "asset_keys", "code_version_by_asset_key", "provenance_by_asset_key", "partition_key",
+        "partition_key_range", "partition_time_window", "run_id", "job_name", "retry_number", "extras",
+    }
+    assert set(PipesMessage.__annotations__) == {"__dagster_pipes_version", "method", "params"}
+    # What the session sends is a PipesContextData with exactly those keys.
+    with open_pipes_session(PipesRunContext(asset_keys=["a"]), PipesEnvContextInjector(),
+                            PipesTempFileMessageReader()) as session:
+        assert set(session.context_data) == set(typing.get_type_hints(PipesContextData))
+
+
+# ---------------------------------------------------------------------------------------------- PipesSession
+
+
+def test_pipes_session_constructor_and_documented_fields() -> None:
+    assert [name for name, _, _ in params_of(PipesSession)][:6] == [
+        "context_data", "message_handler", "context_injector_params", "message_reader_params", "context",
+        "created_at",
+    ]
+    before = datetime.now(timezone.utc)
+    context = PipesRunContext(asset_keys=["a"], run_id="r-1")
+    injector = PipesTempFileContextInjector()
+    reader = PipesTempFileMessageReader()
+    with open_pipes_session(context, injector, reader, extras={"foo": "bar"}) as session:
+        after = datetime.now(timezone.utc)
+        assert session.context_data["run_id"] == "r-1"
+        assert session.context_data["extras"] == {"foo": "bar"}
+        assert session.context_data["asset_keys"] == ["a"]
+        assert isinstance(session.message_handler, PipesMessageHandler)
+        assert set(session.context_injector_params) == {"path"}
+        assert os.path.isfile(session.context_injector_params["path"])
+        assert set(session.message_reader_params) == {"path", "include_stdio_in_messages"}
+        assert session.context is context
+        assert session.context_injector is injector and session.message_reader is reader
+        # created_at: the session's start, timezone-aware UTC.
+        assert session.created_at.tzinfo is not None
+        assert before <= session.created_at <= after
+        # The short names are the same objects.
+        assert session.handler is session.message_handler
+        assert session.context_params is session.context_injector_params
+        assert session.message_params is session.message_reader_params
+        # The bootstrap params are the documented params.
+        assert session.get_bootstrap_params() == {
+            "DAGSTER_PIPES_CONTEXT": session.context_injector_params,
+            "DAGSTER_PIPES_MESSAGES": session.message_reader_params,
+        }
+    # Built by hand (e.g. by a custom launcher), created_at defaults to now.
+    handler = PipesMessageHandler(dict(session.context_data))
+    made = PipesSession(session.context_data, handler, {"data": {}}, {"path": "/x"}, context)
+    assert made.created_at >= session.created_at
+    assert made.get_bootstrap_params()["DAGSTER_PIPES_MESSAGES"] == {"path": "/x"}
+
+
+def test_get_results_signature_is_keyword_only() -> None:
+    assert params_of(PipesSession.get_results) == [
+        ("implicit_materializations", True, "KEYWORD_ONLY"),
+        ("metadata", None, "KEYWORD_ONLY"),
+    ]
+    assert params_of(PipesSession.get_all_results) == params_of(PipesSession.get_results)
+    assert params_of(PipesSession.get_reported_results) == []
+    assert params_of(PipesSession.get_custom_messages) == []
+    assert params_of(PipesSession.get_bootstrap_env_vars) == []
+    assert params_of(PipesSession.get_bootstrap_cli_arguments) == []
+    assert params_of(PipesSession.get_bootstrap_params) == []
+
+
+def test_get_results_hands_out_each_result_once_and_implicit_ones_at_the_end() -> None:
+    with session_for(["a", "b", "c"]) as (session, arrivals):
+        assert session.get_results() == []
+        pipes = external(session)
+        pipes.report_asset_materialization(asset_key="a", metadata={"n": 1})
+        arrivals.wait_for(lambda: session.message_count >= 2)
+        assert keys(session.get_results()) == [("a", False)]
+        assert session.get_results() == []  # nothing new; no implicit materialization while the process runs
+        pipes.report_asset_check("ok", passed=True, asset_key="a")
+        pipes.report_asset_materialization(asset_key="b")
+        arrivals.wait_for(lambda: session.message_count >= 4)
+        streamed = session.get_results()
+        assert [type(r) for r in streamed] == [AssetCheckResult, MaterializeResult]
+        assert not session.process_finished
+        assert session.get_results() == []
+        pipes.close()
+        arrivals.wait_for(lambda: session.closed)
+        # `closed` arrived: the process has finished reporting, so "c" (never reported) is implied, once.
+        assert session.process_finished
+        assert keys(session.get_results()) == [("c", True)]
+        assert session.get_results() == []
+    assert session.get_results() == []
+    # The snapshots still see everything.
+    assert keys(session.get_all_results()) == [("a", False), ("a", False), ("b", False), ("c", True)]
+    assert keys(session.get_reported_results()) == [("a", False), ("a", False), ("b", False)]
+
+
+def test_get_results_implicit_materializations_only_after_the_block_without_closed() -> None:
+    with session_for(["a", "b"]) as (session, arrivals):
+        pipes = external(session)
+        pipes.report_asset_materialization(asset_key="b")
+        arrivals.wait_for(lambda: session.message_count >= 2)
+        assert keys(session.get_results()) == [("b", False)]
+        # The process stops without sending `closed` (it crashed): nothing implied until the block ends.
+        assert not session.closed
+        assert session.get_results() == []
+    assert session.finished and not session.closed
+    assert keys(session.get_results()) == [("a", True)]
+    assert session.get_results() == []
+
+
+def test_get_results_without_implicit_then_with() -> None:
+    with session_for(["a", "b"]) as (session, _arrivals):
+        with external(session) as pipes:
+            pipes.report_asset_materialization(asset_key="a")
+    assert keys(session.get_results(implicit_materializations=False)) == [("a", False)]
+    # The implicit one was not handed out yet: a later call asking for it gets it, once.
+    assert keys(session.get_results()) == [("b", True)]
+    assert session.get_results() == []
+
+
+def test_get_results_metadata_applies_to_what_it_returns() -> None:
+    with session_for(["a", "b"]) as (session, arrivals):
+        pipes = external(session)
+        pipes.report_asset_materialization(asset_key="a", metadata={"own": 1, "job_id": "ext"})
+        arrivals.wait_for(lambda: session.message_count >= 2)
+        [first] = session.get_results(metadata={"job_id": "j-1"})
+        assert first.metadata == {"own": MetadataValue("int", 1), "job_id": MetadataValue("text", "j-1")}
+        pipes.close()
+    [implicit] = session.get_results(metadata={"job_id": "j-2", "url": MetadataValue("url", "http://x")})
+    assert implicit.asset_key == "b" and implicit.implicit
+    assert implicit.metadata == {"job_id": MetadataValue("text", "j-2"), "url": MetadataValue("url", "http://x")}
+    # The stored results are untouched.
+    [stored] = session.get_reported_results()
+    assert stored.metadata == {"own": MetadataValue("int", 1), "job_id": MetadataValue("text", "ext")}
+
+
+def test_get_results_with_retain_messages_false_still_knows_what_was_reported() -> None:
+    with open_pipes_session(PipesRunContext(asset_keys=["a", "b"]), PipesTempFileContextInjector(),
+                            PipesTempFileMessageReader(), retain_messages=False) as session:
+        with external(session) as pipes:
+            pipes.report_asset_materialization(asset_key="a")
+    # Nothing retained, but "a" was reported: only "b" is implied.
+    assert keys(session.get_results()) == [("b", True)]
+    assert keys(session.get_all_results()) == [("b", True)]
+
+
+def test_a_materialization_after_closed_is_not_handed_out_twice() -> None:
+    with session_for(["a"]) as (session, arrivals):
+        pipes = external(session)
+        pipes.close()
+        arrivals.wait_for(lambda: session.closed)
+        assert keys(session.get_results()) == [("a", True)]
+        # A peer breaking the protocol: a materialization after `closed`.
+        with open(session.message_reader_params["path"], "a", encoding="utf-8") as f:
+            f.write(dumps_message("report_asset_materialization",
+                                  {"asset_key": "a", "metadata": {}, "data_version": None}) + "\n")
+    assert session.get_results() == []  # "a" was already handed out (implicitly)
+    assert any(isinstance(r, MaterializeResult) and r.asset_key == "a" and not r.implicit
+               for r in session.get_reported_results()) or session.issue_count > 0
+
+
+def test_get_results_from_several_threads_hands_out_each_result_once() -> None:
+    count = 300
+    assets = [f"asset_{i}" for i in range(count)]
+    got: list[PipesExecutionResult] = []
+    lock = threading.Lock()
+    stop = threading.Event()
+
+    def consume(session: PipesSession) -> None:
+        while not stop.is_set():
+            batch = session.get_results()
+            with lock:
+                got.extend(batch)
+
+    with session_for(assets) as (session, arrivals):
+        consumers = [threading.Thread(target=consume, args=(session,)) for _ in range(3)]
+        for thread in consumers:
+            thread.start()
+        with external(session) as pipes:
+            for name in assets[: count // 2]:
+                pipes.report_asset_materialization(asset_key=name)
+        arrivals.wait_for(lambda: session.closed)
+    stop.set()
+    for thread in consumers:
+        thread.join()
+    got.extend(session.get_results())
+    assert sorted(keys(got)) == sorted(
+        [(name, False) for name in assets[: count // 2]] + [(name, True) for name in assets[count // 2 :]]
+    )
+
+
+# The reference's example, as written there (a generator asset body), with a real child that reports "a" and
+# then "b" 0.3 s later, as in the issue. "c" is selected but never reported.
+CHILD_A_THEN_B = """
+import time
+from pipes_ext import open_pipes
+
+with open_pipes() as pipes:
+    assert pipes.get_extra("foo") == "bar"
+    pipes.report_asset_materialization(asset_key="a", metadata={"n": 1})
+    time.sleep(0.3)
+    pipes.report_asset_materialization(asset_key="b")
+"""
+
+
+def test_the_reference_example_yields_each_materialization_exactly_once(tmp_path: Path) -> None:
+    script = tmp_path / "script.py"
+    script.write_text(CHILD_A_THEN_B, encoding="utf-8")
+    polls = 0
+
+    def ext_asset(context: PipesRunContext) -> Iterator[PipesExecutionResult]:
+        nonlocal polls
+        with open_pipes_session(
+            context=context,
+            extras={"foo": "bar"},
+            context_injector=PipesTempFileContextInjector(),
+            message_reader=PipesTempFileMessageReader(),
+        ) as pipes_session:
+            process = subprocess.Popen(
+                [PYTHON, str(script)],
+                env={**pipes_session.get_bootstrap_env_vars()}
+            )
+            while process.poll() is None:
+                polls += 1
+                yield from pipes_session.get_results()
+
+        yield from pipes_session.get_results()
+
+    results = list(ext_asset(PipesRunContext(asset_keys=["a", "b", "c"])))
+    assert polls > 1  # the loop did poll while the child ran
+    assert keys(results) == [("a", False), ("b", False), ("c", True)]
+    assert results[0].metadata == {"n": MetadataValue("int", 1)}
+
+
+# The same with the child gated on stdin, so that the test knows the order of events: "b" is only reported
+# after the loop has yielded "a", and nothing implicit may have come out by then.
+CHILD_GATED = """
+import sys
+from pipes_ext import open_pipes
+
+with open_pipes() as pipes:
+    pipes.report_asset_materialization(asset_key="a")
+    sys.stdin.readline()
+    pipes.report_asset_materialization(asset_key="b")
+"""
+
+
+def test_the_example_loop_with_a_gated_child_never_yields_an_early_implicit(tmp_path: Path) -> None:
+    script = tmp_path / "gated.py"
+    script.write_text(CHILD_GATED, encoding="utf-8")
+    yielded: list[PipesExecutionResult] = []
+    with session_for(["a", "b", "c"]) as (session, _arrivals):
+        process = subprocess.Popen([PYTHON, str(script)], stdin=subprocess.PIPE,
+                                   env={**os.environ, **session.get_bootstrap_env_vars()})
+        assert process.stdin is not None
+        released = False
+        try:
+            while process.poll() is None:
+                batch = session.get_results()
+                yielded += batch
+                if not released and keys(yielded) == [("a", False)]:
+                    # "a" came out alone: "b" and "c" were not implied while the child still ran.
+                    process.stdin.write(b"go\n")
+                    process.stdin.close()
+                    released = True
+                process_wait(process)
+        finally:
+            if not released:
+                process.kill()
+        assert process.wait(timeout=30) == 0
+    yielded += session.get_results()
+    assert released
+    assert keys(yielded) == [("a", False), ("b", False), ("c", True)]
+
+
+def process_wait(process: subprocess.Popen[bytes]) -> None:
+    """Pace a poll loop on the child itself rather than a sleep."""
+    try:
+        process.wait(timeout=0.02)
+    except subprocess.TimeoutExpired:
+        pass
+
+
+def test_completed_invocation_get_results_is_complete_and_repeatable(tmp_path: Path) -> None:
+    script = tmp_path / "script.py"
+    script.write_text(CHILD_A_THEN_B.replace("time.sleep(0.3)", ""), encoding="utf-8")
+    streamed: list[PipesExecutionResult] = []
+    invocation = PipesSubprocessClient().run(
+        context=PipesRunContext(asset_keys=["a", "b", "c"]), command=[PYTHON, str(script)],
+        extras={"foo": "bar"}, metadata={"job": "j"},
+    )
+    # Whatever a user streams from the session, the invocation's answer stays complete.
+    streamed += invocation.session.get_results()
+    first = invocation.get_results()
+    assert keys(first) == [("a", False), ("b", False), ("c", True)]
+    assert all(r.metadata["job"] == MetadataValue("text", "j") for r in first)
+    assert invocation.get_results() == first
+    assert keys(streamed) == keys(first)
+    assert invocation.session.get_results() == []
+    assert invocation.get_results() == first
+
+
+# ---------------------------------------------------------------------------------------------- open_pipes_session
+
+
+def test_open_pipes_session_signature() -> None:
+    assert [name for name, _, _ in params_of(open_pipes_session)][:4] == [
+        "context", "context_injector", "message_reader", "extras",
+    ]
+    assert inspect.signature(open_pipes_session).parameters["extras"].default is None
+
+
+def test_open_pipes_session_yields_a_session_and_cleans_up(tmp_path: Path) -> None:
+    context_path = tmp_path / "context.json"
+    messages_path = tmp_path / "messages.jsonl"
+    with open_pipes_session(
+        context=PipesRunContext(asset_keys=["a"]), context_injector=PipesFileContextInjector(str(context_path)),
+        message_reader=PipesFileMessageReader(str(messages_path)), extras={"k": [1]},
+    ) as session:
+        assert isinstance(session, PipesSession)
+        assert context_path.is_file() and messages_path.is_file()
+        with external(session) as pipes:
+            assert pipes.extras == {"k": [1]}
+            pipes.report_custom_message({"x": 1})
+    assert session.get_custom_messages() == [{"x": 1}]
+    assert not context_path.exists() and not messages_path.exists()
