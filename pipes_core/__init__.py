@@ -29,6 +29,7 @@ from pipes_ext._protocol import (
 )
 from pipes_ext._types import PipesContextData, PipesExtras, PipesMessage, PipesParams
 
+from ._blob import PipesBlobStoreMessageReader
 from ._errors import (
     PipesError,
     PipesExecutionError,
@@ -46,6 +47,7 @@ from ._injectors import (
     PipesFileContextInjector,
     PipesTempFileContextInjector,
 )
+from ._log_readers import PipesBlobStoreLogReader, PipesChunkedLogReader, PipesFileLogReader, PipesLogReader
 from ._readers import PipesFileMessageReader, PipesMessageReader, PipesTempFileMessageReader
 from ._results import (
     AssetCheckResult,
@@ -81,6 +83,11 @@ __all__ = [
     "PipesMessageReader",
     "PipesFileMessageReader",
     "PipesTempFileMessageReader",
+    "PipesBlobStoreMessageReader",
+    "PipesLogReader",
+    "PipesChunkedLogReader",
+    "PipesFileLogReader",
+    "PipesBlobStoreLogReader",
     # results and events
     "MaterializeResult",
     "AssetCheckResult",

@@ -17,7 +17,7 @@ import os
 import shutil
 import tempfile
 import threading
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any
 
@@ -25,6 +25,7 @@ from pipes_ext._errors import PipesTransportError
 from pipes_ext._protocol import PARAM_INCLUDE_STDIO_IN_MESSAGES, PARAM_PATH
 
 from ._handler import PipesMessageHandler
+from ._log_readers import PipesLogReader
 from ._watch import FileWatcher
 
 __all__ = [
@@ -46,7 +47,13 @@ IDLE_WAKE_SECONDS = 0.5
 
 
 class PipesMessageReader:
-    """Base class for message readers."""
+    """Base class for message readers.
+
+    ``log_readers``: :class:`~pipes_core.PipesLogReader`\ s that the session starts when ``opened`` arrives
+    and stops when it ends (see ``pipes_core._log_readers``); a reader taking ``log_readers=`` stores them here.
+    """
+
+    log_readers: Sequence[PipesLogReader] = ()
 
     @contextmanager
     def read_messages(self, handler: PipesMessageHandler) -> Iterator[dict[str, Any]]:
@@ -155,6 +162,8 @@ class PipesFileMessageReader(PipesMessageReader):
         path: the messages file; created (0600) or truncated when the session starts.
         include_stdio_in_messages: ask the external side to forward its stdout/stderr as messages.
         cleanup_file: delete the file after the session.
+        log_readers: log readers to run during the session (e.g. a :class:`~pipes_core.PipesFileLogReader` on
+            a batch job's output file).
     """
 
     def __init__(
@@ -162,10 +171,13 @@ class PipesFileMessageReader(PipesMessageReader):
         path: str | os.PathLike[str],
         include_stdio_in_messages: bool = False,
         cleanup_file: bool = True,
+        *,
+        log_readers: Sequence[PipesLogReader] | None = None,
     ) -> None:
         self.path = os.fspath(path)
         self.include_stdio_in_messages = include_stdio_in_messages
         self.cleanup_file = cleanup_file
+        self.log_readers = tuple(log_readers or ())
 
     def messages_params(self, path: str) -> dict[str, Any]:
         return {PARAM_PATH: path, PARAM_INCLUDE_STDIO_IN_MESSAGES: self.include_stdio_in_messages}
@@ -203,8 +215,15 @@ class PipesFileMessageReader(PipesMessageReader):
 class PipesTempFileMessageReader(PipesFileMessageReader):
     """A file reader on a fresh private temp dir (0700; file 0600), removed after the session."""
 
-    def __init__(self, include_stdio_in_messages: bool = False, dir: str | None = None) -> None:
-        super().__init__("", include_stdio_in_messages=include_stdio_in_messages, cleanup_file=True)
+    def __init__(
+        self,
+        include_stdio_in_messages: bool = False,
+        dir: str | None = None,
+        *,
+        log_readers: Sequence[PipesLogReader] | None = None,
+    ) -> None:
+        super().__init__("", include_stdio_in_messages=include_stdio_in_messages, cleanup_file=True,
+                         log_readers=log_readers)
         self.dir = dir
 
     @contextmanager

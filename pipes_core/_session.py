@@ -27,6 +27,7 @@ from pipes_ext._types import PipesContextData, PipesExtras, PipesParams
 from ._errors import PipesUsageError
 from ._handler import PipesMessageHandler
 from ._injectors import PipesContextInjector
+from ._log_readers import PipesLogReaderGroup
 from ._readers import PipesMessageReader
 from ._results import (
     MaterializeResult,
@@ -34,6 +35,7 @@ from ._results import (
     PipesEvent,
     PipesExecutionResult,
     PipesLogEvent,
+    PipesOpenedEvent,
     PipesProtocolIssue,
     PipesRemoteException,
 )
@@ -268,6 +270,9 @@ def open_pipes_session(
         external_stream_handler: receives ``log_external_stream`` text as ``(stream, text)``; default: this
             process's stdout/stderr.
 
+    The message reader's ``log_readers`` are started when ``opened`` arrives and stopped (after a last read)
+    when the session ends; if ``opened`` never came they run once at the end.
+
     Yields:
         The :class:`PipesSession`; launch the process with its bootstrap env vars or CLI arguments inside the
         block. On exit the channel is drained, then the context is cleaned up. A process that never opened
@@ -282,6 +287,17 @@ def open_pipes_session(
         raise PipesUsageError("extras must be a mapping (a JSON object)")
     context_data = context.to_context_data(extras)
     created_at = _now()
+    log_readers = PipesLogReaderGroup(message_reader.log_readers)
+    if log_readers.log_readers:
+        user_on_event = on_event
+
+        def on_event_starting_log_readers(event: PipesEvent) -> None:
+            if isinstance(event, PipesOpenedEvent):
+                log_readers.start()
+            if user_on_event is not None:
+                user_on_event(event)
+
+        on_event = on_event_starting_log_readers
     handler = PipesMessageHandler(
         context_data,
         on_event=on_event,
@@ -289,13 +305,20 @@ def open_pipes_session(
         logger=logger,
         external_stream_handler=external_stream_handler,
     )
-    with context_injector.inject_context(context_data) as context_params:
-        with message_reader.read_messages(handler) as message_params:
-            session = PipesSession(
-                cast(PipesContextData, context_data), handler, context_params, message_params, context, created_at,
-                context_injector=context_injector, message_reader=message_reader,
-            )
-            yield session
+    launched = False
+    try:
+        with context_injector.inject_context(context_data) as context_params:
+            with message_reader.read_messages(handler) as message_params:
+                log_readers.params = dict(message_params)
+                session = PipesSession(
+                    cast(PipesContextData, context_data), handler, context_params, message_params, context,
+                    created_at, context_injector=context_injector, message_reader=message_reader,
+                )
+                launched = True
+                yield session
+    finally:
+        # After the channel is drained: the process has ended, so its logs are complete.
+        log_readers.stop(run_unstarted=launched)
     session.finished = True
     if not session.opened:
         handler.logger.warning(
