@@ -10,7 +10,7 @@ output is still forwarded.
 
 Shipped: :class:`PipesFileLogReader` (tails a path; the file may appear late, be rotated or truncated) and
 :class:`PipesBlobStoreLogReader` (follows a log object in S3, GCS, Azure or any
-:class:`~pipes_ext._blob.PipesBlobStore`). Both are :class:`PipesChunkedLogReader`\\ s: one background thread
+:class:`~pipes_ext._blob.PipesBlobStore`). Both are :class:`PipesChunkedLogReader` objects: one background thread
 that asks :meth:`PipesChunkedLogReader.read_chunk` for new bytes every ``interval`` seconds; a new kind of log
 only implements that method (and :meth:`PipesChunkedLogReader.reset` if it keeps a position).
 
@@ -324,6 +324,11 @@ class PipesFileLogReader(PipesChunkedLogReader):
         except FileNotFoundError:
             return None  # renamed away, no new file yet: the old one may still grow
         if (st.st_dev, st.st_ino) != self._identity:
+            # Rotated. What was written to the old file before the new one appeared is read first.
+            data = os.read(self._fd, LOG_READ_BLOCK_BYTES)
+            if data:
+                self._position += len(data)
+                return data
             self.release()
             self.rotations += 1
             if self._open(path):

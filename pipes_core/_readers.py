@@ -49,7 +49,7 @@ IDLE_WAKE_SECONDS = 0.5
 class PipesMessageReader:
     """Base class for message readers.
 
-    ``log_readers``: :class:`~pipes_core.PipesLogReader`\ s that the session starts when ``opened`` arrives
+    ``log_readers``: :class:`~pipes_core.PipesLogReader` objects that the session starts when ``opened`` arrives
     and stops when it ends (see ``pipes_core._log_readers``); a reader taking ``log_readers=`` stores them here.
     """
 
