@@ -10,13 +10,11 @@ from pathlib import Path
 
 import pytest
 
-from tests.engines_docker import ENGINE_UNAVAILABLE, docker_engine  # noqa: F401  (a session fixture)
-
 REPO_ROOT = Path(__file__).resolve().parent.parent
 PYTHON = sys.executable
 
 # Engine fixtures (session-scoped, each skipping with its reason when the engine cannot run here).
-pytest_plugins = ["tests.engines_slurm"]
+pytest_plugins = ["tests.engines_slurm", "tests.engines_docker"]
 
 
 @pytest.fixture(autouse=True)
@@ -38,18 +36,3 @@ def write_script(tmp_path: Path) -> Callable[[str, str], Path]:
         return path
 
     return write
-
-
-def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
-    """Say loudly when engine tests (Docker, ...) were skipped because the engine could not run here."""
-    reasons: dict[str, int] = {}
-    for report in terminalreporter.stats.get("skipped", []):
-        longrepr = getattr(report, "longrepr", None)
-        reason = longrepr[2] if isinstance(longrepr, tuple) and len(longrepr) == 3 else str(longrepr)
-        if ENGINE_UNAVAILABLE in reason:
-            reason = reason[reason.index(ENGINE_UNAVAILABLE):]
-            reasons[reason] = reasons.get(reason, 0) + 1
-    if reasons:
-        terminalreporter.write_sep("!", "ENGINE TESTS SKIPPED: they did not run on this machine", red=True, bold=True)
-        for reason, count in sorted(reasons.items()):
-            terminalreporter.write_line(f"{count} test(s): {reason}", red=True, bold=True)

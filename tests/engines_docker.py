@@ -500,8 +500,8 @@ def socket_path(host: str) -> str:
 
 # ---------------------------------------------------------------------------------------------- the fixture
 
-# Skip reasons of engine tests start with this, so the test run's summary can say loudly that they did not run.
-ENGINE_UNAVAILABLE = "ENGINE UNAVAILABLE:"
+# Why the Docker tests were skipped in this test run (printed loudly at the end).
+_SKIP_REASONS: list[str] = []
 
 
 @dataclass
@@ -544,8 +544,16 @@ def docker_engine() -> Iterator[DockerEngine]:
     try:
         engine = start_engine()
     except DockerUnavailable as exc:
-        pytest.skip(f"{ENGINE_UNAVAILABLE} Docker: {exc}")
+        _SKIP_REASONS.append(str(exc))
+        pytest.skip(f"Docker unavailable: {exc}")
     try:
         yield engine
     finally:
         engine.daemon.stop()
+
+
+def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
+    """Say loudly when the Docker tests could not run."""
+    for reason in dict.fromkeys(_SKIP_REASONS):
+        terminalreporter.write_sep("!", "DOCKER TESTS SKIPPED", red=True, bold=True)
+        terminalreporter.write_line(reason, red=True, bold=True)
