@@ -30,6 +30,12 @@ from pipes_ext._protocol import (
 from pipes_ext._types import PipesContextData, PipesExtras, PipesMessage, PipesParams
 
 from ._blob import PipesBlobStoreMessageReader
+from ._client import (
+    PipesClient,
+    PipesExitStatus,
+    PipesLaunchedProcess,
+    PipesLaunchRequest,
+)
 from ._errors import (
     PipesError,
     PipesExecutionError,
@@ -65,6 +71,7 @@ from ._results import (
 )
 from ._run_context import PipesRunContext
 from ._session import PipesSession, open_pipes_session
+from ._stdio import PipesStdioMessageReader
 from ._subprocess import PipesClientCompletedInvocation, PipesSubprocessClient
 
 __all__ = [
@@ -74,6 +81,10 @@ __all__ = [
     "PipesRunContext",
     "PipesSubprocessClient",
     "PipesClientCompletedInvocation",
+    "PipesClient",
+    "PipesLaunchRequest",
+    "PipesLaunchedProcess",
+    "PipesExitStatus",
     "PipesMessageHandler",
     # channels
     "PipesContextInjector",
@@ -88,6 +99,7 @@ __all__ = [
     "PipesChunkedLogReader",
     "PipesFileLogReader",
     "PipesBlobStoreLogReader",
+    "PipesStdioMessageReader",
     # results and events
     "MaterializeResult",
     "AssetCheckResult",

@@ -51,7 +51,7 @@ class PipesExecutionError(PipesError):
         super().__init__(message)
         self.exit_code = exit_code
         self.remote_exception = remote_exception
-        self.invocation = invocation
+        self.invocation: Any = invocation
         self.output_tail = output_tail
 
 

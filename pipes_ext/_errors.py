@@ -30,7 +30,14 @@ __all__ = [
 
 
 class PipesError(Exception):
-    """Base class of every error this SDK raises on purpose."""
+    """Base class of every error this SDK raises on purpose.
+
+    Attributes:
+        invocation: when raised by a ``pipes_core`` client run, what was received before the failure (a
+            ``PipesClientCompletedInvocation``); None otherwise.
+    """
+
+    invocation: object = None
 
 
 class PipesProtocolError(PipesError):

@@ -1,0 +1,796 @@
+"""``PipesClient``: the launcher base, one lifecycle for every place an external process can run.
+
+``PipesClient.run(*, context, extras=None, **kwargs)`` is the documented entry point of every client (the
+local subprocess, a Docker container, a Ray job, a Slurm job...). Each client checks its own options, then hands
+the run to :meth:`PipesClient.run_launcher`, which is written once and does the rest the same way for all:
+
+1. open the session (the client's context injector and message reader, or the launcher's defaults);
+2. call the launcher's ``launch(request)`` (a :class:`PipesLaunchRequest`: the bootstrap env vars or CLI
+   arguments, and which output streams the lifecycle needs) and get a :class:`PipesLaunchedProcess`;
+3. forward its output: the stream that carries the stdio message channel goes to the
+   :class:`PipesStdioMessageReader`, whose other lines are the process's output; any other stream it
+   provides is forwarded as is (to this process's stdout/stderr, or where the run says; with
+   ``forward_stdio=False`` only its last :data:`OUTPUT_TAIL_BYTES` are kept, for error messages);
+4. wait for it, up to ``timeout_seconds``; meanwhile SIGTERM to this process (main thread only) becomes an
+   interruption;
+5. on timeout, Ctrl-C or SIGTERM (Ctrl-C only with ``forward_termination``): ``interrupt()``, wait
+   ``termination_timeout_seconds``; ``terminate()``, wait :data:`TERM_GRACE_SECONDS` (at most
+   ``termination_timeout_seconds``); ``kill()``, wait :data:`KILL_WAIT_SECONDS`; then ``kill()`` once more to
+   sweep anything left behind. A second Ctrl-C during that escalation kills at once and propagates;
+6. drain: the output streams up to :data:`OUTPUT_DRAIN_SECONDS` after the end, then the message channel
+   (leaving the session); then ``close()`` the launched process;
+7. judge, by one set of rules (see :meth:`PipesClient.check`), raising one family of errors that all carry the
+   :class:`PipesClientCompletedInvocation` (what was received so far) as ``.invocation``.
+
+Hook interface (what a launcher writes)
+---------------------------------------
+* A subclass of :class:`PipesClient` with a ``run(*, context=None, extras=None, <own options>,
+  timeout_seconds=None, strict=None, on_event=None, retain_messages=True, metadata=None, stdout=None,
+  stderr=None)`` that returns ``self.run_launcher(launch, context=context, extras=extras, ...)``.
+* Optionally :meth:`PipesClient.default_context_injector` / :meth:`PipesClient.default_message_reader`: the
+  channels used when the user passes none (the base: env context + stdio messages, which need nothing shared
+  with the process; the subprocess client: temp files; Slurm: env + a messages file).
+* ``launch(request: PipesLaunchRequest) -> PipesLaunchedProcess``: start the process with
+  ``request.bootstrap_env`` in its environment and ``request.bootstrap_args`` appended to its command (one of
+  the two is empty, per the client's ``bootstrap``); raise :class:`PipesExecutionError` (``exit_code=None``)
+  when it cannot start, naming the cause. ``request.stdout_needed`` / ``stderr_needed`` say that the lifecycle
+  needs that stream as a source (it carries the stdio messages, or output is not forwarded directly); a
+  launcher may provide its streams always.
+* A :class:`PipesLaunchedProcess` subclass, one per run:
+
+  - ``description``: the subject of every message about it: "the external process 'python'", "the container
+    3f2a... (image x)", "the Ray job raysubmit_...";
+  - ``stdout`` / ``stderr``: a :data:`PipesByteSource` (a binary file object, or an iterable of byte chunks
+    such as a log stream) or None when the process writes straight to its destination (an inherited fd);
+  - ``poll() -> bool``: has it ended? (cheap, never blocks long);
+  - ``wait(timeout) -> bool``: block up to ``timeout`` seconds (None: without limit) for the end; True when it
+    has ended. The default polls ``poll()`` every ``poll_interval_seconds`` on an event; override it when
+    the engine can block (``Popen.wait``, ``container.wait``). Must let KeyboardInterrupt through;
+  - ``exit_status() -> PipesExitStatus``: called once ended: the exit code (negative -N: killed by signal N),
+    ``killed`` and a ``description`` when the end was not a plain exit ("was OOM-killed", "was killed by
+    SIGKILL", "ended in job state STOPPED");
+  - ``interrupt()`` / ``terminate()`` / ``kill()``: the three escalation steps (SIGINT / SIGTERM / SIGKILL;
+    ``docker kill -s INT`` / ``stop`` / ``kill``; ``scancel --signal=INT`` / ``scancel`` / ``scancel -s KILL``;
+    Ray: ``stop_job`` for all three). Each must be harmless when the process has already ended, and must not
+    block for long;
+  - ``close()``: release what the run holds (remove the container, close log streams); called exactly once, last,
+    after the channel was drained, whatever happened.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import sys
+import threading
+import time
+from abc import ABC, abstractmethod
+from collections import deque
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from types import FrameType
+from typing import Any, ClassVar
+
+from pipes_ext._errors import PipesError, PipesTransportError, PipesUsageError
+from pipes_ext._protocol import STREAM_STDERR, STREAM_STDOUT
+
+from ._errors import PipesExecutionError, PipesInterruptedError, PipesTimeoutError
+from ._injectors import PipesContextInjector, PipesEnvContextInjector
+from ._readers import PipesMessageReader
+from ._results import AssetCheckResult, MaterializeResult, PipesEvent, PipesExecutionResult
+from ._run_context import PipesRunContext
+from ._session import PipesSession, open_pipes_session
+from ._stdio import PipesByteSource, PipesOutputTarget, PipesStdioMessageReader, _chunks, as_output_writer
+
+__all__ = [
+    "PipesClient",
+    "PipesClientCompletedInvocation",
+    "PipesLaunchRequest",
+    "PipesLaunchedProcess",
+    "PipesExitStatus",
+    "BOOTSTRAP_ENV",
+    "BOOTSTRAP_CLI",
+    "TERM_GRACE_SECONDS",
+    "KILL_WAIT_SECONDS",
+    "OUTPUT_TAIL_BYTES",
+    "OUTPUT_DRAIN_SECONDS",
+    "signal_name",
+]
+
+# The two ways the bootstrap params reach the process.
+BOOTSTRAP_ENV = "env"  # DAGSTER_PIPES_CONTEXT / DAGSTER_PIPES_MESSAGES env vars
+BOOTSTRAP_CLI = "cli"  # --dagster-pipes-context / --dagster-pipes-messages appended to the command
+BOOTSTRAPS = (BOOTSTRAP_ENV, BOOTSTRAP_CLI)
+
+# After terminate(), how long the process gets before kill(). interrupt() already had the full
+# termination_timeout_seconds to clean up; terminate() is the last polite request.
+TERM_GRACE_SECONDS = 5.0
+# After kill(), how long to wait for the end before giving up on it (a remote engine may be slow to confirm;
+# a local SIGKILL takes milliseconds).
+KILL_WAIT_SECONDS = 60.0
+# Output that is not forwarded is read continuously (so the process never blocks on a full pipe) and only
+# this many trailing bytes per stream are kept, for the error message.
+OUTPUT_TAIL_BYTES = 64 * 1024
+# After the process has ended, how long to wait for its output streams to reach their end (a background
+# process it left behind may hold them open).
+OUTPUT_DRAIN_SECONDS = 5.0
+# How much of the output tail an error message quotes.
+ERROR_TAIL_CHARS = 4000
+# How many protocol issues an error message lists.
+ERROR_ISSUES_LISTED = 10
+
+client_logger = logging.getLogger("pipes_core")
+
+
+def signal_name(number: int) -> str:
+    """``SIGKILL`` for 9; ``signal 99`` for a number with no name."""
+    try:
+        return signal.Signals(number).name
+    except ValueError:
+        return f"signal {number}"
+
+
+# ---------------------------------------------------------------------------------------------- hook types
+
+
+@dataclass(frozen=True)
+class PipesExitStatus:
+    """How a launched process ended.
+
+    Attributes:
+        exit_code: its exit code; negative -N when killed by signal N (as :mod:`subprocess` says); None when
+            unknown (it never ended, or the engine does not say).
+        killed: it was ended from outside (a signal, the OOM killer, a cancelled job), not by exiting.
+        description: how it ended, when that is not a plain exit, worded to follow the process's description:
+            "was killed by SIGKILL", "was OOM-killed", "ended in job state STOPPED".
+    """
+
+    exit_code: int | None
+    killed: bool = False
+    description: str = ""
+
+    @classmethod
+    def from_returncode(cls, returncode: int | None) -> PipesExitStatus:
+        """From a :class:`subprocess.Popen` return code."""
+        if returncode is not None and returncode < 0:
+            return cls(returncode, killed=True, description=f"was killed by {signal_name(-returncode)}")
+        return cls(returncode)
+
+    @property
+    def succeeded(self) -> bool:
+        return self.exit_code == 0 and not self.killed
+
+
+@dataclass(frozen=True)
+class PipesLaunchRequest:
+    """What the lifecycle asks a launcher to start.
+
+    Attributes:
+        session: the open session (its context data, params and handler), for launchers that need more.
+        bootstrap_env: env vars to set in the process (empty with the CLI bootstrap).
+        bootstrap_args: arguments to append to its command (empty with the env bootstrap).
+        stdout_needed: the lifecycle needs the process's stdout as ``PipesLaunchedProcess.stdout`` (it carries the
+            stdio message channel, or output is redirected or not forwarded).
+        stderr_needed: the same for stderr.
+    """
+
+    session: PipesSession
+    bootstrap_env: dict[str, str] = field(default_factory=dict)
+    bootstrap_args: list[str] = field(default_factory=list)
+    stdout_needed: bool = False
+    stderr_needed: bool = False
+
+
+class PipesLaunchedProcess(ABC):
+    """One launched external process, as the lifecycle drives it (see the module doc, "Hook interface")."""
+
+    description: str = "the external process"
+    stdout: PipesByteSource | None = None
+    stderr: PipesByteSource | None = None
+    # How often the default wait() looks at poll(): engines that cannot block on the end poll this often.
+    poll_interval_seconds: ClassVar[float] = 0.1
+
+    @abstractmethod
+    def poll(self) -> bool:
+        """True once the process has ended."""
+
+    def wait(self, timeout: float | None) -> bool:
+        """Block until the process ends or ``timeout`` seconds pass (None: no limit); True when it ended."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        pause = threading.Event()
+        while not self.poll():
+            if deadline is None:
+                pause.wait(self.poll_interval_seconds)
+                continue
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return False
+            pause.wait(min(self.poll_interval_seconds, left))
+        return True
+
+    @abstractmethod
+    def exit_status(self) -> PipesExitStatus:
+        """How it ended; called once :meth:`poll` is True."""
+
+    @abstractmethod
+    def interrupt(self) -> None:
+        """First escalation step: ask it to stop (SIGINT). Harmless once it has ended."""
+
+    @abstractmethod
+    def terminate(self) -> None:
+        """Second step: tell it to stop (SIGTERM). Harmless once it has ended."""
+
+    @abstractmethod
+    def kill(self) -> None:
+        """Last step, also called after a forced stop to sweep leftovers (SIGKILL). Harmless once ended."""
+
+    def close(self) -> None:  # noqa: B027 - optional hook, nothing to release by default
+        """Release what the run holds; called once, last, after the channel was drained."""
+
+
+# ---------------------------------------------------------------------------------------------- invocation
+
+
+class PipesClientCompletedInvocation:
+    """What a run produced: the session's results plus how the process ended.
+
+    Attributes:
+        session: the :class:`PipesSession` (results, messages, issues, opened/closed).
+        exit_code: the exit code (negative: killed by that signal), or None (never started, left running,
+            unknown).
+        exit_status: the full :class:`PipesExitStatus`, or None when the process never started.
+        duration_seconds: from the session's opening to the verdict.
+        output_tail: the last bytes of the output the lifecycle read (stdout then stderr), when it read any.
+        metadata: merged into every result by :meth:`get_results`.
+        description: the process's description ("the external process 'python'").
+    """
+
+    def __init__(
+        self,
+        session: PipesSession,
+        *,
+        exit_code: int | None,
+        duration_seconds: float,
+        output_tail: str = "",
+        metadata: Mapping[str, Any] | None = None,
+        exit_status: PipesExitStatus | None = None,
+        description: str = "the external process",
+    ) -> None:
+        self.session = session
+        self.exit_code = exit_code
+        self.exit_status = exit_status
+        self.duration_seconds = duration_seconds
+        self.output_tail = output_tail
+        self.metadata = dict(metadata or {})
+        self.description = description
+
+    @property
+    def missing_closed(self) -> bool:
+        """The process opened the channel but never sent ``closed``: buffered messages may be missing."""
+        return self.session.opened and not self.session.closed
+
+    def get_results(self, implicit_materializations: bool = True) -> list[PipesExecutionResult]:
+        """Every result of the run (implicit materializations included unless turned off), with the run's
+        ``metadata``; complete and repeatable, whatever was streamed from the session before."""
+        return self.session.get_all_results(
+            implicit_materializations=implicit_materializations, metadata=self.metadata
+        )
+
+    def get_materialize_result(self, implicit_materializations: bool = True) -> MaterializeResult:
+        """The single materialization of the run.
+
+        Raises:
+            PipesUsageError: when the run has zero or several materializations.
+        """
+        results = self.get_results(implicit_materializations=implicit_materializations)
+        materializations = [r for r in results if isinstance(r, MaterializeResult)]
+        if len(materializations) != 1:
+            raise PipesUsageError(f"expected exactly one materialization, got {len(materializations)}")
+        return materializations[0]
+
+    def get_asset_check_results(self) -> list[AssetCheckResult]:
+        return [r for r in self.get_results(implicit_materializations=False) if isinstance(r, AssetCheckResult)]
+
+    def get_asset_check_result(self) -> AssetCheckResult:
+        """The single check result of the run (and no materialization).
+
+        Raises:
+            PipesUsageError: when the run has zero or several checks, or materializations too.
+        """
+        results = self.get_results(implicit_materializations=False)
+        checks = [r for r in results if isinstance(r, AssetCheckResult)]
+        if len(checks) != 1 or len(results) != 1:
+            raise PipesUsageError(
+                f"expected exactly one check result and nothing else, got {len(checks)} checks among "
+                f"{len(results)} results"
+            )
+        return checks[0]
+
+    def get_custom_messages(self) -> list[Any]:
+        return self.session.get_custom_messages()
+
+
+# ---------------------------------------------------------------------------------------------- output
+
+
+class _Tail:
+    """The last ``limit`` bytes written to it."""
+
+    def __init__(self, limit: int = OUTPUT_TAIL_BYTES) -> None:
+        self._chunks: deque[bytes] = deque()
+        self._size = 0
+        self._limit = limit
+        self._lock = threading.Lock()
+
+    def write(self, data: bytes) -> None:
+        with self._lock:
+            self._chunks.append(data)
+            self._size += len(data)
+            while self._size - len(self._chunks[0]) >= self._limit:
+                self._size -= len(self._chunks.popleft())
+
+    def text(self) -> str:
+        with self._lock:
+            data = b"".join(self._chunks)[-self._limit :]
+        return data.decode("utf-8", "replace")
+
+
+def _sink(tail: _Tail, destination: Callable[[bytes], None] | None) -> Callable[[bytes], None]:
+    if destination is None:
+        return tail.write
+
+    def write(data: bytes) -> None:
+        tail.write(data)
+        try:
+            destination(data)
+        except (OSError, ValueError):  # our own stdout closed: keep reading so the process never blocks
+            pass
+
+    return write
+
+
+class _Pump:
+    """Reads one output source to its end on a thread into a sink."""
+
+    def __init__(self, source: PipesByteSource, sink: Callable[[bytes], None], name: str) -> None:
+        self._source = source
+        self._sink = sink
+        self._thread = threading.Thread(target=self._run, daemon=True, name=f"pipes-output:{name}")
+        self._thread.start()
+
+    def _run(self) -> None:
+        try:
+            for chunk in _chunks(self._source):
+                self._sink(chunk)
+        except (OSError, ValueError):  # the stream was closed under us (close() of a launcher)
+            pass
+        finally:
+            close = getattr(self._source, "close", None)
+            if close is not None:
+                try:
+                    close()
+                except Exception:
+                    pass
+
+    def join(self, timeout: float) -> bool:
+        self._thread.join(timeout)
+        return not self._thread.is_alive()
+
+
+class _TerminationRequested(BaseException):
+    """Raised in the main thread by our SIGTERM handler while a process runs."""
+
+
+@dataclass
+class _Run:
+    """The state of one run, filled in as it goes."""
+
+    session: PipesSession | None = None
+    process: PipesLaunchedProcess | None = None
+    status: PipesExitStatus | None = None
+    timed_out: bool = False
+    terminated: bool = False  # SIGTERM to the orchestrator
+    interrupt: BaseException | None = None  # KeyboardInterrupt, re-raised after the verdict's invocation
+    error: BaseException | None = None  # launch failure or a bug: raised as is (with the invocation)
+    channel_error: Exception | None = None  # the message channel failed while draining
+    tails: list[_Tail] = field(default_factory=list)
+    pumps: list[_Pump] = field(default_factory=list)
+    description: str = "the external process"
+
+
+# ---------------------------------------------------------------------------------------------- the client
+
+
+class PipesClient(ABC):
+    """Base class of every Pipes client: one lifecycle for every place a process can run (see module doc).
+
+    Args:
+        context_injector: how the context reaches the process; default :meth:`default_context_injector`.
+        message_reader: how messages come back; default :meth:`default_message_reader` (a fresh one per run).
+        forward_termination: on Ctrl-C, stop the process (escalating) before re-raising; timeouts and SIGTERM
+            always stop it.
+        forward_stdio: forward the process's output to this process's stdout/stderr; with False it is read and
+            only the last :data:`OUTPUT_TAIL_BYTES` per stream are kept for error messages.
+        termination_timeout_seconds: how long ``interrupt()`` gets before ``terminate()``.
+        strict: raise when the process never opens the channel or breaks the protocol.
+        bootstrap: ``"env"`` (the bootstrap params as env vars) or ``"cli"`` (as arguments appended to the
+            command).
+    """
+
+    def __init__(
+        self,
+        *,
+        context_injector: PipesContextInjector | None = None,
+        message_reader: PipesMessageReader | None = None,
+        forward_termination: bool = True,
+        forward_stdio: bool = True,
+        termination_timeout_seconds: float = 20,
+        strict: bool = True,
+        bootstrap: str = BOOTSTRAP_ENV,
+    ) -> None:
+        if bootstrap not in BOOTSTRAPS:
+            raise PipesUsageError(f"bootstrap must be one of {', '.join(BOOTSTRAPS)}; got {bootstrap!r}")
+        if not termination_timeout_seconds >= 0:  # also refuses nan
+            raise PipesUsageError(f"termination_timeout_seconds must be >= 0, got {termination_timeout_seconds!r}")
+        self.context_injector = context_injector
+        self.message_reader = message_reader
+        self.forward_termination = forward_termination
+        self.forward_stdio = forward_stdio
+        self.termination_timeout_seconds = termination_timeout_seconds
+        self.strict = strict
+        self.bootstrap = bootstrap
+
+    @abstractmethod
+    def run(
+        self, *, context: PipesRunContext | None = None, extras: Mapping[str, Any] | None = None, **kwargs: Any
+    ) -> PipesClientCompletedInvocation:
+        """Run one external process in a Pipes session, synchronously, and return what it reported."""
+
+    # ------------------------------------------------------------------ channel defaults
+
+    def default_context_injector(self) -> PipesContextInjector:
+        """The context injector when none was given: the context inline in an env var."""
+        return PipesEnvContextInjector()
+
+    def default_message_reader(self) -> PipesMessageReader:
+        """The message reader when none was given: messages on the process's stdout."""
+        return PipesStdioMessageReader()
+
+    def _channels(self) -> tuple[PipesContextInjector, PipesMessageReader]:
+        return (self.context_injector or self.default_context_injector(),
+                self.message_reader or self.default_message_reader())
+
+    # ------------------------------------------------------------------ the lifecycle
+
+    def run_launcher(
+        self,
+        launch: Callable[[PipesLaunchRequest], PipesLaunchedProcess],
+        *,
+        context: PipesRunContext | None = None,
+        extras: Mapping[str, Any] | None = None,
+        timeout_seconds: float | None = None,
+        strict: bool | None = None,
+        on_event: Callable[[PipesEvent], None] | None = None,
+        retain_messages: bool = True,
+        metadata: Mapping[str, Any] | None = None,
+        stdout: PipesOutputTarget | None = None,
+        stderr: PipesOutputTarget | None = None,
+        on_launched: Callable[[PipesLaunchedProcess], None] | None = None,
+        logger: logging.Logger | None = None,
+        external_stream_handler: Callable[[str, str], None] | None = None,
+    ) -> PipesClientCompletedInvocation:
+        """The one lifecycle (module doc): session, launch, output, wait, escalation, drain, verdict.
+
+        Args:
+            launch: starts the process for a :class:`PipesLaunchRequest` (see "Hook interface").
+            timeout_seconds: stop the process after this long (None: no limit); raises
+                :class:`PipesTimeoutError`.
+            strict: overrides the client's ``strict`` for this run.
+            on_event: called with each event as it arrives (on a reader thread).
+            retain_messages: False streams events through ``on_event`` only (flat memory).
+            metadata: merged into every result.
+            stdout / stderr: where the process's forwarded output goes instead of this process's own streams
+                (a ``write(bytes)`` callable or a file object).
+            on_launched: called with the launched process right after ``launch`` (e.g. to stop it from another
+                thread).
+            logger / external_stream_handler: passed to :func:`open_pipes_session`.
+
+        Raises:
+            PipesExecutionError: the process could not start, failed, was killed, never opened the channel or
+                broke the protocol; :class:`PipesTimeoutError` / :class:`PipesInterruptedError` for a timeout or
+                SIGTERM. ``.invocation`` holds what was received.
+            PipesTransportError: the message channel failed; ``.invocation`` holds what was received.
+            KeyboardInterrupt: re-raised after the process was stopped and the channel drained, with an
+                ``invocation`` attribute.
+        """
+        if timeout_seconds is not None and not timeout_seconds > 0:  # also refuses nan
+            raise PipesUsageError(f"timeout_seconds must be positive, got {timeout_seconds!r}")
+        strict = self.strict if strict is None else strict
+        injector, reader = self._channels()
+        started = time.monotonic()
+        run = _Run()
+        try:
+            with open_pipes_session(context, injector, reader, extras, on_event=on_event,
+                                    retain_messages=retain_messages, logger=logger,
+                                    external_stream_handler=external_stream_handler) as session:
+                run.session = session
+                try:
+                    self._launch_and_wait(launch, session, reader, run, timeout_seconds, stdout, stderr,
+                                          on_launched)
+                except KeyboardInterrupt as exc:
+                    run.interrupt = exc  # drain first (leaving the session), then re-raise
+                except BaseException as exc:
+                    run.error = exc
+        except PipesError as exc:
+            if run.session is None:
+                raise  # the channels could not be set up: nothing was launched
+            run.channel_error = exc
+        except Exception as exc:  # a channel's SDK failed while draining
+            if run.session is None:
+                raise
+            run.channel_error = exc
+        finally:
+            if run.process is not None:
+                try:
+                    run.process.close()
+                except Exception:
+                    client_logger.exception("[pipes] releasing %s failed", run.description)
+        assert run.session is not None  # the session opened, else we raised above
+        invocation = PipesClientCompletedInvocation(
+            run.session,
+            exit_code=None if run.status is None else run.status.exit_code,
+            exit_status=run.status,
+            duration_seconds=time.monotonic() - started,
+            output_tail="".join(tail.text() for tail in run.tails),
+            metadata=metadata,
+            description=run.description,
+        )
+        if run.interrupt is not None:
+            run.interrupt.invocation = invocation  # type: ignore[attr-defined]  # documented: what arrived
+            raise run.interrupt
+        if run.error is not None:
+            if isinstance(run.error, PipesError):
+                run.error.invocation = invocation
+            raise run.error
+        self.check(invocation, strict=strict, timed_out=run.timed_out, terminated=run.terminated,
+                   timeout_seconds=timeout_seconds, channel_error=run.channel_error)
+        return invocation
+
+    def _request(self, session: PipesSession, reader: PipesMessageReader, stdout: PipesOutputTarget | None,
+                 stderr: PipesOutputTarget | None) -> PipesLaunchRequest:
+        stdio = reader.stream if isinstance(reader, PipesStdioMessageReader) else None
+        cli = self.bootstrap == BOOTSTRAP_CLI
+        return PipesLaunchRequest(
+            session=session,
+            bootstrap_env={} if cli else session.get_bootstrap_env_vars(),
+            bootstrap_args=session.get_bootstrap_argv() if cli else [],
+            stdout_needed=stdio == STREAM_STDOUT or not self.forward_stdio or not _has_fileno(stdout),
+            stderr_needed=stdio == STREAM_STDERR or not self.forward_stdio or not _has_fileno(stderr),
+        )
+
+    def _launch_and_wait(
+        self,
+        launch: Callable[[PipesLaunchRequest], PipesLaunchedProcess],
+        session: PipesSession,
+        reader: PipesMessageReader,
+        run: _Run,
+        timeout_seconds: float | None,
+        stdout: PipesOutputTarget | None,
+        stderr: PipesOutputTarget | None,
+        on_launched: Callable[[PipesLaunchedProcess], None] | None,
+    ) -> None:
+        process = launch(self._request(session, reader, stdout, stderr))
+        run.process = process
+        run.description = process.description
+        previous_handler = _install_sigterm_handler()
+        try:
+            try:
+                if on_launched is not None:
+                    on_launched(process)
+                self._start_output(process, reader, run, stdout, stderr)
+                if not process.wait(timeout_seconds):
+                    run.timed_out = True
+                    self._stop(process)
+            except (KeyboardInterrupt, _TerminationRequested) as interrupt:
+                run.terminated = isinstance(interrupt, _TerminationRequested)
+                if self.forward_termination:
+                    client_logger.warning("[pipes] interrupted: terminating %s (interrupt first)",
+                                          process.description)
+                    self._stop(process)
+                if not run.terminated:
+                    raise
+            except BaseException:  # the run cannot go on (e.g. its output cannot be read): leave nothing running
+                process.kill()
+                process.wait(KILL_WAIT_SECONDS)
+                raise
+        except _TerminationRequested:  # SIGTERM during the escalation: it was killed at once
+            run.terminated = True
+        finally:
+            _restore_sigterm_handler(previous_handler)
+            # One shared deadline: a leftover process holding both streams costs it once, not per stream.
+            deadline = time.monotonic() + OUTPUT_DRAIN_SECONDS
+            for pump in run.pumps:
+                pump.join(max(0.0, deadline - time.monotonic()))
+            if process.poll():
+                run.status = process.exit_status()
+            else:
+                run.status = PipesExitStatus(None, description="was left running")
+
+    def _start_output(self, process: PipesLaunchedProcess, reader: PipesMessageReader, run: _Run,
+                      stdout: PipesOutputTarget | None, stderr: PipesOutputTarget | None) -> None:
+        stdio = reader.stream if isinstance(reader, PipesStdioMessageReader) else None
+        for stream, source, target in ((STREAM_STDOUT, process.stdout, stdout),
+                                       (STREAM_STDERR, process.stderr, stderr)):
+            if source is None:
+                if stream == stdio:
+                    raise PipesUsageError(
+                        f"the stdio message reader reads the process's {stream}, but {process.description} "
+                        "provides no such stream")
+                continue
+            tail = _Tail()
+            run.tails.append(tail)
+            destination: Callable[[bytes], None] | None = None
+            if self.forward_stdio:
+                if target is not None:
+                    destination = as_output_writer(target)
+                elif stream == stdio and isinstance(reader, PipesStdioMessageReader) and reader.output is not None:
+                    destination = as_output_writer(reader.output)
+                else:
+                    destination = _own_stream(stream)
+            sink = _sink(tail, destination)
+            if stream == stdio:
+                assert isinstance(reader, PipesStdioMessageReader)
+                reader.consume(source, output=sink, name=f"the {stream} of {process.description}")
+            else:
+                run.pumps.append(_Pump(source, sink, stream))
+
+    # ------------------------------------------------------------------ waiting and termination
+
+    def _stop(self, process: PipesLaunchedProcess) -> None:
+        """interrupt, wait, terminate, wait, kill, wait; then kill again to sweep leftovers.
+
+        A second interruption while waiting (Ctrl-C twice) skips the rest of the grace: the process is killed
+        at once and the interruption propagates.
+        """
+        try:
+            for step, grace in (
+                (process.interrupt, self.termination_timeout_seconds),
+                (process.terminate, min(TERM_GRACE_SECONDS, self.termination_timeout_seconds)),
+            ):
+                step()
+                if process.wait(grace):
+                    break
+            else:
+                process.kill()
+                if not process.wait(KILL_WAIT_SECONDS):
+                    client_logger.error("[pipes] %s did not end %.0f s after kill()", process.description,
+                                 KILL_WAIT_SECONDS)
+        except BaseException:
+            process.kill()
+            process.wait(KILL_WAIT_SECONDS)
+            raise
+        process.kill()  # what outlived it (e.g. orphans in its process group) is not left behind
+
+    # ------------------------------------------------------------------ verdict
+
+    def check(
+        self,
+        invocation: PipesClientCompletedInvocation,
+        *,
+        strict: bool,
+        timed_out: bool = False,
+        terminated: bool = False,
+        timeout_seconds: float | None = None,
+        channel_error: Exception | None = None,
+    ) -> None:
+        """Judge a finished run; raises on failure, every error carrying ``invocation``. In this order:
+
+        ran past its timeout (:class:`PipesTimeoutError`); the orchestrator got SIGTERM
+        (:class:`PipesInterruptedError`); the message channel failed (:class:`PipesTransportError`); killed;
+        non-zero exit; no exit status; exited 0 but reported an exception; strict: never opened; strict:
+        protocol issues. Opened but no ``closed``: a warning, and ``invocation.missing_closed``.
+        """
+        session = invocation.session
+        status = invocation.exit_status or PipesExitStatus(None)
+        code = status.exit_code
+        remote = session.exception
+        tail = invocation.output_tail
+        subject = invocation.description
+        details = ""
+        if remote is not None:
+            details = "\n\nThe external process reported:\n" + remote.format()
+        if tail:
+            details += "\n\nLast output of the external process:\n" + tail[-ERROR_TAIL_CHARS:]
+
+        def fail(cls: type[PipesExecutionError], message: str) -> None:
+            raise cls(message + details, exit_code=code, remote_exception=remote, invocation=invocation,
+                      output_tail=tail)
+
+        if timed_out:
+            fail(PipesTimeoutError, f"{subject} ran past its timeout of {timeout_seconds} s and was terminated")
+        if terminated:
+            fate = "was terminated" if self.forward_termination else "was left running (forward_termination=False)"
+            fail(PipesInterruptedError, f"the orchestrator received SIGTERM; {subject} {fate}")
+        if channel_error is not None:
+            error = PipesTransportError(
+                f"the message channel failed ({type(channel_error).__name__}: {channel_error}); {subject} "
+                f"{_ending(status)}; what arrived before the failure is in .invocation" + details
+            )
+            error.invocation = invocation
+            raise error from channel_error
+        if status.killed:
+            fail(PipesExecutionError, f"{subject} {status.description or 'was killed'}")
+        if code is None:
+            fail(PipesExecutionError, f"{subject} {status.description or 'ended without an exit status'}")
+        if code:
+            what = ""
+            if remote is not None:
+                # A Python peer's message already starts with its type ("ValueError: ..."): don't repeat it.
+                text = str(remote)
+                named = not remote.name or text.startswith(remote.name)
+                what = f" with {text}" if named else f" with {remote.name}: {text}"
+            how = f" ({status.description})" if status.description else ""
+            fail(PipesExecutionError, f"{subject} failed with exit code {code}{how}{what}")
+        if remote is not None:
+            fail(PipesExecutionError, f"{subject} exited 0 but reported an exception")
+        if strict and not session.opened:
+            where = ("the --dagster-pipes-context / --dagster-pipes-messages arguments reach it"
+                     if self.bootstrap == BOOTSTRAP_CLI else "DAGSTER_PIPES_CONTEXT / DAGSTER_PIPES_MESSAGES reach it")
+            fail(
+                PipesExecutionError,
+                f"{subject} never opened the Pipes channel. "
+                f"{session.context_injector.no_messages_debug_text()} "
+                f"{session.message_reader.no_messages_debug_text()} Check that it calls open_pipes() (or "
+                f"open_dagster_pipes()) and that {where}; pass strict=False for a command that is not Pipes-aware.",
+            )
+        if strict and session.issue_count:
+            issues = "\n".join(f"  - {issue}" for issue in session.protocol_issues[:ERROR_ISSUES_LISTED])
+            fail(PipesExecutionError, f"{subject} broke the Pipes protocol {session.issue_count} time(s):\n{issues}")
+        if invocation.missing_closed:
+            client_logger.warning(
+                "[pipes] %s opened the channel but never sent closed; buffered messages may be missing", subject
+            )
+
+
+def _ending(status: PipesExitStatus) -> str:
+    if status.description:
+        return status.description
+    if status.exit_code is None:
+        return "ended without an exit status"
+    return f"exited with code {status.exit_code}"
+
+
+def _has_fileno(target: PipesOutputTarget | None) -> bool:
+    """None (inherit ours) or a file with a real descriptor can be handed to a local process directly."""
+    if target is None:
+        return True
+    fileno = getattr(target, "fileno", None)
+    if fileno is None:
+        return False
+    try:
+        fileno()
+    except (OSError, ValueError, AttributeError):
+        return False
+    return True
+
+
+def _own_stream(stream: str) -> Callable[[bytes], None]:
+    return as_output_writer(sys.stdout if stream == STREAM_STDOUT else sys.stderr)
+
+
+def _install_sigterm_handler() -> Any:
+    if threading.current_thread() is not threading.main_thread():
+        return None
+
+    def _on_sigterm(signum: int, frame: FrameType | None) -> None:
+        raise _TerminationRequested()
+
+    try:
+        return signal.signal(signal.SIGTERM, _on_sigterm)
+    except ValueError:  # pragma: no cover - not the main interpreter
+        return None
+
+
+def _restore_sigterm_handler(previous: Any) -> None:
+    if previous is not None:
+        signal.signal(signal.SIGTERM, previous)
