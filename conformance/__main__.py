@@ -2,6 +2,7 @@
 
     python -m conformance run [--capabilities FILE] [--case PATTERN] [--json] [--junit FILE] -- COMMAND [ARG]...
     python -m conformance list [--json]
+    python -m conformance community [--pipes-toml FILE] [--test PATTERN] [--json] [--junit FILE] -- COMMAND [ARG]...
 
 Exit codes: 0 when nothing failed, 1 when a run failed, 2 for a usage error (bad capabilities file, no case
 matching ``--case``, no command).
@@ -12,6 +13,8 @@ from __future__ import annotations
 import argparse
 import fnmatch
 import json
+import logging
+import math
 import os
 import shutil
 import sys
@@ -21,7 +24,8 @@ from pathlib import Path
 
 from ._capabilities import CapabilitiesError, load_capabilities
 from ._cases import CASES, Case
-from ._report import json_report, json_text, junit_report, summary, text_report
+from ._community import DEVIATIONS, TESTS, load_pipes_toml, plan_community, run_community
+from ._report import CaseInfo, HarnessInfo, json_report, json_text, junit_report, summary, text_report
 from ._runner import DEFAULT_TIMEOUT, Result, plan, run_plan
 
 EXIT_OK = 0
@@ -47,6 +51,22 @@ def _parser() -> argparse.ArgumentParser:
                      help="harness runs at a time (default %(default)s)")
     run.add_argument("--progress", action="store_true", help="print one line per finished run to stderr")
     run.add_argument("harness", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
+    community = sub.add_parser(
+        "community", help="run a harness written for the community dagster-pipes-tests suite, unchanged, with "
+                          "pipes_core as the orchestrator: community [OPTIONS] -- COMMAND [ARG]...")
+    community.add_argument("--pipes-toml", metavar="FILE",
+                           help="the harness's pipes.toml (default: $PIPES_CONFIG_PATH, else ./pipes.toml, else that "
+                                "suite's defaults)")
+    community.add_argument("--test", metavar="PATTERN", action="append", default=[],
+                           help="run only the tests whose name matches (a glob; without wildcards, a substring)")
+    community.add_argument("--json", action="store_true", help="print the report as JSON instead of the table")
+    community.add_argument("--junit", metavar="FILE", help="also write the report as JUnit XML to FILE")
+    community.add_argument("--timeout", type=float, default=DEFAULT_TIMEOUT, metavar="SECONDS",
+                           help=f"kill a harness run after this long (default {DEFAULT_TIMEOUT:g})")
+    community.add_argument("--jobs", type=int, default=_default_jobs(), metavar="N",
+                           help="harness runs at a time (default %(default)s)")
+    community.add_argument("--progress", action="store_true", help="print one line per finished run to stderr")
+    community.add_argument("harness", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
     listing = sub.add_parser("list", help="the cases, one line each")
     listing.add_argument("--json", action="store_true", help="as JSON")
     return parser
@@ -57,17 +77,18 @@ def _default_jobs() -> int:
     return max(4, min(16, 4 * (os.cpu_count() or 1)))
 
 
+def _matches(name: str, patterns: Sequence[str]) -> bool:
+    for pattern in patterns:
+        glob = pattern if any(ch in pattern for ch in "*?[") else f"*{pattern}*"
+        if fnmatch.fnmatchcase(name, glob):
+            return True
+    return False
+
+
 def select_cases(patterns: Sequence[str]) -> list[Case]:
     if not patterns:
         return list(CASES)
-    chosen = []
-    for case in CASES:
-        for pattern in patterns:
-            glob = pattern if any(ch in pattern for ch in "*?[") else f"*{pattern}*"
-            if fnmatch.fnmatchcase(case.name, glob):
-                chosen.append(case)
-                break
-    return chosen
+    return [case for case in CASES if _matches(case.name, patterns)]
 
 
 def _list(as_json: bool) -> int:
@@ -97,24 +118,37 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _list(args.json)
     command = command or list(args.harness)
     if not command:
-        return _usage("no harness command; usage: python -m conformance run [OPTIONS] -- COMMAND [ARG]...")
+        return _usage(f"no harness command; usage: python -m conformance {args.command_name} [OPTIONS] -- "
+                      "COMMAND [ARG]...")
     if os.sep not in command[0] and shutil.which(command[0]) is None:
         return _usage(f"harness command not found: {command[0]!r}")
     if os.sep in command[0] and not Path(command[0]).exists():
         return _usage(f"harness command not found: {command[0]!r}")
+    if not math.isfinite(args.timeout) or args.timeout <= 0:
+        return _usage("--timeout must be a positive number of seconds")
+    caps: HarnessInfo
+    notes: list[str] = []
     try:
-        caps = load_capabilities(args.capabilities)
+        if args.command_name == "community":
+            caps = toml = load_pipes_toml(args.pipes_toml)
+            cases: Sequence[CaseInfo] = [t for t in TESTS if not args.test or _matches(t.name, args.test)]
+            if not cases:
+                return _usage(f"no test matches {', '.join(args.test)}")
+            runs = [r for r in plan_community(toml) if r.test in cases]
+            notes = [f"pipes.toml key(s) ignored: {', '.join(toml.ignored)}"] if toml.ignored else []
+            notes += [f"judged differently from the community suite: {d}" for d in DEVIATIONS]
+        else:
+            caps = capabilities = load_capabilities(args.capabilities)
+            cases = select_cases(args.case)
+            if not cases:
+                return _usage(f"no case matches {', '.join(args.case)} (see: python -m conformance list)")
     except CapabilitiesError as exc:
         return _usage(str(exc))
-    cases = select_cases(args.case)
-    if not cases:
-        return _usage(f"no case matches {', '.join(args.case)} (see: python -m conformance list)")
-    if args.timeout <= 0:
-        return _usage("--timeout must be positive")
 
     def progress(result: Result) -> None:
-        print(f"{result.status:<4} {result.case} {result.combo.label} {result.reason}"[:300], file=sys.stderr,
-              flush=True)
+        variant = f"[{result.variant}]" if result.variant else ""
+        print(f"{result.status:<4} {result.case} {result.combo.label}{variant} {result.reason}"[:300],
+              file=sys.stderr, flush=True)
 
     # Reasons quote what arrived (any Unicode): never fail on a narrow stdout encoding.
     for stream in (sys.stdout, sys.stderr):
@@ -122,17 +156,22 @@ def main(argv: Sequence[str] | None = None) -> int:
         if reconfigure is not None:
             reconfigure(errors="backslashreplace")
     started = time.monotonic()
+    on_result = progress if args.progress else None
     try:
-        results = run_plan(plan(cases, caps), command, timeout=args.timeout, jobs=args.jobs,
-                           progress=progress if args.progress else None)
+        if args.command_name == "community":
+            _quiet_orchestrator_logs()
+            results = run_community(runs, command, timeout=args.timeout, jobs=args.jobs, progress=on_result)
+        else:
+            results = run_plan(plan(cases, capabilities), command, timeout=args.timeout,  # type: ignore[arg-type]
+                               jobs=args.jobs, progress=on_result)
     except KeyboardInterrupt:
         print("python -m conformance: interrupted", file=sys.stderr)
         return 130
     duration = time.monotonic() - started
     if args.json:
-        sys.stdout.write(json_text(json_report(cases, results, caps, command, duration)))
+        sys.stdout.write(json_text(json_report(cases, results, caps, command, duration, notes)))
     else:
-        sys.stdout.write(text_report(cases, results, caps, command, duration))
+        sys.stdout.write(text_report(cases, results, caps, command, duration, notes))
     if args.junit:
         try:
             Path(args.junit).write_bytes(junit_report(cases, results, caps, duration))
@@ -140,6 +179,14 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"python -m conformance: cannot write {args.junit}: {exc}", file=sys.stderr)
             return EXIT_USAGE
     return EXIT_FAILED if summary(results)["failed"] else EXIT_OK
+
+
+def _quiet_orchestrator_logs() -> None:
+    """The harness's log messages are results to judge, not console output: without this, Python's last-resort
+    handler would print their WARNING and above to our stderr. Added once, to this program's own loggers."""
+    logger = logging.getLogger("pipes_core")
+    if not any(isinstance(h, logging.NullHandler) for h in logger.handlers):
+        logger.addHandler(logging.NullHandler())
 
 
 if __name__ == "__main__":

@@ -44,6 +44,10 @@ class Capabilities:
     message_channels: tuple[str, ...] = ("file",)
     features: tuple[str, ...] = field(default=())
 
+    def summary_text(self) -> str:
+        return (f"bootstrap: {', '.join(self.bootstrap)}; context: {', '.join(self.context_channels)}; "
+                f"messages: {', '.join(self.message_channels)}; features: {', '.join(self.features) or '-'}")
+
     def to_json(self) -> dict[str, Any]:
         return {
             "name": self.name,

@@ -111,6 +111,7 @@ class Result:
     duration: float = 0.0
     returncode: int | None = None
     stderr_tail: str = ""
+    variant: str = ""  # the parameters of a run beyond its channels (community mode), "" when none
 
 
 # ------------------------------------------------------------------------------------------------ planning

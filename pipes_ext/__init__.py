@@ -8,7 +8,11 @@ Standard library only. Typical use::
         pipes.log.info("hello")
         pipes.report_asset_materialization(metadata={"rows": 42})
 
-Scripts written for the ``dagster-pipes`` package can import ``open_dagster_pipes`` from here instead.
+Scripts written for the ``dagster-pipes`` package run unchanged with ``pipes_ext`` in its place: the names they
+import (``open_dagster_pipes``, ``PipesContext``, the typed shapes such as ``PipesContextData``, the codec aliases
+``encode_env_var``/``decode_env_var``, ``to_asset_key_path``, the blob-store writers and loaders...) exist here with
+the same meaning. The typed shapes and the blob-store names are loaded on first use (module ``__getattr__``), so
+they cost nothing at start-up to a script that does not use them.
 """
 
 from __future__ import annotations
@@ -31,6 +35,8 @@ from ._params import (
     PipesParamsLoader,
 )
 from ._protocol import (
+    ESCAPE_CHARACTER,
+    METADATA_TYPE_INFER,
     DAGSTER_PIPES_CONTEXT_CLI_ARGUMENT,
     DAGSTER_PIPES_CONTEXT_ENV_VAR,
     DAGSTER_PIPES_MESSAGES_CLI_ARGUMENT,
@@ -39,6 +45,7 @@ from ._protocol import (
     PIPES_PROTOCOL_VERSION_FIELD,
     decode_param,
     encode_param,
+    parse_asset_key,
 )
 from ._writers import (
     PipesBufferedStreamMessageWriterChannel,
@@ -82,6 +89,29 @@ __all__ = [
     "DAGSTER_PIPES_MESSAGES_CLI_ARGUMENT",
     "encode_param",
     "decode_param",
+    # dagster-pipes names, same meaning
+    "encode_env_var",
+    "decode_env_var",
+    "to_asset_key_path",
+    "PIPES_METADATA_TYPE_INFER",
+    "ESCAPE_CHARACTER",
+    # typed shapes of the protocol's JSON documents (loaded on first use)
+    "PipesContextData",
+    "PipesDataProvenance",
+    "PipesPartitionKeyRange",
+    "PipesTimeWindow",
+    "PipesException",
+    "PipesMessage",
+    "PipesMetadataValue",
+    "PipesOpenedData",
+    # blob-store writers and loaders (loaded on first use; their SDKs only when a client is built)
+    "PipesBlobStoreMessageWriter",
+    "PipesS3MessageWriter",
+    "PipesS3ContextLoader",
+    "PipesGCSMessageWriter",
+    "PipesGCSContextLoader",
+    "PipesAzureBlobStorageMessageWriter",
+    "PipesAzureBlobStorageContextLoader",
     # errors
     "PipesError",
     "PipesProtocolError",
@@ -91,3 +121,40 @@ __all__ = [
     "DagsterPipesError",
     "DagsterPipesWarning",
 ]
+
+# dagster-pipes' names for the codec and the asset-key parser, and its constant names.
+encode_env_var = encode_param
+decode_env_var = decode_param
+to_asset_key_path = parse_asset_key
+PIPES_METADATA_TYPE_INFER = METADATA_TYPE_INFER
+
+# Names resolved on first access: the typed shapes need ``typing`` (which the default start-up path avoids) and the
+# blob-store classes need the blob machinery (threads, retries) that a local run never uses.
+_LAZY = {
+    **{name: "._types" for name in (
+        "PipesContextData", "PipesDataProvenance", "PipesPartitionKeyRange", "PipesTimeWindow", "PipesException",
+        "PipesMessage", "PipesMetadataValue", "PipesOpenedData",
+    )},
+    "PipesBlobStoreMessageWriter": "._blob",
+    "PipesS3MessageWriter": ".s3",
+    "PipesS3ContextLoader": ".s3",
+    "PipesGCSMessageWriter": ".gcs",
+    "PipesGCSContextLoader": ".gcs",
+    "PipesAzureBlobStorageMessageWriter": ".azure",
+    "PipesAzureBlobStorageContextLoader": ".azure",
+}
+
+
+def __getattr__(name: str) -> object:
+    module_name = _LAZY.get(name)
+    if module_name is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    import importlib
+
+    value = getattr(importlib.import_module(module_name, __name__), name)
+    globals()[name] = value  # later lookups skip __getattr__
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_LAZY))

@@ -110,6 +110,25 @@ class PipesContext:
         """True when a context is open (see :meth:`get`)."""
         return bool(cls._current)
 
+    @classmethod
+    def set(cls, context: PipesContext) -> None:
+        """Make ``context`` the one :meth:`get` returns (dagster-pipes' name for it).
+
+        There is no singleton to overwrite here: :meth:`get` returns the most recently opened context that is still
+        open, so ``set`` opens ``context`` if needed and moves it to the top. Closing it takes it out again, so a
+        closed context is never returned.
+
+        Raises:
+            PipesUsageError: when ``context`` is already closed.
+        """
+        if context.is_closed:
+            raise PipesUsageError("PipesContext.set(): the context is closed")
+        if not context._opened:
+            context.open()
+        if cls._current[-1] is not context:
+            cls._current.remove(context)
+            cls._current.append(context)
+
     def open(self) -> PipesContext:
         """Send ``opened``. Called by :func:`open_pipes`; a second call does nothing."""
         if not self._opened:

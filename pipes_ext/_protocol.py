@@ -71,6 +71,8 @@ __all__ = [
     "empty_context_data",
     "validate_context_data",
     # asset keys
+    "ESCAPE_CHARACTER",
+    "ASSET_KEY_SEPARATOR",
     "escape_asset_key",
     "parse_asset_key",
     # metadata
@@ -303,9 +305,17 @@ def validate_context_data(data: object) -> dict[str, Any]:
 # --------------------------------------------------------------------------------------------------------------
 
 
+ESCAPE_CHARACTER = "\\"
+ASSET_KEY_SEPARATOR = "/"
+
+
 def escape_asset_key(path: Sequence[str]) -> str:
     """Join asset-key components into the escaped user string, e.g. ``["a", "b/c"]`` -> ``a/b\\/c``."""
-    return "/".join(part.replace("\\", "\\\\").replace("/", "\\/") for part in path)
+    return ASSET_KEY_SEPARATOR.join(
+        part.replace(ESCAPE_CHARACTER, ESCAPE_CHARACTER * 2).replace(ASSET_KEY_SEPARATOR,
+                                                                     ESCAPE_CHARACTER + ASSET_KEY_SEPARATOR)
+        for part in path
+    )
 
 
 def parse_asset_key(escaped: str) -> list[str]:
@@ -318,11 +328,11 @@ def parse_asset_key(escaped: str) -> list[str]:
     current: list[str] = []
     chars = iter(escaped)
     for char in chars:
-        if char == "\\":
+        if char == ESCAPE_CHARACTER:
             escaped_char = next(chars, None)
             if escaped_char is not None:  # a dangling "\" at the end adds nothing, as in the reference
                 current.append(escaped_char)
-        elif char == "/":
+        elif char == ASSET_KEY_SEPARATOR:
             parts.append("".join(current))
             current = []
         else:
