@@ -16,13 +16,14 @@ __all__ = [
     "Capabilities",
     "CapabilitiesError",
     "load_capabilities",
+    "load_toml",
 ]
 
 # Every value the suite knows, in report order.
 BOOTSTRAP_MODES = ("env", "cli")
 CONTEXT_CHANNELS = ("env", "file", "s3", "gcs", "azure")
 MESSAGE_CHANNELS = ("file", "stdio", "s3", "gcs", "azure")
-FEATURES = ("stdio_capture", "error_reporting", "error_context")
+FEATURES = ("external_stream", "stdio_capture", "error_reporting", "error_context")
 
 _KNOWN = {
     "bootstrap": BOOTSTRAP_MODES,
@@ -89,7 +90,7 @@ class Capabilities:
         return cls(**values)
 
 
-def _load_toml(path: Path, text: str) -> Any:
+def load_toml(path: Path, text: str) -> Any:
     if sys.version_info >= (3, 11):
         import tomllib
 
@@ -97,7 +98,7 @@ def _load_toml(path: Path, text: str) -> Any:
             return tomllib.loads(text)
         except tomllib.TOMLDecodeError as exc:
             raise CapabilitiesError(f"{path}: not valid TOML: {exc}") from exc
-    raise CapabilitiesError("TOML capabilities files need Python 3.11+ (tomllib); use JSON")
+    raise CapabilitiesError(f"{path}: TOML files need Python 3.11+ (tomllib); use JSON")
 
 
 def load_capabilities(path: str | Path | None) -> Capabilities:
@@ -110,7 +111,7 @@ def load_capabilities(path: str | Path | None) -> Capabilities:
     except OSError as exc:
         raise CapabilitiesError(f"cannot read the capabilities file {str(path)!r}: {exc}") from exc
     if path.suffix == ".toml":
-        data: Any = _load_toml(path, text)
+        data: Any = load_toml(path, text)
     else:
         try:
             data = json.loads(text)

@@ -363,6 +363,7 @@ def _build() -> tuple[Case, ...]:
         _stream("stdout", "to stdout\n"),
         _stream("stderr", "to stderr\n"),
         _stream("stdout", "no final newline"),
+        requires=("external_stream",),
     ))
     add(_messages_case(
         "non_ascii",

@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import json
 import os
-import sys
 import tempfile
 import threading
 import time
@@ -57,7 +56,7 @@ from pipes_core import (
     PipesTimeoutError,
 )
 
-from ._capabilities import CapabilitiesError
+from ._capabilities import CapabilitiesError, load_toml
 from ._compare import first_difference, short
 from ._runner import READER_INTERVAL, Combo, Result
 from ._servers import BlobServer, start_store, unavailable_reason
@@ -139,16 +138,13 @@ def load_pipes_toml(path: str | Path | None, environ: dict[str, str] | None = No
     if path is None:
         return PipesToml()
     path = Path(path)
-    if sys.version_info < (3, 11):  # pragma: no cover - the project's CI runs 3.11
-        raise CapabilitiesError("reading pipes.toml needs Python 3.11+ (tomllib)")
-    import tomllib
-
     try:
-        data = tomllib.loads(path.read_text(encoding="utf-8"))
-    except OSError as exc:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
         raise CapabilitiesError(f"cannot read {str(path)!r}: {exc}") from exc
-    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
-        raise CapabilitiesError(f"{path}: not valid TOML: {exc}") from exc
+    data = load_toml(path, text)
+    if not isinstance(data, dict):  # pragma: no cover - tomllib always returns a table
+        raise CapabilitiesError(f"{path}: expected a TOML table")
     flags = PipesToml().flags
     ignored: list[str] = []
     for section, values in data.items():

@@ -7,9 +7,7 @@ import os
 import re
 import xml.etree.ElementTree as ET
 from collections.abc import Sequence
-from typing import Any
-
-from typing import Protocol
+from typing import Any, Protocol
 
 from pipes_ext._protocol import PIPES_PROTOCOL_VERSION
 

@@ -20,7 +20,7 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import IO, Any
 
 from pipes_core import (
@@ -44,7 +44,13 @@ from pipes_core import (
     PipesTempFileMessageReader,
     open_pipes_session,
 )
-from pipes_ext._protocol import PIPES_PROTOCOL_VERSION_FIELD
+from pipes_ext._protocol import (
+    LOG_LEVELS,
+    METHOD_LOG,
+    PIPES_PROTOCOL_VERSION,
+    PIPES_PROTOCOL_VERSION_FIELD,
+    normalize_log_level,
+)
 
 from ._capabilities import BOOTSTRAP_MODES, CONTEXT_CHANNELS, MESSAGE_CHANNELS, Capabilities
 from ._cases import Case, ExceptionSpec, Seen
@@ -158,7 +164,27 @@ def _skip_reason(case: Case, combo: Combo, caps: Capabilities) -> str | None:
     return None
 
 
+STREAM_OP = "stream"
+STREAM_FEATURE = "external_stream"
+
+
+def without_streams(case: Case) -> Case:
+    """``case`` for a harness without ``log_external_stream``: its ``stream`` steps, and the messages they produce,
+    are left out, so one missing feature does not fail cases about something else."""
+    steps = tuple(step for step in case.steps if step.get("op") != STREAM_OP)
+    if len(steps) == len(case.steps) or case.body is None:
+        return case
+    body = case.body
+
+    def without(context_data: dict[str, Any]) -> list[dict[str, Any]]:
+        return [m for m in body(context_data) if m["method"] != "log_external_stream"]
+
+    return replace(case, steps=steps, body=without)
+
+
 def plan(cases: Sequence[Case], caps: Capabilities) -> list[Planned]:
+    if STREAM_FEATURE not in caps.features:
+        cases = [case if STREAM_FEATURE in case.requires else without_streams(case) for case in cases]
     return [Planned(case, combo, _skip_reason(case, combo, caps)) for case in cases for combo in _combos(case, caps)]
 
 
@@ -280,6 +306,42 @@ def event_json(event: PipesEvent) -> dict[str, Any]:
     return {"method": "protocol_issue", "reason": str(event)}
 
 
+# ------------------------------------------------------------------------------------------------ literals
+
+# The level names the protocol fixes (Python's own): the orchestrator tolerates "info" or "WARN", the suite does not.
+LEVEL_NAMES = frozenset(name for name in (normalize_log_level(level) for level in LOG_LEVELS) if name)
+
+
+class LiteralChecker:
+    """Checks what the protocol fixes as a literal in every message as sent: the envelope version and the log level
+    names (method names, severities, stream names and metadata types are already checked by validation). Keeps only
+    the first deviation and a count, so a harness that gets it wrong 10,000 times costs nothing."""
+
+    def __init__(self) -> None:
+        self.count = 0
+        self.first: str | None = None
+        self._index = 0
+        self._lock = threading.Lock()
+
+    def __call__(self, message: dict[str, Any]) -> None:
+        with self._lock:
+            index = self._index
+            self._index += 1
+        problem = None
+        version = message.get(PIPES_PROTOCOL_VERSION_FIELD)
+        if version != PIPES_PROTOCOL_VERSION:
+            problem = (f"message {index} ({message['method']}) has {PIPES_PROTOCOL_VERSION_FIELD} {version!r}; the "
+                       f"protocol fixes {PIPES_PROTOCOL_VERSION!r}")
+        elif message["method"] == METHOD_LOG and message["params"].get("level", "INFO") not in LEVEL_NAMES:
+            problem = (f"message {index} (log) has level {message['params'].get('level')!r}; the protocol's level "
+                       f"names are {', '.join(sorted(LEVEL_NAMES, key=LOG_LEVELS.__getitem__))}")
+        if problem is not None:
+            with self._lock:
+                self.count += 1
+                if self.first is None:
+                    self.first = problem
+
+
 # ------------------------------------------------------------------------------------------------ one run
 
 
@@ -294,6 +356,8 @@ class Outcome:
     channel_error: str | None = None
     timed_out: bool = False
     eof_missing: bool = False
+    literal_count: int = 0
+    literal_first: str | None = None
 
 
 def _tail(text: str, lines: int = 3, chars: int = 400) -> str:
@@ -330,6 +394,7 @@ def execute(case: Case, combo: Combo, command: Sequence[str], servers: dict[str,
     server = next((servers[s] for s in sorted(combo.stores)), None)
     extras = {**case.extras, "conformance": {"case": case.name, "steps": [dict(s) for s in case.steps]}}
     events: list[PipesEvent] = []
+    literals = LiteralChecker()
     try:
         injector = _injector(combo.context, server)
         reader = _reader(combo.messages, server, case.capture)
@@ -341,7 +406,8 @@ def execute(case: Case, combo: Combo, command: Sequence[str], servers: dict[str,
         try:
             with open_pipes_session(PipesRunContext(**case.run_context), injector, reader, extras,
                                     on_event=events.append, retain_messages=False, logger=_QUIET,
-                                    external_stream_handler=lambda _stream, _text: None) as session:
+                                    external_stream_handler=lambda _stream, _text: None,
+                                    on_message=literals) as session:
                 outcome.context_data = dict(session.context_data)
                 env = _base_env(server)
                 argv = list(command)
@@ -381,6 +447,7 @@ def execute(case: Case, combo: Combo, command: Sequence[str], servers: dict[str,
         outcome.stdout = b"".join(reader.other_output).decode("utf-8", "replace")
         outcome.eof_missing = reader.eof_missing
     outcome.messages = [event_json(e) for e in events]
+    outcome.literal_count, outcome.literal_first = literals.count, literals.first
     return outcome
 
 
@@ -434,6 +501,8 @@ def judge(case: Case, outcome: Outcome, timeout: float) -> str | None:
     issues = [m for m in messages if m["method"] == "protocol_issue"]
     if issues:
         return f"protocol issue ({len(issues)} in all): {issues[0]['reason']}"
+    if outcome.literal_first is not None:
+        return f"wire literal ({outcome.literal_count} in all): {outcome.literal_first}"
     if methods[0] != "opened":
         return f"the first message is {methods[0]}, not opened"
     if methods.count("opened") > 1:

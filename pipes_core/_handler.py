@@ -76,6 +76,9 @@ class PipesMessageHandler:
         logger: where ``log`` messages and issues are logged (default ``pipes_core.external``).
         external_stream_handler: receives ``log_external_stream`` text as ``(stream, text)``; default: the
             orchestrator's own ``sys.stdout`` / ``sys.stderr``.
+        on_message: called with every valid message as it came off the wire (envelope, method, params; before it
+            becomes an event, so literals the handler tolerates, such as a lower-case level name, are as sent), on
+            the reader's thread; for auditing and conformance checks.
     """
 
     def __init__(
@@ -86,7 +89,9 @@ class PipesMessageHandler:
         retain_messages: bool = True,
         logger: logging.Logger | None = None,
         external_stream_handler: Callable[[str, str], None] | None = None,
+        on_message: Callable[[dict[str, Any]], None] | None = None,
     ) -> None:
+        self._on_message = on_message
         self._selected = None if context_data.get("asset_keys") is None else set(context_data["asset_keys"])
         self._on_event = on_event
         self._retain = retain_messages
@@ -176,6 +181,12 @@ class PipesMessageHandler:
         method = message["method"]
         params = message["params"]
         self.message_count += 1
+        if self._on_message is not None:
+            try:
+                self._on_message(message)
+            except Exception as error:  # like on_event: a failing callback must not stop the reader
+                self.callback_errors.append(error)
+                self.logger.exception("[pipes] on_message callback raised")
         if self.closed_count and method != METHOD_CLOSED:
             self.logger.warning("[pipes] message received after closed: %s", method)
         event: PipesEvent

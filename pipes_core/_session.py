@@ -255,6 +255,7 @@ def open_pipes_session(
     retain_messages: bool = True,
     logger: logging.Logger | None = None,
     external_stream_handler: Callable[[str, str], None] | None = None,
+    on_message: Callable[[dict[str, Any]], None] | None = None,
 ) -> Iterator[PipesSession]:
     """Open a Pipes session for one external process.
 
@@ -269,6 +270,8 @@ def open_pipes_session(
         logger: where the process's ``log`` messages and protocol issues go (default ``pipes_core.external``).
         external_stream_handler: receives ``log_external_stream`` text as ``(stream, text)``; default: this
             process's stdout/stderr.
+        on_message: called with each valid message as sent, before it becomes an event (see
+            :class:`PipesMessageHandler`).
 
     The message reader's ``log_readers`` are started when ``opened`` arrives and stopped (after a last read)
     when the session ends; if ``opened`` never came they run once at the end.
@@ -304,6 +307,7 @@ def open_pipes_session(
         retain_messages=retain_messages,
         logger=logger,
         external_stream_handler=external_stream_handler,
+        on_message=on_message,
     )
     launched = False
     try:

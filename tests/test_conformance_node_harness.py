@@ -326,7 +326,7 @@ def test_the_combinations_are_those_the_capabilities_declare() -> None:
     assert len(COMBOS) == 8 and set(PAIR) <= set(COMBOS)
     for axis in range(3):
         assert {c[axis] for c in PAIR} == {c[axis] for c in COMBOS}
-    assert set(CAPABILITIES["features"]) == {"stdio_capture", "error_reporting", "error_context"}
+    assert set(CAPABILITIES["features"]) == {"external_stream", "stdio_capture", "error_reporting", "error_context"}
 
 
 def test_the_harness_refuses_to_run_outside_a_pipes_session() -> None:
