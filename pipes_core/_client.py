@@ -276,12 +276,21 @@ class PipesClientCompletedInvocation:
             implicit_materializations=implicit_materializations, metadata=self.metadata
         )
 
-    def get_materialize_result(self, implicit_materializations: bool = True) -> MaterializeResult:
+    def get_materialize_result(
+        self, implicit_materializations: bool = True, *, implicit_materialization: bool | None = None
+    ) -> MaterializeResult:
         """The single materialization of the run.
 
+        ``implicit_materialization=`` is Dagster's spelling of the same switch, accepted so code written for
+        Dagster's invocation runs unchanged.
+
         Raises:
-            PipesUsageError: when the run has zero or several materializations.
+            PipesUsageError: when the run has zero or several materializations, or the two spellings disagree.
         """
+        if implicit_materialization is not None:
+            if not implicit_materializations and implicit_materialization:
+                raise PipesUsageError("implicit_materializations=False and implicit_materialization=True disagree")
+            implicit_materializations = implicit_materialization
         results = self.get_results(implicit_materializations=implicit_materializations)
         materializations = [r for r in results if isinstance(r, MaterializeResult)]
         if len(materializations) != 1:

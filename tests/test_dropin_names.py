@@ -16,7 +16,7 @@ import dagster_pipes
 import pytest
 
 import pipes_ext
-from pipes_core import MaterializeResult, PipesRunContext, PipesSubprocessClient
+from pipes_core import MaterializeResult, PipesRunContext, PipesSubprocessClient, PipesUsageError
 
 TYPED_SHAPES = [
     "PipesContextData",
@@ -181,3 +181,23 @@ def test_a_dagster_pipes_script_runs_unchanged_through_the_shim(write_script: Ca
     assert result.metadata["rows"].value == 3
     assert invocation.get_custom_messages() == [
         {"path": ["a", "b"], "round_trip": {"x": [1]}, "writer": "PipesS3MessageWriter"}]
+
+
+def test_invocation_speaks_dagsters_keywords(write_script: Callable[..., Path]) -> None:
+    script = write_script("""
+        from pipes_ext import open_pipes
+        with open_pipes() as pipes:
+            pipes.report_asset_check("fresh", True, asset_key="a")
+    """)
+    invocation = PipesSubprocessClient().run(context=PipesRunContext(asset_keys=["a"]),
+                                             command=[sys.executable, str(script)], metadata={"source": "test"})
+    # Dagster's keyword and ours: with it on, the unreported asset gets an implicit materialization...
+    implicit = invocation.get_materialize_result(implicit_materialization=True)
+    assert implicit.asset_key == "a" and implicit.metadata["source"].value == "test"
+    assert invocation.get_materialize_result(implicit_materializations=True) == implicit
+    # ...and with it off there is none to return.
+    with pytest.raises(PipesUsageError, match="got 0"):
+        invocation.get_materialize_result(implicit_materialization=False)
+    with pytest.raises(PipesUsageError, match="disagree"):
+        invocation.get_materialize_result(False, implicit_materialization=True)
+    assert invocation.metadata == {"source": "test"}  # as Dagster's invocation exposes it
