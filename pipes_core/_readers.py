@@ -164,6 +164,10 @@ class PipesFileMessageReader(PipesMessageReader):
         cleanup_file: delete the file after the session.
         log_readers: log readers to run during the session (e.g. a :class:`~pipes_core.PipesFileLogReader` on
             a batch job's output file).
+        use_inotify: wake on inotify events where available. inotify sees only writes made through this
+            machine's kernel: for a writer on another host (a file on NFS written by a cluster node) the reader
+            still sees the data through its periodic re-read, and ``use_inotify=False`` polls instead
+            (1 ms after activity, backing off to 50 ms), which is also the fallback where inotify is missing.
     """
 
     def __init__(
@@ -173,11 +177,13 @@ class PipesFileMessageReader(PipesMessageReader):
         cleanup_file: bool = True,
         *,
         log_readers: Sequence[PipesLogReader] | None = None,
+        use_inotify: bool = True,
     ) -> None:
         self.path = os.fspath(path)
         self.include_stdio_in_messages = include_stdio_in_messages
         self.cleanup_file = cleanup_file
         self.log_readers = tuple(log_readers or ())
+        self.use_inotify = use_inotify
 
     def messages_params(self, path: str) -> dict[str, Any]:
         return {PARAM_PATH: path, PARAM_INCLUDE_STDIO_IN_MESSAGES: self.include_stdio_in_messages}
@@ -189,7 +195,7 @@ class PipesFileMessageReader(PipesMessageReader):
             os.close(fd)
         except OSError as exc:
             raise PipesTransportError(f"cannot create the messages file {path!r}: {exc}") from exc
-        tailer = _FileTailer(path, handler)
+        tailer = _FileTailer(path, handler, use_inotify=self.use_inotify)
         tailer.start()
         try:
             yield self.messages_params(path)
@@ -221,9 +227,10 @@ class PipesTempFileMessageReader(PipesFileMessageReader):
         dir: str | None = None,
         *,
         log_readers: Sequence[PipesLogReader] | None = None,
+        use_inotify: bool = True,
     ) -> None:
         super().__init__("", include_stdio_in_messages=include_stdio_in_messages, cleanup_file=True,
-                         log_readers=log_readers)
+                         log_readers=log_readers, use_inotify=use_inotify)
         self.dir = dir
 
     @contextmanager

@@ -1,0 +1,891 @@
+"""``PipesSlurmClient``: run a command as a Slurm batch job in a Pipes session.
+
+No Python dependency: the client drives Slurm's own commands (``sbatch``, ``scontrol``, ``scancel`` and, when
+accounting is enabled, ``sacct``), found on ``PATH`` or given in :class:`SlurmCommands` together with the
+``SLURM_CONF`` to use. The lifecycle (session, output, timeout, termination, drain, verdict) is the launchers'
+shared one, :class:`~pipes_core.PipesClient`.
+
+Submission
+    ``sbatch --parsable`` with the command as ``--wrap "exec COMMAND"`` (the shell ``exec``s it, so signals
+    and the exit code are the command's own), or a batch script (its ``#SBATCH`` lines apply) with arguments.
+    The client's and the run's ``sbatch_args`` are passed through as they are, after the client's own
+    defaults, so they win: ``--no-requeue`` (a requeued job would run a second time into the same session;
+    pass ``--requeue`` to allow it) and ``--output``/``--error`` files in a private directory (unless the
+    arguments or the script's ``#SBATCH`` lines name their own).
+
+Bootstrap
+    With ``bootstrap="env"`` (default) ``DAGSTER_PIPES_CONTEXT`` / ``DAGSTER_PIPES_MESSAGES`` and the ``env``
+    variables are set in ``sbatch``'s own environment, and ``--export=ALL`` carries them to the job; a user's own
+    ``--export=NONE`` or list is kept and our names are appended without their values (``--export=NONE,NAME``).
+    Slurm copies each value from the submitting environment, so no value ever appears on a command line:
+    commas, ``=`` and newlines in values are safe (``--export=NAME=value`` would split a value at its commas).
+    Names must be plain environment names (letters, digits, ``_``); anything else is refused. The limit is the
+    OS's: 128 KiB per variable on Linux, so large extras need a file context injector on a shared directory.
+    With ``bootstrap="cli"`` the params are appended to the command (or the script's arguments).
+
+Channels
+    Context: inline in the environment (:class:`PipesEnvContextInjector`) by default, which needs nothing
+    shared with the node. Messages: a file in a private directory under ``shared_dir``, which must be on a
+    filesystem that this process and the compute nodes share (NFS, Lustre, ...). Without ``shared_dir`` the
+    directory is a local temp dir: that only works when the job runs on this machine (a one-node cluster).
+    The reader does not rely on inotify to see the job's writes (inotify never sees writes made on another
+    host): with ``shared_dir`` it polls, and otherwise its periodic re-read catches what inotify missed. Any
+    reader works, e.g. ``PipesStdioMessageReader()`` reads the messages from the job's stdout file.
+
+Output
+    The job's stdout and stderr files are tailed while it runs and forwarded to this process's
+    stdout/stderr (or ``stdout``/``stderr``), and drained to their end once it has ended; with
+    ``forward_stdio=False`` only their last bytes are kept, for error messages. Files in the client's private
+    directory are removed after the run; files the user named are left alone.
+
+Job states
+    The state comes from ``scontrol show job`` while the controller remembers the job (``MinJobAge``), then
+    from ``sacct`` when accounting is enabled. COMPLETED is success; FAILED gives the job's exit code (or the
+    signal that killed it); CANCELLED, TIMEOUT, OUT_OF_MEMORY, NODE_FAIL, PREEMPTED, BOOT_FAIL and DEADLINE
+    fail the run naming the state and Slurm's reason. Every state change is logged (logger ``pipes_core``,
+    INFO), and passed to ``on_job_state``; a job still PENDING after ``pending_warning_seconds`` is logged as
+    a WARNING with Slurm's reason. ``timeout_seconds`` counts from submission, so it covers a job stuck in the
+    queue.
+
+Termination
+    On timeout, Ctrl-C or SIGTERM: ``scancel --full --signal=INT`` (a pending job is cancelled outright),
+    after ``termination_timeout_seconds`` a plain ``scancel`` (SIGTERM, then Slurm's own SIGKILL after its
+    ``KillWait``), then ``scancel --full --signal=KILL``; the client waits for the job's end, drains the
+    channel and raises as the subprocess client does.
+
+Errors
+    ``sbatch`` missing, the controller not reachable and a refused submission (bad option, bad partition, a
+    request no node can satisfy) raise :class:`PipesSlurmError` (a :class:`PipesExecutionError`) whose
+    ``kind`` says which, with ``sbatch``'s own words.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import shlex
+import shutil
+import subprocess
+import tempfile
+import threading
+import time
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any
+
+from ._client import (
+    PipesClient,
+    PipesClientCompletedInvocation,
+    PipesExitStatus,
+    PipesLaunchedProcess,
+    PipesLaunchRequest,
+    signal_name,
+)
+from ._errors import PipesExecutionError, PipesUsageError
+from ._handler import PipesMessageHandler
+from ._injectors import PipesContextInjector, PipesEnvContextInjector
+from ._readers import PipesMessageReader, PipesTempFileMessageReader
+from ._results import PipesEvent
+from ._run_context import PipesRunContext
+from ._session import PipesSession
+from ._stdio import PipesOutputTarget
+
+__all__ = [
+    "PipesSlurmClient",
+    "PipesSlurmError",
+    "PipesSlurmMessageReader",
+    "SlurmCommands",
+    "SlurmJobInfo",
+    "slurm_exit_status",
+    "parse_scontrol_job",
+    "parse_sacct_line",
+    "SLURM_ERROR_SBATCH_MISSING",
+    "SLURM_ERROR_UNREACHABLE",
+    "SLURM_ERROR_REFUSED",
+    "SLURM_ERROR_QUERY",
+    "ACTIVE_STATES",
+    "FAILURE_STATES",
+    "DEFAULT_POLL_MIN_SECONDS",
+    "DEFAULT_POLL_MAX_SECONDS",
+    "DEFAULT_PENDING_WARNING_SECONDS",
+    "COMMAND_TIMEOUT_SECONDS",
+    "QUERY_FAILURE_GRACE_SECONDS",
+    "OUTPUT_POLL_SECONDS",
+]
+
+logger = logging.getLogger("pipes_core")
+
+# The job's state is asked of the controller this often right after submission and again as soon as the job
+# sent ``closed`` (it is about to end): short jobs are seen to end quickly ...
+DEFAULT_POLL_MIN_SECONDS = 0.1
+# ... and the interval grows by half each time up to this while it runs: one cheap ``scontrol`` query every
+# 2 s keeps the load on a shared controller low.
+DEFAULT_POLL_MAX_SECONDS = 2.0
+POLL_GROWTH = 1.5
+# After the job sent ``closed`` its state is asked every DEFAULT_POLL_MIN_SECONDS for this long (the end is
+# near: a Pipes-aware job is seen to end within ~0.1 s), then the interval grows again.
+CLOSED_FAST_POLL_SECONDS = 10.0
+# A job still PENDING this long is logged as a WARNING with Slurm's reason (it may wait for hours).
+DEFAULT_PENDING_WARNING_SECONDS = 60.0
+# A Slurm command that has not answered after this long is given up (they retry for about 10 s themselves
+# when the controller does not answer).
+COMMAND_TIMEOUT_SECONDS = 120.0
+# While a job runs, failing state queries are retried this long (a controller restart or fail-over) before
+# the run gives up on the job, which may still be running: its id is in the error.
+QUERY_FAILURE_GRACE_SECONDS = 120.0
+# The job's output files are re-read this often while it runs (the node writes them; inotify would not see a
+# writer on another host).
+OUTPUT_POLL_SECONDS = 0.2
+OUTPUT_READ_BYTES = 64 * 1024
+
+# Error kinds of PipesSlurmError.
+SLURM_ERROR_SBATCH_MISSING = "sbatch-missing"
+SLURM_ERROR_UNREACHABLE = "controller-unreachable"
+SLURM_ERROR_REFUSED = "submission-refused"
+SLURM_ERROR_QUERY = "query-failed"
+
+# The job has not ended yet in these states (the base name, without "+" flags or "by UID").
+ACTIVE_STATES = frozenset({
+    "PENDING", "CONFIGURING", "RUNNING", "COMPLETING", "SUSPENDED", "REQUEUED", "REQUEUE_FED", "REQUEUE_HOLD",
+    "RESIZING", "SIGNALING", "STAGE_OUT", "STOPPED", "RESV_DEL_HOLD", "POWER_UP_NODE", "UPDATE_DB",
+})
+# Ended states that are not plain exits, with what they mean (worded to follow "the Slurm job 12 ...").
+FAILURE_STATES = {
+    "CANCELLED": "was cancelled",
+    "TIMEOUT": "ran past its Slurm time limit",
+    "OUT_OF_MEMORY": "ran out of memory",
+    "NODE_FAIL": "lost its node (node failure)",
+    "PREEMPTED": "was preempted",
+    "BOOT_FAIL": "never started: its node failed to boot",
+    "DEADLINE": "missed its deadline",
+    "REVOKED": "was revoked (it ran on another cluster of a federation)",
+    "SPECIAL_EXIT": "ended in the special-exit state (requeued and held)",
+}
+_NOT_A_REASON = ("None", "(null)", "")
+_ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*\Z")
+# scontrol's one-value-per-line fields (their values may contain spaces).
+_WHOLE_LINE_FIELDS = ("Command", "WorkDir", "StdErr", "StdIn", "StdOut", "Comment", "Reason", "AdminComment")
+_UNREACHABLE_MARKERS = ("Unable to contact slurm controller", "Socket timed out", "Connection refused",
+                        "Zero Bytes were transmitted or received", "Communication connection failure",
+                        "Could not establish a configuration source", "Unable to establish controller")
+_UNKNOWN_JOB_MARKER = "Invalid job id specified"
+_NO_ACCOUNTING_MARKER = "accounting storage is disabled"
+
+
+class PipesSlurmError(PipesExecutionError):
+    """Slurm itself failed us: ``kind`` is one of ``sbatch-missing``, ``controller-unreachable``,
+    ``submission-refused``, ``query-failed``; ``stderr`` holds the command's own words; ``job_id`` is set when
+    a job had been submitted."""
+
+    def __init__(self, message: str, *, kind: str, stderr: str = "", job_id: str | None = None) -> None:
+        super().__init__(message)
+        self.kind = kind
+        self.stderr = stderr
+        self.job_id = job_id
+
+
+# ---------------------------------------------------------------------------------------------- commands
+
+
+@dataclass(frozen=True)
+class SlurmCommands:
+    """Where Slurm's commands are and which cluster they talk to.
+
+    Attributes:
+        sbatch / scontrol / scancel: the programs (names on ``PATH`` or paths).
+        sacct: the accounting command, asked about jobs the controller has forgotten; None never asks.
+        slurm_conf: ``SLURM_CONF`` for every command (and the job, through ``--export=ALL``); None keeps the
+            environment's (or Slurm's default).
+        env: more environment for the commands (e.g. ``SLURM_CLUSTERS``).
+        timeout_seconds: a command still running after this long is given up.
+    """
+
+    sbatch: str = "sbatch"
+    scontrol: str = "scontrol"
+    scancel: str = "scancel"
+    sacct: str | None = "sacct"
+    slurm_conf: str | None = None
+    env: Mapping[str, str] = field(default_factory=dict)
+    timeout_seconds: float = COMMAND_TIMEOUT_SECONDS
+
+    def environ(self, extra: Mapping[str, str] | None = None) -> dict[str, str]:
+        env = {**os.environ, **self.env, **(extra or {})}
+        if self.slurm_conf is not None:
+            env["SLURM_CONF"] = self.slurm_conf
+        return env
+
+    def call(self, argv: Sequence[str], env: Mapping[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+        """Run one command; raises FileNotFoundError/PermissionError when it cannot start."""
+        try:
+            return subprocess.run(list(argv), env=self.environ(env), stdin=subprocess.DEVNULL, capture_output=True,
+                                  text=True, errors="replace", timeout=self.timeout_seconds)
+        except subprocess.TimeoutExpired as exc:
+            stderr = exc.stderr.decode("utf-8", "replace") if isinstance(exc.stderr, bytes) else (exc.stderr or "")
+            return subprocess.CompletedProcess(list(argv), -1, "", f"timed out after {self.timeout_seconds} s. "
+                                               f"{stderr}")
+
+
+# ---------------------------------------------------------------------------------------------- job state
+
+
+@dataclass(frozen=True)
+class SlurmJobInfo:
+    """What Slurm says about a job.
+
+    Attributes:
+        job_id: the id ``sbatch`` printed.
+        state: the base state name (``RUNNING``, ``FAILED``...), without flags or "by UID".
+        reason: Slurm's reason (why pending, why failed), or "".
+        exit_code / signal: the two halves of Slurm's ``ExitCode=N:S``, None when not given.
+        stdout_path / stderr_path: the job's output files (from ``scontrol``; None from ``sacct``).
+        source: ``"scontrol"`` or ``"sacct"``.
+        fields: every field as Slurm printed it.
+    """
+
+    job_id: str
+    state: str
+    reason: str = ""
+    exit_code: int | None = None
+    signal: int | None = None
+    stdout_path: str | None = None
+    stderr_path: str | None = None
+    source: str = "scontrol"
+    fields: Mapping[str, str] = field(default_factory=dict)
+
+    @property
+    def ended(self) -> bool:
+        return self.state not in ACTIVE_STATES
+
+    @property
+    def pending(self) -> bool:
+        return self.state in ("PENDING", "REQUEUED", "REQUEUE_HOLD", "REQUEUE_FED", "RESV_DEL_HOLD")
+
+    def describe(self) -> str:
+        """``PENDING (Resources)``."""
+        return f"{self.state} ({self.reason})" if self.reason else self.state
+
+
+def _base_state(raw: str) -> str:
+    # "CANCELLED by 0", "COMPLETING+", "RUNNING+SIGNALING": the first word, up to any "+".
+    return raw.strip().split(" ", 1)[0].split("+", 1)[0].upper()
+
+
+def _exit_pair(raw: str | None) -> tuple[int | None, int | None]:
+    if not raw:
+        return None, None
+    code, _, sig = raw.partition(":")
+    try:
+        return int(code), (int(sig) if sig else None)
+    except ValueError:
+        return None, None
+
+
+def _reason(raw: str | None) -> str:
+    return "" if raw is None or raw in _NOT_A_REASON else raw
+
+
+def parse_scontrol_job(text: str) -> dict[str, str]:
+    """The fields of ``scontrol show job ID`` (multi-line form) as a dict. Paths and commands keep their
+    spaces: scontrol prints each of those fields alone on its line."""
+    fields: dict[str, str] = {}
+    for line in text.splitlines():
+        line = line.strip()
+        if not line:
+            continue
+        key, sep, value = line.partition("=")
+        if sep and key in _WHOLE_LINE_FIELDS:
+            fields[key] = value
+            continue
+        for token in line.split(" "):
+            key, sep, value = token.partition("=")
+            if sep:
+                fields[key] = value
+            elif fields and token:  # a value with a space on a shared line: glue it back
+                last = next(reversed(fields))
+                fields[last] += " " + token
+    return fields
+
+
+def _info_from_scontrol(job_id: str, text: str) -> SlurmJobInfo:
+    fields = parse_scontrol_job(text)
+    code, sig = _exit_pair(fields.get("ExitCode"))
+    return SlurmJobInfo(
+        job_id=job_id, state=_base_state(fields.get("JobState", "UNKNOWN")), reason=_reason(fields.get("Reason")),
+        exit_code=code, signal=sig, stdout_path=fields.get("StdOut") or None,
+        stderr_path=fields.get("StdErr") or None, source="scontrol", fields=fields,
+    )
+
+
+# sacct is asked for these fields, in this order, with -P (| separated).
+SACCT_FIELDS = ("JobID", "State", "ExitCode", "Reason")
+
+
+def parse_sacct_line(job_id: str, text: str) -> SlurmJobInfo | None:
+    """The job's allocation line of ``sacct -X -n -P -o JobID,State,ExitCode,Reason -j ID``; None when absent."""
+    for line in text.splitlines():
+        parts = line.split("|")
+        if len(parts) < len(SACCT_FIELDS) or parts[0].strip() != job_id:
+            continue
+        fields = dict(zip(SACCT_FIELDS, (part.strip() for part in parts), strict=False))
+        code, sig = _exit_pair(fields["ExitCode"])
+        return SlurmJobInfo(job_id=job_id, state=_base_state(fields["State"]), reason=_reason(fields["Reason"]),
+                            exit_code=code, signal=sig, source="sacct", fields=fields)
+    return None
+
+
+def slurm_exit_status(info: SlurmJobInfo) -> PipesExitStatus:
+    """How an ended job ended, in the launchers' terms.
+
+    COMPLETED: exit code 0. FAILED: the job's exit code, or -N when signal N killed it (then ``killed``); a
+    failure with neither (the job never launched) has no exit code and says so. Every state of
+    :data:`FAILURE_STATES`: ``killed``, the signal as exit code when Slurm gives one, and the state named.
+    """
+    reason = f", reason: {info.reason}" if info.reason else ""
+    if info.state == "COMPLETED":
+        return PipesExitStatus(info.exit_code or 0)
+    if info.state == "FAILED":
+        if info.signal:
+            return PipesExitStatus(-info.signal, killed=True,
+                                   description=f"was killed by {signal_name(info.signal)} (job state FAILED{reason})")
+        if info.exit_code:
+            return PipesExitStatus(info.exit_code, description=f"job state FAILED{reason}")
+        return PipesExitStatus(None, description=f"failed without an exit code (job state FAILED{reason})")
+    what = FAILURE_STATES.get(info.state, "ended")
+    by = f", signal {signal_name(info.signal)}" if info.signal else ""
+    return PipesExitStatus(-info.signal if info.signal else None, killed=True,
+                           description=f"{what} (job state {info.state}{reason}{by})")
+
+
+# ---------------------------------------------------------------------------------------------- the job
+
+
+class _JobOutput:
+    """One of the job's output files, tailed as an iterable of byte chunks until the job has ended and the file
+    has been read to its end. The path may be known only after the first state query (a user's ``--output``)."""
+
+    def __init__(self, job: _SlurmJob, stream: str) -> None:
+        self._job = job
+        self._stream = stream
+
+    def _path(self) -> str | None:
+        return self._job.output_path(self._stream)
+
+    def __iter__(self) -> Iterator[bytes]:
+        job = self._job
+        fd = -1
+        try:
+            while True:
+                ended = job.ended_event.is_set()  # read before reading: what follows is then complete
+                path = self._path()
+                if fd < 0 and path is not None:
+                    try:
+                        fd = os.open(path, os.O_RDONLY)
+                    except OSError:
+                        fd = -1
+                if fd >= 0:
+                    while True:
+                        block = os.read(fd, OUTPUT_READ_BYTES)
+                        if not block:
+                            break
+                        yield block
+                if ended or job.closing.is_set():
+                    return
+                job.ended_event.wait(OUTPUT_POLL_SECONDS)
+        finally:
+            if fd >= 0:
+                os.close(fd)
+
+
+class _SlurmJob(PipesLaunchedProcess):
+    """A submitted batch job, as the lifecycle drives it."""
+
+    def __init__(
+        self,
+        commands: SlurmCommands,
+        job_id: str,
+        what: str,
+        *,
+        session: PipesSession,
+        output_paths: dict[str, str | None],
+        own_dir: str | None,
+        poll_min_seconds: float,
+        poll_max_seconds: float,
+        pending_warning_seconds: float | None,
+        on_job_state: Callable[[SlurmJobInfo], None] | None,
+    ) -> None:
+        self.commands = commands
+        self.job_id = job_id
+        self.description = f"the Slurm job {job_id} ({what})"
+        self.session = session
+        self._output_paths = output_paths
+        self._own_dir = own_dir
+        self._poll_min = poll_min_seconds
+        self._poll_max = poll_max_seconds
+        self._pending_warning = pending_warning_seconds
+        self._on_job_state = on_job_state
+        self.info: SlurmJobInfo | None = None
+        self.history: list[SlurmJobInfo] = []  # one entry per state change
+        self.ended_event = threading.Event()
+        self.closing = threading.Event()
+        self._lock = threading.Lock()
+        self._submitted = time.monotonic()
+        self._last_query = -1.0
+        self._failing_since: float | None = None
+        self._warned_pending = False
+        self._wake = threading.Event()
+        self.stdout = _JobOutput(self, "stdout")
+        same = output_paths.get("stdout") is not None and output_paths.get("stdout") == output_paths.get("stderr")
+        self.stderr = None if same else _JobOutput(self, "stderr")
+
+    # ------------------------------------------------------------------ state
+
+    def output_path(self, stream: str) -> str | None:
+        path = self._output_paths.get(stream)
+        if path is not None:
+            return path
+        info = self.info
+        if info is None or info.source != "scontrol":
+            return None
+        path = info.stdout_path if stream == "stdout" else info.stderr_path
+        if stream == "stderr" and path is not None and path == info.stdout_path:
+            return None  # one file for both: forwarded once, as stdout
+        return path
+
+    def query(self) -> SlurmJobInfo | None:
+        """Ask Slurm once: ``scontrol show job``, then ``sacct`` when the controller no longer knows the job.
+        Returns None when the answer is not available (yet); raises once queries fail past the grace period."""
+        with self._lock:
+            self._last_query = time.monotonic()
+            shown = self.commands.call([self.commands.scontrol, "show", "job", self.job_id])
+            info: SlurmJobInfo | None = None
+            problem = ""
+            if shown.returncode == 0 and "JobState=" in shown.stdout:
+                info = _info_from_scontrol(self.job_id, shown.stdout)
+            elif _UNKNOWN_JOB_MARKER in shown.stderr:
+                info, problem = self._query_sacct()
+            else:
+                problem = (shown.stderr or shown.stdout).strip() or f"scontrol exited with {shown.returncode}"
+            if info is None:
+                self._query_failed(problem)
+                return None
+            self._failing_since = None
+            self._update(info)
+            return info
+
+    def _query_sacct(self) -> tuple[SlurmJobInfo | None, str]:
+        forgotten = f"the controller no longer knows job {self.job_id} (MinJobAge passed)"
+        if self.commands.sacct is None:
+            return None, f"{forgotten} and sacct is not to be asked (SlurmCommands.sacct=None)"
+        try:
+            acct = self.commands.call([self.commands.sacct, "-X", "-n", "-P", "-o", ",".join(SACCT_FIELDS),
+                                       "-j", self.job_id])
+        except OSError as exc:
+            return None, f"{forgotten}, and sacct cannot run: {exc}"
+        info = parse_sacct_line(self.job_id, acct.stdout) if acct.returncode == 0 else None
+        if info is None:
+            said = (acct.stderr or acct.stdout).strip() or "no record"
+            return None, f"{forgotten}, and sacct has no record of it: {said}"
+        return info, ""
+
+    def _query_failed(self, problem: str) -> None:
+        now = time.monotonic()
+        if self._failing_since is None:
+            self._failing_since = now
+            logger.warning("[pipes] asking Slurm about job %s failed (retrying for up to %.0f s): %s", self.job_id,
+                           QUERY_FAILURE_GRACE_SECONDS, problem)
+        elif now - self._failing_since >= QUERY_FAILURE_GRACE_SECONDS:
+            raise PipesSlurmError(
+                f"cannot learn the state of {self.description} for {now - self._failing_since:.0f} s; it may "
+                f"still be running (scancel {self.job_id}): {problem}",
+                kind=SLURM_ERROR_QUERY, stderr=problem, job_id=self.job_id,
+            )
+
+    def _update(self, info: SlurmJobInfo) -> None:
+        previous = self.info
+        self.info = info
+        if previous is None or (previous.state, previous.reason) != (info.state, info.reason):
+            self.history.append(info)
+            logger.info("[pipes] %s is %s", self.description, info.describe())
+            if self._on_job_state is not None:
+                try:
+                    self._on_job_state(info)
+                except Exception:
+                    logger.exception("[pipes] on_job_state raised; the run goes on")
+        if info.pending and not self._warned_pending and self._pending_warning is not None:
+            waited = time.monotonic() - self._submitted
+            if waited >= self._pending_warning:
+                self._warned_pending = True
+                logger.warning("[pipes] %s has been PENDING for %.0f s (reason: %s)", self.description, waited,
+                               info.reason or "none given")
+        if info.ended:
+            self.ended_event.set()
+
+    # ------------------------------------------------------------------ lifecycle hooks
+
+    def poll(self) -> bool:
+        if self.ended_event.is_set():
+            return True
+        if time.monotonic() - self._last_query >= self._poll_min:
+            self.query()
+        return self.ended_event.is_set()
+
+    def wait(self, timeout: float | None) -> bool:
+        deadline = None if timeout is None else time.monotonic() + timeout
+        interval = self._poll_min
+        closed_at: float | None = None
+        while True:
+            if self.ended_event.is_set():
+                return True
+            self.query()
+            if self.ended_event.is_set():
+                return True
+            if self.session.closed:
+                # The job sent `closed`: it is about to end. Look often for a while, then back off again.
+                now = time.monotonic()
+                if closed_at is None:
+                    closed_at = now
+                if now - closed_at < CLOSED_FAST_POLL_SECONDS:
+                    interval = self._poll_min
+            pause = interval
+            if deadline is not None:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return False
+                pause = min(pause, left)
+            self._wake.wait(pause)
+            self._wake.clear()
+            interval = min(interval * POLL_GROWTH, self._poll_max)
+
+    def exit_status(self) -> PipesExitStatus:
+        if self.info is None or not self.info.ended:
+            return PipesExitStatus(None, description="ended in an unknown Slurm state")
+        return slurm_exit_status(self.info)
+
+    def _scancel(self, *options: str) -> None:
+        try:
+            done = self.commands.call([self.commands.scancel, *options, self.job_id])
+        except OSError as exc:
+            logger.error("[pipes] cannot run scancel for job %s: %s", self.job_id, exc)
+            return
+        if done.returncode != 0 and not self.ended_event.is_set():
+            logger.warning("[pipes] scancel %s %s: %s", " ".join(options), self.job_id,
+                           (done.stderr or done.stdout).strip())
+        self._wake.set()
+
+    def interrupt(self) -> None:
+        if self.ended_event.is_set():
+            return
+        if self.info is None or self.info.pending:
+            self._scancel()  # nothing runs yet: nothing to interrupt gracefully
+        else:
+            self._scancel("--full", "--signal=INT")
+
+    def terminate(self) -> None:
+        if not self.ended_event.is_set():
+            self._scancel()
+
+    def kill(self) -> None:
+        if not self.ended_event.is_set():
+            self._scancel("--full", "--signal=KILL")
+
+    def close(self) -> None:
+        self.closing.set()
+        self.ended_event.set()  # any output tail still waiting stops
+        if self._own_dir is not None:
+            shutil.rmtree(self._own_dir, ignore_errors=True)
+
+
+# ---------------------------------------------------------------------------------------------- the reader
+
+
+class PipesSlurmMessageReader(PipesTempFileMessageReader):
+    """The Slurm client's default message reader: a messages file in a fresh private directory (0700; file
+    0600) under ``shared_dir``, removed after the session.
+
+    ``shared_dir`` must be on a filesystem the compute nodes share with this process; None makes a local temp
+    dir, which only works when the job runs on this machine. ``use_inotify`` defaults to False when a
+    ``shared_dir`` is given: the job writes from another host, which inotify cannot see, so the reader polls.
+    """
+
+    def __init__(self, shared_dir: str | os.PathLike[str] | None = None, *, include_stdio_in_messages: bool = False,
+                 use_inotify: bool | None = None) -> None:
+        self.shared_dir = None if shared_dir is None else os.fspath(shared_dir)
+        super().__init__(include_stdio_in_messages=include_stdio_in_messages, dir=self.shared_dir,
+                         use_inotify=self.shared_dir is None if use_inotify is None else use_inotify)
+
+    @contextmanager
+    def read_messages(self, handler: PipesMessageHandler) -> Iterator[dict[str, Any]]:
+        if self.shared_dir is not None and not os.path.isdir(self.shared_dir):
+            raise PipesUsageError(f"shared_dir {self.shared_dir!r} is not a directory")
+        with super().read_messages(handler) as params:
+            yield params
+
+    def describe(self) -> str:
+        where = self.shared_dir or "a local temp dir (one node only)"
+        return f"the Slurm messages file under {where}"
+
+    def no_messages_debug_text(self) -> str:
+        text = f"Messages were expected through {self.describe()}."
+        if self.shared_dir is None:
+            text += (" Without shared_dir the file is on this machine: a job running on another node cannot "
+                     "write it; pass a directory the nodes share.")
+        return text
+
+
+# ---------------------------------------------------------------------------------------------- the client
+
+
+def _option_names(args: Sequence[str]) -> set[str]:
+    names = set()
+    for arg in args:
+        if arg.startswith("--"):
+            names.add(arg[2:].split("=", 1)[0])
+        elif arg.startswith("-") and len(arg) >= 2:
+            names.add(arg[1])
+    return names
+
+
+def _script_option_names(path: str) -> set[str]:
+    """The options of a batch script's ``#SBATCH`` lines (read until the first command, as sbatch does)."""
+    names: set[str] = set()
+    try:
+        with open(path, encoding="utf-8", errors="replace") as f:
+            for number, line in enumerate(f):
+                stripped = line.strip()
+                if number == 0 and stripped.startswith("#!"):
+                    continue
+                if stripped.startswith("#SBATCH"):
+                    names |= _option_names(shlex.split(stripped[len("#SBATCH"):], comments=True))
+                elif stripped and not stripped.startswith("#"):
+                    break
+    except (OSError, ValueError):
+        pass
+    return names
+
+
+_OUTPUT_OPTIONS = {"stdout": {"output", "o"}, "stderr": {"error", "e"}}
+
+
+def _merge_export(args: list[str], names: Sequence[str]) -> list[str]:
+    """``args`` with our variable names appended to the user's last ``--export``, or ``--export=ALL``.
+
+    Plain ``ALL`` already carries our variables (they are in sbatch's environment), and anything other than
+    exactly ``ALL`` makes slurmd load the user's login environment first (about 1 s per job here)."""
+    merged = list(args)
+    for i in range(len(merged) - 1, -1, -1):
+        arg = merged[i]
+        if arg.startswith("--export="):
+            merged[i] = ",".join([arg, *names])
+            return merged
+        if arg == "--export" and i + 1 < len(merged):
+            merged[i + 1] = ",".join([merged[i + 1], *names])
+            return merged
+    return [*merged, "--export=ALL"]
+
+
+def _classify_refusal(stderr: str) -> str:
+    return SLURM_ERROR_UNREACHABLE if any(marker in stderr for marker in _UNREACHABLE_MARKERS) else SLURM_ERROR_REFUSED
+
+
+class PipesSlurmClient(PipesClient):
+    """Runs a command (or a batch script) as a Slurm batch job in a Pipes session; see the module doc.
+
+    Args:
+        shared_dir: a directory on a filesystem shared by this process and the compute nodes; the messages
+            file and the job's output files go into private directories under it, removed after the run.
+            None: local temp dirs, which only work when jobs run on this machine.
+        sbatch_args: options for every submission (``--partition=debug``, ``--time=10``...), passed through.
+        env: environment variables for every job (exported by name; any value is safe).
+        commands: the Slurm commands and ``SLURM_CONF``; default: found on ``PATH``.
+        context_injector: default :class:`PipesEnvContextInjector` (the context travels in the job's
+            environment; nothing shared needed).
+        message_reader: default :class:`PipesSlurmMessageReader` under ``shared_dir``.
+        forward_termination / forward_stdio / termination_timeout_seconds / strict / bootstrap: as for every
+            :class:`PipesClient`; ``termination_timeout_seconds`` is the grace between ``scancel
+            --signal=INT`` and ``scancel``.
+        poll_interval_seconds: the longest pause between two state queries while the job runs.
+        pending_warning_seconds: log a WARNING when the job is still pending after this long (None: never).
+    """
+
+    def __init__(
+        self,
+        *,
+        shared_dir: str | os.PathLike[str] | None = None,
+        sbatch_args: Sequence[str] = (),
+        env: Mapping[str, str] | None = None,
+        commands: SlurmCommands | None = None,
+        context_injector: PipesContextInjector | None = None,
+        message_reader: PipesMessageReader | None = None,
+        forward_termination: bool = True,
+        forward_stdio: bool = True,
+        termination_timeout_seconds: float = 20,
+        strict: bool = True,
+        bootstrap: str = "env",
+        poll_interval_seconds: float = DEFAULT_POLL_MAX_SECONDS,
+        pending_warning_seconds: float | None = DEFAULT_PENDING_WARNING_SECONDS,
+    ) -> None:
+        super().__init__(context_injector=context_injector, message_reader=message_reader,
+                         forward_termination=forward_termination, forward_stdio=forward_stdio,
+                         termination_timeout_seconds=termination_timeout_seconds, strict=strict, bootstrap=bootstrap)
+        if isinstance(sbatch_args, str):
+            raise PipesUsageError("sbatch_args must be a sequence of arguments, not one string")
+        if not poll_interval_seconds > 0:
+            raise PipesUsageError(f"poll_interval_seconds must be positive, got {poll_interval_seconds!r}")
+        self.shared_dir = None if shared_dir is None else os.fspath(shared_dir)
+        self.sbatch_args = list(sbatch_args)
+        self.env = dict(env or {})
+        self.commands = commands or SlurmCommands()
+        self.poll_interval_seconds = poll_interval_seconds
+        self.pending_warning_seconds = pending_warning_seconds
+
+    def default_context_injector(self) -> PipesContextInjector:
+        return PipesEnvContextInjector()
+
+    def default_message_reader(self) -> PipesMessageReader:
+        return PipesSlurmMessageReader(self.shared_dir)
+
+    def run(  # type: ignore[override]  # the documented signature: context and extras, plus its own options
+        self,
+        *,
+        context: PipesRunContext | None = None,
+        command: str | Sequence[str] | None = None,
+        script: str | os.PathLike[str] | None = None,
+        script_args: Sequence[str] = (),
+        extras: Mapping[str, Any] | None = None,
+        sbatch_args: Sequence[str] = (),
+        env: Mapping[str, str] | None = None,
+        timeout_seconds: float | None = None,
+        strict: bool | None = None,
+        on_event: Callable[[PipesEvent], None] | None = None,
+        retain_messages: bool = True,
+        metadata: Mapping[str, Any] | None = None,
+        stdout: PipesOutputTarget | None = None,
+        stderr: PipesOutputTarget | None = None,
+        on_launched: Callable[[PipesLaunchedProcess], None] | None = None,
+        on_job_state: Callable[[SlurmJobInfo], None] | None = None,
+    ) -> PipesClientCompletedInvocation:
+        """Submit ``command`` (a list, or a string split with :func:`shlex.split`) or ``script`` (a batch script
+        path, with ``script_args``) and follow the job to its end.
+
+        ``sbatch_args`` are added after the client's. ``on_job_state`` receives a :class:`SlurmJobInfo` at each
+        state change. The invocation's ``description`` names the job id; ``on_launched`` receives the job
+        object (``.job_id``, ``.info``, ``.history``).
+
+        Raises:
+            PipesSlurmError: sbatch missing, controller unreachable, submission refused (``kind``).
+            PipesExecutionError: the job failed, was cancelled, timed out, ran out of memory, lost its node,
+                never opened the channel or broke the protocol; ``.invocation`` holds what was received.
+            PipesTimeoutError: the run (queue time included) exceeded ``timeout_seconds``; the job was cancelled.
+            KeyboardInterrupt: re-raised after the job was cancelled and the channel drained.
+        """
+        if (command is None) == (script is None):
+            raise PipesUsageError("give exactly one of command and script")
+        if isinstance(sbatch_args, str) or isinstance(script_args, str):
+            raise PipesUsageError("sbatch_args and script_args must be sequences of arguments, not one string")
+        argv: list[str] = []
+        script_path: str | None = None
+        if command is not None:
+            argv = shlex.split(command) if isinstance(command, str) else list(command)
+            if not argv:
+                raise PipesUsageError("command is empty")
+            what = repr(argv[0])
+        else:
+            script_path = os.fspath(script)  # type: ignore[arg-type]  # not None here
+            if not os.path.isfile(script_path):
+                raise PipesUsageError(f"the batch script {script_path!r} is not a file")
+            what = f"script {os.path.basename(script_path)!r}"
+        user_args = [*self.sbatch_args, *sbatch_args]
+        job_env = {**self.env, **(env or {})}
+        for name in job_env:
+            if not _ENV_NAME.match(name):
+                raise PipesUsageError(f"environment variable name {name!r} cannot be exported to a Slurm job "
+                                      "(letters, digits and _ only)")
+
+        def launch(request: PipesLaunchRequest) -> PipesLaunchedProcess:
+            return self._submit(request, argv, script_path, list(script_args), user_args, job_env, what,
+                                on_job_state)
+
+        return self.run_launcher(
+            launch, context=context, extras=extras, timeout_seconds=timeout_seconds, strict=strict,
+            on_event=on_event, retain_messages=retain_messages, metadata=metadata, stdout=stdout, stderr=stderr,
+            on_launched=on_launched,
+        )
+
+    # ------------------------------------------------------------------ submission
+
+    def _submit(
+        self,
+        request: PipesLaunchRequest,
+        argv: list[str],
+        script_path: str | None,
+        script_args: list[str],
+        user_args: list[str],
+        job_env: dict[str, str],
+        what: str,
+        on_job_state: Callable[[SlurmJobInfo], None] | None,
+    ) -> _SlurmJob:
+        exported = {**job_env, **request.bootstrap_env}
+        named = set(_option_names(user_args))
+        if script_path is not None:
+            named |= _script_option_names(script_path)
+        own_dir: str | None = None
+        output_paths: dict[str, str | None] = {"stdout": None, "stderr": None}
+        defaults: list[str] = []
+        if "requeue" not in named and "no-requeue" not in named:
+            defaults.append("--no-requeue")
+        missing = [stream for stream, options in _OUTPUT_OPTIONS.items() if not options & named]
+        if missing:
+            own_dir = tempfile.mkdtemp(prefix="pipes-slurm-output-", dir=self.shared_dir)
+            os.chmod(own_dir, 0o700)
+            for stream in missing:
+                path = os.path.join(own_dir, f"slurm-%j.{'out' if stream == 'stdout' else 'err'}")
+                defaults.append(f"--{'output' if stream == 'stdout' else 'error'}={path}")
+                output_paths[stream] = path
+        sbatch = [self.commands.sbatch, "--parsable", *_merge_export(defaults + user_args, sorted(exported))]
+        if script_path is not None:
+            sbatch += [script_path, *script_args, *request.bootstrap_args]
+        else:
+            sbatch += ["--wrap", "exec " + shlex.join(argv + request.bootstrap_args)]
+        try:
+            try:
+                done = self.commands.call(sbatch, env=exported)
+            except OSError as exc:
+                raise PipesSlurmError(
+                    f"cannot submit {what}: {self.commands.sbatch!r} cannot run ({exc}); install Slurm's client "
+                    "commands or give their paths in SlurmCommands", kind=SLURM_ERROR_SBATCH_MISSING,
+                    stderr=str(exc),
+                ) from exc
+            said = (done.stderr or "").strip()
+            if done.returncode != 0:
+                kind = _classify_refusal(said)
+                if kind == SLURM_ERROR_UNREACHABLE:
+                    conf = self.commands.environ().get("SLURM_CONF", "Slurm's default configuration")
+                    message = (f"cannot submit {what}: the Slurm controller is not reachable (SLURM_CONF: {conf}): "
+                               f"{said}")
+                else:
+                    message = f"Slurm refused to submit {what} (sbatch exited with {done.returncode}): {said}"
+                raise PipesSlurmError(message, kind=kind, stderr=said)
+            job_id = done.stdout.strip().split(";", 1)[0]
+            if not job_id:
+                raise PipesSlurmError(f"sbatch accepted {what} but printed no job id: {done.stdout!r} {said}",
+                                      kind=SLURM_ERROR_REFUSED, stderr=said)
+        except BaseException:
+            if own_dir is not None:
+                shutil.rmtree(own_dir, ignore_errors=True)
+            raise
+        if said:
+            logger.warning("[pipes] sbatch said: %s", said)
+        for stream, pattern in output_paths.items():
+            if pattern is not None:
+                output_paths[stream] = pattern.replace("%j", job_id)
+        job = _SlurmJob(
+            self.commands, job_id, what, session=request.session, output_paths=output_paths, own_dir=own_dir,
+            poll_min_seconds=min(DEFAULT_POLL_MIN_SECONDS, self.poll_interval_seconds),
+            poll_max_seconds=self.poll_interval_seconds, pending_warning_seconds=self.pending_warning_seconds,
+            on_job_state=on_job_state,
+        )
+        logger.info("[pipes] submitted %s", job.description)
+        return job
+
