@@ -577,7 +577,14 @@ class _SlurmJob(PipesLaunchedProcess):
     def interrupt(self) -> None:
         if self.ended_event.is_set():
             return
-        if self.info is None or self.info.pending:
+        if not self.session.opened and (self.info is None or self.info.pending):
+            try:
+                self.query()  # the last answer may be old: the job may have started since
+            except PipesSlurmError:
+                pass
+        if self.ended_event.is_set():
+            return
+        if not self.session.opened and (self.info is None or self.info.pending):
             self._scancel()  # nothing runs yet: nothing to interrupt gracefully
         else:
             self._scancel("--full", "--signal=INT")
@@ -665,7 +672,7 @@ def _script_option_names(path: str) -> set[str]:
     return names
 
 
-_OUTPUT_OPTIONS = {"stdout": {"output", "o"}, "stderr": {"error", "e"}}
+_OUTPUT_OPTIONS = frozenset({"output", "o", "error", "e"})
 
 
 def _merge_export(args: list[str], names: Sequence[str]) -> list[str]:
@@ -835,11 +842,11 @@ class PipesSlurmClient(PipesClient):
         defaults: list[str] = []
         if "requeue" not in named and "no-requeue" not in named:
             defaults.append("--no-requeue")
-        missing = [stream for stream, options in _OUTPUT_OPTIONS.items() if not options & named]
-        if missing:
+        # A user who names either file gets Slurm's own rules for the other (stderr joins a named --output).
+        if not _OUTPUT_OPTIONS & named:
             own_dir = tempfile.mkdtemp(prefix="pipes-slurm-output-", dir=self.shared_dir)
             os.chmod(own_dir, 0o700)
-            for stream in missing:
+            for stream in ("stdout", "stderr"):
                 path = os.path.join(own_dir, f"slurm-%j.{'out' if stream == 'stdout' else 'err'}")
                 defaults.append(f"--{'output' if stream == 'stdout' else 'error'}={path}")
                 output_paths[stream] = path
