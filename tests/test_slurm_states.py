@@ -9,7 +9,10 @@ tests/test_slurm_client.py.
 
 from __future__ import annotations
 
+import json
 import logging
+import os
+import threading
 from pathlib import Path
 
 import pytest
@@ -152,3 +155,42 @@ def test_a_job_the_cluster_does_not_know_is_a_query_failure_after_the_grace(
         assert "scancel 999999" in str(caught.value)
         assert not job.ended_event.is_set()
         job.close()
+
+
+def _inotify_fds() -> int:
+    count = 0
+    for fd in os.listdir("/proc/self/fd"):
+        try:
+            count += os.readlink(f"/proc/self/fd/{fd}") == "anon_inode:inotify"
+        except OSError:
+            pass
+    return count
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self/fd"), reason="needs /proc to count inotify descriptors")
+@pytest.mark.parametrize("use_inotify", [False, True])
+def test_the_file_reader_sees_another_writer_with_inotify_off(tmp_path: Path, use_inotify: bool) -> None:
+    # A writer this process does not wake the reader for (as a job on another host writing to NFS): every
+    # message still arrives, in order, by the reader's own polling; with use_inotify=False no watch is made.
+    from pipes_core import PipesFileMessageReader
+
+    path = tmp_path / "messages"
+    seen: list[object] = []
+    before = _inotify_fds()
+    got_all = threading.Event()
+
+    def on_event(event: object) -> None:
+        seen.append(getattr(event, "payload", None))
+        if len(seen) == 500:
+            got_all.set()
+
+    with open_pipes_session(PipesRunContext(), PipesTempFileContextInjector(),
+                            PipesFileMessageReader(path, use_inotify=use_inotify), on_event=on_event):
+        assert _inotify_fds() == before + (1 if use_inotify else 0)
+        with open(path, "a", encoding="utf-8") as writer:
+            for i in range(500):
+                writer.write(json.dumps({"__dagster_pipes_version": "0.1", "method": "report_custom_message",
+                                         "params": {"payload": i}}) + "\n")
+                writer.flush()
+            assert got_all.wait(30)  # arrived while the session runs, not only in the final drain
+    assert seen == list(range(500))
