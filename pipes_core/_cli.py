@@ -2,6 +2,7 @@
 
     pipes run [--asset KEY]... [--partition KEY] [--extras JSON | --extras-file PATH]
               [--context-injector env|file|tempfile] [--message-reader file|tempfile]
+              [--slurm [--sbatch-arg ARG]... [--shared-dir DIR] [--slurm-conf PATH]]
               [--json] [--no-strict] [--fail-on-check-error] [--timeout S] -- COMMAND [ARG]...
 
 Human mode prints each event as it arrives (colour on a terminal, plain when piped) and a summary. ``--json``
@@ -26,6 +27,7 @@ from typing import IO, Any, NoReturn
 
 from pipes_ext._protocol import escape_asset_key, parse_asset_key
 
+from ._client import PipesClient
 from ._errors import PipesExecutionError, PipesInterruptedError, PipesTimeoutError, PipesUsageError
 from ._handler import DEFAULT_LOGGER_NAME
 from ._injectors import (
@@ -78,9 +80,11 @@ def _build_parser() -> argparse.ArgumentParser:
     extras.add_argument("--extras-file", metavar="PATH", help="extras from a JSON file")
     run.add_argument("--run-id", help="run id (default: a new UUID)")
     run.add_argument("--job-name", help="job name sent in the context")
-    run.add_argument("--context-injector", choices=["env", "file", "tempfile"], default="tempfile")
+    run.add_argument("--context-injector", choices=["env", "file", "tempfile"],
+                     help="default tempfile (env with --slurm)")
     run.add_argument("--context-path", help="context file for --context-injector file")
-    run.add_argument("--message-reader", choices=["file", "tempfile"], default="tempfile")
+    run.add_argument("--message-reader", choices=["file", "tempfile"],
+                     help="default tempfile (with --slurm: a file under --shared-dir)")
     run.add_argument("--messages-path", help="messages file for --message-reader file")
     run.add_argument("--include-stdio", action="store_true",
                      help="ask the process to forward its stdout/stderr as messages")
@@ -90,6 +94,14 @@ def _build_parser() -> argparse.ArgumentParser:
     run.add_argument("--fail-on-check-error", action="store_true",
                      help="exit non-zero when a check of severity ERROR fails")
     run.add_argument("--timeout", type=float, metavar="S", help="terminate the command after S seconds")
+    slurm = run.add_argument_group("Slurm", "run the command as a Slurm batch job (sbatch)")
+    slurm.add_argument("--slurm", action="store_true", help="submit COMMAND with sbatch and follow the job")
+    slurm.add_argument("--sbatch-arg", action="append", default=[], metavar="ARG",
+                       help="an sbatch option, passed through; repeatable (--sbatch-arg=--partition=debug)")
+    slurm.add_argument("--shared-dir", metavar="DIR",
+                       help="a directory the compute nodes share with this machine, for the messages and output "
+                            "files (default: a local temp dir, which works only when the job runs here)")
+    slurm.add_argument("--slurm-conf", metavar="PATH", help="SLURM_CONF for the Slurm commands")
     run.add_argument("command", nargs=argparse.REMAINDER, help="-- COMMAND [ARG]...")
     return parser
 
@@ -209,6 +221,13 @@ class _Printer:
         else:
             self.line(f"{tag} {self.paint('protocol issue', 'red')}: {event}")
 
+    def job_state(self, info: Any) -> None:
+        """A Slurm job's state change (a :class:`pipes_core.slurm.SlurmJobInfo`)."""
+        if self.as_json:
+            self.emit({"event": "slurm_job", "job_id": info.job_id, "state": info.state, "reason": info.reason})
+        else:
+            self.line(f"{self.paint('[pipes]', 'dim')} slurm job {info.job_id} {info.describe()}")
+
     def _count(self, event: PipesEvent) -> None:
         c = self.counts
         if isinstance(event, MaterializeResult):
@@ -227,7 +246,7 @@ class _Printer:
 
 
 def _injector(args: argparse.Namespace) -> PipesContextInjector:
-    if args.context_injector == "env":
+    if args.context_injector == "env" or (args.context_injector is None and args.slurm):
         return PipesEnvContextInjector()
     if args.context_injector == "file":
         if not args.context_path:
@@ -241,7 +260,31 @@ def _reader(args: argparse.Namespace) -> PipesMessageReader:
         if not args.messages_path:
             raise _UsageError("--message-reader file needs --messages-path PATH")
         return PipesFileMessageReader(args.messages_path, include_stdio_in_messages=args.include_stdio)
+    if args.slurm:
+        from .slurm import PipesSlurmMessageReader
+
+        return PipesSlurmMessageReader(args.shared_dir, include_stdio_in_messages=args.include_stdio)
     return PipesTempFileMessageReader(include_stdio_in_messages=args.include_stdio)
+
+
+def _client(args: argparse.Namespace) -> tuple[PipesClient, dict[str, Any]]:
+    """The client for the run, and the options its ``run`` takes beyond the common ones."""
+    strict = not args.no_strict
+    if not args.slurm:
+        for given, flag in ((args.sbatch_arg, "--sbatch-arg"), (args.shared_dir, "--shared-dir"),
+                            (args.slurm_conf, "--slurm-conf")):
+            if given:
+                raise _UsageError(f"{flag} needs --slurm")
+        return PipesSubprocessClient(context_injector=_injector(args), message_reader=_reader(args),
+                                     strict=strict), {}
+    from .slurm import PipesSlurmClient, SlurmCommands
+
+    if args.shared_dir is not None and not os.path.isdir(args.shared_dir):
+        raise _UsageError(f"--shared-dir {args.shared_dir!r} is not a directory")
+    client = PipesSlurmClient(shared_dir=args.shared_dir, sbatch_args=args.sbatch_arg,
+                              commands=SlurmCommands(slurm_conf=args.slurm_conf), context_injector=_injector(args),
+                              message_reader=_reader(args), strict=strict)
+    return client, {}
 
 
 def _run(args: argparse.Namespace, out: IO[str]) -> int:
@@ -256,10 +299,11 @@ def _run(args: argparse.Namespace, out: IO[str]) -> int:
         raise _UsageError("--timeout must be positive")
     context = PipesRunContext(asset_keys=assets or None, partition_key=args.partition, job_name=args.job_name,
                               **({"run_id": args.run_id} if args.run_id else {}))
-    client = PipesSubprocessClient(context_injector=_injector(args), message_reader=_reader(args),
-                                   strict=not args.no_strict)
+    client, options = _client(args)
     colour = not args.json and out.isatty() and os.environ.get("NO_COLOR") is None
     printer = _Printer(out, args.json, colour)
+    if args.slurm:
+        options["on_job_state"] = printer.job_state
     external = logging.getLogger(DEFAULT_LOGGER_NAME)  # events are printed by us, not by logging
     external.addHandler(logging.NullHandler())
     external.propagate = False
@@ -269,7 +313,7 @@ def _run(args: argparse.Namespace, out: IO[str]) -> int:
     try:
         invocation = client.run(context=context, command=command, extras=extras, timeout_seconds=args.timeout,
                                 on_event=printer, retain_messages=False,
-                                stdout=sys.stderr if args.json else None)
+                                stdout=sys.stderr if args.json else None, **options)
         code = 0
     except KeyboardInterrupt:
         code, error = EXIT_INTERRUPTED, "interrupted"
