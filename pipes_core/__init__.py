@@ -18,6 +18,7 @@ arguments you pass to it.
 
 from __future__ import annotations
 
+from pipes_ext._blob import PipesBlobStore
 from pipes_ext._protocol import (
     DAGSTER_PIPES_CONTEXT_CLI_ARGUMENT,
     DAGSTER_PIPES_CONTEXT_ENV_VAR,
@@ -95,6 +96,7 @@ __all__ = [
     "PipesFileMessageReader",
     "PipesTempFileMessageReader",
     "PipesBlobStoreMessageReader",
+    "PipesBlobStore",
     "PipesLogReader",
     "PipesChunkedLogReader",
     "PipesFileLogReader",

@@ -1,7 +1,8 @@
 """Blob-store channels, orchestrator side: the context injector and the chunk reader, for any store.
 
 A backend (``pipes_core.s3``, ``.gcs``, ``.azure``) supplies a :class:`pipes_ext._blob.PipesBlobStore`;
-the logic is here. Better than the reference's reader:
+the logic is here. :class:`PipesBlobStoreMessageReader` is public: subclass it for another store (see its
+docstring for the methods to implement). Better than the reference's reader:
 
 * every poll reads **all** chunks available (n, n+1, ... until one is missing), not one per interval, and
   once the process has ended the whole backlog is drained before the session closes;
@@ -20,7 +21,7 @@ import random
 import string
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any
 
@@ -33,9 +34,11 @@ from pipes_ext._blob import (
 )
 from pipes_ext._errors import PipesTransportError
 from pipes_ext._protocol import PARAM_BUCKET, PARAM_INCLUDE_STDIO_IN_MESSAGES, PARAM_KEY, PARAM_KEY_PREFIX
+from pipes_ext._types import PipesParams
 
 from ._handler import PipesMessageHandler
 from ._injectors import PipesContextInjector
+from ._log_readers import PipesLogReader
 from ._readers import PipesMessageReader
 
 __all__ = [
@@ -90,11 +93,13 @@ class PipesBlobStoreContextInjector(PipesContextInjector):
 class _ChunkTailer:
     """The reader's thread: follows ``<prefix>/1.json``, ``2.json``, ... into a handler."""
 
-    def __init__(self, reader: PipesBlobStoreMessageReader, store: PipesBlobStore, key_prefix: str,
+    def __init__(self, reader: PipesBlobStoreMessageReader, store: PipesBlobStore, params: PipesParams,
                  handler: PipesMessageHandler) -> None:
         self.reader = reader
         self.store = store
-        self.key_prefix = key_prefix
+        self.params = params
+        prefix = params.get(PARAM_KEY_PREFIX)
+        self.key_prefix = prefix if isinstance(prefix, str) else None
         self.handler = handler
         self.next_index = 1
         self.chunks_read = 0
@@ -116,7 +121,8 @@ class _ChunkTailer:
 
         def get() -> bytes | None:
             self.requests += 1
-            return self.store.get(key)
+            data = self.reader.download_messages_chunk(index, self.params)
+            return data.encode("utf-8") if isinstance(data, str) else data
 
         return self.reader.retry.call(self.store, "reading messages chunk", key, get)
 
@@ -193,11 +199,38 @@ class _ChunkTailer:
             self.error.__cause__ = exc
 
 
+class _HookStore(PipesBlobStore):
+    """Presents a reader's hooks to :class:`RetryPolicy`, which classifies errors and names objects through a
+    store: for readers that implement ``download_messages_chunk`` rather than ``make_store``."""
+
+    def __init__(self, reader: PipesBlobStoreMessageReader, params: PipesParams) -> None:
+        bucket = params.get(PARAM_BUCKET)
+        super().__init__(bucket if isinstance(bucket, str) else "")
+        self.reader = reader
+
+    def is_transient(self, exc: BaseException) -> bool:
+        return self.reader.is_transient_error(exc)
+
+
 class PipesBlobStoreMessageReader(PipesMessageReader):
-    """Base of the blob-store message readers; see the module docstring.
+    """Reads the numbered message chunks (``<key_prefix>/1.json``, ``2.json``, ...) that a blob-store message
+    writer uploads; the base of the S3, GCS and Azure readers. See the module docstring for the behaviour.
+
+    Subclass it for another store in one of two ways:
+
+    * implement :meth:`make_store`, returning a :class:`pipes_ext._blob.PipesBlobStore` (its ``get``, plus
+      ``is_transient`` and ``url`` for retries and messages); the built-in backends do this, and the same
+      store serves the external side's writer and the blob log reader; or
+    * implement the two hooks directly: :meth:`get_params` (a context manager yielding the messages params
+      that tell the external side where to write, and cleaning up afterwards) and
+      :meth:`download_messages_chunk` (chunk ``index`` or None while it does not exist); optionally
+      :meth:`is_transient_error` so that outages are retried.
 
     Args:
-        interval: seconds between polls while the process runs.
+        interval: seconds between polls while the process runs (the reference's default is 10 s; ours is
+            :data:`DEFAULT_POLL_INTERVAL`, since each poll takes every chunk available).
+        log_readers: :class:`~pipes_core.PipesLogReader` objects, started when ``opened`` arrives and stopped
+            when the session ends.
         include_stdio_in_messages: ask the external side to forward its stdout/stderr.
         missing_chunk_grace: see :data:`DEFAULT_MISSING_CHUNK_GRACE`.
         retry: backoff for transient errors.
@@ -205,36 +238,78 @@ class PipesBlobStoreMessageReader(PipesMessageReader):
 
     def __init__(
         self,
-        *,
         interval: float = DEFAULT_POLL_INTERVAL,
+        log_readers: Sequence[PipesLogReader] | None = None,
+        *,
         include_stdio_in_messages: bool = False,
         missing_chunk_grace: float = DEFAULT_MISSING_CHUNK_GRACE,
         retry: RetryPolicy = DEFAULT_RETRY_POLICY,
     ) -> None:
         self.interval = interval
+        self.log_readers = tuple(log_readers or ())
         self.include_stdio_in_messages = include_stdio_in_messages
         self.missing_chunk_grace = missing_chunk_grace
         self.retry = retry
         self.last_stats: dict[str, int] = {}
+        self._store: PipesBlobStore | None = None  # the session's store, between get_params' entry and exit
+
+    # ------------------------------------------------------------------ what a subclass implements
 
     def make_store(self) -> PipesBlobStore:
-        raise NotImplementedError
+        """The store the messages are read from (called once per session)."""
+        raise NotImplementedError(
+            f"{type(self).__name__} must implement make_store(), or get_params() and download_messages_chunk()"
+        )
 
     @contextmanager
-    def read_messages(self, handler: PipesMessageHandler) -> Iterator[dict[str, Any]]:
+    def get_params(self) -> Iterator[PipesParams]:
+        """Yield the messages params for the external side (where to write the chunks); clean up on exit.
+
+        Default: a fresh random key prefix in :meth:`make_store`'s bucket:
+        ``{"bucket", "key_prefix", "include_stdio_in_messages"}``.
+        """
         store = self.make_store()
-        key_prefix = random_key_component()
-        tailer = _ChunkTailer(self, store, key_prefix, handler)
-        tailer.start()
+        self._store = store
         try:
             yield {
                 PARAM_BUCKET: store.bucket,
-                PARAM_KEY_PREFIX: key_prefix,
+                PARAM_KEY_PREFIX: random_key_component(),
                 PARAM_INCLUDE_STDIO_IN_MESSAGES: self.include_stdio_in_messages,
             }
         finally:
-            tailer.finish()
-            self.last_stats = {"chunks": tailer.chunks_read, "requests": tailer.requests}
+            self._store = None
+
+    def download_messages_chunk(self, index: int, params: PipesParams) -> bytes | str | None:
+        """Chunk ``index`` (counting from 1) of the session described by ``params`` (what :meth:`get_params`
+        yielded), or None while it does not exist. May raise; see :meth:`is_transient_error`.
+
+        Default: ``<key_prefix>/<index>.json`` from :meth:`make_store`'s store.
+        """
+        if self._store is None:
+            raise NotImplementedError(f"{type(self).__name__} must implement download_messages_chunk()")
+        prefix = params.get(PARAM_KEY_PREFIX)
+        return self._store.get(chunk_key(prefix if isinstance(prefix, str) else None, index))
+
+    def is_transient_error(self, exc: BaseException) -> bool:
+        """Is an error raised by :meth:`download_messages_chunk` worth retrying (an outage, not a missing
+        bucket)? Default: the store's answer, else connection errors and timeouts."""
+        if self._store is not None:
+            return self._store.is_transient(exc)
+        return isinstance(exc, (ConnectionError, TimeoutError))
+
+    # ------------------------------------------------------------------ the reading itself
+
+    @contextmanager
+    def read_messages(self, handler: PipesMessageHandler) -> Iterator[dict[str, Any]]:
+        with self.get_params() as params:
+            store = self._store if self._store is not None else _HookStore(self, params)
+            tailer = _ChunkTailer(self, store, params, handler)
+            tailer.start()
+            try:
+                yield dict(params)
+            finally:
+                tailer.finish()
+                self.last_stats = {"chunks": tailer.chunks_read, "requests": tailer.requests}
         if tailer.error is not None:
             raise tailer.error
 

@@ -5,6 +5,8 @@ see :mod:`pipes_ext.azure`); the SDK is imported lazily. The params key ``"bucke
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 from pipes_ext._blob import DEFAULT_RETRY_POLICY, PipesBlobStore, RetryPolicy
 from pipes_ext.azure import AzureBlobServiceClientLike, AzureBlobStore, default_azure_client
 
@@ -14,6 +16,7 @@ from ._blob import (
     PipesBlobStoreContextInjector,
     PipesBlobStoreMessageReader,
 )
+from ._log_readers import PipesLogReader
 
 __all__ = ["PipesAzureBlobStorageContextInjector", "PipesAzureBlobStorageMessageReader"]
 
@@ -44,10 +47,11 @@ class PipesAzureBlobStorageMessageReader(PipesBlobStoreMessageReader):
         interval: float = DEFAULT_POLL_INTERVAL,
         include_stdio_in_messages: bool = False,
         *,
+        log_readers: Sequence[PipesLogReader] | None = None,
         missing_chunk_grace: float = DEFAULT_MISSING_CHUNK_GRACE,
         retry: RetryPolicy = DEFAULT_RETRY_POLICY,
     ) -> None:
-        super().__init__(interval=interval, include_stdio_in_messages=include_stdio_in_messages,
+        super().__init__(interval, log_readers, include_stdio_in_messages=include_stdio_in_messages,
                          missing_chunk_grace=missing_chunk_grace, retry=retry)
         self.container = container
         self.client = client if client is not None else default_azure_client()

@@ -4,6 +4,8 @@ lazily. Every request is made with google-cloud-storage's own retry off; see :mo
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 from pipes_ext._blob import DEFAULT_RETRY_POLICY, PipesBlobStore, RetryPolicy
 from pipes_ext.gcs import GCSBlobStore, GCSClientLike, default_gcs_client
 
@@ -13,6 +15,7 @@ from ._blob import (
     PipesBlobStoreContextInjector,
     PipesBlobStoreMessageReader,
 )
+from ._log_readers import PipesLogReader
 
 __all__ = ["PipesGCSContextInjector", "PipesGCSMessageReader"]
 
@@ -44,10 +47,11 @@ class PipesGCSMessageReader(PipesBlobStoreMessageReader):
         interval: float = DEFAULT_POLL_INTERVAL,
         include_stdio_in_messages: bool = False,
         *,
+        log_readers: Sequence[PipesLogReader] | None = None,
         missing_chunk_grace: float = DEFAULT_MISSING_CHUNK_GRACE,
         retry: RetryPolicy = DEFAULT_RETRY_POLICY,
     ) -> None:
-        super().__init__(interval=interval, include_stdio_in_messages=include_stdio_in_messages,
+        super().__init__(interval, log_readers, include_stdio_in_messages=include_stdio_in_messages,
                          missing_chunk_grace=missing_chunk_grace, retry=retry)
         self.bucket = bucket
         self.client = client if client is not None else default_gcs_client()

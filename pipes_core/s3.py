@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 from pipes_ext._blob import DEFAULT_RETRY_POLICY, PipesBlobStore, RetryPolicy
 from pipes_ext.s3 import S3BlobStore, S3ClientLike, default_s3_client
 
@@ -12,6 +14,7 @@ from ._blob import (
     PipesBlobStoreContextInjector,
     PipesBlobStoreMessageReader,
 )
+from ._log_readers import PipesLogReader
 
 __all__ = ["PipesS3ContextInjector", "PipesS3MessageReader"]
 
@@ -42,10 +45,11 @@ class PipesS3MessageReader(PipesBlobStoreMessageReader):
         interval: float = DEFAULT_POLL_INTERVAL,
         include_stdio_in_messages: bool = False,
         *,
+        log_readers: Sequence[PipesLogReader] | None = None,
         missing_chunk_grace: float = DEFAULT_MISSING_CHUNK_GRACE,
         retry: RetryPolicy = DEFAULT_RETRY_POLICY,
     ) -> None:
-        super().__init__(interval=interval, include_stdio_in_messages=include_stdio_in_messages,
+        super().__init__(interval, log_readers, include_stdio_in_messages=include_stdio_in_messages,
                          missing_chunk_grace=missing_chunk_grace, retry=retry)
         self.bucket = bucket
         self.client = client if client is not None else default_s3_client()

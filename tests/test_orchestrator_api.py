@@ -9,8 +9,10 @@ difference, e.g. the blob reader's poll interval).
 
 from __future__ import annotations
 
+import importlib
 import inspect
 import os
+import shutil
 import subprocess
 import sys
 import threading
@@ -21,16 +23,20 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+import pytest
+
 import pipes_core
 from pipes_core import (
     AssetCheckResult,
     MaterializeResult,
     MetadataValue,
+    PipesBlobStoreMessageReader,
     PipesContextData,
     PipesEnvContextInjector,
     PipesExecutionResult,
     PipesExtras,
     PipesFileContextInjector,
+    PipesFileLogReader,
     PipesFileMessageReader,
     PipesMessage,
     PipesMessageHandler,
@@ -40,10 +46,13 @@ from pipes_core import (
     PipesSubprocessClient,
     PipesTempFileContextInjector,
     PipesTempFileMessageReader,
+    PipesTransportError,
     open_pipes_session,
 )
+from pipes_core._blob import DEFAULT_POLL_INTERVAL
 from pipes_ext import PipesContext, PipesMappingParamsLoader, open_pipes
 from pipes_ext import _types as ext_types
+from pipes_ext._blob import RetryPolicy
 from pipes_ext._protocol import dumps_message
 
 PYTHON = sys.executable
@@ -431,3 +440,140 @@ def test_open_pipes_session_yields_a_session_and_cleans_up(tmp_path: Path) -> No
             pipes.report_custom_message({"x": 1})
     assert session.get_custom_messages() == [{"x": 1}]
     assert not context_path.exists() and not messages_path.exists()
+
+
+# ------------------------------------------------------------------------------ PipesBlobStoreMessageReader
+
+# The external side of a store the library does not know: a directory (a shared filesystem, say). The writer is
+# the library's blob writer with a store of our own; chunks land atomically (write, then rename).
+CHILD_DIRECTORY_WRITER = """
+import os, sys
+from pipes_ext import open_pipes
+from pipes_ext._blob import PipesBlobStore, PipesBlobStoreMessageWriter
+
+
+class DirectoryStore(PipesBlobStore):
+    scheme = "dir"
+
+    def put(self, key, data):
+        path = os.path.join(self.bucket, key)
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        with open(path + ".part", "wb") as f:
+            f.write(data)
+        os.replace(path + ".part", path)
+
+    def get(self, key):
+        try:
+            with open(os.path.join(self.bucket, key), "rb") as f:
+                return f.read()
+        except FileNotFoundError:
+            return None
+
+    def delete(self, key):
+        try:
+            os.remove(os.path.join(self.bucket, key))
+        except FileNotFoundError:
+            pass
+
+
+class DirectoryMessageWriter(PipesBlobStoreMessageWriter):
+    def make_store(self, bucket):
+        return DirectoryStore(bucket)
+
+
+with open_pipes(message_writer=DirectoryMessageWriter(interval=0.02, max_chunk_bytes=2048)) as pipes:
+    for i in range(int(sys.argv[1])):
+        pipes.report_custom_message({"i": i, "pad": "x" * 40})
+    pipes.report_asset_materialization(asset_key="a", metadata={"n": int(sys.argv[1])})
+"""
+
+
+class DirectoryMessageReader(PipesBlobStoreMessageReader):
+    """The orchestrator side, through the two documented hooks only."""
+
+    def __init__(self, root: Path, *, fail_first: int = 0, error: type[Exception] = ConnectionError,
+                 **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.root = root
+        self.fail_first = fail_first
+        self.error = error
+        self.downloads = 0
+
+    @contextmanager
+    def get_params(self) -> Iterator[PipesParams]:
+        directory = self.root / f"session-{len(list(self.root.iterdir()))}"
+        directory.mkdir()
+        try:
+            yield {"bucket": str(directory), "key_prefix": "messages"}
+        finally:
+            shutil.rmtree(directory)
+
+    def download_messages_chunk(self, index: int, params: PipesParams) -> str | None:
+        self.downloads += 1
+        if self.downloads <= self.fail_first:
+            raise self.error(f"the share is unavailable (download {self.downloads})")
+        try:
+            return (Path(params["bucket"]) / params["key_prefix"] / f"{index}.json").read_text("utf-8")
+        except FileNotFoundError:
+            return None
+
+
+def run_directory_child(tmp_path: Path, reader: PipesBlobStoreMessageReader, count: int) -> PipesSession:
+    script = tmp_path / "writer.py"
+    script.write_text(CHILD_DIRECTORY_WRITER, encoding="utf-8")
+    with open_pipes_session(PipesRunContext(asset_keys=["a"]), PipesTempFileContextInjector(), reader) as session:
+        completed = subprocess.run([PYTHON, str(script), str(count)], capture_output=True, text=True, timeout=120,
+                                   env={**os.environ, **session.get_bootstrap_env_vars()})
+        assert completed.returncode == 0, completed.stderr
+    return session
+
+
+def test_blob_store_message_reader_signature() -> None:
+    assert params_of(PipesBlobStoreMessageReader)[:2] == [
+        ("interval", DEFAULT_POLL_INTERVAL, "POSITIONAL_OR_KEYWORD"),
+        ("log_readers", None, "POSITIONAL_OR_KEYWORD"),
+    ]
+    reader = PipesBlobStoreMessageReader(0.5, [PipesFileLogReader("x")])
+    assert reader.interval == 0.5 and len(reader.log_readers) == 1
+    for backend in ("s3", "gcs", "azure"):
+        module = importlib.import_module(f"pipes_core.{backend}")
+        [cls] = [c for c in vars(module).values()
+                 if isinstance(c, type) and issubclass(c, PipesBlobStoreMessageReader)
+                 and c is not PipesBlobStoreMessageReader]
+        assert "log_readers" in inspect.signature(cls).parameters, cls
+
+
+def test_a_subclass_for_another_store_implements_two_hooks(tmp_path: Path) -> None:
+    root = tmp_path / "share"
+    root.mkdir()
+    reader = DirectoryMessageReader(root, interval=0.02)
+    session = run_directory_child(tmp_path, reader, 500)
+    assert session.get_custom_messages() == [{"i": i, "pad": "x" * 40} for i in range(500)]
+    assert keys(session.get_results()) == [("a", False)]
+    assert session.closed and session.issue_count == 0
+    assert reader.last_stats["chunks"] > 5  # many chunks (2 KiB each), read in order
+    assert list(root.iterdir()) == []  # get_params cleaned up
+
+
+def test_a_subclass_transient_errors_are_retried(tmp_path: Path) -> None:
+    root = tmp_path / "share"
+    root.mkdir()
+    reader = DirectoryMessageReader(root, interval=0.02, fail_first=3, retry=RetryPolicy(base_delay=0.001))
+    session = run_directory_child(tmp_path, reader, 50)
+    assert len(session.get_custom_messages()) == 50
+    assert session.issue_count == 0
+
+
+def test_a_subclass_permanent_error_is_raised_at_the_end(tmp_path: Path) -> None:
+    root = tmp_path / "share"
+    root.mkdir()
+    reader = DirectoryMessageReader(root, interval=0.02, fail_first=10**9, error=PermissionError)
+    with pytest.raises(PipesTransportError, match=r"reading messages chunk.*PermissionError.*unavailable"):
+        run_directory_child(tmp_path, reader, 5)
+    assert list(root.iterdir()) == []
+
+
+def test_a_subclass_that_implements_nothing_says_what_to_implement() -> None:
+    with pytest.raises(NotImplementedError, match=r"make_store\(\), or get_params\(\) and download_messages_chunk"):
+        with open_pipes_session(None, PipesEnvContextInjector(), PipesBlobStoreMessageReader()):
+            pass  # pragma: no cover
