@@ -42,7 +42,7 @@ import pytest
 REPO_ROOT = Path(__file__).resolve().parent.parent
 CACHE_DIR = REPO_ROOT / ".ci" / "cache"
 # Bump when the base image's recipe changes (it is part of the cache key).
-BASE_RECIPE_VERSION = "1"
+BASE_RECIPE_VERSION = "2"
 BASE_IMAGE = "pipes-test-base:latest"
 TEST_IMAGE = "pipes-test:latest"
 # Where the test image keeps pipes_ext and dagster_pipes (on PYTHONPATH).
@@ -365,7 +365,7 @@ def write_base_tarball(path: Path, inputs: _BaseInputs | None = None) -> None:
     python, busybox, libraries, stdlib_files = inputs or _base_inputs()
     seen: set[str] = set()
     with tarfile.open(path, "w", format=tarfile.GNU_FORMAT) as tar:
-        for name, mode in (("tmp", 0o1777), ("root", 0o700), ("etc", 0o755), ("bin", 0o755), ("proc", 0o755),
+        for name, mode in (("tmp", 0o1777), ("root", 0o755), ("etc", 0o755), ("bin", 0o755), ("proc", 0o755),
                            ("sys", 0o755), ("dev", 0o755), ("home", 0o755), ("work", 0o777)):
             info = tarfile.TarInfo(name)
             info.type = tarfile.DIRTYPE

@@ -1,0 +1,515 @@
+"""``PipesDockerClient``: run the external process in a Docker container (extra ``pipes-sdk[docker]``).
+
+The lifecycle (session, output, timeout, termination, drain, verdict) is the launchers' shared one
+(:class:`~pipes_core.PipesClient`); this module creates, starts, watches, signals and removes one container.
+
+Defaults, and why:
+
+* **bootstrap by env vars** (``DAGSTER_PIPES_CONTEXT`` / ``DAGSTER_PIPES_MESSAGES`` in the container's
+  environment): nothing has to be shared with the container. ``bootstrap="cli"`` appends the arguments to the
+  command instead (to the image's ``CMD`` when no command is given).
+* **messages over the container's stdout**, read live from the daemon's attach stream by
+  :class:`~pipes_core.PipesStdioMessageReader` (attached before the container starts, so nothing is missed);
+  lines that are not messages are the container's output, forwarded to this process's stdout, and its stderr
+  to this process's stderr. The stream gives back-pressure: a container that floods its output waits for us,
+  and our memory stays bounded (message lines are capped by the reader's ``max_line_bytes``).
+* **file channels bind-mounted**: a context injector or message reader that uses a file (e.g.
+  :class:`~pipes_core.PipesTempFileMessageReader`) gets its directory bind-mounted at the same path in the
+  container (``mount_channel_files``); this needs the daemon on this machine. Blob-store channels need only
+  that the container can reach the store.
+* **``init=True``**: a small init process (``docker run --init``) is the container's PID 1 and passes signals
+  on, so SIGTERM stops a program that installs no handler (PID 1 ignores it otherwise).
+* **no pull**: an image missing from the daemon is an error naming it, unless ``pull=True``.
+* **the container is removed** after the run (and after its output was drained) unless ``keep_container``.
+
+Termination (``timeout_seconds``, Ctrl-C with ``forward_termination``, SIGTERM to this process): the container
+gets SIGINT, then after ``termination_timeout_seconds`` SIGTERM, then SIGKILL (``docker kill -s``); its output
+is drained, then it is removed, and the error is raised as :class:`~pipes_core.PipesSubprocessClient` does.
+
+Errors name the cause: the daemon cannot be reached (saying which ``DOCKER_HOST`` or socket), the image is
+missing, the container cannot be created or started (the daemon's message), it exited non-zero, it was killed
+(an OOM kill is said as such), it never opened the channel (the shared lifecycle's rules).
+"""
+
+from __future__ import annotations
+
+import os
+import shlex
+import signal
+import threading
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+from pipes_ext._protocol import PARAM_PATH
+
+from ._client import (
+    BOOTSTRAP_ENV,
+    PipesClient,
+    PipesClientCompletedInvocation,
+    PipesExitStatus,
+    PipesLaunchedProcess,
+    PipesLaunchRequest,
+    signal_name,
+)
+from ._errors import PipesExecutionError, PipesUsageError
+from ._injectors import PipesContextInjector
+from ._readers import PipesMessageReader
+from ._results import PipesEvent
+from ._run_context import PipesRunContext
+from ._stdio import PipesOutputTarget
+
+__all__ = [
+    "PipesDockerClient",
+    "PipesDockerContainer",
+    "describe_docker_host",
+    "DEFAULT_DOCKER_HOST",
+    "RUN_ID_LABEL",
+]
+
+# Where the Docker SDK (and CLI) look when DOCKER_HOST is not set.
+DEFAULT_DOCKER_HOST = "unix:///var/run/docker.sock"
+# Every container we start carries the run id under this label (to find leftovers of a crashed orchestrator).
+RUN_ID_LABEL = "io.pipes-sdk.run-id"
+# containers.create arguments the client sets itself: passing them in container_kwargs is a usage error.
+_OWN_KWARGS = frozenset({"image", "command", "detach", "stdout", "stderr", "stream", "remove", "auto_remove",
+                         "tty", "stdin_open"})
+# Exit statuses above this are 128 + the number of the signal that ended the process (shell and Docker
+# convention).
+_SIGNAL_BASE = 128
+
+
+def _import_docker() -> Any:
+    try:
+        import docker
+    except ImportError as exc:  # pragma: no cover - the dev environment has it
+        raise ImportError(
+            "PipesDockerClient needs the Docker SDK for Python: pip install 'pipes-sdk[docker]'"
+        ) from exc
+    return docker
+
+
+def _socket_of(client: Any) -> str | None:
+    api = getattr(client, "api", client)
+    path = getattr(getattr(api, "_custom_adapter", None), "socket_path", None)
+    return path if isinstance(path, str) else None
+
+
+def _check_socket(path: str | None, where: str) -> None:
+    """Fail before connecting when a unix socket is missing (the SDK leaks the socket of a failed connect)."""
+    if path and not os.path.exists(path):
+        raise PipesExecutionError(f"cannot reach the Docker daemon at {where}: no socket at {path} (is dockerd "
+                                  "running, and is DOCKER_HOST right?)")
+
+
+def describe_docker_host(client: Any = None, environ: Mapping[str, str] | None = None) -> str:
+    """Which daemon a client talks to, for error messages: its unix socket or URL, and where that came from."""
+    environ = os.environ if environ is None else environ
+    if client is not None:
+        socket_path = _socket_of(client)
+        if socket_path:
+            return f"unix://{socket_path} (the given client)"
+        base_url = getattr(getattr(client, "api", client), "base_url", None)
+        return f"{base_url} (the given client)" if base_url else "the given client's daemon"
+    host = environ.get("DOCKER_HOST")
+    if host:
+        return f"{host} (DOCKER_HOST)"
+    return f"{DEFAULT_DOCKER_HOST} (the default; DOCKER_HOST is not set)"
+
+
+class PipesDockerContainer(PipesLaunchedProcess):
+    """One started container, as the lifecycle drives it; made by :class:`PipesDockerClient`.
+
+    Attributes:
+        container: the Docker SDK ``Container``.
+        id: the container id.
+    """
+
+    def __init__(self, client: Any, container: Any, image: str, *, stdout: Any, stderr: Any, keep: bool,
+                 own_client: bool) -> None:
+        self.client = client
+        self.container = container
+        self.id: str = container.id
+        self.image = image
+        self.description = f"the container {self.id[:12]} (image {image!r})"
+        self.stdout = stdout
+        self.stderr = stderr
+        self._keep = keep
+        self._own_client = own_client
+        self._ended = threading.Event()
+        self._wait_result: dict[str, Any] | None = None
+        self._wait_error: BaseException | None = None
+        self._signalled = False
+        self._waiter = threading.Thread(target=self._wait_for_exit, daemon=True,
+                                        name=f"pipes-docker-wait:{self.id[:12]}")
+
+    def start_waiting(self) -> None:
+        self._waiter.start()
+
+    def _wait_for_exit(self) -> None:
+        try:
+            self._wait_result = self.client.api.wait(self.id, timeout=None)
+        except BaseException as exc:  # the daemon went away: the end is unknown
+            self._wait_error = exc
+        finally:
+            self._ended.set()
+
+    def poll(self) -> bool:
+        return self._ended.is_set()
+
+    def wait(self, timeout: float | None) -> bool:
+        return self._ended.wait(timeout)
+
+    def exit_status(self) -> PipesExitStatus:
+        if self._wait_result is None:
+            error = self._wait_error
+            return PipesExitStatus(None, description=f"ended without an exit status (waiting on it failed: "
+                                                     f"{type(error).__name__}: {error})")
+        code = int(self._wait_result.get("StatusCode", -1))
+        daemon_error = (self._wait_result.get("Error") or {}).get("Message") or ""
+        state: dict[str, Any] = {}
+        try:
+            state = self.client.api.inspect_container(self.id).get("State", {})
+        except Exception:  # removed by someone else: the wait result alone
+            pass
+        if state.get("OOMKilled"):
+            limit = (self.container.attrs.get("HostConfig") or {}).get("Memory") or 0
+            within = f" (memory limit {_format_bytes(limit)})" if limit else ""
+            return PipesExitStatus(code, killed=True, description=f"was OOM-killed{within}, exit status {code}")
+        if daemon_error:
+            return PipesExitStatus(code, description=f"ended with the daemon reporting: {daemon_error}")
+        number = code - _SIGNAL_BASE
+        if code > _SIGNAL_BASE and number in _SIGNALS and (self._signalled or number == signal.SIGKILL):
+            return PipesExitStatus(-number, killed=True,
+                                   description=f"was killed by {signal_name(number)} (exit status {code})")
+        return PipesExitStatus(code)
+
+    def _signal(self, sig: str) -> None:
+        if self._ended.is_set():
+            return
+        self._signalled = True
+        try:
+            self.client.api.kill(self.id, signal=sig)
+        except Exception as exc:  # not running any more (409), gone (404): nothing to stop
+            status = getattr(getattr(exc, "response", None), "status_code", None)
+            if status not in (404, 409):
+                raise PipesExecutionError(f"sending {sig} to {self.description} failed: {exc}") from exc
+
+    def interrupt(self) -> None:
+        self._signal("SIGINT")
+
+    def terminate(self) -> None:
+        self._signal("SIGTERM")
+
+    def kill(self) -> None:
+        self._signal("SIGKILL")
+
+    def discard(self) -> None:
+        """Release a container that could not start: removed even with ``keep_container``."""
+        self._keep = False
+        self.close()
+
+    def close(self) -> None:
+        try:
+            for stream in (self.stdout, self.stderr):
+                _close_stream(stream)
+            if not self._keep:
+                try:
+                    self.client.api.remove_container(self.id, v=True, force=True)
+                except Exception as exc:
+                    if getattr(getattr(exc, "response", None), "status_code", None) != 404:
+                        raise
+        finally:
+            if self._own_client:
+                self.client.close()
+
+
+_SIGNALS = {int(s) for s in signal.Signals}
+
+
+def _close_stream(stream: Any) -> None:
+    """Close an attach stream and the HTTP response under it (closing only the stream's socket would leave the
+    response's file object holding the descriptor until garbage collection)."""
+    for target in (stream, getattr(stream, "_response", None)):
+        close = getattr(target, "close", None)
+        if close is not None:
+            try:
+                close()
+            except Exception:
+                pass
+
+
+def _format_bytes(size: int) -> str:
+    for unit, scale in (("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)):
+        if size >= scale and size % scale == 0:
+            return f"{size // scale} {unit}"
+    return f"{size} bytes"
+
+
+class PipesDockerClient(PipesClient):
+    """Runs the external process in a Docker container (see the module doc for defaults and errors).
+
+    Args:
+        client: a ``docker.DockerClient`` to use (the caller keeps it open); default: one made per run from
+            the environment (``DOCKER_HOST`` etc., as ``docker.from_env()``), closed after the run.
+        env: environment variables set in every container (a run's ``env`` adds to them).
+        context_injector: default :class:`~pipes_core.PipesEnvContextInjector`.
+        message_reader: default :class:`~pipes_core.PipesStdioMessageReader` on the container's stdout.
+        forward_termination: on Ctrl-C, stop the container (escalating) before re-raising.
+        forward_stdio: forward the container's output to this process's stdout/stderr; with False only the
+            last bytes are kept, for error messages.
+        termination_timeout_seconds: how long the container gets after SIGINT before SIGTERM.
+        strict: raise when the process never opens the channel or breaks the protocol.
+        bootstrap: ``"env"`` (default) or ``"cli"``.
+        pull: pull an image the daemon does not have (default: that is an error).
+        keep_container: leave the stopped container behind (default: removed after the run).
+        init: run an init process as PID 1 that passes signals on (``docker run --init``).
+        mount_channel_files: bind-mount the directories of file-based channels at the same path.
+        container_kwargs: further ``containers.create`` arguments for every run (a run's add to them).
+    """
+
+    def __init__(
+        self,
+        *,
+        client: Any = None,
+        env: Mapping[str, str] | None = None,
+        context_injector: PipesContextInjector | None = None,
+        message_reader: PipesMessageReader | None = None,
+        forward_termination: bool = True,
+        forward_stdio: bool = True,
+        termination_timeout_seconds: float = 20,
+        strict: bool = True,
+        bootstrap: str = BOOTSTRAP_ENV,
+        pull: bool = False,
+        keep_container: bool = False,
+        init: bool = True,
+        mount_channel_files: bool = True,
+        container_kwargs: Mapping[str, Any] | None = None,
+    ) -> None:
+        super().__init__(
+            context_injector=context_injector,
+            message_reader=message_reader,
+            forward_termination=forward_termination,
+            forward_stdio=forward_stdio,
+            termination_timeout_seconds=termination_timeout_seconds,
+            strict=strict,
+            bootstrap=bootstrap,
+        )
+        self.client = client
+        self.env = dict(env or {})
+        self.pull = pull
+        self.keep_container = keep_container
+        self.init = init
+        self.mount_channel_files = mount_channel_files
+        self.container_kwargs = _check_container_kwargs(container_kwargs)
+
+    def run(  # type: ignore[override]  # the documented signature: context and extras, plus its own options
+        self,
+        *,
+        context: PipesRunContext | None = None,
+        image: str,
+        command: str | Sequence[str] | None = None,
+        extras: Mapping[str, Any] | None = None,
+        env: Mapping[str, str] | None = None,
+        volumes: Mapping[str, Any] | Sequence[str] | None = None,
+        mounts: Sequence[Any] | None = None,
+        network: str | None = None,
+        working_dir: str | None = None,
+        user: str | int | None = None,
+        mem_limit: int | str | None = None,
+        cpus: float | None = None,
+        name: str | None = None,
+        container_kwargs: Mapping[str, Any] | None = None,
+        pull: bool | None = None,
+        keep_container: bool | None = None,
+        timeout_seconds: float | None = None,
+        strict: bool | None = None,
+        on_event: Callable[[PipesEvent], None] | None = None,
+        retain_messages: bool = True,
+        metadata: Mapping[str, Any] | None = None,
+        stdout: PipesOutputTarget | None = None,
+        stderr: PipesOutputTarget | None = None,
+        on_launched: Callable[[PipesLaunchedProcess], None] | None = None,
+    ) -> PipesClientCompletedInvocation:
+        """Run ``image`` (with ``command``: a list, or a string split with :func:`shlex.split`; default the
+        image's own) as a Pipes external process in a new container, and return what it reported.
+
+        Container options: ``volumes`` and ``mounts`` as ``containers.run`` takes them, ``network``
+        (``network_mode``, e.g. ``"none"``), ``working_dir``, ``user``, ``mem_limit`` (bytes or ``"512m"``),
+        ``cpus`` (e.g. ``1.5``), ``name``, and any other ``containers.create`` argument in ``container_kwargs``.
+
+        Raises:
+            PipesExecutionError: the daemon cannot be reached, the image is missing, the container could not
+                start, failed, was killed or OOM-killed, never opened the channel or broke the protocol;
+                ``.invocation`` holds what was received.
+            PipesTimeoutError: the run exceeded ``timeout_seconds``.
+            PipesTransportError: the message channel failed.
+            KeyboardInterrupt: re-raised after the container was stopped and the channel drained.
+        """
+        if not isinstance(image, str) or not image:
+            raise PipesUsageError(f"image must be a non-empty string, got {image!r}")
+        argv: list[str] | None = None
+        if command is not None:
+            argv = shlex.split(command) if isinstance(command, str) else [str(part) for part in command]
+            if not argv:
+                raise PipesUsageError("command is empty (pass None to run the image's own command)")
+        if cpus is not None and not cpus > 0:
+            raise PipesUsageError(f"cpus must be positive, got {cpus!r}")
+        options: dict[str, Any] = {**self.container_kwargs, **_check_container_kwargs(container_kwargs)}
+        for key, value in (("volumes", volumes), ("mounts", list(mounts) if mounts is not None else None),
+                           ("network_mode", network), ("working_dir", working_dir), ("user", user),
+                           ("mem_limit", mem_limit), ("name", name)):
+            if value is not None:
+                options[key] = value
+        if cpus is not None:
+            options["nano_cpus"] = int(cpus * 1e9)
+        options.setdefault("init", self.init)
+        environment = {**self.env, **dict(options.pop("environment", None) or {}), **(env or {})}
+        do_pull = self.pull if pull is None else pull
+        keep = self.keep_container if keep_container is None else keep_container
+
+        def launch(request: PipesLaunchRequest) -> PipesLaunchedProcess:
+            return self._launch(request, image, argv, environment, options, do_pull, keep)
+
+        return self.run_launcher(
+            launch, context=context, extras=extras, timeout_seconds=timeout_seconds, strict=strict,
+            on_event=on_event, retain_messages=retain_messages, metadata=metadata, stdout=stdout, stderr=stderr,
+            on_launched=on_launched,
+        )
+
+    # ------------------------------------------------------------------ launching
+
+    def _docker_client(self) -> tuple[Any, bool]:
+        """The client for this run, and whether it is ours (to close after the run)."""
+        docker = _import_docker()
+        if self.client is not None:
+            _check_socket(_socket_of(self.client), describe_docker_host(self.client))
+            return self.client, False
+        kwargs = docker.utils.kwargs_from_env()
+        where = describe_docker_host()
+        host = kwargs.get("base_url") or DEFAULT_DOCKER_HOST
+        if host.startswith("unix://"):
+            _check_socket(host[len("unix://"):], where)
+        # The API version is asked here, not in a client's constructor, so a failure leaves no client open.
+        probe = docker.APIClient(version=docker.constants.MINIMUM_DOCKER_API_VERSION, **kwargs)
+        try:
+            server = str(probe.version(api_version=False).get("ApiVersion") or "")
+        except (docker.errors.DockerException, OSError) as exc:
+            raise PipesExecutionError(f"cannot reach the Docker daemon at {where}: {exc}") from exc
+        finally:
+            probe.close()
+        ours = docker.constants.DEFAULT_DOCKER_API_VERSION
+        version = server if server and docker.utils.version_lt(server, ours) else ours
+        return docker.DockerClient(version=version, **kwargs), True
+
+    def _launch(self, request: PipesLaunchRequest, image: str, argv: list[str] | None, environment: dict[str, str],
+                options: dict[str, Any], pull: bool, keep: bool) -> PipesDockerContainer:
+        docker = _import_docker()
+        client, own_client = self._docker_client()
+        where = describe_docker_host(None if own_client else client)
+        create = dict(options)
+        create["environment"] = {**environment, **request.bootstrap_env}
+        create["labels"] = {RUN_ID_LABEL: str(request.session.context_data.get("run_id", "")),
+                            **dict(create.get("labels") or {})}
+        if self.mount_channel_files:
+            create["volumes"] = _with_channel_mounts(create.get("volumes"), request)
+        container: Any = None
+        launched: PipesDockerContainer | None = None
+        try:
+            container = self._create(client, docker, image, argv, request, create, pull, where)
+            # Attached before the start, as `docker run` does, so no output is missed; one stream each, so the
+            # stdout carrying the messages and the stderr are read apart.
+            out = client.api.attach(container.id, stdout=True, stderr=False, stream=True, logs=False)
+            err = client.api.attach(container.id, stdout=False, stderr=True, stream=True, logs=False)
+            launched = PipesDockerContainer(client, container, image, stdout=out, stderr=err, keep=keep,
+                                            own_client=own_client)
+            try:
+                client.api.start(container.id)
+            except docker.errors.APIError as exc:
+                raise PipesExecutionError(
+                    f"cannot start a container of image {image!r} on {where}: {_explain(exc)}") from exc
+            launched.start_waiting()
+            return launched
+        except BaseException:
+            if launched is not None:
+                launched.discard()  # it never ran: removed whatever keep_container says; closes our client
+            else:
+                if container is not None:
+                    try:
+                        client.api.remove_container(container.id, force=True)
+                    except Exception:
+                        pass
+                if own_client:
+                    client.close()
+            raise
+
+    def _create(self, client: Any, docker: Any, image: str, argv: list[str] | None, request: PipesLaunchRequest,
+                create: dict[str, Any], pull: bool, where: str) -> Any:
+        for attempt in (1, 2):
+            try:
+                command = argv
+                if request.bootstrap_args:
+                    if command is None:
+                        command = list(client.images.get(image).attrs.get("Config", {}).get("Cmd") or [])
+                    command = command + request.bootstrap_args
+                return client.containers.create(image, command, detach=True, **create)
+            except docker.errors.ImageNotFound as exc:
+                if not pull or attempt == 2:
+                    advice = "" if pull else "; no pull was attempted (pass pull=True, or build or load it first)"
+                    raise PipesExecutionError(
+                        f"the image {image!r} is not on the Docker daemon at {where}{advice}") from exc
+                try:
+                    client.images.pull(image)
+                except docker.errors.DockerException as pull_error:
+                    raise PipesExecutionError(
+                        f"pulling the image {image!r} on {where} failed: {_explain(pull_error)}") from pull_error
+            except TypeError as exc:  # an argument containers.create does not know
+                raise PipesUsageError(f"container options: {exc}") from exc
+            except docker.errors.APIError as exc:
+                raise PipesExecutionError(
+                    f"cannot create a container of image {image!r} on {where}: {_explain(exc)}") from exc
+            except docker.errors.DockerException as exc:  # connection refused, socket missing...
+                raise PipesExecutionError(f"cannot reach the Docker daemon at {where}: {exc}") from exc
+            except OSError as exc:
+                raise PipesExecutionError(f"cannot reach the Docker daemon at {where}: {exc}") from exc
+        raise AssertionError("unreachable")  # pragma: no cover
+
+
+def _explain(exc: Any) -> str:
+    explanation = getattr(exc, "explanation", None)
+    return str(explanation) if explanation else str(exc)
+
+
+def _check_container_kwargs(kwargs: Mapping[str, Any] | None) -> dict[str, Any]:
+    options = dict(kwargs or {})
+    clash = sorted(set(options) & _OWN_KWARGS)
+    if clash:
+        raise PipesUsageError(
+            f"container_kwargs may not set {', '.join(clash)}: PipesDockerClient sets them itself (use image=, "
+            "command=, keep_container=; output is always attached without a TTY)")
+    return options
+
+
+def _with_channel_mounts(volumes: Any, request: PipesLaunchRequest) -> Any:
+    """``volumes`` plus a same-path bind mount of each file channel's directory (context read-only)."""
+    wanted: dict[str, str] = {}
+    session = request.session
+    for params, mode in ((session.message_reader_params, "rw"), (session.context_injector_params, "ro")):
+        path = params.get(PARAM_PATH) if isinstance(params, Mapping) else None
+        if isinstance(path, str) and path:
+            directory = os.path.dirname(os.path.abspath(path))
+            if wanted.get(directory) != "rw":
+                wanted[directory] = mode
+    if not wanted:
+        return volumes
+    if volumes is None:
+        volumes = {}
+    if isinstance(volumes, Mapping):
+        merged = dict(volumes)
+        for directory, mode in wanted.items():
+            merged.setdefault(directory, {"bind": directory, "mode": mode})
+        return merged
+    listed = list(volumes)
+    taken = {str(entry).split(":")[0] for entry in listed}
+    return listed + [f"{d}:{d}:{m}" for d, m in wanted.items() if d not in taken]
+
+
