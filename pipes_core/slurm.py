@@ -127,6 +127,8 @@ POLL_GROWTH = 1.5
 # After the job sent ``closed`` its state is asked every DEFAULT_POLL_MIN_SECONDS for this long (the end is
 # near: a Pipes-aware job is seen to end within ~0.1 s), then the interval grows again.
 CLOSED_FAST_POLL_SECONDS = 10.0
+# While waiting between two queries, whether ``closed`` has arrived is looked at this often (no query involved).
+CLOSED_CHECK_SECONDS = 0.05
 # A job still PENDING this long is logged as a WARNING with Slurm's reason (it may wait for hours).
 DEFAULT_PENDING_WARNING_SECONDS = 60.0
 # A Slurm command that has not answered after this long is given up (they retry for about 10 s themselves
@@ -554,9 +556,22 @@ class _SlurmJob(PipesLaunchedProcess):
                 if left <= 0:
                     return False
                 pause = min(pause, left)
-            self._wake.wait(pause)
-            self._wake.clear()
+            self._pause(pause, watch_closed=closed_at is None)
             interval = min(interval * POLL_GROWTH, self._poll_max)
+
+    def _pause(self, seconds: float, *, watch_closed: bool) -> None:
+        """Sleep up to ``seconds``; wake early on :meth:`_scancel` and, until it has come, on ``closed`` (looked
+        at every :data:`CLOSED_CHECK_SECONDS`, which costs no query), after which the end comes soon."""
+        end = time.monotonic() + seconds
+        while True:
+            left = end - time.monotonic()
+            if left <= 0:
+                return
+            if self._wake.wait(min(left, CLOSED_CHECK_SECONDS) if watch_closed else left):
+                self._wake.clear()
+                return
+            if watch_closed and self.session.closed:
+                return
 
     def exit_status(self) -> PipesExitStatus:
         if self.info is None or not self.info.ended:

@@ -169,6 +169,9 @@ def _write_conf(root: Path, node: str, cpus: int, memory_mb: int) -> Path:
         "TaskPlugin": "task/none",
         "MpiDefault": "none",
         "SchedulerType": "sched/backfill",
+        # Schedule a submitted batch job at once: the default batch_sched_delay (3 s) makes every test job wait
+        # for the next 3 s tick (jobs started exactly 3.0 s apart here).
+        "SchedulerParameters": "batch_sched_delay=0",
         "SelectType": "select/cons_tres",
         "SelectTypeParameters": "CR_Core",
         "AccountingStorageType": "accounting_storage/none",
