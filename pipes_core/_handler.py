@@ -12,8 +12,8 @@ from __future__ import annotations
 import logging
 import sys
 import threading
-from collections.abc import Callable
-from typing import Any
+from collections.abc import Callable, Mapping
+from typing import TYPE_CHECKING, Any
 
 from pipes_ext._errors import PipesProtocolError
 from pipes_ext._protocol import (
@@ -44,6 +44,10 @@ from ._results import (
     PipesRemoteException,
     metadata_from_wire,
 )
+from ._run_context import PipesRunContext
+
+if TYPE_CHECKING:
+    from ._readers import PipesMessageReader
 
 __all__ = ["PipesMessageHandler", "DEFAULT_LOGGER_NAME", "MAX_RETAINED_ISSUES"]
 
@@ -69,7 +73,10 @@ class PipesMessageHandler:
     """Receives lines or decoded messages from a reader, for one session.
 
     Args:
-        context_data: the context data sent to the external process (used to check asset keys).
+        context_data: the context data sent to the external process (used to check asset keys), or the
+            :class:`~pipes_core.PipesRunContext` it is built from (the reference's ``context``).
+        message_reader: the reader feeding this handler (the reference's second argument); kept as
+            ``message_reader``, for messages.
         on_event: called with every event in arrival order, on the reader's thread.
         retain_messages: keep results, custom messages and logs for ``get_*`` calls; with False they are only
             passed to ``on_event`` and memory stays flat however many messages arrive.
@@ -83,7 +90,8 @@ class PipesMessageHandler:
 
     def __init__(
         self,
-        context_data: dict[str, Any],
+        context_data: Mapping[str, Any] | PipesRunContext,
+        message_reader: PipesMessageReader | None = None,
         *,
         on_event: Callable[[PipesEvent], None] | None = None,
         retain_messages: bool = True,
@@ -91,6 +99,9 @@ class PipesMessageHandler:
         external_stream_handler: Callable[[str, str], None] | None = None,
         on_message: Callable[[dict[str, Any]], None] | None = None,
     ) -> None:
+        if isinstance(context_data, PipesRunContext):
+            context_data = context_data.to_context_data()
+        self.message_reader = message_reader
         self._on_message = on_message
         self._selected = None if context_data.get("asset_keys") is None else set(context_data["asset_keys"])
         self._on_event = on_event

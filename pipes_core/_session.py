@@ -303,6 +303,7 @@ def open_pipes_session(
         on_event = on_event_starting_log_readers
     handler = PipesMessageHandler(
         context_data,
+        message_reader,
         on_event=on_event,
         retain_messages=retain_messages,
         logger=logger,

@@ -9,14 +9,18 @@ difference, e.g. the blob reader's poll interval).
 
 from __future__ import annotations
 
+import base64
+import gzip
 import importlib
 import inspect
+import json
 import os
 import shutil
 import subprocess
 import sys
 import threading
 import typing
+import zlib
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from datetime import datetime, timezone
@@ -31,7 +35,10 @@ from pipes_core import (
     MaterializeResult,
     MetadataValue,
     PipesBlobStoreMessageReader,
+    PipesClient,
+    PipesClientCompletedInvocation,
     PipesContextData,
+    PipesContextInjector,
     PipesEnvContextInjector,
     PipesExecutionResult,
     PipesExtras,
@@ -40,6 +47,7 @@ from pipes_core import (
     PipesFileMessageReader,
     PipesMessage,
     PipesMessageHandler,
+    PipesMessageReader,
     PipesParams,
     PipesRunContext,
     PipesSession,
@@ -577,3 +585,246 @@ def test_a_subclass_that_implements_nothing_says_what_to_implement() -> None:
     with pytest.raises(NotImplementedError, match=r"make_store\(\), or get_params\(\) and download_messages_chunk"):
         with open_pipes_session(None, PipesEnvContextInjector(), PipesBlobStoreMessageReader()):
             pass  # pragma: no cover
+
+
+# ---------------------------------------------------------------------------------------------- bootstrap methods
+
+
+def test_bootstrap_env_vars_are_base64_zlib_json_not_gzip() -> None:
+    # The reference's docs say the env vars are gzip-compressed and the CLI arguments zlib-compressed; on the
+    # wire both are zlib (the reference's own code, and ours). A gzip reader would fail on them.
+    with session_for(["a"]) as (session, _):
+        env = session.get_bootstrap_env_vars()
+        cli = session.get_bootstrap_cli_arguments()
+        assert set(env) == {"DAGSTER_PIPES_CONTEXT", "DAGSTER_PIPES_MESSAGES"}
+        assert set(cli) == {"--dagster-pipes-context", "--dagster-pipes-messages"}
+        for encoded, params in (
+            (env["DAGSTER_PIPES_CONTEXT"], session.context_injector_params),
+            (env["DAGSTER_PIPES_MESSAGES"], session.message_reader_params),
+            (cli["--dagster-pipes-context"], session.context_injector_params),
+            (cli["--dagster-pipes-messages"], session.message_reader_params),
+        ):
+            raw = base64.b64decode(encoded)
+            assert raw[:1] == b"\x78"  # a zlib header; gzip would start with 1f 8b
+            assert json.loads(zlib.decompress(raw)) == params
+            with pytest.raises(OSError):
+                gzip.decompress(raw)
+        assert env["DAGSTER_PIPES_CONTEXT"] == cli["--dagster-pipes-context"]
+        assert session.get_bootstrap_argv() == [token for pair in cli.items() for token in pair]
+
+
+def test_get_bootstrap_params_and_custom_messages_with_a_real_child(tmp_path: Path) -> None:
+    script = tmp_path / "child.py"
+    script.write_text(
+        "from pipes_ext import PipesCliArgsParamsLoader, open_pipes\n"
+        "with open_pipes(params_loader=PipesCliArgsParamsLoader()) as pipes:\n"
+        "    pipes.report_custom_message({'n': 1})\n"
+        "    pipes.report_custom_message([1, 'two', None])\n"
+        "    pipes.report_custom_message('three')\n"
+        "    pipes.report_custom_message(None)\n",
+        encoding="utf-8",
+    )
+    with session_for() as (session, _):
+        params = session.get_bootstrap_params()
+        assert params == {"DAGSTER_PIPES_CONTEXT": session.context_injector_params,
+                          "DAGSTER_PIPES_MESSAGES": session.message_reader_params}
+        # The CLI form reaches a child as well as the env form.
+        subprocess.run([PYTHON, str(script), *session.get_bootstrap_argv()], check=True, timeout=60,
+                       env={k: v for k, v in os.environ.items() if not k.startswith("DAGSTER_PIPES_")})
+    assert session.get_custom_messages() == [{"n": 1}, [1, "two", None], "three", None]
+    assert session.get_custom_messages() == [{"n": 1}, [1, "two", None], "three", None]  # a snapshot
+
+
+# ---------------------------------------------------------------------------------------------- clients
+
+
+def test_pipes_client_is_the_abstract_base_with_the_documented_run() -> None:
+    assert inspect.isabstract(PipesClient)
+    with pytest.raises(TypeError):
+        PipesClient()  # type: ignore[abstract]
+    run = inspect.signature(PipesClient.run).parameters
+    assert run["context"].kind is inspect.Parameter.KEYWORD_ONLY
+    assert run["extras"].kind is inspect.Parameter.KEYWORD_ONLY and run["extras"].default is None
+    assert any(p.kind is inspect.Parameter.VAR_KEYWORD for p in run.values())
+    assert issubclass(PipesSubprocessClient, PipesClient)
+
+    class Minimal(PipesClient):
+        """A client for a new environment: implements run (here: through the subprocess client)."""
+
+        def run(self, *, context: PipesRunContext | None = None, extras: Any = None,
+                **kwargs: Any) -> PipesClientCompletedInvocation:
+            return PipesSubprocessClient().run(context=context, extras=extras, command=kwargs["command"])
+
+    invocation = Minimal().run(
+        context=PipesRunContext(asset_keys=["a"]), extras={"k": 1},
+        command=[PYTHON, "-c", "from pipes_ext import open_pipes\n"
+                               "with open_pipes() as p: p.report_custom_message(p.extras)"],
+    )
+    assert isinstance(invocation, PipesClientCompletedInvocation)
+    assert invocation.get_custom_messages() == [{"k": 1}]
+    assert keys(invocation.get_results()) == [("a", True)]
+
+
+def test_pipes_subprocess_client_signature() -> None:
+    assert params_of(PipesSubprocessClient)[:7] == [
+        ("env", None, "POSITIONAL_OR_KEYWORD"),
+        ("cwd", None, "POSITIONAL_OR_KEYWORD"),
+        ("context_injector", None, "POSITIONAL_OR_KEYWORD"),
+        ("message_reader", None, "POSITIONAL_OR_KEYWORD"),
+        ("forward_termination", True, "POSITIONAL_OR_KEYWORD"),
+        ("forward_stdio", True, "POSITIONAL_OR_KEYWORD"),
+        ("termination_timeout_seconds", 20, "POSITIONAL_OR_KEYWORD"),
+    ]
+    run = {name: (default, kind) for name, default, kind in params_of(PipesSubprocessClient.run)}
+    for name in ("context", "extras", "command", "env", "cwd"):
+        assert run[name][1] == "KEYWORD_ONLY", name
+    assert run["extras"][0] is None and run["env"][0] is None and run["cwd"][0] is None
+    assert run["command"][0] is inspect.Parameter.empty
+
+
+def test_pipes_subprocess_client_env_cwd_and_channels(tmp_path: Path) -> None:
+    workdir = tmp_path / "work"
+    workdir.mkdir()
+    script = tmp_path / "child.py"
+    script.write_text(
+        "import os\n"
+        "from pipes_ext import open_pipes\n"
+        "with open_pipes() as pipes:\n"
+        "    pipes.report_custom_message({'cwd': os.getcwd(), 'client': os.environ.get('FROM_CLIENT'),\n"
+        "                                 'run': os.environ.get('FROM_RUN'), 'extras': pipes.extras})\n"
+        "    pipes.report_asset_materialization(metadata={'ok': True})\n",
+        encoding="utf-8",
+    )
+    context_path = tmp_path / "context.json"
+    messages_path = tmp_path / "messages"
+    client = PipesSubprocessClient(
+        env={"FROM_CLIENT": "c", "FROM_RUN": "overridden"}, cwd=str(tmp_path),
+        context_injector=PipesFileContextInjector(str(context_path)),
+        message_reader=PipesFileMessageReader(str(messages_path)),
+        forward_termination=True, forward_stdio=False, termination_timeout_seconds=5,
+    )
+    invocation = client.run(context=PipesRunContext(asset_keys=["x"]), extras={"e": [1]},
+                            command=[PYTHON, str(script)], env={"FROM_RUN": "r"}, cwd=str(workdir))
+    assert invocation.get_custom_messages() == [
+        {"cwd": str(workdir), "client": "c", "run": "r", "extras": {"e": [1]}}
+    ]
+    [materialization] = invocation.get_results()
+    assert materialization.metadata == {"ok": MetadataValue("bool", True)}
+    assert invocation.exit_code == 0
+    assert not context_path.exists() and not messages_path.exists()  # both channels cleaned up
+
+
+# ---------------------------------------------------------------------------------------------- injectors
+
+
+def read_context_in_child(session: PipesSession) -> Any:
+    """What a real external process loads as its context, through the session's bootstrap env vars."""
+    completed = subprocess.run(
+        [PYTHON, "-c", "import json\nfrom pipes_ext import open_pipes\n"
+                       "with open_pipes() as p: print(json.dumps([p.run_id, p.asset_keys, p.extras]))"],
+        env={**os.environ, **session.get_bootstrap_env_vars()}, capture_output=True, text=True, timeout=60,
+        check=True,
+    )
+    return json.loads(completed.stdout)
+
+
+@pytest.mark.parametrize("kind", ["env", "file", "tempfile"])
+def test_context_injectors(tmp_path: Path, kind: str) -> None:
+    path = tmp_path / "ctx.json"
+    injector: PipesContextInjector = {
+        "env": PipesEnvContextInjector(),
+        "file": PipesFileContextInjector(str(path)),
+        "tempfile": PipesTempFileContextInjector(),
+    }[kind]
+    assert isinstance(injector, PipesContextInjector)
+    context = PipesRunContext(asset_keys=["a", "b"], run_id="run-7")
+    with open_pipes_session(context, injector, PipesTempFileMessageReader(), extras={"x": 1}) as session:
+        params = session.context_injector_params
+        if kind == "env":
+            assert set(params) == {"data"} and params["data"] == session.context_data
+        else:
+            assert set(params) == {"path"}
+            assert json.loads(Path(params["path"]).read_text("utf-8")) == session.context_data
+            if kind == "file":
+                assert params["path"] == str(path)
+        assert read_context_in_child(session) == ["run-7", ["a", "b"], {"x": 1}]
+    if kind != "env":
+        assert not Path(params["path"]).exists()  # deleted on close of the session
+    assert params_of(PipesFileContextInjector) == [("path", inspect.Parameter.empty, "POSITIONAL_OR_KEYWORD")]
+
+
+def test_context_injector_base_names_what_to_implement() -> None:
+    with pytest.raises(NotImplementedError):
+        with PipesContextInjector().inject_context({}):
+            pass  # pragma: no cover
+
+
+# ---------------------------------------------------------------------------------------------- readers and handler
+
+
+def test_message_readers_signatures() -> None:
+    assert params_of(PipesFileMessageReader)[:3] == [
+        ("path", inspect.Parameter.empty, "POSITIONAL_OR_KEYWORD"),
+        ("include_stdio_in_messages", False, "POSITIONAL_OR_KEYWORD"),
+        ("cleanup_file", True, "POSITIONAL_OR_KEYWORD"),
+    ]
+    assert params_of(PipesTempFileMessageReader)[:1] == [("include_stdio_in_messages", False, "POSITIONAL_OR_KEYWORD")]
+    assert params_of(PipesMessageHandler)[:2] == [
+        ("context_data", inspect.Parameter.empty, "POSITIONAL_OR_KEYWORD"),
+        ("message_reader", None, "POSITIONAL_OR_KEYWORD"),
+    ]
+    with pytest.raises(NotImplementedError):
+        with PipesMessageReader().read_messages(PipesMessageHandler({})):
+            pass  # pragma: no cover
+
+
+@pytest.mark.parametrize("cleanup_file", [True, False])
+@pytest.mark.parametrize("include_stdio", [True, False])
+def test_file_message_reader(tmp_path: Path, cleanup_file: bool, include_stdio: bool) -> None:
+    path = tmp_path / "messages.jsonl"
+    reader = PipesFileMessageReader(str(path), include_stdio_in_messages=include_stdio, cleanup_file=cleanup_file)
+    streams: list[tuple[str, str]] = []
+    with open_pipes_session(None, PipesEnvContextInjector(), reader,
+                            external_stream_handler=lambda stream, text: streams.append((stream, text))) as session:
+        assert session.message_reader_params == {"path": str(path), "include_stdio_in_messages": include_stdio}
+        subprocess.run(
+            [PYTHON, "-c", "from pipes_ext import open_pipes\n"
+                           "with open_pipes() as p:\n    print('to stdout', flush=True)\n"
+                           "    p.report_custom_message(1)"],
+            env={**os.environ, **session.get_bootstrap_env_vars()}, check=True, timeout=60, capture_output=True,
+        )
+    assert session.get_custom_messages() == [1]
+    assert path.exists() is (not cleanup_file)
+    assert "".join(text for stream, text in streams if stream == "stdout") == ("to stdout\n" if include_stdio else "")
+
+
+def test_temp_file_message_reader_include_stdio(tmp_path: Path) -> None:
+    reader = PipesTempFileMessageReader(include_stdio_in_messages=True)
+    streams: list[tuple[str, str]] = []
+    with open_pipes_session(None, PipesEnvContextInjector(), reader,
+                            external_stream_handler=lambda stream, text: streams.append((stream, text))) as session:
+        path = Path(session.message_reader_params["path"])
+        assert session.message_reader_params["include_stdio_in_messages"] is True
+        subprocess.run(
+            [PYTHON, "-c", "import sys\nfrom pipes_ext import open_pipes\n"
+                           "with open_pipes() as p:\n    print('oops', file=sys.stderr, flush=True)"],
+            env={**os.environ, **session.get_bootstrap_env_vars()}, check=True, timeout=60, capture_output=True,
+        )
+    assert "".join(text for stream, text in streams if stream == "stderr") == "oops\n"
+    assert not path.exists() and not path.parent.exists()
+
+
+def test_message_handler_takes_the_documented_context_and_message_reader() -> None:
+    reader = PipesTempFileMessageReader()
+    context = PipesRunContext(asset_keys=["a"])
+    handler = PipesMessageHandler(context, reader)  # the reference's (context, message_reader)
+    assert handler.message_reader is reader
+    handler.handle_line(dumps_message("opened", {"extras": {}}))
+    handler.handle_line(dumps_message("report_asset_materialization",
+                                      {"asset_key": "a", "metadata": None, "data_version": None}))
+    handler.handle_line(dumps_message("report_asset_materialization",
+                                      {"asset_key": "not_selected", "metadata": None, "data_version": None}))
+    assert [r.asset_key for r in handler.results] == ["a"]
+    assert handler.issue_count == 1  # the context's selection is what it checks against
+    with open_pipes_session(context, PipesEnvContextInjector(), reader) as session:
+        assert session.message_handler.message_reader is reader
