@@ -3,6 +3,7 @@
     pipes run [--asset KEY]... [--partition KEY] [--extras JSON | --extras-file PATH]
               [--context-injector env|file|tempfile] [--message-reader file|tempfile]
               [--slurm [--sbatch-arg ARG]... [--shared-dir DIR] [--slurm-conf PATH]]
+              [--docker IMAGE [--docker-arg ARG]...]
               [--json] [--no-strict] [--fail-on-check-error] [--timeout S] -- COMMAND [ARG]...
 
 Human mode prints each event as it arrives (colour on a terminal, plain when piped) and a summary. ``--json``
@@ -102,6 +103,11 @@ def _build_parser() -> argparse.ArgumentParser:
                        help="a directory the compute nodes share with this machine, for the messages and output "
                             "files (default: a local temp dir, which works only when the job runs here)")
     slurm.add_argument("--slurm-conf", metavar="PATH", help="SLURM_CONF for the Slurm commands")
+    docker = run.add_argument_group("Docker", "run the command in a container of IMAGE (the daemon of DOCKER_HOST)")
+    docker.add_argument("--docker", metavar="IMAGE", help="run COMMAND in a new container of IMAGE")
+    docker.add_argument("--docker-arg", action="append", default=[], metavar="ARG",
+                        help="a docker run flag, e.g. --docker-arg=--network=none --docker-arg=-v=/d:/d:ro "
+                             "(repeatable; see pipes_core.docker.DOCKER_RUN_FLAGS)")
     run.add_argument("command", nargs=argparse.REMAINDER, help="-- COMMAND [ARG]...")
     return parser
 
@@ -270,6 +276,8 @@ def _reader(args: argparse.Namespace) -> PipesMessageReader:
 def _client(args: argparse.Namespace) -> tuple[PipesClient, dict[str, Any]]:
     """The client for the run, and the options its ``run`` takes beyond the common ones."""
     strict = not args.no_strict
+    if args.docker is not None or args.docker_arg:
+        return _docker_client(args, strict)
     if not args.slurm:
         for given, flag in ((args.sbatch_arg, "--sbatch-arg"), (args.shared_dir, "--shared-dir"),
                             (args.slurm_conf, "--slurm-conf")):
@@ -285,6 +293,24 @@ def _client(args: argparse.Namespace) -> tuple[PipesClient, dict[str, Any]]:
                               commands=SlurmCommands(slurm_conf=args.slurm_conf), context_injector=_injector(args),
                               message_reader=_reader(args), strict=strict)
     return client, {}
+
+
+def _docker_client(args: argparse.Namespace, strict: bool) -> tuple[PipesClient, dict[str, Any]]:
+    """``--docker IMAGE``: the container client, its channels the client's defaults (env + stdout) unless given."""
+    if args.docker is None:
+        raise _UsageError("--docker-arg needs --docker IMAGE")
+    if args.slurm:
+        raise _UsageError("--docker and --slurm cannot be combined")
+    from .docker import PipesDockerClient, run_options_from_docker_args
+
+    try:
+        options = run_options_from_docker_args(args.docker_arg)
+    except PipesUsageError as exc:
+        raise _UsageError(str(exc)) from exc
+    client = PipesDockerClient(
+        context_injector=None if args.context_injector is None else _injector(args),
+        message_reader=None if args.message_reader is None else _reader(args), strict=strict)
+    return client, {"image": args.docker, **options}
 
 
 def _run(args: argparse.Namespace, out: IO[str]) -> int:

@@ -33,12 +33,13 @@ missing, the container cannot be created or started (the daemon's message), it e
 
 from __future__ import annotations
 
+import argparse
 import os
 import shlex
 import signal
 import threading
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any
+from typing import Any, NoReturn
 
 from pipes_ext._protocol import PARAM_PATH
 
@@ -64,6 +65,8 @@ __all__ = [
     "describe_docker_host",
     "DEFAULT_DOCKER_HOST",
     "RUN_ID_LABEL",
+    "DOCKER_RUN_FLAGS",
+    "run_options_from_docker_args",
 ]
 
 # Where the Docker SDK (and CLI) look when DOCKER_HOST is not set.
@@ -513,3 +516,94 @@ def _with_channel_mounts(volumes: Any, request: PipesLaunchRequest) -> Any:
     return listed + [f"{d}:{d}:{m}" for d, m in wanted.items() if d not in taken]
 
 
+
+
+# ---------------------------------------------------------------------------------------------- docker run flags
+
+# The `docker run` flags `pipes run --docker-arg` understands, and the run() option each becomes.
+DOCKER_RUN_FLAGS = ("--network", "-v/--volume", "-e/--env", "-w/--workdir", "-u/--user", "-m/--memory",
+                    "--memory-swap", "--cpus", "--name", "--label", "--pids-limit", "--read-only", "--entrypoint",
+                    "--init", "--pull", "--rm")
+
+
+class _FlagParser(argparse.ArgumentParser):
+    def error(self, message: str) -> NoReturn:
+        raise PipesUsageError(f"--docker-arg: {message} (understood: {', '.join(DOCKER_RUN_FLAGS)})")
+
+
+def _flag_parser() -> _FlagParser:
+    parser = _FlagParser(prog="docker run", add_help=False, allow_abbrev=False)
+    parser.add_argument("--network")
+    parser.add_argument("-v", "--volume", action="append", default=[])
+    parser.add_argument("-e", "--env", action="append", default=[])
+    parser.add_argument("-w", "--workdir")
+    parser.add_argument("-u", "--user")
+    parser.add_argument("-m", "--memory")
+    parser.add_argument("--memory-swap")
+    parser.add_argument("--cpus", type=float)
+    parser.add_argument("--name")
+    parser.add_argument("--label", action="append", default=[])
+    parser.add_argument("--pids-limit", type=int)
+    parser.add_argument("--read-only", action="store_true")
+    parser.add_argument("--entrypoint")
+    parser.add_argument("--init", choices=["true", "false"], nargs="?", const="true")
+    parser.add_argument("--pull", choices=["missing", "always", "never"])
+    parser.add_argument("--rm", choices=["true", "false"], nargs="?", const="true")
+    return parser
+
+
+def run_options_from_docker_args(args: Sequence[str]) -> dict[str, Any]:
+    """``PipesDockerClient.run`` options from ``docker run`` flags (``["--network=none", "-v", "/a:/b:ro"]``).
+
+    Only the flags in :data:`DOCKER_RUN_FLAGS` are understood; ``--pull always`` is taken as ``missing`` (an
+    image already on the daemon is used), ``--rm=false`` keeps the container, ``--init=false`` runs without
+    an init process.
+
+    Raises:
+        PipesUsageError: an unknown flag or a bad value, naming it.
+    """
+    flags, rest = _flag_parser().parse_known_args(list(args))
+    if rest:
+        raise PipesUsageError(f"--docker-arg: unsupported docker run argument(s) {' '.join(rest)!r} "
+                              f"(understood: {', '.join(DOCKER_RUN_FLAGS)})")
+    options: dict[str, Any] = {}
+    kwargs: dict[str, Any] = {}
+    if flags.network is not None:
+        options["network"] = flags.network
+    if flags.volume:
+        for volume in flags.volume:
+            if volume.count(":") not in (1, 2) or not all(volume.split(":")[:2]):
+                raise PipesUsageError(f"--docker-arg: -v {volume!r} is not SOURCE:TARGET[:MODE]")
+        options["volumes"] = list(flags.volume)
+    if flags.env:
+        env: dict[str, str] = {}
+        for item in flags.env:
+            name, sep, value = item.partition("=")
+            if not name:
+                raise PipesUsageError(f"--docker-arg: -e {item!r} has no name")
+            env[name] = value if sep else os.environ.get(name, "")
+        options["env"] = env
+    for flag, option in (("workdir", "working_dir"), ("user", "user"), ("memory", "mem_limit"), ("cpus", "cpus"),
+                         ("name", "name")):
+        value = getattr(flags, flag)
+        if value is not None:
+            options[option] = value
+    if flags.memory_swap is not None:
+        kwargs["memswap_limit"] = flags.memory_swap
+    if flags.label:
+        kwargs["labels"] = dict(label.partition("=")[::2] for label in flags.label)
+    if flags.pids_limit is not None:
+        kwargs["pids_limit"] = flags.pids_limit
+    if flags.read_only:
+        kwargs["read_only"] = True
+    if flags.entrypoint is not None:
+        kwargs["entrypoint"] = flags.entrypoint
+    if flags.init is not None:
+        kwargs["init"] = flags.init == "true"
+    if flags.pull is not None:
+        options["pull"] = flags.pull != "never"
+    if flags.rm is not None:
+        options["keep_container"] = flags.rm == "false"
+    if kwargs:
+        options["container_kwargs"] = kwargs
+    return options
