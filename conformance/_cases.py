@@ -246,26 +246,25 @@ _BLOB_CRASH = ("blob-store writers buffer and upload in the background, so a har
 # ------------------------------------------------------------------------------------------------ the cases
 
 
-def _build() -> tuple[Case, ...]:
-    cases: list[Case] = []
-    add = cases.append
+# Each case is one entry of the tables below, in the order they run; ``CASES`` is their concatenation.
 
-    add(Case("opened_closed", "opened first and closed last with nothing between; exit code 0", "full", (),
-             _fixed([]), run_context={"run_id": RUN_ID}))
+_every_steps, _every_seen = _pairs(
+    _log("INFO", "every method"),
+    _materialization(KEY_A, {"rows": {"raw_value": 3, "type": "int"}}, "v1"),
+    _check(KEY_A, "non_empty", True, "ERROR", None),
+    _custom({"ok": True}),
+    _stream("stdout", "external text\n"),
+)
+_LIFECYCLE_CASES: tuple[Case, ...] = (
+    Case("opened_closed", "opened first and closed last with nothing between; exit code 0", "full", (),
+         _fixed([]), run_context={"run_id": RUN_ID}),
+    Case("every_method", "each of the seven methods once (opened, log, materialization, check, custom message, "
+         "external stream, closed), in order", "messages", _every_steps, _fixed(_every_seen), run_context=ASSETS),
+)
 
-    every_steps, every_seen = _pairs(
-        _log("INFO", "every method"),
-        _materialization(KEY_A, {"rows": {"raw_value": 3, "type": "int"}}, "v1"),
-        _check(KEY_A, "non_empty", True, "ERROR", None),
-        _custom({"ok": True}),
-        _stream("stdout", "external text\n"),
-    )
-    add(Case("every_method", "each of the seven methods once (opened, log, materialization, check, custom message, "
-             "external stream, closed), in order", "messages", every_steps, _fixed(every_seen), run_context=ASSETS))
-
-    # -- context fields
-    add(_context_case(
-        "context_assets",
+# name -> (description, run context, extras): the harness echoes the context it received.
+_CONTEXT_TABLE: dict[str, tuple[str, dict[str, Any], dict[str, Any]]] = {
+    "context_assets": (
         "multi-asset keys with escaping (/ and \\ inside components, non-ASCII), code versions and provenance",
         {
             "asset_keys": [KEY_A, KEY_B, KEY_C, KEY_U],
@@ -277,9 +276,9 @@ def _build() -> tuple[Case, ...]:
             },
             "run_id": RUN_ID,
         },
-    ))
-    add(_context_case(
-        "context_partition_key",
+        {},
+    ),
+    "context_partition_key": (
         "a single partition key (also sent as a one-key range) with its time window, and a job name",
         {
             "asset_keys": [KEY_A],
@@ -288,9 +287,9 @@ def _build() -> tuple[Case, ...]:
             "run_id": RUN_ID,
             "job_name": "daily_job",
         },
-    ))
-    add(_context_case(
-        "context_partition_range",
+        {},
+    ),
+    "context_partition_range": (
         "a partition key range (no single key) with its time window",
         {
             "asset_keys": [KEY_A, KEY_B],
@@ -298,17 +297,17 @@ def _build() -> tuple[Case, ...]:
             "partition_time_window": ("2024-01-01T00:00:00+00:00", "2024-02-01T00:00:00+00:00"),
             "run_id": RUN_ID,
         },
-    ))
-    add(_context_case(
-        "context_run",
+        {},
+    ),
+    "context_run": (
         "run id, job name (non-ASCII) and retry number of a step with no assets (asset_keys null)",
         {"run_id": RUN_ID, "job_name": "nightly \u2014 j\u00f6b", "retry_number": 3},
-    ))
-    add(_context_case(
-        "context_extras",
+        {},
+    ),
+    "context_extras": (
         "extras of every JSON type, nested, with non-ASCII keys and values",
         {"run_id": RUN_ID},
-        extras={
+        {
             "str": "v",
             "int": 7,
             "big_int": 9007199254740991,
@@ -323,49 +322,57 @@ def _build() -> tuple[Case, ...]:
             "empty_object": {},
             "empty_list": [],
         },
-    ))
+    ),
+}
+_CONTEXT_CASES = tuple(
+    _context_case(name, description, run_context, extras=extras)
+    for name, (description, run_context, extras) in _CONTEXT_TABLE.items()
+)
 
-    # -- messages
-    add(_messages_case(
-        "metadata_types",
+# name -> (description, the (step, seen) pairs): messages sent in order over the selected assets.
+_MESSAGE_TABLE: dict[str, tuple[str, tuple[tuple[Message, Message], ...]]] = {
+    "metadata_types": (
         "a materialization carrying every metadata type (17), with a data version",
-        _materialization(KEY_A, ALL_METADATA, "dv-42"),
-    ))
-    add(_messages_case(
-        "materializations",
+        (_materialization(KEY_A, ALL_METADATA, "dv-42"),),
+    ),
+    "materializations": (
         "materializations of three selected assets by escaped key, with and without metadata and data version",
-        _materialization(KEY_A, None, None),
-        _materialization(KEY_B, {"n": {"raw_value": 1, "type": "__infer__"}}, "v2"),
-        _materialization(KEY_C, {"note": {"raw_value": "c", "type": "text"}}, None),
-    ))
-    add(_messages_case(
-        "checks",
+        (
+            _materialization(KEY_A, None, None),
+            _materialization(KEY_B, {"n": {"raw_value": 1, "type": "__infer__"}}, "v2"),
+            _materialization(KEY_C, {"note": {"raw_value": "c", "type": "text"}}, None),
+        ),
+    ),
+    "checks": (
         "asset checks at both severities (ERROR, WARN), passed and failed, with and without metadata",
-        _check(KEY_A, "passes_error", True, "ERROR", None),
-        _check(KEY_A, "fails_error", False, "ERROR", {"bad_rows": {"raw_value": 5, "type": "int"}}),
-        _check(KEY_B, "passes_warn", True, "WARN", {"ratio": {"raw_value": 0.75, "type": "float"}}),
-        _check(KEY_B, "fails_warn", False, "WARN", {"why": {"raw_value": "**late**", "type": "md"}}),
-    ))
-    add(_messages_case(
-        "custom_payloads",
+        (
+            _check(KEY_A, "passes_error", True, "ERROR", None),
+            _check(KEY_A, "fails_error", False, "ERROR", {"bad_rows": {"raw_value": 5, "type": "int"}}),
+            _check(KEY_B, "passes_warn", True, "WARN", {"ratio": {"raw_value": 0.75, "type": "float"}}),
+            _check(KEY_B, "fails_warn", False, "WARN", {"why": {"raw_value": "**late**", "type": "md"}}),
+        ),
+    ),
+    "custom_payloads": (
         "custom messages with payloads of every JSON type (null, booleans, numbers, strings, arrays, objects)",
-        *(_custom(p) for p in JSON_PAYLOADS),
-    ))
-    add(_messages_case(
-        "log_levels",
+        tuple(_custom(p) for p in JSON_PAYLOADS),
+    ),
+    "log_levels": (
         "a log message at every level: DEBUG, INFO, WARNING, ERROR, CRITICAL (one multi-line)",
-        *(_log(level, f"{level.lower()} message" + ("\nsecond line" if level == "ERROR" else ""))
-          for level in LOG_LEVELS),
-    ))
-    add(_messages_case(
+        tuple(_log(level, f"{level.lower()} message" + ("\nsecond line" if level == "ERROR" else ""))
+              for level in LOG_LEVELS),
+    ),
+}
+_MESSAGE_CASES = (
+    *(_messages_case(name, description, *pairs) for name, (description, pairs) in _MESSAGE_TABLE.items()),
+    _messages_case(
         "external_stream",
         "log_external_stream to stdout and stderr, with and without a final newline",
         _stream("stdout", "to stdout\n"),
         _stream("stderr", "to stderr\n"),
         _stream("stdout", "no final newline"),
         requires=("external_stream",),
-    ))
-    add(_messages_case(
+    ),
+    _messages_case(
         "non_ascii",
         "non-ASCII (accents, CJK, RTL, emoji, combining marks, U+2028, NUL) in keys, labels, names and texts",
         _log("INFO", NON_ASCII),
@@ -375,117 +382,110 @@ def _build() -> tuple[Case, ...]:
         _custom({"\u043a\u043b\u044e\u0447": "\u0437\u043d\u0430\u0447\u0435\u043d\u0438\u0435", "text": NON_ASCII}),
         _stream("stdout", NON_ASCII + "\n"),
         run_context={"asset_keys": [KEY_U], "run_id": RUN_ID},
-    ))
-    add(Case(
+    ),
+)
+
+_exit_steps, _exit_seen = _pairs(_custom({"before": "exit"}), _log("INFO", "exiting with 3"))
+_crash_steps, _crash_seen = _pairs(_custom({"before": "crash"}), _log("WARNING", "about to crash"))
+_VOLUME_AND_EXIT_CASES: tuple[Case, ...] = (
+    Case(
         "large_payload",
         f"one custom message of {BIG_SIZE} characters (10 MiB) arrives whole",
         "messages",
         ({"op": "custom_big", "size": BIG_SIZE, "char": "x"},),
         _fixed([{"method": "report_custom_message", "payload": {"size": BIG_SIZE, "data": "x" * BIG_SIZE}}]),
         run_context={"run_id": RUN_ID},
-    ))
-    add(Case(
+    ),
+    Case(
         "many_messages",
         f"{MANY} custom messages arrive, all of them, in order",
         "messages",
         ({"op": "custom_many", "count": MANY},),
         _fixed([{"method": "report_custom_message", "payload": {"seq": i}} for i in range(MANY)]),
         run_context={"run_id": RUN_ID},
-    ))
-
-    exit_steps, exit_seen = _pairs(_custom({"before": "exit"}), _log("INFO", "exiting with 3"))
-    add(Case(
+    ),
+    Case(
         "exit_nonzero",
         "messages, closed, then exit code 3: the messages arrive and the exit code is 3",
         "messages",
-        (*exit_steps, {"op": "exit", "code": 3}),
-        _fixed(exit_seen),
+        (*_exit_steps, {"op": "exit", "code": 3}),
+        _fixed(_exit_seen),
         run_context={"run_id": RUN_ID},
         exit_code=3,
-    ))
-    crash_steps, crash_seen = _pairs(_custom({"before": "crash"}), _log("WARNING", "about to crash"))
-    add(Case(
+    ),
+    Case(
         "crash_before_closed",
         f"messages, then a crash (exit {CRASH_CODE}) without closed: the messages already written still arrive",
         "messages",
-        (*crash_steps, {"op": "crash"}),
-        _fixed(crash_seen),
+        (*_crash_steps, {"op": "crash"}),
+        _fixed(_crash_seen),
         run_context={"run_id": RUN_ID},
         exit_code=CRASH_CODE,
         closed=False,
         skip_messages={"s3": _BLOB_CRASH, "gcs": _BLOB_CRASH, "azure": _BLOB_CRASH},
-    ))
+    ),
+)
 
-    # -- errors
-    before_steps, before_seen = _pairs(_custom({"before": "raise"}))
-    add(Case(
-        "error_reported",
+# name -> (description, the raise step's fields, the exception closed must carry, capabilities required).
+_ERROR_TABLE: dict[str, tuple[str, Message, ExceptionSpec, tuple[str, ...]]] = {
+    "error_reported": (
         "an error raised in the open context is reported in closed (no cause, no context); exit code non-zero",
-        "messages",
-        (*before_steps, {"op": "raise", "message": "conformance boom", "cause": None}),
-        _fixed(before_seen),
-        run_context={"run_id": RUN_ID},
-        exit_code=None,
-        exception=ExceptionSpec("conformance boom"),
-        requires=("error_reporting",),
-    ))
-    add(Case(
-        "error_cause",
+        {"message": "conformance boom", "cause": None},
+        ExceptionSpec("conformance boom"),
+        ("error_reporting",),
+    ),
+    "error_cause": (
         "an error raised from a cause: closed carries both, the cause under \"cause\"",
-        "messages",
-        (*before_steps, {"op": "raise", "message": "outer failure", "cause": "root cause"}),
-        _fixed(before_seen),
-        run_context={"run_id": RUN_ID},
-        exit_code=None,
-        exception=ExceptionSpec("outer failure", cause="root cause"),
-        requires=("error_reporting",),
-    ))
-    add(Case(
-        "error_context",
+        {"message": "outer failure", "cause": "root cause"},
+        ExceptionSpec("outer failure", cause="root cause"),
+        ("error_reporting",),
+    ),
+    "error_context": (
         "an error raised while handling another: closed carries both, the first under \"context\"",
-        "messages",
-        (*before_steps, {"op": "raise", "message": "failure while handling", "cause": None,
-                         "context": "first failure"}),
-        _fixed(before_seen),
-        run_context={"run_id": RUN_ID},
-        exit_code=None,
-        exception=ExceptionSpec("failure while handling", context="first failure"),
-        requires=("error_reporting", "error_context"),
-    ))
+        {"message": "failure while handling", "cause": None, "context": "first failure"},
+        ExceptionSpec("failure while handling", context="first failure"),
+        ("error_reporting", "error_context"),
+    ),
+}
+_before_steps, _before_seen = _pairs(_custom({"before": "raise"}))
+_ERROR_CASES = tuple(
+    Case(name, description, "messages", (*_before_steps, {"op": "raise", **raise_fields}), _fixed(_before_seen),
+         run_context={"run_id": RUN_ID}, exit_code=None, exception=exception, requires=requires)
+    for name, (description, raise_fields, exception, requires) in _ERROR_TABLE.items()
+)
 
-    # -- stdio capture
-    capture_steps, capture_seen = _pairs(_log("INFO", "after printing"))
-    prints = ({"op": "print", "stream": "stdout", "text": CAPTURED_OUT},
-              {"op": "print", "stream": "stderr", "text": CAPTURED_ERR})
-    not_on_stdio = {"stdio": "stdio capture needs a message channel other than the process's own stdout"}
-    add(Case(
-        "stdio_capture",
+# Stdio capture: text printed to both streams, then a log; checked by a function (streams may interleave).
+_capture_steps, _capture_seen = _pairs(_log("INFO", "after printing"))
+_PRINTS = ({"op": "print", "stream": "stdout", "text": CAPTURED_OUT},
+           {"op": "print", "stream": "stderr", "text": CAPTURED_ERR})
+_NOT_ON_STDIO = {"stdio": "stdio capture needs a message channel other than the process's own stdout"}
+# name -> (description, check, streams_before_closed)
+_CAPTURE_TABLE: dict[str, tuple[str, Callable[[Seen], str | None], bool]] = {
+    "stdio_capture": (
         "with include_stdio_in_messages, text printed to stdout and to stderr arrives as log_external_stream "
         "messages, all before closed",
-        "messages",
-        (*prints, *capture_steps),
-        None,
-        run_context={"run_id": RUN_ID},
-        check=lambda seen: _check_capture(seen) or _body_without_streams(seen, capture_seen),
-        requires=("stdio_capture",),
-        capture=True,
-        skip_messages=not_on_stdio,
-    ))
-    add(Case(
-        "stdio_capture_separate",
+        _check_capture,
+        True,
+    ),
+    "stdio_capture_separate": (
         "with include_stdio_in_messages, stdout text arrives on the stdout stream only and stderr text on the "
         "stderr stream only (their order against closed is stdio_capture's concern)",
-        "messages",
-        (*prints, *capture_steps),
-        None,
-        run_context={"run_id": RUN_ID},
-        check=lambda seen: _check_separate(seen) or _body_without_streams(seen, capture_seen),
-        requires=("stdio_capture",),
-        capture=True,
-        skip_messages=not_on_stdio,
-        streams_before_closed=False,
-    ))
-    return tuple(cases)
+        _check_separate,
+        False,
+    ),
+}
+
+
+def _capture_check(check: Callable[[Seen], str | None]) -> Callable[[Seen], str | None]:
+    return lambda seen: check(seen) or _body_without_streams(seen, _capture_seen)
+
+
+_CAPTURE_CASES = tuple(
+    Case(name, description, "messages", (*_PRINTS, *_capture_steps), None, run_context={"run_id": RUN_ID},
+         check=_capture_check(check), requires=("stdio_capture",), capture=True, skip_messages=_NOT_ON_STDIO,
+         streams_before_closed=streams_before_closed)
+    for name, (description, check, streams_before_closed) in _CAPTURE_TABLE.items()
+)
 
 
 def _body_without_streams(seen: Seen, expected: list[Message]) -> str | None:
@@ -493,7 +493,8 @@ def _body_without_streams(seen: Seen, expected: list[Message]) -> str | None:
     return first_difference(expected, others, "messages (other than log_external_stream)")
 
 
-CASES = _build()
+CASES: tuple[Case, ...] = (*_LIFECYCLE_CASES, *_CONTEXT_CASES, *_MESSAGE_CASES, *_VOLUME_AND_EXIT_CASES,
+                           *_ERROR_CASES, *_CAPTURE_CASES)
 
 
 def case_by_name(name: str) -> Case:

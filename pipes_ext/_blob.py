@@ -4,8 +4,10 @@ Wire layout (as the reference): messages are uploaded as chunks ``<key_prefix>/<
 no prefix), ``n`` counting from 1 with no gaps, each chunk the messages' JSON lines joined by ``"\\n"`` with
 no trailing newline. The context is one JSON object at ``key`` in ``bucket``.
 
-A backend (``pipes_ext.s3``, ``.gcs``, ``.azure``) only supplies a :class:`PipesBlobStore`: put, get, delete
-and a classification of its SDK's errors. Everything else is here:
+A backend (``pipes_ext.s3``, ``.gcs``, ``.azure``) only supplies a :class:`PipesBlobStore` (put, get, delete
+and a classification of its SDK's errors) and one :class:`PipesBlobBackend` declaration (store class, default
+client, label, extra), which the shared bases here (and ``pipes_core._blob``'s) consume; its public classes
+are thin names over those bases. Everything else is here:
 
 * the writer uploads every ``interval`` seconds **and** whenever ``max_chunk_bytes`` are buffered, so a burst
   does not build one huge chunk; one message larger than that travels alone in its chunk;
@@ -28,7 +30,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Mapping
-from typing import Any, TypeVar
+from typing import Any, ClassVar, Generic, TypeVar
 
 from ._context_loaders import PipesContextLoader
 from ._errors import PipesProtocolError, PipesTransportError
@@ -36,6 +38,7 @@ from ._protocol import PARAM_BUCKET, PARAM_KEY, PARAM_KEY_PREFIX, validate_conte
 from ._writers import PipesMessageWriter, PipesMessageWriterChannel
 
 __all__ = [
+    "PipesBlobBackend",
     "PipesBlobStore",
     "RetryPolicy",
     "DEFAULT_RETRY_POLICY",
@@ -60,6 +63,8 @@ DEFAULT_MAX_CHUNK_BYTES = 4 * 1024 * 1024
 DEFAULT_CLOSE_TIMEOUT = 60.0
 
 T = TypeVar("T")
+# The SDK client type of a backend (any object with the calls its store makes).
+ClientT = TypeVar("ClientT")
 
 
 def missing_extra_error(extra: str, package: str, exc: ImportError) -> ImportError:
@@ -99,6 +104,57 @@ class PipesBlobStore:
 
     def url(self, key: str) -> str:
         return f"{self.scheme}://{self.bucket}/{key}"
+
+
+class PipesBlobBackend:
+    """One blob-store backend, declared once and consumed by the shared bases on both sides.
+
+    Args:
+        label: the store's name in descriptions and errors ("S3").
+        extra: the ``pipes-sdk`` extra that installs its SDK ("s3").
+        package: that SDK's distribution name, for the missing-extra error ("boto3").
+        store: ``store(client, bucket)`` builds the :class:`PipesBlobStore` of one bucket.
+        build_client: builds the default client (importing the SDK) when none is injected.
+        bucket_word: what the store calls a bucket ("container" for Azure), in descriptions.
+    """
+
+    __slots__ = ("bucket_word", "build_client", "extra", "label", "package", "store")
+
+    def __init__(self, *, label: str, extra: str, package: str, store: Callable[[Any, str], PipesBlobStore],
+                 build_client: Callable[[], Any], bucket_word: str = "bucket") -> None:
+        self.label = label
+        self.extra = extra
+        self.package = package
+        self.store = store
+        self.build_client = build_client
+        self.bucket_word = bucket_word
+
+    def default_client(self) -> Any:
+        """The client used when none is injected; an ImportError names the extra to install."""
+        try:
+            return self.build_client()
+        except ImportError as exc:
+            raise missing_extra_error(self.extra, self.package, exc) from exc
+
+    def describe(self, role: str, bucket: str) -> str:
+        """``"the S3 message reader (bucket 'b')"``."""
+        return f"the {self.label} {role} ({self.bucket_word} {bucket!r})"
+
+    def __repr__(self) -> str:
+        return f"PipesBlobBackend({self.label!r}, extra={self.extra!r})"
+
+
+class _BackendClient(Generic[ClientT]):
+    """The client part shared by every blob-store channel class: an injected client, or the declared backend's
+    default one (a subclass without ``backend`` supplies ``make_store`` itself)."""
+
+    backend: ClassVar[PipesBlobBackend | None] = None
+    client: ClientT
+
+    def _init_client(self, client: ClientT | None) -> None:
+        backend = type(self).backend
+        # Without a backend and a client, the subclass's own make_store needs none.
+        self.client = client if client is not None or backend is None else backend.default_client()  # type: ignore[assignment]
 
 
 class RetryPolicy:
@@ -315,11 +371,13 @@ class PipesBlobStoreMessageWriterChannel(PipesMessageWriterChannel):
             self.error = exc
 
 
-class PipesBlobStoreMessageWriter(PipesMessageWriter):
-    """Base of the blob-store message writers: ``make_store(bucket)`` is what a backend supplies."""
+class PipesBlobStoreMessageWriter(PipesMessageWriter, _BackendClient[ClientT]):
+    """Base of the blob-store message writers: a subclass declares ``backend`` (or overrides
+    ``make_store(bucket)``)."""
 
     def __init__(
         self,
+        client: ClientT | None = None,
         *,
         interval: float = DEFAULT_UPLOAD_INTERVAL,
         max_chunk_bytes: int = DEFAULT_MAX_CHUNK_BYTES,
@@ -331,9 +389,12 @@ class PipesBlobStoreMessageWriter(PipesMessageWriter):
         self.close_timeout = close_timeout
         self.retry = retry
         self.channel: PipesBlobStoreMessageWriterChannel | None = None
+        self._init_client(client)
 
     def make_store(self, bucket: str) -> PipesBlobStore:
-        raise NotImplementedError
+        if self.backend is None:
+            raise NotImplementedError("a blob-store writer declares a backend or overrides make_store")
+        return self.backend.store(self.client, bucket)
 
     def open(self, params: Mapping[str, Any]) -> PipesMessageWriterChannel:
         bucket = params.get(PARAM_BUCKET)
@@ -353,14 +414,18 @@ class PipesBlobStoreMessageWriter(PipesMessageWriter):
         return self.channel
 
 
-class PipesBlobStoreContextLoader(PipesContextLoader):
-    """Base of the blob-store context loaders: reads the JSON object at ``{"bucket", "key"}``."""
+class PipesBlobStoreContextLoader(PipesContextLoader, _BackendClient[ClientT]):
+    """Base of the blob-store context loaders: reads the JSON object at ``{"bucket", "key"}``. A subclass
+    declares ``backend`` (or overrides ``make_store(bucket)``)."""
 
-    def __init__(self, *, retry: RetryPolicy = DEFAULT_RETRY_POLICY) -> None:
+    def __init__(self, client: ClientT | None = None, *, retry: RetryPolicy = DEFAULT_RETRY_POLICY) -> None:
         self.retry = retry
+        self._init_client(client)
 
     def make_store(self, bucket: str) -> PipesBlobStore:
-        raise NotImplementedError
+        if self.backend is None:
+            raise NotImplementedError("a blob-store context loader declares a backend or overrides make_store")
+        return self.backend.store(self.client, bucket)
 
     def load_context(self, params: Mapping[str, Any]) -> dict[str, Any]:
         bucket, key = params.get(PARAM_BUCKET), params.get(PARAM_KEY)

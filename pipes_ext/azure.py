@@ -19,20 +19,11 @@ from __future__ import annotations
 import os
 from typing import Any, Protocol
 
-from ._blob import (
-    DEFAULT_CLOSE_TIMEOUT,
-    DEFAULT_MAX_CHUNK_BYTES,
-    DEFAULT_RETRY_POLICY,
-    DEFAULT_UPLOAD_INTERVAL,
-    PipesBlobStore,
-    PipesBlobStoreContextLoader,
-    PipesBlobStoreMessageWriter,
-    RetryPolicy,
-    missing_extra_error,
-)
+from ._blob import PipesBlobBackend, PipesBlobStore, PipesBlobStoreContextLoader, PipesBlobStoreMessageWriter
 from ._errors import PipesUsageError
 
 __all__ = [
+    "AZURE_BACKEND",
     "AzureBlobServiceClientLike",
     "AzureBlobStore",
     "PipesAzureBlobStorageContextLoader",
@@ -55,13 +46,9 @@ class AzureBlobServiceClientLike(Protocol):
     def get_blob_client(self, container: str, blob: str) -> Any: ...
 
 
-def default_azure_client() -> Any:
-    """A ``BlobServiceClient`` from ``AZURE_STORAGE_CONNECTION_STRING``, with the SDK's retries off (our
-    :class:`RetryPolicy` retries; see the module docstring)."""
-    try:
-        from azure.storage.blob import BlobServiceClient
-    except ImportError as exc:
-        raise missing_extra_error("azure", "azure-storage-blob", exc) from exc
+def _build_azure_client() -> Any:
+    from azure.storage.blob import BlobServiceClient
+
     connection_string = os.environ.get(AZURE_CONNECTION_STRING_ENV_VAR)
     if not connection_string:
         raise PipesUsageError(
@@ -69,6 +56,12 @@ def default_azure_client() -> Any:
             "BlobServiceClient) or set the connection string"
         )
     return BlobServiceClient.from_connection_string(connection_string, retry_total=0)
+
+
+def default_azure_client() -> Any:
+    """A ``BlobServiceClient`` from ``AZURE_STORAGE_CONNECTION_STRING``, with the SDK's retries off (our
+    :class:`RetryPolicy` retries; see the module docstring); an ImportError names the ``azure`` extra."""
+    return AZURE_BACKEND.default_client()
 
 
 def _error_code(exc: BaseException) -> str | None:
@@ -130,33 +123,18 @@ class AzureBlobStore(PipesBlobStore):
         return False
 
 
-class PipesAzureBlobStorageContextLoader(PipesBlobStoreContextLoader):
+AZURE_BACKEND = PipesBlobBackend(label="Azure Blob Storage", extra="azure", package="azure-storage-blob",
+                                 store=AzureBlobStore, build_client=_build_azure_client, bucket_word="container")
+
+
+class PipesAzureBlobStorageContextLoader(PipesBlobStoreContextLoader[AzureBlobServiceClientLike]):
     """Loads the context from ``{"bucket": <container>, "key"}`` in Azure Blob Storage."""
 
-    def __init__(self, client: AzureBlobServiceClientLike | None = None, *,
-                 retry: RetryPolicy = DEFAULT_RETRY_POLICY) -> None:
-        super().__init__(retry=retry)
-        self.client = client if client is not None else default_azure_client()
-
-    def make_store(self, bucket: str) -> PipesBlobStore:
-        return AzureBlobStore(self.client, bucket)
+    backend = AZURE_BACKEND
 
 
-class PipesAzureBlobStorageMessageWriter(PipesBlobStoreMessageWriter):
+class PipesAzureBlobStorageMessageWriter(PipesBlobStoreMessageWriter[AzureBlobServiceClientLike]):
     """Writes messages as numbered chunks under ``{"bucket": <container>, "key_prefix"}`` in Azure Blob
     Storage."""
 
-    def __init__(
-        self,
-        client: AzureBlobServiceClientLike | None = None,
-        *,
-        interval: float = DEFAULT_UPLOAD_INTERVAL,
-        max_chunk_bytes: int = DEFAULT_MAX_CHUNK_BYTES,
-        close_timeout: float = DEFAULT_CLOSE_TIMEOUT,
-        retry: RetryPolicy = DEFAULT_RETRY_POLICY,
-    ) -> None:
-        super().__init__(interval=interval, max_chunk_bytes=max_chunk_bytes, close_timeout=close_timeout, retry=retry)
-        self.client = client if client is not None else default_azure_client()
-
-    def make_store(self, bucket: str) -> PipesBlobStore:
-        return AzureBlobStore(self.client, bucket)
+    backend = AZURE_BACKEND

@@ -20,19 +20,10 @@ from __future__ import annotations
 import http.client
 from typing import Any, Protocol
 
-from ._blob import (
-    DEFAULT_CLOSE_TIMEOUT,
-    DEFAULT_MAX_CHUNK_BYTES,
-    DEFAULT_RETRY_POLICY,
-    DEFAULT_UPLOAD_INTERVAL,
-    PipesBlobStore,
-    PipesBlobStoreContextLoader,
-    PipesBlobStoreMessageWriter,
-    RetryPolicy,
-    missing_extra_error,
-)
+from ._blob import PipesBlobBackend, PipesBlobStore, PipesBlobStoreContextLoader, PipesBlobStoreMessageWriter
 
 __all__ = [
+    "GCS_BACKEND",
     "GCSClientLike",
     "GCSBlobStore",
     "PipesGCSContextLoader",
@@ -53,12 +44,15 @@ class GCSClientLike(Protocol):
     def bucket(self, bucket_name: str, /) -> Any: ...
 
 
-def default_gcs_client() -> Any:
-    try:
-        from google.cloud import storage
-    except ImportError as exc:
-        raise missing_extra_error("gcs", "google-cloud-storage", exc) from exc
+def _build_gcs_client() -> Any:
+    from google.cloud import storage
+
     return storage.Client()
+
+
+def default_gcs_client() -> Any:
+    """``google.cloud.storage.Client()``; an ImportError names the ``gcs`` extra."""
+    return GCS_BACKEND.default_client()
 
 
 def _status(exc: BaseException) -> int | None:
@@ -185,31 +179,17 @@ def _is_transient_transport(exc: BaseException) -> bool:
     return False
 
 
-class PipesGCSContextLoader(PipesBlobStoreContextLoader):
+GCS_BACKEND = PipesBlobBackend(label="GCS", extra="gcs", package="google-cloud-storage", store=GCSBlobStore,
+                               build_client=_build_gcs_client)
+
+
+class PipesGCSContextLoader(PipesBlobStoreContextLoader[GCSClientLike]):
     """Loads the context from ``{"bucket", "key"}`` in GCS."""
 
-    def __init__(self, client: GCSClientLike | None = None, *, retry: RetryPolicy = DEFAULT_RETRY_POLICY) -> None:
-        super().__init__(retry=retry)
-        self.client = client if client is not None else default_gcs_client()
-
-    def make_store(self, bucket: str) -> PipesBlobStore:
-        return GCSBlobStore(self.client, bucket)
+    backend = GCS_BACKEND
 
 
-class PipesGCSMessageWriter(PipesBlobStoreMessageWriter):
+class PipesGCSMessageWriter(PipesBlobStoreMessageWriter[GCSClientLike]):
     """Writes messages as numbered chunks under ``{"bucket", "key_prefix"}`` in GCS."""
 
-    def __init__(
-        self,
-        client: GCSClientLike | None = None,
-        *,
-        interval: float = DEFAULT_UPLOAD_INTERVAL,
-        max_chunk_bytes: int = DEFAULT_MAX_CHUNK_BYTES,
-        close_timeout: float = DEFAULT_CLOSE_TIMEOUT,
-        retry: RetryPolicy = DEFAULT_RETRY_POLICY,
-    ) -> None:
-        super().__init__(interval=interval, max_chunk_bytes=max_chunk_bytes, close_timeout=close_timeout, retry=retry)
-        self.client = client if client is not None else default_gcs_client()
-
-    def make_store(self, bucket: str) -> PipesBlobStore:
-        return GCSBlobStore(self.client, bucket)
+    backend = GCS_BACKEND

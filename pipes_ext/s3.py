@@ -9,19 +9,11 @@ from __future__ import annotations
 
 from typing import Any, Protocol
 
-from ._blob import (
-    DEFAULT_CLOSE_TIMEOUT,
-    DEFAULT_MAX_CHUNK_BYTES,
-    DEFAULT_RETRY_POLICY,
-    DEFAULT_UPLOAD_INTERVAL,
-    PipesBlobStore,
-    PipesBlobStoreContextLoader,
-    PipesBlobStoreMessageWriter,
-    RetryPolicy,
-    missing_extra_error,
-)
+from ._blob import PipesBlobBackend, PipesBlobStore, PipesBlobStoreContextLoader, PipesBlobStoreMessageWriter
 
-__all__ = ["S3ClientLike", "S3BlobStore", "PipesS3ContextLoader", "PipesS3MessageWriter", "default_s3_client"]
+__all__ = [
+    "S3_BACKEND", "S3ClientLike", "S3BlobStore", "PipesS3ContextLoader", "PipesS3MessageWriter", "default_s3_client",
+]
 
 # S3 error codes that mean "try again".
 _TRANSIENT_CODES = frozenset({
@@ -39,16 +31,18 @@ class S3ClientLike(Protocol):
     def delete_object(self, **kwargs: Any) -> Any: ...
 
 
-def default_s3_client() -> Any:
-    try:
-        import boto3
-    except ImportError as exc:
-        raise missing_extra_error("s3", "boto3", exc) from exc
+def _build_s3_client() -> Any:
+    import boto3
     from botocore.config import Config
 
     # botocore's own retries are turned off: RetryPolicy is the one retry layer (stacked layers multiply the
     # requests and stretch close times). A client you inject keeps whatever retries it was built with.
     return boto3.client("s3", config=Config(retries={"total_max_attempts": 1}))
+
+
+def default_s3_client() -> Any:
+    """``boto3.client("s3")`` with botocore's retries off; an ImportError names the ``s3`` extra."""
+    return S3_BACKEND.default_client()
 
 
 def _error_code(exc: BaseException) -> str | None:
@@ -102,31 +96,17 @@ class S3BlobStore(PipesBlobStore):
                                 bex.ConnectTimeoutError, bex.ResponseStreamingError))
 
 
-class PipesS3ContextLoader(PipesBlobStoreContextLoader):
+S3_BACKEND = PipesBlobBackend(label="S3", extra="s3", package="boto3", store=S3BlobStore,
+                              build_client=_build_s3_client)
+
+
+class PipesS3ContextLoader(PipesBlobStoreContextLoader[S3ClientLike]):
     """Loads the context from ``{"bucket", "key"}`` in S3."""
 
-    def __init__(self, client: S3ClientLike | None = None, *, retry: RetryPolicy = DEFAULT_RETRY_POLICY) -> None:
-        super().__init__(retry=retry)
-        self.client = client if client is not None else default_s3_client()
-
-    def make_store(self, bucket: str) -> PipesBlobStore:
-        return S3BlobStore(self.client, bucket)
+    backend = S3_BACKEND
 
 
-class PipesS3MessageWriter(PipesBlobStoreMessageWriter):
+class PipesS3MessageWriter(PipesBlobStoreMessageWriter[S3ClientLike]):
     """Writes messages as numbered chunks under ``{"bucket", "key_prefix"}`` in S3."""
 
-    def __init__(
-        self,
-        client: S3ClientLike | None = None,
-        *,
-        interval: float = DEFAULT_UPLOAD_INTERVAL,
-        max_chunk_bytes: int = DEFAULT_MAX_CHUNK_BYTES,
-        close_timeout: float = DEFAULT_CLOSE_TIMEOUT,
-        retry: RetryPolicy = DEFAULT_RETRY_POLICY,
-    ) -> None:
-        super().__init__(interval=interval, max_chunk_bytes=max_chunk_bytes, close_timeout=close_timeout, retry=retry)
-        self.client = client if client is not None else default_s3_client()
-
-    def make_store(self, bucket: str) -> PipesBlobStore:
-        return S3BlobStore(self.client, bucket)
+    backend = S3_BACKEND
