@@ -506,7 +506,7 @@ def test_no_such_container_fails_fast_on_both_sides(
     stats = json.loads((tmp_path / "stats.json").read_text())
     # No retry: one PUT on the upload thread, one more when close() tries what is left from its own thread.
     assert stats == {"chunks": 0, "requests": 2}
-    assert elapsed < 10
+    assert elapsed < 45  # a hang guard only: the request counts above prove no retries
     assert blob_names(service, container) == []  # the context was still cleaned up
 
 

@@ -457,11 +457,11 @@ def test_no_such_bucket_fails_fast_on_both_sides(client: Any, bucket: str) -> No
     reader = PipesS3MessageReader(missing, client, interval=0.05)
     with pytest.raises(PipesTransportError) as reader_error:
         with open_pipes_session(None, PipesS3ContextInjector(bucket, client), reader) as session:
-            started = time.monotonic()
             with pytest.raises(PipesTransportError) as writer_error:
-                with external(session, client, interval=30):
+                with external(session, client, interval=30) as (_, channel):
                     pass
-            assert time.monotonic() - started < 2.0  # no retrying of a permanent error
+            # no retrying of a permanent error: the upload thread's one PUT, and close()'s one more
+            assert 1 <= channel.requests <= 2
     prefix = session.message_params["key_prefix"]
     for error in (writer_error.value, reader_error.value):
         text = str(error)
@@ -523,10 +523,9 @@ def test_access_denied_fails_fast_on_both_sides(
             writer = PipesS3MessageWriter(denied, interval=30)
             channel = writer.open(session.message_params)
             channel.write_line('{"not": "read"}')
-            started = time.monotonic()
             with pytest.raises(PipesTransportError) as writer_error:
                 channel.close()
-            assert time.monotonic() - started < 2.0
+            # no retrying of a permanent error: the upload thread's one PUT, and close()'s one more
             assert writer.channel is not None and writer.channel.requests <= 2
     prefix = session.message_params["key_prefix"]
     for error in (writer_error.value, reader_error.value):
@@ -644,17 +643,18 @@ def test_atexit_flush_when_the_context_is_never_closed(
 def test_close_timeout_exceeded_is_reported(client: Any, bucket: str, proxy: FaultProxy, proxied: Any) -> None:
     writer = PipesS3MessageWriter(proxied, interval=60, close_timeout=0.5)
     channel = writer.open({"bucket": bucket, "key_prefix": "late"})
-    proxy.delay_next(1, 2.0, path_contains="/late/1.json")
+    # The upload is held far longer than close_timeout, so close() can only return in time by giving up.
+    proxy.delay_next(1, 6.0, path_contains="/late/1.json")
     for i in range(25):
         channel.write_line(json.dumps(i))
     started = time.monotonic()
     with pytest.raises(PipesTransportError, match=r"more than 0\.5 s; 25 message\(s\) were not uploaded"):
         channel.close()
-    assert time.monotonic() - started < 1.5
+    assert time.monotonic() - started < 5.0  # it did not wait for the held upload
     with pytest.raises(PipesTransportError, match="closed"):
         channel.write_line("too late")
     # The late upload still lands (the daemon thread finishes it if the process lives on).
-    wait_for(lambda: channel.chunks_uploaded == 1, timeout=10, what="the delayed upload")
+    wait_for(lambda: channel.chunks_uploaded == 1, timeout=30, what="the delayed upload")
     assert chunk_objects(client, bucket, "late") == ["\n".join(json.dumps(i) for i in range(25)).encode()]
 
 

@@ -322,18 +322,27 @@ def test_truncated_multibyte_character_at_close_is_flushed_as_replacement(script
 def test_a_grandchild_holding_the_pipe_delays_close_only_by_the_timeout(script: Script) -> None:
     path = script(
         '''
-        import subprocess, sys, time
+        import os, subprocess, sys, tempfile, threading, time
         from pipes_ext import open_pipes
 
+        # The grandchild prints "late" only once this process has returned from close() and says so through
+        # a fifo: close() cannot have waited for it, however slow the machine.
+        go = os.path.join(tempfile.mkdtemp(), "go")
+        os.mkfifo(go)
         pipes = open_pipes()
-        late = subprocess.Popen(["sh", "-c", "echo early; sleep 3; echo late"])
+        late = subprocess.Popen(["sh", "-c", f"echo early; read x < {go}; echo late"])
         wait_for_message("early")
         print("before close")
         started = time.monotonic()
         pipes.close()
         print(f"close took {time.monotonic() - started:.3f}", file=sys.stderr)
+        with open(go, "w") as fifo:
+            fifo.write("go\\n")
         print(f"grandchild exit {late.wait()}", file=sys.stderr)
-        time.sleep(0.5)  # let the capture thread copy "late" before this process exits
+        # the capture threads copy "late" to the real stdout and end at the pipe's end of file
+        for thread in threading.enumerate():
+            if thread.name.startswith("pipes-stdio-capture"):
+                thread.join(30)
         '''
     )
     run = run_captured([PYTHON, str(path)])
@@ -341,7 +350,7 @@ def test_a_grandchild_holding_the_pipe_delays_close_only_by_the_timeout(script: 
     assert run.text("stdout") == "early\nbefore close\n"
     run.assert_opened_first_closed_last()
     took = float(run.real_stderr.split("close took ")[1].split()[0])
-    assert EOF_TIMEOUT_SECONDS - 0.05 <= took < EOF_TIMEOUT_SECONDS + 1.5
+    assert EOF_TIMEOUT_SECONDS - 0.05 <= took < EOF_TIMEOUT_SECONDS + 20  # waited for EOF, then gave up
     # After close the grandchild's output is still copied to the real stdout, not sent, and the grandchild
     # was not killed by SIGPIPE.
     assert run.real_stdout == "early\nbefore close\nlate\n"
