@@ -1,7 +1,8 @@
 """Start and stop local blob-store servers (moto, gcp-storage-emulator, Azurite) for tests.
 
 Each server runs as its own process on 127.0.0.1 on a free port, in its own process group, and is stopped by
-its own process id. See ../shared/reference/emulators.md for the commands.
+its own process id. The helpers (free ports, readiness, stopping) are the conformance suite's, in
+``conformance/_servers.py``; the start-up commands are below.
 """
 
 from __future__ import annotations
