@@ -408,7 +408,10 @@ with open_pipes(context_loader=PipesAzureBlobStorageContextLoader(client()), mes
     for batch in range(4):
         for i in range(50):
             pipes.report_custom_message(batch * 50 + i)
-        time.sleep(0.3)  # each batch in its own chunk
+        # each batch in its own chunk: wait until the upload thread has stored every buffered line
+        deadline = time.monotonic() + 120
+        while writer.channel._pending_count() and time.monotonic() < deadline:
+            time.sleep(0.01)
 save_stats(writer)
 """
 
@@ -599,11 +602,11 @@ def test_missing_chunk_is_reported_and_reading_continues(service: BlobServiceCli
         put(1, "opened", {"extras": {}})
         put(2, "report_custom_message", {"payload": "a"})
         put(4, "report_custom_message", {"payload": "b"})  # 3 never comes
-        wait_until(lambda: session.issue_count == 1, timeout=5)
+        wait_until(lambda: session.issue_count == 1, timeout=60)
         assert custom_payloads(events) == ["a", "b"]
         put(5, "report_custom_message", {"payload": "c"})
         put(6, "closed", {})
-        wait_until(lambda: session.closed, timeout=5)  # still inside the session: read live, not at the end
+        wait_until(lambda: session.closed, timeout=60)  # still inside the session: read live, not at the end
     issue = session.protocol_issues[0]
     assert f"azure://{container}/{prefix}/3.json" in issue.source
     assert "never appeared" in issue.reason
@@ -624,7 +627,7 @@ def test_writer_uploads_by_size_between_intervals(service: BlobServiceClient, co
         for line in lines:
             channel.write_line(line)
         # interval=3600: whatever is uploaded before close() was uploaded because of its size.
-        wait_until(lambda: writer.channel is not None and writer.channel.chunks_uploaded >= 3, timeout=5)
+        wait_until(lambda: writer.channel is not None and writer.channel.chunks_uploaded >= 3, timeout=60)
         before_close = stored_chunks(service, container, "size")
         assert len(before_close) >= 3
         assert all(len(data) <= max_bytes for data in before_close.values())

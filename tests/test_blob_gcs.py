@@ -613,7 +613,7 @@ def test_writer_uploads_by_size_between_intervals(client: Any, bucket: str) -> N
     assert {len(line) for line in lines} == {999}
     for line in lines:
         channel.write_line(line)
-    wait_until(lambda: writer.channel is not None and writer.channel.chunks_uploaded == 3, timeout=5)
+    wait_until(lambda: writer.channel is not None and writer.channel.chunks_uploaded == 3, timeout=60)
     time.sleep(0.3)  # below the size and an hour from the interval: the other 5 lines stay buffered
     stored = objects(client, bucket, prefix="sized/")
     assert sorted(stored) == ["sized/1.json", "sized/2.json", "sized/3.json"]

@@ -577,7 +577,7 @@ def run_interrupted_orchestrator(
         elapsed = time.monotonic() - sent
         survivors = {
             name: pid for name, pid in pids.items()
-            if not wait_until(lambda p=pid: not is_alive(p), timeout=5)
+            if not wait_until(lambda p=pid: not is_alive(p), timeout=30)
         }
     finally:
         for pid in (proc.pid, *pids.values()):  # only processes this test started
@@ -719,6 +719,6 @@ def test_many_runs_leave_no_processes_threads_fds_or_files(
     fds_after = open_fds()
     assert len(fds_after) <= len(fds_before) + 20, fds_after
     assert ours(fds_after) <= ours(fds_before), fds_after
-    assert wait_until(lambda: threading.active_count() <= threads_before, timeout=5), [
+    assert wait_until(lambda: threading.active_count() <= threads_before, timeout=30), [
         t.name for t in threading.enumerate()
     ]
