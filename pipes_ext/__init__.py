@@ -40,13 +40,13 @@ from ._protocol import (
     DAGSTER_PIPES_MESSAGES_CLI_ARGUMENT,
     DAGSTER_PIPES_MESSAGES_ENV_VAR,
     ESCAPE_CHARACTER,
-    METADATA_TYPE_INFER,
     PIPES_PROTOCOL_VERSION,
     PIPES_PROTOCOL_VERSION_FIELD,
     decode_param,
     encode_param,
-    parse_asset_key,
 )
+from ._protocol import METADATA_TYPE_INFER as PIPES_METADATA_TYPE_INFER
+from ._protocol import parse_asset_key as to_asset_key_path
 from ._writers import (
     PipesBufferedStreamMessageWriterChannel,
     PipesDefaultMessageWriter,
@@ -125,8 +125,7 @@ __all__ = [
 # dagster-pipes' names for the codec and the asset-key parser, and its constant names.
 encode_env_var = encode_param
 decode_env_var = decode_param
-to_asset_key_path = parse_asset_key
-PIPES_METADATA_TYPE_INFER = METADATA_TYPE_INFER
+# (to_asset_key_path and PIPES_METADATA_TYPE_INFER are imported under those names above.)
 
 # Names resolved on first access: the typed shapes need ``typing`` (which the default start-up path avoids) and the
 # blob-store classes need the blob machinery (threads, retries) that a local run never uses.

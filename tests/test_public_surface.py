@@ -24,11 +24,13 @@ def _public_modules() -> list[str]:
 
 
 def _package_public_names(module: types.ModuleType) -> set[str]:
-    """What ``from package import *`` should give: every public attribute that is not a submodule (imported
-    submodules become attributes of their package) or ``from __future__ import annotations``'s marker."""
+    """What ``from package import *`` should give: every public attribute (those loaded on first use included,
+    as ``dir()`` lists them) that is not a submodule (imported submodules become attributes of their package)
+    or ``from __future__ import annotations``'s marker."""
     return {
-        name for name, value in vars(module).items()
-        if not name.startswith("_") and not isinstance(value, types.ModuleType) and name != "annotations"
+        name for name in dir(module)
+        if not name.startswith("_") and name != "annotations"
+        and not isinstance(getattr(module, name), types.ModuleType)
     }
 
 
