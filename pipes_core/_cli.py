@@ -17,19 +17,22 @@ session failed (remote exception, never opened, protocol issues in strict mode, 
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import logging
+import math
 import os
+import re
 import sys
 import threading
 import time
 from collections.abc import Sequence
 from typing import IO, Any, NoReturn
 
-from pipes_ext._protocol import escape_asset_key, parse_asset_key
+from pipes_ext._protocol import MAX_DECODED_PARAM_BYTES, escape_asset_key, parse_asset_key
 
 from ._client import PipesClient
-from ._errors import PipesExecutionError, PipesInterruptedError, PipesTimeoutError, PipesUsageError
+from ._errors import PipesError, PipesExecutionError, PipesInterruptedError, PipesTimeoutError, PipesUsageError
 from ._handler import DEFAULT_LOGGER_NAME
 from ._injectors import (
     PipesContextInjector,
@@ -82,11 +85,11 @@ def _build_parser() -> argparse.ArgumentParser:
     run.add_argument("--run-id", help="run id (default: a new UUID)")
     run.add_argument("--job-name", help="job name sent in the context")
     run.add_argument("--context-injector", choices=["env", "file", "tempfile"],
-                     help="default tempfile (env with --slurm)")
-    run.add_argument("--context-path", help="context file for --context-injector file")
+                     help="default tempfile (env with --slurm; file with --context-path)")
+    run.add_argument("--context-path", help="context file to create (implies --context-injector file)")
     run.add_argument("--message-reader", choices=["file", "tempfile"],
-                     help="default tempfile (with --slurm: a file under --shared-dir)")
-    run.add_argument("--messages-path", help="messages file for --message-reader file")
+                     help="default tempfile (with --slurm: a file under --shared-dir; file with --messages-path)")
+    run.add_argument("--messages-path", help="messages file to create (implies --message-reader file)")
     run.add_argument("--include-stdio", action="store_true",
                      help="ask the process to forward its stdout/stderr as messages")
     run.add_argument("--json", action="store_true", help="one JSON object per event on stdout")
@@ -94,7 +97,7 @@ def _build_parser() -> argparse.ArgumentParser:
                      help="a command that never opens the channel or breaks the protocol is not an error")
     run.add_argument("--fail-on-check-error", action="store_true",
                      help="exit non-zero when a check of severity ERROR fails")
-    run.add_argument("--timeout", type=float, metavar="S", help="terminate the command after S seconds")
+    run.add_argument("--timeout", metavar="S", help="terminate the command after S seconds (positive, finite)")
     slurm = run.add_argument_group("Slurm", "run the command as a Slurm batch job (sbatch)")
     slurm.add_argument("--slurm", action="store_true", help="submit COMMAND with sbatch and follow the job")
     slurm.add_argument("--sbatch-arg", action="append", default=[], metavar="ARG",
@@ -122,20 +125,45 @@ def _check_asset_key(key: str) -> str:
 def _load_extras(args: argparse.Namespace) -> dict[str, Any]:
     if args.extras is None and args.extras_file is None:
         return {}
+    if args.extras is not None:
+        where, text = "--extras", args.extras
+    else:
+        where, text = f"--extras-file {args.extras_file}", _read_extras_file(args.extras_file)
     try:
-        if args.extras is not None:
-            value = json.loads(args.extras)
-            where = "--extras"
-        else:
-            with open(args.extras_file, encoding="utf-8") as f:
-                value = json.load(f)
-            where = f"--extras-file {args.extras_file}"
-    except OSError as exc:
-        raise _UsageError(f"cannot read --extras-file: {exc}") from exc
+        value = json.loads(text)
+    except RecursionError as exc:
+        raise _UsageError(f"{where} is nested too deeply to be extras") from exc
     except ValueError as exc:
-        raise _UsageError(f"--extras is not valid JSON: {exc}") from exc
+        raise _UsageError(f"{where} is not valid JSON: {exc}") from exc
     if not isinstance(value, dict):
         raise _UsageError(f"{where} must be a JSON object")
+    return value
+
+
+def _read_extras_file(path: str) -> str:
+    """The text of ``--extras-file``, at most the bootstrap cap (so ``/dev/zero`` cannot exhaust memory)."""
+    try:
+        with open(path, "rb") as f:
+            data = f.read(MAX_DECODED_PARAM_BYTES + 1)
+    except OSError as exc:
+        raise _UsageError(f"cannot read --extras-file {path}: {exc.strerror or exc}") from exc
+    if len(data) > MAX_DECODED_PARAM_BYTES:
+        raise _UsageError(f"--extras-file {path} is over the {MAX_DECODED_PARAM_BYTES}-byte limit")
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise _UsageError(f"--extras-file {path} is not UTF-8: {exc}") from exc
+
+
+def _timeout(text: str | None) -> float | None:
+    if text is None:
+        return None
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not (math.isfinite(value) and value > 0):
+        raise _UsageError(f"--timeout must be positive and finite (seconds), got {text!r}")
     return value
 
 
@@ -167,6 +195,47 @@ def event_to_json(event: PipesEvent) -> dict[str, Any]:
     return {"event": "protocol_issue", "reason": event.reason, "raw": event.raw}
 
 
+# Continuation lines of text from the child are indented by this much, so none can pass for a line of ours
+# (ours start at column 0).
+_CONTINUATION = "    "
+# Characters a child could use to move the cursor, clear the screen, set the window title, reorder text or
+# start a line of its own: C0 and C1 controls (tab and newline excepted; newlines are handled by indenting),
+# DEL, Unicode line/paragraph separators and bidirectional overrides.
+_UNSAFE = re.compile("[\x00-\x08\x0b-\x1f\x7f-\x9f\u2028\u2029\u200e\u200f\u202a-\u202e\u2066-\u2069]")
+
+
+def _escape_char(match: re.Match[str]) -> str:
+    code = ord(match.group())
+    return f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}"
+
+
+def _safe(text: str) -> str:
+    """Text from the child, made safe to print on a terminal: controls escaped, continuation lines indented."""
+    return ("\n" + _CONTINUATION).join(_UNSAFE.sub(_escape_char, line) for line in text.split("\n"))
+
+
+def _finite(value: Any) -> Any:
+    """``value`` with every non-finite float replaced by its name (``"NaN"``, ``"Infinity"``, ``"-Infinity"``)."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return "NaN" if math.isnan(value) else ("Infinity" if value > 0 else "-Infinity")
+    if isinstance(value, dict):
+        return {key: _finite(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite(item) for item in value]
+    return value
+
+
+def _strict_json(value: Any) -> str:
+    """Strict JSON (no ``NaN``/``Infinity``, which strict parsers reject): non-finite floats become strings."""
+    try:
+        try:
+            return json.dumps(value, allow_nan=False)
+        except ValueError:
+            return json.dumps(_finite(value), allow_nan=False)
+    except RecursionError:
+        return json.dumps("<too deeply nested to print>")
+
+
 _COLOURS = {"red": "31", "green": "32", "yellow": "33", "blue": "34", "dim": "2", "bold": "1"}
 _LEVEL_COLOURS = {"DEBUG": "dim", "INFO": "blue", "WARNING": "yellow", "ERROR": "red", "CRITICAL": "red"}
 
@@ -187,8 +256,9 @@ class _Printer:
         return f"\033[{_COLOURS[colour]}m{text}\033[0m" if self.colour else text
 
     def emit(self, record: dict[str, Any]) -> None:
+        text = _strict_json(record)
         with self.lock:
-            self.out.write(json.dumps(record) + "\n")
+            self.out.write(text + "\n")
             self.out.flush()
 
     def line(self, text: str) -> None:
@@ -208,24 +278,26 @@ class _Printer:
             if event.exception is None:
                 self.line(f"{tag} closed")
             else:
-                self.line(f"{tag} closed with {self.paint('exception', 'red')}:\n{event.exception.format().rstrip()}")
+                text = _safe(event.exception.format().rstrip())
+                self.line(f"{tag} closed with {self.paint('exception', 'red')}:\n{_CONTINUATION}{text}")
         elif isinstance(event, PipesLogEvent):
-            level = self.paint(f"{event.level:<8}", _LEVEL_COLOURS.get(event.level, "blue"))
-            self.line(f"{tag} {level} {event.message}")
+            level = self.paint(f"{_safe(event.level):<8}", _LEVEL_COLOURS.get(event.level, "blue"))
+            self.line(f"{tag} {level} {_safe(event.message)}")
         elif isinstance(event, MaterializeResult):
-            meta = ", ".join(f"{k}={v.value!r}" for k, v in event.metadata.items())
-            version = f" data_version={event.data_version}" if event.data_version is not None else ""
-            self.line(f"{tag} {self.paint('materialized', 'green')} {event.asset_key}{version}"
+            meta = ", ".join(f"{_safe(k)}={_safe(repr(v.value))}" for k, v in event.metadata.items())
+            version = f" data_version={_safe(event.data_version)}" if event.data_version is not None else ""
+            self.line(f"{tag} {self.paint('materialized', 'green')} {_safe(event.asset_key)}{version}"
                       + (f" ({meta})" if meta else ""))
         elif isinstance(event, AssetCheckResult):
             verdict = self.paint("passed", "green") if event.passed else self.paint("FAILED", "red")
-            self.line(f"{tag} check {event.asset_key}:{event.check_name} {verdict} [{event.severity}]")
+            self.line(f"{tag} check {_safe(event.asset_key)}:{_safe(event.check_name)} {verdict} "
+                      f"[{_safe(event.severity)}]")
         elif isinstance(event, PipesCustomMessageEvent):
-            self.line(f"{tag} message {json.dumps(event.payload)}")
+            self.line(f"{tag} message {_safe(_strict_json(event.payload))}")
         elif isinstance(event, PipesExternalStreamEvent):
-            self.line(f"{tag} {event.stream}: {event.text.rstrip()}")
+            self.line(f"{tag} {_safe(event.stream)}: {_safe(event.text.rstrip())}")
         else:
-            self.line(f"{tag} {self.paint('protocol issue', 'red')}: {event}")
+            self.line(f"{tag} {self.paint('protocol issue', 'red')}: {_safe(str(event))}")
 
     def job_state(self, info: Any) -> None:
         """A Slurm job's state change (a :class:`pipes_core.slurm.SlurmJobInfo`)."""
@@ -252,9 +324,14 @@ class _Printer:
 
 
 def _injector(args: argparse.Namespace) -> PipesContextInjector:
-    if args.context_injector == "env" or (args.context_injector is None and args.slurm):
+    """``--context-path`` alone implies ``--context-injector file``; with another injector it is an error."""
+    kind = args.context_injector or (
+        "file" if args.context_path is not None else ("env" if args.slurm else "tempfile"))
+    if kind != "file" and args.context_path is not None:
+        raise _UsageError(f"--context-path is for --context-injector file, not {kind}")
+    if kind == "env":
         return PipesEnvContextInjector()
-    if args.context_injector == "file":
+    if kind == "file":
         if not args.context_path:
             raise _UsageError("--context-injector file needs --context-path PATH")
         return PipesFileContextInjector(args.context_path)
@@ -262,7 +339,11 @@ def _injector(args: argparse.Namespace) -> PipesContextInjector:
 
 
 def _reader(args: argparse.Namespace) -> PipesMessageReader:
-    if args.message_reader == "file":
+    """``--messages-path`` alone implies ``--message-reader file``; with another reader it is an error."""
+    kind = args.message_reader or ("file" if args.messages_path is not None else "tempfile")
+    if kind != "file" and args.messages_path is not None:
+        raise _UsageError(f"--messages-path is for --message-reader file, not {kind}")
+    if kind == "file":
         if not args.messages_path:
             raise _UsageError("--message-reader file needs --messages-path PATH")
         return PipesFileMessageReader(args.messages_path, include_stdio_in_messages=args.include_stdio)
@@ -321,8 +402,7 @@ def _run(args: argparse.Namespace, out: IO[str]) -> int:
         raise _UsageError("no command given: pipes run [OPTIONS] -- COMMAND [ARG]...")
     assets = [_check_asset_key(key) for key in args.asset]
     extras = _load_extras(args)
-    if args.timeout is not None and args.timeout <= 0:
-        raise _UsageError("--timeout must be positive")
+    timeout = _timeout(args.timeout)
     context = PipesRunContext(asset_keys=assets or None, partition_key=args.partition, job_name=args.job_name,
                               **({"run_id": args.run_id} if args.run_id else {}))
     client, options = _client(args)
@@ -337,7 +417,7 @@ def _run(args: argparse.Namespace, out: IO[str]) -> int:
     invocation: PipesClientCompletedInvocation | None = None
     error: str | None = None
     try:
-        invocation = client.run(context=context, command=command, extras=extras, timeout_seconds=args.timeout,
+        invocation = client.run(context=context, command=command, extras=extras, timeout_seconds=timeout,
                                 on_event=printer, retain_messages=False,
                                 stdout=sys.stderr if args.json else None, **options)
         code = 0
@@ -348,6 +428,12 @@ def _run(args: argparse.Namespace, out: IO[str]) -> int:
     except PipesInterruptedError as exc:
         code, error = 128 + 15, str(exc).splitlines()[0]
     except PipesExecutionError as exc:
+        if _argument_list_too_long(exc):
+            what = ("the context is too large for an environment variable (DAGSTER_PIPES_CONTEXT); use "
+                    "--context-injector tempfile or file"
+                    if isinstance(getattr(client, "context_injector", None), PipesEnvContextInjector)
+                    else "the environment and arguments are too large for the system")
+            raise _UsageError(f"cannot start {command[0]!r}: {what}") from exc
         error = str(exc).splitlines()[0]
         invocation = exc.invocation
         if exc.exit_code is None:
@@ -358,6 +444,9 @@ def _run(args: argparse.Namespace, out: IO[str]) -> int:
             code = exc.exit_code or EXIT_SESSION_FAILED
     except PipesUsageError as exc:
         raise _UsageError(str(exc)) from exc
+    except PipesError as exc:  # e.g. the messages file could not be read to its end: what arrived is counted
+        code, error = EXIT_SESSION_FAILED, str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        invocation = getattr(exc, "invocation", None)
     if code == 0 and args.fail_on_check_error and printer.counts["failed_error_checks"]:
         code, error = EXIT_SESSION_FAILED, "a check of severity ERROR failed"
     summary = {
@@ -377,18 +466,23 @@ def _run(args: argparse.Namespace, out: IO[str]) -> int:
     return code
 
 
+def _argument_list_too_long(exc: BaseException) -> bool:
+    cause = exc.__cause__
+    return isinstance(cause, OSError) and cause.errno == errno.E2BIG
+
+
 def _print_summary(printer: _Printer, s: dict[str, Any]) -> None:
     ok = s["exit_code"] == 0
     status = printer.paint("succeeded", "green") if ok else printer.paint(f"failed (exit {s['exit_code']})", "red")
     rows = [
         ("status", status),
-        ("assets", ", ".join(s["assets"]) or "-"),
+        ("assets", ", ".join(_safe(key) for key in s["assets"]) or "-"),
         ("checks", f"{s['checks_passed']} passed, {s['checks_failed']} failed"),
         ("messages", f"{s['custom_messages']} custom, {s['logs']} logs, {s['protocol_issues']} protocol issues"),
         ("duration", f"{s['duration_seconds']:.3f} s"),
     ]
     if s["error"]:
-        rows.append(("error", s["error"]))
+        rows.append(("error", _safe(s["error"])))
     width = max(len(name) for name, _ in rows)
     printer.line(printer.paint("── summary " + "─" * 30, "bold"))
     for name, value in rows:
@@ -405,5 +499,8 @@ def main(argv: Sequence[str] | None = None, out: IO[str] | None = None) -> int:
             raise _UsageError("usage: pipes run [OPTIONS] -- COMMAND [ARG]...")
         return _run(args, out)
     except _UsageError as exc:
-        sys.stderr.write(f"pipes: error: {exc}\n")
+        sys.stderr.write(f"pipes: error: {_safe(str(exc))}\n")
         return EXIT_USAGE
+    except Exception as exc:  # the command line never prints a traceback
+        sys.stderr.write(f"pipes: internal error: {type(exc).__name__}: {_safe(str(exc))}\n")
+        return EXIT_SESSION_FAILED

@@ -15,8 +15,10 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
-from pipes_ext._errors import PipesTransportError
+from pipes_ext._errors import PipesTransportError, PipesUsageError
 from pipes_ext._protocol import PARAM_DATA, PARAM_PATH
+
+from ._files import CreatedFile, create_private_file
 
 __all__ = [
     "PipesContextInjector",
@@ -71,31 +73,44 @@ class PipesEnvContextInjector(PipesContextInjector):
         return "the env context injector (context inlined in DAGSTER_PIPES_CONTEXT)"
 
 
-def _write_private_json(path: str, data: dict[str, Any]) -> None:
+def _write_private_json(path: str, data: dict[str, Any]) -> CreatedFile:
+    """Create ``path`` (see :mod:`pipes_core._files`) and write ``data`` into it as JSON."""
+    created = create_private_file(path, "the context file")
     try:
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(data, f)
-    except OSError as exc:
-        raise PipesTransportError(f"cannot write the context file {path!r}: {exc}") from exc
+        try:
+            text = json.dumps(data)
+        except (ValueError, TypeError, RecursionError) as exc:
+            raise PipesUsageError(f"the context data cannot be written as JSON: {exc}") from exc
+        try:
+            with os.fdopen(created.fd, "w", encoding="utf-8", closefd=False) as f:
+                f.write(text)
+        except OSError as exc:
+            raise PipesTransportError(f"cannot write the context file {path!r}: {exc}") from exc
+        created.close_fd()
+    except BaseException:
+        created.remove()
+        raise
+    return created
 
 
 class PipesFileContextInjector(PipesContextInjector):
-    """Writes the context data as JSON to ``path`` (mode 0600) and deletes it after the session."""
+    """Writes the context data as JSON to ``path`` and deletes it after the session.
+
+    The file is created by the session (``O_EXCL | O_NOFOLLOW``, mode 0600): an existing path of any kind, a
+    symbolic link included, or a missing directory raises :class:`PipesUsageError` before the process is
+    launched, and the path is left untouched. Only the file the session created is deleted.
+    """
 
     def __init__(self, path: str | os.PathLike[str]) -> None:
         self.path = os.fspath(path)
 
     @contextmanager
     def inject_context(self, context_data: dict[str, Any]) -> Iterator[dict[str, Any]]:
-        _write_private_json(self.path, context_data)
+        created = _write_private_json(self.path, context_data)
         try:
             yield {PARAM_PATH: self.path}
         finally:
-            try:
-                os.remove(self.path)
-            except FileNotFoundError:
-                pass
+            created.remove()
 
     def describe(self) -> str:
         return f"the file context injector ({self.path})"

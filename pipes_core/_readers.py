@@ -24,6 +24,7 @@ from typing import Any
 from pipes_ext._errors import PipesTransportError
 from pipes_ext._protocol import PARAM_INCLUDE_STDIO_IN_MESSAGES, PARAM_PATH
 
+from ._files import create_private_file
 from ._handler import PipesMessageHandler
 from ._log_readers import PipesLogReader
 from ._watch import FileWatcher
@@ -81,8 +82,11 @@ class PipesMessageReader:
 class _FileTailer:
     """The background thread of a file reader: tails one file into a handler until told to finish."""
 
-    def __init__(self, path: str, handler: PipesMessageHandler, *, use_inotify: bool = True) -> None:
+    def __init__(
+        self, path: str, handler: PipesMessageHandler, *, use_inotify: bool = True, fd: int | None = None
+    ) -> None:
         self.path = path
+        self._fd = fd  # an open, readable descriptor of the file (owned by the tailer), or None: open path
         self.handler = handler
         self.watcher = FileWatcher(path, use_inotify=use_inotify)
         self._finish = threading.Event()
@@ -111,11 +115,14 @@ class _FileTailer:
             self.watcher.close()
 
     def _tail(self) -> None:
-        try:
-            fd = os.open(self.path, os.O_RDONLY)
-        except OSError as exc:
-            self.error = exc
-            return
+        if self._fd is not None:
+            fd = self._fd
+        else:
+            try:
+                fd = os.open(self.path, os.O_RDONLY | os.O_CLOEXEC)
+            except OSError as exc:
+                self.error = exc
+                return
         pending: list[bytes] = []
         source = self.path
         try:
@@ -159,9 +166,12 @@ class PipesFileMessageReader(PipesMessageReader):
     """Reads newline-delimited JSON messages from a file the external process appends to.
 
     Args:
-        path: the messages file; created (0600) or truncated when the session starts.
+        path: the messages file, created by the session (``O_EXCL | O_NOFOLLOW``, mode 0600): an existing path
+            of any kind, a symbolic link included, or a missing directory raises :class:`PipesUsageError`
+            before the process is launched, and the path is left untouched (see :mod:`pipes_core._files`).
         include_stdio_in_messages: ask the external side to forward its stdout/stderr as messages.
-        cleanup_file: delete the file after the session.
+        cleanup_file: delete the file after the session (only the file the session created: never a file
+            someone put in its place).
         log_readers: log readers to run during the session (e.g. a :class:`~pipes_core.PipesFileLogReader` on
             a batch job's output file).
         use_inotify: wake on inotify events where available. inotify sees only writes made through this
@@ -190,29 +200,31 @@ class PipesFileMessageReader(PipesMessageReader):
 
     @contextmanager
     def _tail(self, path: str, handler: PipesMessageHandler) -> Iterator[dict[str, Any]]:
+        """Create the file, tail it while the block runs, drain it at the end; remove it if ``cleanup_file``
+        (and only if the path still names the file created here)."""
+        created = create_private_file(path, "the messages file", readable=True)
+        fd = os.dup(created.fd)  # the tailer reads through its own descriptor and closes it
+        created.close_fd()
         try:
-            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            tailer = _FileTailer(path, handler, fd=fd, use_inotify=self.use_inotify)
+            tailer.start()  # from here the tailer's thread owns fd
+        except BaseException:
             os.close(fd)
-        except OSError as exc:
-            raise PipesTransportError(f"cannot create the messages file {path!r}: {exc}") from exc
-        tailer = _FileTailer(path, handler, use_inotify=self.use_inotify)
-        tailer.start()
+            created.remove()
+            raise
         try:
             yield self.messages_params(path)
         finally:
-            tailer.finish()
+            try:
+                tailer.finish()
+            finally:
+                if self.cleanup_file:
+                    created.remove()
 
     @contextmanager
     def read_messages(self, handler: PipesMessageHandler) -> Iterator[dict[str, Any]]:
-        try:
-            with self._tail(self.path, handler) as params:
-                yield params
-        finally:
-            if self.cleanup_file:
-                try:
-                    os.remove(self.path)
-                except FileNotFoundError:
-                    pass
+        with self._tail(self.path, handler) as params:
+            yield params
 
     def describe(self) -> str:
         return f"the file message reader ({self.path})"

@@ -13,6 +13,7 @@ orchestrated run ``open_pipes()`` returns a *local* context: empty context data,
 
 from __future__ import annotations
 
+import os
 import warnings
 
 from ._context_loaders import PipesContextLoader, PipesDefaultContextLoader
@@ -91,6 +92,7 @@ class PipesContext:
         self._opened = False
         self._closed = False
         self._logger: logging.Logger | None = None
+        self._pid = 0  # the process that sent opened: only it sends closed
 
     # ---------------------------------------------------------------- lifecycle
 
@@ -134,6 +136,7 @@ class PipesContext:
         if not self._opened:
             self._send(METHOD_OPENED, {"extras": self._opened_extras})
             self._opened = True
+            self._pid = os.getpid()
             PipesContext._current.append(self)
         return self
 
@@ -149,6 +152,10 @@ class PipesContext:
     def close(self, exc: BaseException | None = None) -> None:
         """Send ``closed`` (with ``exc`` if given) and close the channel. Idempotent.
 
+        Only the process that opened the context closes the session: in a forked child (``os.fork``,
+        ``multiprocessing`` with fork) ``close`` just marks this copy closed and sends nothing, so the parent's
+        session is not closed on its behalf. The child's other messages do reach the channel.
+
         Order: ``close()`` each ``before_close`` object (they may still write to the channel, e.g. the stdio
         capture draining), send ``closed``, close the channel, then ``close()`` each ``on_close`` object.
         """
@@ -157,6 +164,10 @@ class PipesContext:
         self._closed = True
         if self in PipesContext._current:
             PipesContext._current.remove(self)
+        if self._opened and os.getpid() != self._pid:
+            # A forked child leaving the block (or exiting): the session is its parent's, so it sends no
+            # ``closed`` and leaves the channel and resources (copies of the parent's) as they are.
+            return
         try:
             for resource in self._before_close:
                 resource.close()

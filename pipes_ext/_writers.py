@@ -16,7 +16,9 @@ Channels chosen by :class:`PipesDefaultMessageWriter`, by the first key present 
 from __future__ import annotations
 
 import _thread  # the lock alone: `threading` costs start-up time the file channel does not need
+import errno
 import os
+import stat
 import sys
 
 from ._errors import PipesProtocolError, PipesTransportError
@@ -81,6 +83,13 @@ class PipesMessageWriter:
         return {}
 
 
+_OPEN_ERRORS = {
+    errno.ELOOP: "it is a symbolic link; refusing to follow it",
+    errno.ENXIO: "it is a FIFO (no reader); only a regular file is accepted",
+    errno.EISDIR: "it is a directory",
+}
+
+
 class PipesFileMessageWriterChannel(PipesMessageWriterChannel):
     """Appends one line per message to a file kept open; see the module docstring for the guarantees."""
 
@@ -91,10 +100,22 @@ class PipesFileMessageWriterChannel(PipesMessageWriterChannel):
 
     @classmethod
     def open_path(cls, path: str) -> PipesFileMessageWriterChannel:
+        """Open ``path`` for appending (created 0600 if missing). Only a regular file is accepted: the open is
+        non-blocking (a FIFO without a reader does not hang it) and does not follow a symbolic link, and a FIFO,
+        device or directory is refused with :class:`PipesTransportError`."""
+        flags = os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NONBLOCK | os.O_NOFOLLOW | os.O_CLOEXEC
         try:
-            fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+            fd = os.open(path, flags, 0o600)
         except OSError as exc:
-            raise PipesTransportError(f"cannot open the messages file {path!r}: {exc}") from exc
+            reason = _OPEN_ERRORS.get(exc.errno or 0) or exc.strerror or str(exc)
+            raise PipesTransportError(f"cannot open the messages file {path!r}: {reason}") from exc
+        try:
+            if not stat.S_ISREG(os.fstat(fd).st_mode):
+                raise PipesTransportError(f"the messages file {path!r} is not a regular file; refusing to write to it")
+            os.set_blocking(fd, True)
+        except BaseException:
+            os.close(fd)
+            raise
         return cls(fd, path)
 
     def write_line(self, line: str) -> None:

@@ -6,6 +6,7 @@ Performance tests assert only generous safety bounds; they print what they measu
 from __future__ import annotations
 
 import os
+import stat
 import statistics
 import subprocess
 import sys
@@ -26,6 +27,7 @@ from pipes_core import (
     PipesSession,
     PipesTempFileContextInjector,
     PipesTempFileMessageReader,
+    PipesUsageError,
     open_pipes_session,
 )
 from pipes_ext._protocol import dumps_message
@@ -215,18 +217,29 @@ def test_temp_files_are_removed_when_the_block_raises() -> None:
 
 
 @pytest.mark.parametrize("cleanup", [True, False])
-def test_file_reader_truncates_then_cleans_up_as_asked(tmp_path: Path, cleanup: bool) -> None:
+def test_file_reader_creates_then_cleans_up_as_asked(tmp_path: Path, cleanup: bool) -> None:
     path = tmp_path / "messages.ndjson"
-    path.write_text(custom("stale") + "\n", encoding="utf-8")
     reader = PipesFileMessageReader(path, cleanup_file=cleanup)
     with open_pipes_session(None, PipesTempFileContextInjector(), reader) as session:
         assert session.message_params["path"] == str(path)
-        assert os.path.getsize(path) == 0  # truncated: stale content is not read
+        assert os.path.getsize(path) == 0  # created empty by the session
+        assert stat.S_IMODE(os.stat(path).st_mode) == 0o600
         writer = RawWriter(session)
         writer.write(OPENED + "\n" + custom("fresh") + "\n" + CLOSED + "\n")
         writer.close()
     assert session.get_custom_messages() == ["fresh"]
     assert path.exists() is (not cleanup)
+
+
+def test_file_reader_refuses_a_stale_file_and_leaves_it(tmp_path: Path) -> None:
+    # Formerly the reader truncated a pre-existing file; issue 9: never truncate a file the session did not
+    # create. The stale content is neither read nor lost.
+    path = tmp_path / "messages.ndjson"
+    path.write_text(custom("stale") + "\n", encoding="utf-8")
+    with pytest.raises(PipesUsageError, match="already exists and is a regular file"):
+        with open_pipes_session(None, PipesTempFileContextInjector(), PipesFileMessageReader(path)):
+            raise AssertionError("the session must not start")  # pragma: no cover
+    assert path.read_text(encoding="utf-8") == custom("stale") + "\n"
 
 
 # ---------------------------------------------------------------------------------------------- performance
