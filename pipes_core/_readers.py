@@ -13,10 +13,12 @@ the reader never stops early.
 
 from __future__ import annotations
 
+import fcntl
 import os
 import shutil
 import tempfile
 import threading
+import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any
@@ -36,12 +38,17 @@ __all__ = [
     "MESSAGES_FILE_NAME",
     "READ_BLOCK_BYTES",
     "IDLE_WAKE_SECONDS",
+    "CAPTURE_WRITERS_WAIT_SECONDS",
 ]
 
 # The file name the reference uses inside its temp dir.
 MESSAGES_FILE_NAME = "messages"
 # One read() takes at most this much; large enough that 100k small messages cost few system calls.
 READ_BLOCK_BYTES = 1 << 20
+# After the process has ended, how long the final drain waits for the external side's stdio capture reader
+# (a process of its own, see pipes_ext._capture) to finish appending what the process wrote before it died. It
+# only waits while such a reader holds its lock: while a grandchild still writes to the captured stdout.
+CAPTURE_WRITERS_WAIT_SECONDS = 5.0
 # Even with inotify the reader looks at the file this often, as a safety net (a missed event costs at most
 # this much delay); idle cost is one read() per interval.
 IDLE_WAKE_SECONDS = 0.5
@@ -94,6 +101,7 @@ class _FileTailer:
         self._thread = threading.Thread(target=self._run, name=f"pipes-file-reader:{path}", daemon=True)
         self.error: BaseException | None = None
         self.bytes_read = 0
+        self._writers_deadline: float | None = None
 
     def start(self) -> None:
         self.watcher.start()
@@ -113,6 +121,25 @@ class _FileTailer:
         finally:
             self._drained.set()
             self.watcher.close()
+
+    def _writers_gone(self, fd: int) -> bool:
+        """True when no stdio-capture reader of the external side still holds its shared ``flock`` on the file
+        (it may still be appending the output of a killed process), or after :data:`CAPTURE_WRITERS_WAIT_SECONDS`."""
+        if self._writers_deadline is None:
+            self._writers_deadline = time.monotonic() + CAPTURE_WRITERS_WAIT_SECONDS
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            if time.monotonic() < self._writers_deadline:
+                return False
+            self.handler.logger.warning(
+                "[pipes] a stdio capture of the external process still writes to %s after %.0f s; what it "
+                "writes from now on is not read", self.path, CAPTURE_WRITERS_WAIT_SECONDS)
+            return True
+        except OSError:  # no flock on this file system: nothing to wait for
+            return True
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        return True
 
     def _tail(self) -> None:
         if self._fd is not None:
@@ -143,7 +170,7 @@ class _FileTailer:
                     complete = b"".join(pending)
                     pending = [block[cut + 1 :]]
                     self.handler.handle_lines(complete, source)
-                if finishing:
+                if finishing and self._writers_gone(fd):
                     break
                 if got_data:
                     self.watcher.data_seen()

@@ -62,6 +62,12 @@ class PipesMessageWriterChannel:
         """Send one serialised message (no trailing newline)."""
         raise NotImplementedError
 
+    def shared_append_target(self) -> tuple[int, str] | None:
+        """``(fd, path)`` when another process may send messages by appending whole lines to ``fd`` (one
+        ``write`` per line, ``O_APPEND``): the stdio capture's reader process then writes there itself, so its
+        messages survive this process being killed. None (the default): only this process writes."""
+        return None
+
     def close(self) -> None:
         """Flush what is buffered and release the channel. Idempotent."""
 
@@ -117,6 +123,9 @@ class PipesFileMessageWriterChannel(PipesMessageWriterChannel):
             os.close(fd)
             raise
         return cls(fd, path)
+
+    def shared_append_target(self) -> tuple[int, str] | None:
+        return None if self._fd < 0 else (self._fd, self.path)
 
     def write_line(self, line: str) -> None:
         data = (line + "\n").encode()
