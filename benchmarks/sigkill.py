@@ -26,6 +26,7 @@ import subprocess
 import sys
 import tempfile
 import textwrap
+import threading
 from typing import Any
 
 PYTHON = sys.executable
@@ -51,19 +52,26 @@ CHILD = textwrap.dedent(
     """
 )
 
-# The child is killed after a delay drawn uniformly from this range (seconds): from before open_pipes()
-# returns to well into the loop.
-KILL_DELAY_RANGE = (0.05, 0.8)
+# The child is killed after a delay drawn uniformly from this range (seconds), counted from its "opened"
+# message (so a loaded machine does not turn every run into a kill during start-up); one run in
+# EARLY_KILL_EVERY is instead killed that long after it was launched, usually before open_pipes() returns.
+KILL_DELAY_RANGE = (0.0, 0.3)
+EARLY_KILL_EVERY = 10
+# How long a run waits for "opened" at most (a generous bound that only catches a broken child).
+OPENED_TIMEOUT_SECONDS = 60.0
 
 
 def _lines(text: str) -> list[str]:
     return [line for line in text.split("\n") if line]
 
 
-def run_once(mode: str, workdir: str, delay: float) -> dict[str, int]:
-    """One run: start the child, SIGKILL it after ``delay`` s, drain, and count what was lost."""
+def run_once(mode: str, workdir: str, delay: float, early: bool = False) -> dict[str, int]:
+    """One run: start the child, SIGKILL it ``delay`` s after its "opened" (after its launch with ``early``),
+    drain, and count what was lost."""
     from pipes_core import (
+        PipesEvent,
         PipesExternalStreamEvent,
+        PipesOpenedEvent,
         PipesTempFileContextInjector,
         PipesTempFileMessageReader,
         open_pipes_session,
@@ -79,6 +87,14 @@ def run_once(mode: str, workdir: str, delay: float) -> dict[str, int]:
         if os.path.exists(path):
             os.remove(path)
     streamed: dict[str, list[str]] = {"stdout": [], "stderr": []}
+    opened = threading.Event()
+
+    def on_event(event: PipesEvent) -> None:
+        if isinstance(event, PipesOpenedEvent):
+            opened.set()
+        elif isinstance(event, PipesExternalStreamEvent):
+            streamed[event.stream].append(event.text)
+
     quiet = logging.Logger("pipes-sigkill-sweep")  # "never sent closed" is the point here, not news
     quiet.addHandler(logging.NullHandler())
     env = {k: v for k, v in os.environ.items() if not k.startswith("DAGSTER_PIPES_")}
@@ -87,13 +103,15 @@ def run_once(mode: str, workdir: str, delay: float) -> dict[str, int]:
             None,
             PipesTempFileContextInjector(),
             PipesTempFileMessageReader(include_stdio_in_messages=(mode == "capture")),
-            on_event=lambda e: streamed[e.stream].append(e.text) if isinstance(e, PipesExternalStreamEvent) else None,
+            on_event=on_event,
             external_stream_handler=lambda stream, text: None,
             logger=quiet,
         ) as session:
             process = subprocess.Popen([PYTHON, script, mode, ack_path], stdout=out, stderr=err,
                                        env={**env, **session.get_bootstrap_env_vars()})
             try:
+                if not early:
+                    opened.wait(OPENED_TIMEOUT_SECONDS)
                 process.wait(timeout=delay)  # the child loops forever: this is the random kill moment
             except subprocess.TimeoutExpired:
                 pass
@@ -124,7 +142,8 @@ def sweep(mode: str, runs: int, seed: int = 0) -> dict[str, Any]:
     acknowledged = lost = lost_real = runs_with_loss = 0
     with tempfile.TemporaryDirectory(prefix="pipes-sigkill-") as workdir:
         for _ in range(runs):
-            result = run_once(mode, workdir, rng.uniform(*KILL_DELAY_RANGE))
+            early = rng.randrange(EARLY_KILL_EVERY) == 0
+            result = run_once(mode, workdir, rng.uniform(*KILL_DELAY_RANGE), early)
             acknowledged += result["acknowledged"]
             lost += result["lost"]
             lost_real += result["lost_real"]

@@ -53,6 +53,7 @@ from ._results import (
     PipesProtocolIssue,
 )
 from ._run_context import PipesRunContext
+from ._session import PipesSession
 from ._subprocess import PipesClientCompletedInvocation, PipesSubprocessClient
 
 __all__ = ["main", "event_to_json"]
@@ -415,6 +416,7 @@ def _run(args: argparse.Namespace, out: IO[str]) -> int:
     external.propagate = False
     started = time.monotonic()
     invocation: PipesClientCompletedInvocation | None = None
+    session: PipesSession | None = None
     error: str | None = None
     try:
         invocation = client.run(context=context, command=command, extras=extras, timeout_seconds=timeout,
@@ -447,14 +449,17 @@ def _run(args: argparse.Namespace, out: IO[str]) -> int:
     except PipesError as exc:  # e.g. the messages file could not be read to its end: what arrived is counted
         code, error = EXIT_SESSION_FAILED, str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         invocation = getattr(exc, "invocation", None)
+        session = getattr(exc, "session", None)
+    if invocation is not None:
+        session = invocation.session
     if code == 0 and args.fail_on_check_error and printer.counts["failed_error_checks"]:
         code, error = EXIT_SESSION_FAILED, "a check of severity ERROR failed"
     summary = {
         "event": "summary",
         "exit_code": code,
         "duration_seconds": round(time.monotonic() - started, 3),
-        "opened": bool(invocation and invocation.session.opened),
-        "closed": bool(invocation and invocation.session.closed),
+        "opened": bool(session and session.opened),
+        "closed": bool(session and session.closed),
         "assets": printer.assets,
         **printer.counts,
         "error": error,

@@ -24,7 +24,7 @@ from pipes_ext._protocol import (
 )
 from pipes_ext._types import PipesContextData, PipesExtras, PipesParams
 
-from ._errors import PipesUsageError
+from ._errors import PipesError, PipesUsageError
 from ._handler import PipesMessageHandler
 from ._injectors import PipesContextInjector
 from ._log_readers import PipesLogReaderGroup
@@ -281,6 +281,10 @@ def open_pipes_session(
         block. On exit the channel is drained, then the context is cleaned up. A process that never opened
         the channel, or opened but never closed it, is logged as a warning here; clients decide whether it is
         an error.
+
+    Raises:
+        PipesError: when the session fails once it has started (e.g. the channel cannot be read to its end),
+            the error carries the session as ``.session``: what was received so far is not lost with it.
     """
     if context is None:
         context = PipesRunContext()
@@ -311,6 +315,7 @@ def open_pipes_session(
         on_message=on_message,
     )
     launched = False
+    session: PipesSession | None = None
     try:
         with context_injector.inject_context(context_data) as context_params:
             with message_reader.read_messages(handler) as message_params:
@@ -321,6 +326,10 @@ def open_pipes_session(
                 )
                 launched = True
                 yield session
+    except PipesError as exc:
+        if session is not None and getattr(exc, "session", None) is None:
+            exc.session = session  # type: ignore[attr-defined]  # what was received is not lost with the error
+        raise
     finally:
         # After the channel is drained: the process has ended, so its logs are complete.
         log_readers.stop(run_unstarted=launched)

@@ -275,22 +275,24 @@ def _close_all_but(keep: set[int]) -> None:
 
 
 def _fork_reader(reader: _Reader, keep: set[int]) -> None:
-    """Start ``reader`` in a detached grandchild process; returns once the intermediate child is reaped."""
+    """Start ``reader`` in a detached process.
+
+    The intermediate child calls ``setsid()``, forks the reader and exits at once; it is reaped here, so once
+    this returns the reader is not a child of this process (``os.wait()`` in user code never sees it).
+
+    Raises:
+        OSError: a fork failed.
+    """
     with warnings.catch_warnings():  # Python 3.12+ warns about fork() with threads: the reader uses none
         warnings.simplefilter("ignore", DeprecationWarning)
         pid = os.fork()
-    if pid == 0:  # intermediate child: detach, fork the reader, leave at once
+    if pid == 0:  # intermediate child
         code = 1
         try:
             os.setsid()
             if os.fork() == 0:
-                code = 1
-                try:
-                    _close_all_but(keep)
-                    reader.run()
-                    code = 0
-                finally:
-                    os._exit(code)
+                _close_all_but(keep)
+                reader.run()
             code = 0
         finally:
             os._exit(code)

@@ -14,8 +14,10 @@ import stat
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -23,12 +25,14 @@ from pipes_core import (
     PipesEnvContextInjector,
     PipesFileContextInjector,
     PipesFileMessageReader,
+    PipesRunContext,
     PipesSubprocessClient,
     PipesTempFileContextInjector,
     PipesTempFileMessageReader,
     PipesUsageError,
     open_pipes_session,
 )
+from pipes_core._handler import PipesMessageHandler
 from pipes_ext import PipesMappingParamsLoader, open_pipes
 from pipes_ext._context_loaders import PipesDefaultContextLoader, read_context_file
 from pipes_ext._errors import PipesProtocolError, PipesTransportError
@@ -430,3 +434,33 @@ def test_human_mode_escapes_the_childs_strings_and_indents_continuations(
     assert any(line.startswith("[pipes] check a:chk\\x1b[2J") for line in ours)
     # The child's own stdout passes through untouched.
     assert "raw child stdout \x1b[1mstays raw\x1b[0m" in proc.stdout
+
+
+# ---------------------------------------------------------------------------------------------------------
+# A failed session keeps what it received
+# ---------------------------------------------------------------------------------------------------------
+
+
+class _BreaksAtTheEnd(PipesTempFileMessageReader):
+    """A real file reader whose channel then fails (as a blob store going away at the final drain would)."""
+
+    @contextmanager
+    def read_messages(self, handler: PipesMessageHandler) -> Iterator[dict[str, Any]]:
+        with super().read_messages(handler) as params:
+            yield params
+        raise PipesTransportError("the channel broke during the final drain")
+
+
+def test_a_failed_session_error_carries_what_was_received() -> None:
+    with pytest.raises(PipesTransportError, match="broke during the final drain") as info:
+        with open_pipes_session(PipesRunContext(asset_keys=["a"]), PipesTempFileContextInjector(),
+                                _BreaksAtTheEnd()) as session:
+            pipes = open_pipes(params_loader=PipesMappingParamsLoader(session.get_bootstrap_env_vars()))
+            with pipes:
+                pipes.report_asset_materialization(metadata={"rows": 3})
+                pipes.report_custom_message("kept")
+    carried = info.value.session  # type: ignore[attr-defined]
+    assert carried is session
+    assert carried.opened and carried.closed
+    assert [r.asset_key for r in carried.get_reported_results()] == ["a"]
+    assert carried.get_custom_messages() == ["kept"]
