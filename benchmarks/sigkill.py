@@ -1,12 +1,14 @@
 """SIGKILL sweep: kill a reporting external process at random moments and count what was lost.
 
-``python -m benchmarks.sigkill [--runs N] [--mode file|capture|all] [--seed S] [--json FILE]``
+``python -m benchmarks.sigkill [--runs N] [--mode file|stdio|capture|all] [--seed S] [--json FILE]``
 
 The child reports in a loop and, after each call returns, appends the call's number to an acknowledgement
 file (``os.write``: it survives the kill). The orchestrator (``open_pipes_session`` on the file channel, the
 child launched with ``Popen``) SIGKILLs the child after a random delay, lets the session drain, and compares:
 
 * ``file`` mode: ``report_custom_message(i)`` in a loop; every acknowledged ``i`` must have arrived;
+* ``stdio`` mode: the same on the stdio channel (messages as lines on the child's stdout, read from the pipe
+  by ``PipesStdioMessageReader``);
 * ``capture`` mode (``include_stdio_in_messages``): ``print(..., flush=True)`` in a loop, to stdout and now and
   then stderr; every acknowledged line must be in the real stdout/stderr (files here) **and** in the
   ``log_external_stream`` messages.
@@ -41,7 +43,7 @@ CHILD = textwrap.dedent(
     with open_pipes() as pipes:
         i = 0
         while True:
-            if mode == "file":
+            if mode in ("file", "stdio"):
                 pipes.report_custom_message(i)
             elif i % 7 == 3:
                 print(f"err {i}", file=sys.stderr, flush=True)
@@ -71,7 +73,9 @@ def run_once(mode: str, workdir: str, delay: float, early: bool = False) -> dict
     from pipes_core import (
         PipesEvent,
         PipesExternalStreamEvent,
+        PipesMessageReader,
         PipesOpenedEvent,
+        PipesStdioMessageReader,
         PipesTempFileContextInjector,
         PipesTempFileMessageReader,
         open_pipes_session,
@@ -98,17 +102,26 @@ def run_once(mode: str, workdir: str, delay: float, early: bool = False) -> dict
     quiet = logging.Logger("pipes-sigkill-sweep")  # "never sent closed" is the point here, not news
     quiet.addHandler(logging.NullHandler())
     env = {k: v for k, v in os.environ.items() if not k.startswith("DAGSTER_PIPES_")}
+    reader: PipesMessageReader
+    if mode == "stdio":
+        reader = PipesStdioMessageReader(drain_timeout_seconds=OPENED_TIMEOUT_SECONDS)
+    else:
+        reader = PipesTempFileMessageReader(include_stdio_in_messages=(mode == "capture"))
     with open(out_path, "wb") as out, open(err_path, "wb") as err:
         with open_pipes_session(
             None,
             PipesTempFileContextInjector(),
-            PipesTempFileMessageReader(include_stdio_in_messages=(mode == "capture")),
+            reader,
             on_event=on_event,
             external_stream_handler=lambda stream, text: None,
             logger=quiet,
         ) as session:
-            process = subprocess.Popen([PYTHON, script, mode, ack_path], stdout=out, stderr=err,
+            process = subprocess.Popen([PYTHON, script, mode, ack_path], stderr=err,
+                                       stdout=subprocess.PIPE if mode == "stdio" else out,
                                        env={**env, **session.get_bootstrap_env_vars()})
+            if isinstance(reader, PipesStdioMessageReader):
+                assert process.stdout is not None
+                reader.consume(process.stdout, output=out.write)
             try:
                 if not early:
                     opened.wait(OPENED_TIMEOUT_SECONDS)
@@ -119,7 +132,7 @@ def run_once(mode: str, workdir: str, delay: float, early: bool = False) -> dict
             process.wait()
     with open(ack_path, encoding="utf-8") if os.path.exists(ack_path) else open(os.devnull) as f:
         acked = [int(line) for line in f.read().split()]
-    if mode == "file":
+    if mode in ("file", "stdio"):
         received = set(session.get_custom_messages())
         lost = sum(1 for i in acked if i not in received)
         return {"acknowledged": len(acked), "lost": lost, "lost_real": 0}
@@ -156,11 +169,11 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.sigkill", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--runs", type=int, default=300)
-    parser.add_argument("--mode", choices=["file", "capture", "all"], default="all")
+    parser.add_argument("--mode", choices=["file", "stdio", "capture", "all"], default="all")
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--json", metavar="FILE")
     args = parser.parse_args(argv)
-    modes = ["file", "capture"] if args.mode == "all" else [args.mode]
+    modes = ["file", "stdio", "capture"] if args.mode == "all" else [args.mode]
     results = [sweep(mode, args.runs, args.seed) for mode in modes]
     for r in results:
         real = f", lost on the real stdout/stderr {r['lost_real']}" if r["mode"] == "capture" else ""
