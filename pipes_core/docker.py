@@ -14,8 +14,8 @@ Defaults, and why:
   to this process's stderr. The stream gives back-pressure: a container that floods its output waits for us,
   and our memory stays bounded (message lines are capped by the reader's ``max_line_bytes``).
 * **file channels bind-mounted**: a context injector or message reader that uses a file (e.g.
-  :class:`~pipes_core.PipesTempFileMessageReader`) gets its directory bind-mounted at the same path in the
-  container (``mount_channel_files``); this needs the daemon on this machine. Blob-store channels need only
+  :class:`~pipes_core.PipesTempFileMessageReader`) gets that file bind-mounted at the same path in the
+  container (``mount_channel_files``; the context read-only); this needs the daemon on this machine. Blob-store channels need only
   that the container can reach the store.
 * **``init=True``**: a small init process (``docker run --init``) is the container's PID 1 and passes signals
   on, so SIGTERM stops a program that installs no handler (PID 1 ignores it otherwise).
@@ -493,15 +493,17 @@ def _check_container_kwargs(kwargs: Mapping[str, Any] | None) -> dict[str, Any]:
 
 
 def _with_channel_mounts(volumes: Any, request: PipesLaunchRequest) -> Any:
-    """``volumes`` plus a same-path bind mount of each file channel's directory (context read-only)."""
+    """``volumes`` plus a same-path bind mount of each file channel (context read-only): the file itself when it
+    exists (the session creates both before the launch), else its directory."""
     wanted: dict[str, str] = {}
     session = request.session
     for params, mode in ((session.message_reader_params, "rw"), (session.context_injector_params, "ro")):
         path = params.get(PARAM_PATH) if isinstance(params, Mapping) else None
         if isinstance(path, str) and path:
-            directory = os.path.dirname(os.path.abspath(path))
-            if wanted.get(directory) != "rw":
-                wanted[directory] = mode
+            path = os.path.abspath(path)
+            source = path if os.path.isfile(path) else os.path.dirname(path)
+            if wanted.get(source) != "rw":
+                wanted[source] = mode
     if not wanted:
         return volumes
     if volumes is None:
