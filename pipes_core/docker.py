@@ -15,8 +15,8 @@ Defaults, and why:
   and our memory stays bounded (message lines are capped by the reader's ``max_line_bytes``).
 * **file channels bind-mounted**: a context injector or message reader that uses a file (e.g.
   :class:`~pipes_core.PipesTempFileMessageReader`) gets that file bind-mounted at the same path in the
-  container (``mount_channel_files``; the context read-only); this needs the daemon on this machine. Blob-store channels need only
-  that the container can reach the store.
+  container (``mount_channel_files``; the context read-only); this needs the daemon on this machine.
+  Blob-store channels need only that the container can reach the store.
 * **``init=True``**: a small init process (``docker run --init``) is the container's PID 1 and passes signals
   on, so SIGTERM stops a program that installs no handler (PID 1 ignores it otherwise).
 * **no pull**: an image missing from the daemon is an error naming it, unless ``pull=True``.
