@@ -298,7 +298,8 @@ class PipesFileLogReader(PipesChunkedLogReader):
 
     def _open(self, path: str) -> bool:
         try:
-            fd = os.open(path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+            # Non-blocking: opening a FIFO without a writer would otherwise block this thread.
+            fd = os.open(path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0) | getattr(os, "O_NONBLOCK", 0))
         except FileNotFoundError:
             return False
         st = os.fstat(fd)
@@ -314,7 +315,10 @@ class PipesFileLogReader(PipesChunkedLogReader):
             os.lseek(self._fd, 0, os.SEEK_SET)
             self._position = 0
             self.rotations += 1
-        data = os.read(self._fd, LOG_READ_BLOCK_BYTES)
+        try:
+            data = os.read(self._fd, LOG_READ_BLOCK_BYTES)
+        except BlockingIOError:  # a FIFO with nothing to read yet
+            return None
         if data:
             self._position += len(data)
             return data

@@ -50,13 +50,19 @@ def _as_metadata_value(value: Any) -> MetadataValue:
     return MetadataValue.from_wire({"type": "__infer__", "raw_value": value})
 
 
-def _with_metadata(
-    results: list[PipesExecutionResult], metadata: Mapping[str, Any] | None
-) -> list[PipesExecutionResult]:
-    """``results`` with ``metadata`` merged into each (the given keys win over reported ones)."""
-    if not metadata:
+def _metadata_values(metadata: Mapping[str, Any] | None) -> dict[str, MetadataValue]:
+    """The caller's ``metadata=`` as metadata values; checked before anything is handed out."""
+    if metadata is None:
+        return {}
+    if not isinstance(metadata, Mapping) or not all(isinstance(label, str) for label in metadata):
+        raise PipesUsageError(f"metadata must be a mapping of str labels to values, got {metadata!r:.200}")
+    return {label: _as_metadata_value(value) for label, value in metadata.items()}
+
+
+def _with_metadata(results: list[PipesExecutionResult], extra: dict[str, MetadataValue]) -> list[PipesExecutionResult]:
+    """``results`` with ``extra`` merged into each (its keys win over reported ones)."""
+    if not extra:
         return results
-    extra = {label: _as_metadata_value(value) for label, value in metadata.items()}
     return [replace(result, metadata={**result.metadata, **extra}) for result in results]
 
 
@@ -199,11 +205,12 @@ class PipesSession:
         """Snapshot: every result received so far, then (with ``implicit_materializations``, once the process
         has finished) a bare materialization for each selected asset it never reported; ``metadata`` merged
         into each. Consumes nothing: use it for a complete, repeatable answer (the client's invocation does)."""
+        extra = _metadata_values(metadata)
         finished = self.process_finished  # read before the results: all that came before `closed` is in them
         results = self.get_reported_results()
         if implicit_materializations and finished:
             results += self._implicit_materializations(self.message_handler.materialized_keys)
-        return _with_metadata(results, metadata)
+        return _with_metadata(results, extra)
 
     def get_results(
         self, *, implicit_materializations: bool = True, metadata: Mapping[str, Any] | None = None
@@ -217,6 +224,7 @@ class PipesSession:
         block ended), so an asset reported late is never materialized twice. ``metadata`` is merged into the
         results of this call (its keys win over reported ones). Safe to call from several threads.
         """
+        extra = _metadata_values(metadata)
         finished = self.process_finished
         with self._results_lock:
             results = self.message_handler.results
@@ -233,7 +241,7 @@ class PipesSession:
                 implicit = self._implicit_materializations(self.message_handler.materialized_keys)
                 self._implicit_keys.update(r.asset_key for r in implicit)
                 fresh += implicit
-        return _with_metadata(fresh, metadata)
+        return _with_metadata(fresh, extra)
 
     def get_custom_messages(self) -> list[Any]:
         """Payloads of ``report_custom_message``, in arrival order."""

@@ -476,3 +476,29 @@ def test_names(tmp_path: Path) -> None:
     assert PipesFileLogReader(tmp_path / "x").name == f"file log {tmp_path / 'x'}"
     assert "(from params)" in PipesFileLogReader(lambda p: "y").name
 
+
+
+def test_a_path_that_is_a_directory_is_logged_once_and_stops_cleanly(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    collected = Collector()
+    reader = PipesFileLogReader(tmp_path, target=collected, interval=0.01)
+    reader.start({})
+    reader.stop()
+    assert collected.text == ""
+    assert reader.errors >= 1
+    assert sum("Is a directory" in r.getMessage() for r in caplog.records) == 1
+
+
+def test_a_fifo_never_blocks_the_reader(tmp_path: Path) -> None:
+    fifo = tmp_path / "stream"
+    os.mkfifo(fifo)
+    collected = Collector()
+    reader = PipesFileLogReader(fifo, target=collected, interval=0.01)
+    reader.start({})
+    # A real writer process on the FIFO; the reader forwards what it writes.
+    writer = subprocess.Popen([PYTHON, "-c", f"open({str(fifo)!r}, 'w').write('through a fifo\\n')"])
+    collected.wait_for("through a fifo\n")
+    assert writer.wait(timeout=60) == 0
+    reader.stop()  # returns: nothing blocks in open() or read()
+    assert collected.text == "through a fifo\n" and not reader.is_running()

@@ -55,6 +55,7 @@ from pipes_core import (
     PipesTempFileContextInjector,
     PipesTempFileMessageReader,
     PipesTransportError,
+    PipesUsageError,
     open_pipes_session,
 )
 from pipes_core._blob import DEFAULT_POLL_INTERVAL
@@ -828,3 +829,15 @@ def test_message_handler_takes_the_documented_context_and_message_reader() -> No
     assert handler.issue_count == 1  # the context's selection is what it checks against
     with open_pipes_session(context, PipesEnvContextInjector(), reader) as session:
         assert session.message_handler.message_reader is reader
+
+
+@pytest.mark.parametrize("metadata", [5, "text", ["a"], {1: "not a str label"}])
+def test_get_results_bad_metadata_is_a_usage_error_and_consumes_nothing(metadata: Any) -> None:
+    with session_for(["a"]) as (session, _):
+        with external(session) as pipes:
+            pipes.report_asset_materialization()
+    with pytest.raises(PipesUsageError, match="metadata must be a mapping"):
+        session.get_results(metadata=metadata)
+    with pytest.raises(PipesUsageError, match="metadata must be a mapping"):
+        session.get_all_results(metadata=metadata)
+    assert keys(session.get_results()) == [("a", False)]  # the bad call handed nothing out
