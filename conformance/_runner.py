@@ -24,24 +24,16 @@ from dataclasses import dataclass, field, replace
 from typing import IO, Any
 
 from pipes_core import (
-    AssetCheckResult,
-    MaterializeResult,
-    PipesClosedEvent,
     PipesContextInjector,
-    PipesCustomMessageEvent,
     PipesEnvContextInjector,
     PipesError,
     PipesEvent,
-    PipesExternalStreamEvent,
-    PipesLogEvent,
     PipesMessageHandler,
     PipesMessageReader,
-    PipesOpenedEvent,
-    PipesProtocolIssue,
-    PipesRemoteException,
     PipesRunContext,
     PipesTempFileContextInjector,
     PipesTempFileMessageReader,
+    event_to_json,
     open_pipes_session,
 )
 from pipes_ext._protocol import (
@@ -273,37 +265,10 @@ def _reader(channel: str, server: BlobServer | None, capture: bool) -> PipesMess
 # ------------------------------------------------------------------------------------------------ events
 
 
-def _exception_json(exc: PipesRemoteException | None) -> dict[str, Any] | None:
-    if exc is None:
-        return None
-    return {"name": exc.name, "message": exc.message, "cause": _exception_json(exc.cause),
-            "context": _exception_json(exc.context)}
-
-
-def _metadata_json(metadata: dict[str, Any]) -> dict[str, Any]:
-    return {label: {"type": value.type, "raw_value": value.value} for label, value in metadata.items()}
-
-
 def event_json(event: PipesEvent) -> dict[str, Any]:
-    """A message as the suite compares it: ``method`` and what ``pipes_core`` decoded."""
-    if isinstance(event, PipesOpenedEvent):
-        return {"method": "opened", "extras": event.extras}
-    if isinstance(event, PipesClosedEvent):
-        return {"method": "closed", "exception": _exception_json(event.exception)}
-    if isinstance(event, PipesLogEvent):
-        return {"method": "log", "level": event.level, "message": event.message}
-    if isinstance(event, MaterializeResult):
-        return {"method": "report_asset_materialization", "asset_key": event.asset_key,
-                "data_version": event.data_version, "metadata": _metadata_json(event.metadata)}
-    if isinstance(event, AssetCheckResult):
-        return {"method": "report_asset_check", "asset_key": event.asset_key, "check_name": event.check_name,
-                "passed": event.passed, "severity": event.severity, "metadata": _metadata_json(event.metadata)}
-    if isinstance(event, PipesCustomMessageEvent):
-        return {"method": "report_custom_message", "payload": event.payload}
-    if isinstance(event, PipesExternalStreamEvent):
-        return {"method": "log_external_stream", "stream": event.stream, "text": event.text, "extras": event.extras}
-    assert isinstance(event, PipesProtocolIssue)
-    return {"method": "protocol_issue", "reason": str(event)}
+    """A message as the suite compares it: ``method`` and what ``pipes_core`` decoded (``event_to_json``'s
+    wire form)."""
+    return event_to_json(event, "wire")
 
 
 # ------------------------------------------------------------------------------------------------ literals

@@ -442,38 +442,13 @@ def _drop(stream: str, text: str) -> None:
     return None
 
 
-def _exception_json(exc: Any) -> Any:
-    if exc is None:
-        return None
-    return {"name": exc.name, "message": exc.message, "stack": list(exc.stack),
-            "cause": _exception_json(exc.cause), "context": _exception_json(exc.context)}
-
-
 def event_json(event: Any) -> dict[str, Any]:
-    """A ``pipes_core`` event in the vectors' event form (without ``line``)."""
-    import pipes_core as pc
+    """A ``pipes_core`` event in the vectors' event form (without ``line``): ``event_to_json``'s full form."""
+    from pipes_core import PipesProtocolIssue, event_to_json
 
-    def metadata(md: Mapping[str, Any]) -> dict[str, Any]:
-        return {label: {"type": value.type, "value": value.value} for label, value in md.items()}
-
-    if isinstance(event, pc.PipesOpenedEvent):
-        return {"event": "opened", "extras": event.extras}
-    if isinstance(event, pc.PipesClosedEvent):
-        return {"event": "closed", "exception": _exception_json(event.exception)}
-    if isinstance(event, pc.PipesLogEvent):
-        return {"event": "log", "level": event.level, "message": event.message}
-    if isinstance(event, pc.MaterializeResult):
-        return {"event": "materialization", "asset_key": event.asset_key, "asset_key_path": event.asset_key_path,
-                "metadata": metadata(event.metadata), "data_version": event.data_version}
-    if isinstance(event, pc.AssetCheckResult):
-        return {"event": "check", "asset_key": event.asset_key, "asset_key_path": event.asset_key_path,
-                "check_name": event.check_name, "passed": event.passed, "severity": event.severity,
-                "metadata": metadata(event.metadata)}
-    if isinstance(event, pc.PipesCustomMessageEvent):
-        return {"event": "custom_message", "payload": event.payload}
-    if isinstance(event, pc.PipesExternalStreamEvent):
-        return {"event": "external_stream", "stream": event.stream, "text": event.text, "extras": event.extras}
-    raise TypeError(f"not an event: {event!r}")
+    if isinstance(event, PipesProtocolIssue):
+        raise TypeError(f"not an event: {event!r}")
+    return event_to_json(event, "full")
 
 
 @dataclass(frozen=True)

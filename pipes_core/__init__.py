@@ -54,6 +54,7 @@ from ._injectors import (
     PipesFileContextInjector,
     PipesTempFileContextInjector,
 )
+from ._json import event_to_json
 from ._log_readers import PipesBlobStoreLogReader, PipesChunkedLogReader, PipesFileLogReader, PipesLogReader
 from ._readers import PipesFileMessageReader, PipesMessageReader, PipesTempFileMessageReader
 from ._results import (
@@ -115,6 +116,7 @@ __all__ = [
     "PipesCustomMessageEvent",
     "PipesExternalStreamEvent",
     "PipesProtocolIssue",
+    "event_to_json",
     # protocol
     "PIPES_PROTOCOL_VERSION",
     "DAGSTER_PIPES_CONTEXT_ENV_VAR",

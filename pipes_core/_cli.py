@@ -40,6 +40,7 @@ from ._injectors import (
     PipesFileContextInjector,
     PipesTempFileContextInjector,
 )
+from ._json import event_to_json
 from ._readers import PipesFileMessageReader, PipesMessageReader, PipesTempFileMessageReader
 from ._results import (
     AssetCheckResult,
@@ -166,34 +167,6 @@ def _timeout(text: str | None) -> float | None:
     if not (math.isfinite(value) and value > 0):
         raise _UsageError(f"--timeout must be positive and finite (seconds), got {text!r}")
     return value
-
-
-def _metadata_json(metadata: dict[str, Any]) -> dict[str, Any]:
-    return {label: {"type": value.type, "value": value.value} for label, value in metadata.items()}
-
-
-def event_to_json(event: PipesEvent) -> dict[str, Any]:
-    """The stable machine-readable form of an event (``--json`` output)."""
-    if isinstance(event, PipesOpenedEvent):
-        return {"event": "opened", "extras": event.extras}
-    if isinstance(event, PipesClosedEvent):
-        exc = event.exception
-        return {"event": "closed", "exception": None if exc is None else
-                {"name": exc.name, "message": exc.message, "stack": list(exc.stack), "text": exc.format()}}
-    if isinstance(event, PipesLogEvent):
-        return {"event": "log", "level": event.level, "message": event.message}
-    if isinstance(event, MaterializeResult):
-        return {"event": "materialization", "asset_key": event.asset_key, "data_version": event.data_version,
-                "metadata": _metadata_json(event.metadata)}
-    if isinstance(event, AssetCheckResult):
-        return {"event": "check", "asset_key": event.asset_key, "check_name": event.check_name,
-                "passed": event.passed, "severity": event.severity, "metadata": _metadata_json(event.metadata)}
-    if isinstance(event, PipesCustomMessageEvent):
-        return {"event": "custom_message", "payload": event.payload}
-    if isinstance(event, PipesExternalStreamEvent):
-        return {"event": "external_stream", "stream": event.stream, "text": event.text}
-    assert isinstance(event, PipesProtocolIssue)
-    return {"event": "protocol_issue", "reason": event.reason, "raw": event.raw}
 
 
 # Continuation lines of text from the child are indented by this much, so none can pass for a line of ours
