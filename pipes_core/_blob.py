@@ -23,10 +23,11 @@ import threading
 import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from typing import Any
+from typing import Any, ClassVar, Generic, TypeVar
 
 from pipes_ext._blob import (
     DEFAULT_RETRY_POLICY,
+    PipesBlobBackend,
     PipesBlobStore,
     RetryPolicy,
     chunk_key,
@@ -44,6 +45,8 @@ from ._readers import PipesMessageReader
 __all__ = [
     "PipesBlobStoreContextInjector",
     "PipesBlobStoreMessageReader",
+    "PipesBackendContextInjector",
+    "PipesBackendMessageReader",
     "DEFAULT_POLL_INTERVAL",
     "DEFAULT_MISSING_CHUNK_GRACE",
     "random_key_component",
@@ -315,3 +318,57 @@ class PipesBlobStoreMessageReader(PipesMessageReader):
 
     def describe(self) -> str:
         return type(self).__name__
+
+
+# ------------------------------------------------------------------------------------------------ backends
+
+ClientT = TypeVar("ClientT")
+
+
+class PipesBackendContextInjector(PipesBlobStoreContextInjector, Generic[ClientT]):
+    """The context injector of one declared backend (``backend``: a :class:`pipes_ext._blob.PipesBlobBackend`):
+    ``(bucket, client=None, key_prefix=None, *, retry)``, the client built by the backend when omitted."""
+
+    backend: ClassVar[PipesBlobBackend]
+
+    def __init__(self, bucket: str, client: ClientT | None = None, key_prefix: str | None = None,
+                 *, retry: RetryPolicy = DEFAULT_RETRY_POLICY) -> None:
+        super().__init__(key_prefix=key_prefix, retry=retry)
+        self.bucket = bucket
+        self.client: ClientT = client if client is not None else self.backend.default_client()
+
+    def make_store(self) -> PipesBlobStore:
+        return self.backend.store(self.client, self.bucket)
+
+    def describe(self) -> str:
+        return self.backend.describe("context injector", self.bucket)
+
+
+class PipesBackendMessageReader(PipesBlobStoreMessageReader, Generic[ClientT]):
+    """The message reader of one declared backend: ``(bucket, client=None, interval, include_stdio_in_messages,
+    *, log_readers, missing_chunk_grace, retry)`` (the reference's argument order), the client built by the
+    backend when omitted."""
+
+    backend: ClassVar[PipesBlobBackend]
+
+    def __init__(
+        self,
+        bucket: str,
+        client: ClientT | None = None,
+        interval: float = DEFAULT_POLL_INTERVAL,
+        include_stdio_in_messages: bool = False,
+        *,
+        log_readers: Sequence[PipesLogReader] | None = None,
+        missing_chunk_grace: float = DEFAULT_MISSING_CHUNK_GRACE,
+        retry: RetryPolicy = DEFAULT_RETRY_POLICY,
+    ) -> None:
+        super().__init__(interval, log_readers, include_stdio_in_messages=include_stdio_in_messages,
+                         missing_chunk_grace=missing_chunk_grace, retry=retry)
+        self.bucket = bucket
+        self.client: ClientT = client if client is not None else self.backend.default_client()
+
+    def make_store(self) -> PipesBlobStore:
+        return self.backend.store(self.client, self.bucket)
+
+    def describe(self) -> str:
+        return self.backend.describe("message reader", self.bucket)

@@ -1,44 +1,41 @@
 """Azure Blob Storage channels for the orchestrator (extra ``azure``: azure-storage-blob):
 ``PipesAzureBlobStorageContextInjector`` and ``PipesAzureBlobStorageMessageReader``. Clients are injected (any
 ``BlobServiceClient``; built from ``AZURE_STORAGE_CONNECTION_STRING`` with the SDK's retries off when omitted,
-see :mod:`pipes_ext.azure`); the SDK is imported lazily. The params key ``"bucket"`` holds the container."""
+see :mod:`pipes_ext.azure`, which declares the backend: :data:`pipes_ext.azure.AZURE_BACKEND`); the SDK is
+imported lazily. The params key ``"bucket"`` holds the container; the classes take it as ``container``."""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 
-from pipes_ext._blob import DEFAULT_RETRY_POLICY, PipesBlobStore, RetryPolicy
-from pipes_ext.azure import AzureBlobServiceClientLike, AzureBlobStore, default_azure_client
+from pipes_ext._blob import DEFAULT_RETRY_POLICY, RetryPolicy
+from pipes_ext.azure import AZURE_BACKEND, AzureBlobServiceClientLike
 
-from ._blob import (
-    DEFAULT_MISSING_CHUNK_GRACE,
-    DEFAULT_POLL_INTERVAL,
-    PipesBlobStoreContextInjector,
-    PipesBlobStoreMessageReader,
-)
+from . import _blob  # the bases by module, so that this module names only its own classes
+from ._blob import DEFAULT_MISSING_CHUNK_GRACE, DEFAULT_POLL_INTERVAL
 from ._log_readers import PipesLogReader
 
 __all__ = ["PipesAzureBlobStorageContextInjector", "PipesAzureBlobStorageMessageReader"]
 
 
-class PipesAzureBlobStorageContextInjector(PipesBlobStoreContextInjector):
+class PipesAzureBlobStorageContextInjector(_blob.PipesBackendContextInjector[AzureBlobServiceClientLike]):
     """Uploads the context to ``<container>/<key_prefix><30 letters>/context.json``; deleted afterwards."""
+
+    backend = AZURE_BACKEND
 
     def __init__(self, container: str, client: AzureBlobServiceClientLike | None = None,
                  key_prefix: str | None = None, *, retry: RetryPolicy = DEFAULT_RETRY_POLICY) -> None:
-        super().__init__(key_prefix=key_prefix, retry=retry)
-        self.container = container
-        self.client = client if client is not None else default_azure_client()
+        super().__init__(container, client, key_prefix, retry=retry)
 
-    def make_store(self) -> PipesBlobStore:
-        return AzureBlobStore(self.client, self.container)
-
-    def describe(self) -> str:
-        return f"the Azure Blob Storage context injector (container {self.container!r})"
+    @property
+    def container(self) -> str:
+        return self.bucket
 
 
-class PipesAzureBlobStorageMessageReader(PipesBlobStoreMessageReader):
+class PipesAzureBlobStorageMessageReader(_blob.PipesBackendMessageReader[AzureBlobServiceClientLike]):
     """Reads numbered message chunks from ``<container>/<30 letters>/<n>.json``."""
+
+    backend = AZURE_BACKEND
 
     def __init__(
         self,
@@ -51,13 +48,9 @@ class PipesAzureBlobStorageMessageReader(PipesBlobStoreMessageReader):
         missing_chunk_grace: float = DEFAULT_MISSING_CHUNK_GRACE,
         retry: RetryPolicy = DEFAULT_RETRY_POLICY,
     ) -> None:
-        super().__init__(interval, log_readers, include_stdio_in_messages=include_stdio_in_messages,
+        super().__init__(container, client, interval, include_stdio_in_messages, log_readers=log_readers,
                          missing_chunk_grace=missing_chunk_grace, retry=retry)
-        self.container = container
-        self.client = client if client is not None else default_azure_client()
 
-    def make_store(self) -> PipesBlobStore:
-        return AzureBlobStore(self.client, self.container)
-
-    def describe(self) -> str:
-        return f"the Azure Blob Storage message reader (container {self.container!r})"
+    @property
+    def container(self) -> str:
+        return self.bucket
