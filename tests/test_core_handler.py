@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import logging
 import os
+import subprocess
+import sys
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -18,7 +20,6 @@ from pipes_core import (
     PipesCustomMessageEvent,
     PipesEvent,
     PipesExternalStreamEvent,
-    PipesFileContextInjector,
     PipesFileMessageReader,
     PipesMessageHandler,
     PipesOpenedEvent,
@@ -33,6 +34,7 @@ from pipes_ext import (
     PipesMessageWriter,
     PipesMessageWriterChannel,
     PipesTransportError,
+    PipesUsageError,
     encode_param,
     open_pipes,
 )
@@ -175,18 +177,41 @@ def test_handle_message_takes_decoded_messages_from_custom_readers() -> None:
 # ------------------------------------------------------------------------------------------------ transport failures
 
 
-def test_orchestrator_cannot_create_the_messages_file(tmp_path: Path) -> None:
+def test_orchestrator_messages_file_in_a_missing_directory_is_a_usage_error(tmp_path: Path) -> None:
     reader = PipesFileMessageReader(str(tmp_path / "no-such-dir" / "messages.ndjson"))
-    with pytest.raises(PipesTransportError, match="messages file"):
+    with pytest.raises(PipesUsageError, match=r"messages file.*does not exist"):
         with open_pipes_session(PipesRunContext(), PipesTempFileContextInjector(), reader):
             pytest.fail("the session must not start without its messages file")
 
 
+# A write the file system refuses (the file-size limit standing in for a full disk), in a child so that the
+# limit binds nothing else.
+CONTEXT_WRITE_FAILS = """
+import resource, signal, sys
+from pipes_core import (PipesFileContextInjector, PipesFileMessageReader, PipesRunContext, PipesTransportError,
+                        open_pipes_session)
+
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit fails with EFBIG instead of killing us
+resource.setrlimit(resource.RLIMIT_FSIZE, (100, 100))
+injector = PipesFileContextInjector(sys.argv[1] + "/context.json")
+try:
+    with open_pipes_session(PipesRunContext(), injector, PipesFileMessageReader(sys.argv[1] + "/messages"),
+                            extras={"big": "x" * 10_000}):
+        print("the session started")
+except PipesTransportError as exc:
+    print("PipesTransportError:", exc)
+"""
+
+
 def test_orchestrator_cannot_write_the_context_file(tmp_path: Path) -> None:
-    injector = PipesFileContextInjector(str(tmp_path / "no-such-dir" / "context.json"))
-    with pytest.raises(PipesTransportError, match="context file"):
-        with open_pipes_session(PipesRunContext(), injector, PipesFileMessageReader(str(tmp_path / "m"))):
-            pytest.fail("the session must not start without its context file")
+    script = tmp_path / "child.py"
+    script.write_text(CONTEXT_WRITE_FAILS, encoding="utf-8")
+    result = subprocess.run([sys.executable, str(script), str(tmp_path)], capture_output=True, text=True,
+                            timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith("PipesTransportError: cannot write the context file"), result.stdout
+    assert "File too large" in result.stdout
+    assert not (tmp_path / "context.json").exists()  # what was created is removed
 
 
 def test_external_side_cannot_open_the_messages_file(tmp_path: Path) -> None:
