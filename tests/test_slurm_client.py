@@ -438,3 +438,24 @@ with open_pipes() as pipes:
     # --export=NONE,PATH is the user's choice: our names are appended, other variables stay behind.
     assert invocation.get_custom_messages() == [{"TRICKY": "x,y\nz=1", "FROM_CLIENT": "a=b,c=d", "HOME_MARKER": None}]
 
+
+
+@pytest.mark.interop
+def test_a_dagster_pipes_script_runs_under_the_slurm_client(client_for: Callable[..., PipesSlurmClient],
+                                                             tmp_path: Path) -> None:
+    # The reference's external side, unchanged, in a batch job: bootstrap env vars, messages file on shared_dir.
+    source = """
+from dagster_pipes import open_dagster_pipes
+with open_dagster_pipes() as pipes:
+    pipes.log.info("from dagster_pipes")
+    pipes.report_asset_materialization(metadata={"rows": pipes.get_extra("rows")})
+    pipes.report_custom_message({"ok": True})
+"""
+    invocation = client_for().run(context=PipesRunContext(asset_keys=["ref/asset"]), extras={"rows": 7},
+                                  command=[sys.executable, _script(tmp_path, source)],
+                                  timeout_seconds=JOB_BOUND_SECONDS)
+    [materialization] = invocation.get_results()
+    assert materialization.asset_key == "ref/asset" and materialization.metadata["rows"].value == 7
+    assert invocation.get_custom_messages() == [{"ok": True}]
+    assert [log.message for log in invocation.session.get_logs()] == ["from dagster_pipes"]
+    assert invocation.session.closed and not invocation.session.protocol_issues
