@@ -385,7 +385,8 @@ def _run(args: argparse.Namespace, out: IO[str]) -> int:
     if args.slurm:
         options["on_job_state"] = printer.job_state
     external = logging.getLogger(DEFAULT_LOGGER_NAME)  # events are printed by us, not by logging
-    external.addHandler(logging.NullHandler())
+    if not any(isinstance(h, logging.NullHandler) for h in external.handlers):  # once, however many runs
+        external.addHandler(logging.NullHandler())
     external.propagate = False
     started = time.monotonic()
     invocation: PipesClientCompletedInvocation | None = None

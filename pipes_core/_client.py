@@ -521,7 +521,8 @@ class PipesClient(ABC):
         try:
             with open_pipes_session(context, injector, reader, extras, on_event=on_event,
                                     retain_messages=retain_messages, logger=logger,
-                                    external_stream_handler=external_stream_handler) as session:
+                                    external_stream_handler=external_stream_handler,
+                                    warn_unclosed=False) as session:  # said once, below, naming the process
                 run.session = session
                 try:
                     self._launch_and_wait(launch, session, reader, run, timeout_seconds, stdout, stderr,

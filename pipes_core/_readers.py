@@ -2,8 +2,9 @@
 
 A reader's :meth:`PipesMessageReader.read_messages` is a context manager: on entry it prepares the channel,
 starts reading in the background and yields the messages params; on exit (the process has ended) it drains
-the channel to the last byte, then stops. Readers hold no per-session state outside that block, so one
-instance can serve many sessions in turn.
+the channel to the last byte, then stops. What a session needs lives inside that block, so one instance can
+serve many sessions in turn (a reader may keep figures of the last session it read for inspection, as the blob
+reader's ``last_stats``).
 
 The file reader tails newline-delimited JSON. It reads bytes and cuts them at newlines itself, so a line
 still being written waits for its end; a final line with no newline once the process has ended (the writer

@@ -264,6 +264,7 @@ def open_pipes_session(
     logger: logging.Logger | None = None,
     external_stream_handler: Callable[[str, str], None] | None = None,
     on_message: Callable[[dict[str, Any]], None] | None = None,
+    warn_unclosed: bool = True,
 ) -> Iterator[PipesSession]:
     """Open a Pipes session for one external process.
 
@@ -280,6 +281,9 @@ def open_pipes_session(
             process's stdout/stderr.
         on_message: called with each valid message as sent, before it becomes an event (see
             :class:`PipesMessageHandler`).
+        warn_unclosed: log a warning when the process opened the channel but never sent ``closed``; a client
+            that reports it itself (:class:`PipesClient`, as ``missing_closed``) passes False, so that it is
+            said once per run.
 
     The message reader's ``log_readers`` are started when ``opened`` arrives and stopped (after a last read)
     when the session ends; if ``opened`` never came they run once at the end.
@@ -348,7 +352,7 @@ def open_pipes_session(
             context_injector.no_messages_debug_text(),
             message_reader.no_messages_debug_text(),
         )
-    elif not session.closed:
+    elif not session.closed and warn_unclosed:
         handler.logger.warning(
             "[pipes] the external process opened the channel but never sent closed; buffered messages may be "
             "missing."

@@ -79,14 +79,12 @@ class PipesContext:
         *,
         opened_extras: Mapping[str, Any] | None = None,
         is_local: bool = False,
-        on_close: Sequence[Any] = (),
         before_close: Sequence[Any] = (),
     ) -> None:
         self._data = dict(context_data)
         self._channel = channel
         self._opened_extras = dict(opened_extras or {})
         self._is_local = is_local
-        self._on_close = list(on_close)
         self._before_close = list(before_close)
         self._materialized: set[str] = set()
         self._opened = False
@@ -157,7 +155,7 @@ class PipesContext:
         session is not closed on its behalf. The child's other messages do reach the channel.
 
         Order: ``close()`` each ``before_close`` object (they may still write to the channel, e.g. the stdio
-        capture draining), send ``closed``, close the channel, then ``close()`` each ``on_close`` object.
+        capture draining), send ``closed``, then close the channel.
         """
         if self._closed:
             return
@@ -178,11 +176,7 @@ class PipesContext:
                     params["exception"] = serialize_exception(exc)
                 self._channel.write_line(dumps_message(METHOD_CLOSED, params))
             finally:
-                try:
-                    self._channel.close()
-                finally:
-                    for resource in self._on_close:
-                        resource.close()
+                self._channel.close()
 
     def __enter__(self) -> PipesContext:
         return self

@@ -5,6 +5,7 @@ failures of the file channels on both sides, and closing the channel when ``open
 
 from __future__ import annotations
 
+import io
 import logging
 import os
 import subprocess
@@ -25,10 +26,12 @@ from pipes_core import (
     PipesOpenedEvent,
     PipesProtocolIssue,
     PipesRunContext,
+    PipesSubprocessClient,
     PipesTempFileContextInjector,
     open_pipes_session,
 )
-from pipes_core._handler import MAX_RETAINED_ISSUES
+from pipes_core._cli import main as cli_main
+from pipes_core._handler import DEFAULT_LOGGER_NAME, MAX_RETAINED_ISSUES
 from pipes_ext import (
     PipesMappingParamsLoader,
     PipesMessageWriter,
@@ -267,3 +270,39 @@ def test_the_channel_is_closed_when_sending_opened_fails() -> None:
     with pytest.raises(PipesTransportError, match="the channel broke"):
         open_pipes(params_loader=loader, message_writer=writer)
     assert writer.channel.closed == 1
+
+
+# ------------------------------------------------------------------------------------------------ said once
+
+
+UNCLOSED_CHILD = """
+import os
+from pipes_ext import open_pipes
+pipes = open_pipes()
+pipes.report_custom_message("sent")
+os._exit(0)
+"""
+
+
+def test_a_client_run_warns_once_about_a_missing_closed(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    script = tmp_path / "child.py"
+    script.write_text(UNCLOSED_CHILD, encoding="utf-8")
+    with caplog.at_level(logging.WARNING):
+        invocation = PipesSubprocessClient().run(command=[sys.executable, str(script)])
+    assert invocation.missing_closed
+    said = [r for r in caplog.records if "never sent closed" in r.getMessage()]
+    assert len(said) == 1, [(r.name, r.getMessage()) for r in said]
+
+
+def test_the_command_line_adds_its_null_handler_once(tmp_path: Path) -> None:
+    external = logging.getLogger(DEFAULT_LOGGER_NAME)
+    before, propagate = list(external.handlers), external.propagate
+    try:
+        for _ in range(3):
+            out = io.StringIO()
+            assert cli_main(["run", "--json", "--no-strict", "--", sys.executable, "-c", "pass"], out) == 0
+        added = [h for h in external.handlers if h not in before]
+        assert len([h for h in external.handlers if isinstance(h, logging.NullHandler)]) == 1, added
+    finally:
+        external.handlers[:] = before
+        external.propagate = propagate
