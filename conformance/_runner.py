@@ -37,6 +37,8 @@ from pipes_core import (
     open_pipes_session,
 )
 from pipes_ext._protocol import (
+    DAGSTER_PIPES_CONTEXT_ENV_VAR,
+    DAGSTER_PIPES_MESSAGES_ENV_VAR,
     LOG_LEVELS,
     METHOD_LOG,
     PIPES_PROTOCOL_VERSION,
@@ -340,7 +342,7 @@ def _kill_group(process: subprocess.Popen[bytes]) -> None:
 
 def _base_env(server: BlobServer | None) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items()
-           if k not in ("DAGSTER_PIPES_CONTEXT", "DAGSTER_PIPES_MESSAGES", BLOB_STORE_ENV_VAR)}
+           if k not in (DAGSTER_PIPES_CONTEXT_ENV_VAR, DAGSTER_PIPES_MESSAGES_ENV_VAR, BLOB_STORE_ENV_VAR)}
     if server is not None:
         env.update(server.env)
         env[BLOB_STORE_ENV_VAR] = server.store

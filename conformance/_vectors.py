@@ -19,6 +19,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from pipes_ext._protocol import METADATA_TYPES
+
 __all__ = [
     "VECTORS_DIR",
     "FORMAT_VERSION",
@@ -69,10 +71,6 @@ ISSUE_REASONS = (
     "duplicate_materialization",
 )
 EVENT_NAMES = ("opened", "closed", "log", "materialization", "check", "custom_message", "external_stream")
-METADATA_TYPES = (
-    "__infer__", "text", "url", "path", "notebook", "md", "json", "float", "int", "bool", "dagster_run", "asset",
-    "null", "timestamp", "table", "table_schema", "table_column_lineage",
-)  # fmt: skip
 
 
 class VectorFormatError(Exception):

@@ -29,7 +29,7 @@ import time
 from collections.abc import Sequence
 from typing import IO, Any, NoReturn
 
-from pipes_ext._protocol import MAX_DECODED_PARAM_BYTES, escape_asset_key, parse_asset_key
+from pipes_ext._protocol import MAX_DECODED_PARAM_BYTES, SEVERITY_ERROR, escape_asset_key, parse_asset_key
 
 from ._client import PipesClient
 from ._errors import PipesError, PipesExecutionError, PipesInterruptedError, PipesTimeoutError, PipesUsageError
@@ -287,7 +287,7 @@ class _Printer:
             self.assets.append(event.asset_key)
         elif isinstance(event, AssetCheckResult):
             c["checks_passed" if event.passed else "checks_failed"] += 1
-            if not event.passed and event.severity == "ERROR":
+            if not event.passed and event.severity == SEVERITY_ERROR:
                 c["failed_error_checks"] += 1
         elif isinstance(event, PipesCustomMessageEvent):
             c["custom_messages"] += 1

@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from pipes_ext._protocol import infer_metadata_type, parse_asset_key
+from pipes_ext._protocol import METADATA_TYPE_INFER, SEVERITY_ERROR, infer_metadata_type, parse_asset_key
 
 __all__ = [
     "MetadataValue",
@@ -40,7 +40,7 @@ class MetadataValue:
     def from_wire(cls, entry: dict[str, Any]) -> MetadataValue:
         metadata_type = entry["type"]
         value = entry["raw_value"]
-        if metadata_type == "__infer__":
+        if metadata_type == METADATA_TYPE_INFER:
             metadata_type = infer_metadata_type(value)
         elif metadata_type in ("float", "timestamp"):
             # The reference external side sends a float entry's int as is (e.g. ``{"raw_value": 3, "type":
@@ -74,7 +74,7 @@ class AssetCheckResult:
     asset_key: str
     check_name: str
     passed: bool
-    severity: str = "ERROR"
+    severity: str = SEVERITY_ERROR
     metadata: dict[str, MetadataValue] = field(default_factory=dict)
 
     @property

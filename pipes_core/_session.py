@@ -20,6 +20,9 @@ from pipes_ext._protocol import (
     DAGSTER_PIPES_CONTEXT_ENV_VAR,
     DAGSTER_PIPES_MESSAGES_CLI_ARGUMENT,
     DAGSTER_PIPES_MESSAGES_ENV_VAR,
+    METADATA_RAW_VALUE,
+    METADATA_TYPE,
+    METADATA_TYPE_INFER,
     encode_param,
 )
 from pipes_ext._types import PipesContextData, PipesExtras, PipesParams
@@ -47,7 +50,7 @@ __all__ = ["PipesSession", "open_pipes_session"]
 def _as_metadata_value(value: Any) -> MetadataValue:
     if isinstance(value, MetadataValue):
         return value
-    return MetadataValue.from_wire({"type": "__infer__", "raw_value": value})
+    return MetadataValue.from_wire({METADATA_TYPE: METADATA_TYPE_INFER, METADATA_RAW_VALUE: value})
 
 
 def _metadata_values(metadata: Mapping[str, Any] | None) -> dict[str, MetadataValue]:

@@ -30,6 +30,7 @@ from ._protocol import (
     METHOD_REPORT_CUSTOM_MESSAGE,
     PARAM_INCLUDE_STDIO_IN_MESSAGES,
     SEVERITIES,
+    SEVERITY_ERROR,
     STREAMS,
     dumps_custom_message,
     dumps_message,
@@ -339,7 +340,7 @@ class PipesContext:
         self,
         check_name: str,
         passed: bool,
-        severity: str = "ERROR",
+        severity: str = SEVERITY_ERROR,
         metadata: Mapping[str, Any] | None = None,
         asset_key: str | Sequence[str] | None = None,
     ) -> None:
@@ -392,8 +393,8 @@ def _level_name(levelno: int, levelname: str) -> str:
     """A level name the orchestrator accepts: custom levels map to the standard level at or below them."""
     if levelname in LOG_LEVELS:
         return levelname
-    for name, number in (("CRITICAL", 50), ("ERROR", 40), ("WARNING", 30), ("INFO", 20)):
-        if levelno >= number:
+    for name in ("CRITICAL", "ERROR", "WARNING", "INFO"):
+        if levelno >= LOG_LEVELS[name]:
             return name
     return "DEBUG"
 

@@ -113,3 +113,9 @@ def test_every_method_has_an_event_name_and_non_events_are_refused() -> None:
     assert {method for _, method in EVENT_NAMES.values()} - {"protocol_issue"} == set(METHODS)
     with pytest.raises(TypeError, match="not a Pipes event"):
         event_to_json({"method": "opened"})  # type: ignore[arg-type]
+
+
+def test_the_vectors_name_the_same_events_as_the_encoder() -> None:
+    from conformance._vectors import EVENT_NAMES as VECTOR_EVENT_NAMES
+
+    assert list(VECTOR_EVENT_NAMES) == [name for name, _ in EVENT_NAMES.values() if name != "protocol_issue"]
