@@ -7,7 +7,14 @@
               [--json] [--no-strict] [--fail-on-check-error] [--timeout S] -- COMMAND [ARG]...
 
 Human mode prints each event as it arrives (colour on a terminal, plain when piped) and a summary. ``--json``
-prints one JSON object per event on stdout (the child's own stdout is sent to stderr so it cannot mix in).
+prints one JSON object per event on stdout (the child's own stdout is sent to stderr so it cannot mix in),
+strict JSON only (non-finite floats become the strings "NaN", "Infinity", "-Infinity"). In human mode every
+string taken from the child's messages has its control characters escaped and its continuation lines indented,
+so a child cannot drive the terminal or forge a line of ours; its own stdout/stderr pass through raw.
+
+``--context-path`` / ``--messages-path`` alone imply ``--context-injector file`` / ``--message-reader file``
+(with another injector or reader named, they are an error). The session creates those files itself and refuses
+an existing path or a missing directory before launching anything (see :mod:`pipes_core._files`).
 
 Exit codes: the child's exit code (128 + N when killed by signal N); 1 when the child exited 0 but the
 session failed (remote exception, never opened, protocol issues in strict mode, a failed ERROR check with

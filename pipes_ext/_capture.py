@@ -296,7 +296,10 @@ def _fork_reader(reader: _Reader, keep: set[int]) -> None:
             code = 0
         finally:
             os._exit(code)
-    _, status = os.waitpid(pid, 0)
+    try:
+        _, status = os.waitpid(pid, 0)
+    except ChildProcessError:  # SIGCHLD ignored in this process: the child was reaped by the kernel
+        status = 0
     if status != 0:
         raise OSError(f"stdio capture: the reader process could not be started (wait status {status})")
 

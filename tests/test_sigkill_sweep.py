@@ -89,3 +89,26 @@ def test_after_a_sigkill_the_session_waits_for_the_capture_to_finish_writing(tmp
     assert "".join(streamed) == "early\nlate from the grandchild\n"
     assert real_stdout.read_text(encoding="utf-8") == "early\nlate from the grandchild\n"
     assert session.opened and not session.closed
+
+
+SIGCHLD_IGNORED = """
+import json, os, signal, sys
+signal.signal(signal.SIGCHLD, signal.SIG_IGN)  # children are reaped by the kernel: waitpid() finds none
+from pipes_ext._capture import PipesStdioCapture
+from pipes_ext._writers import PipesInMemoryMessageWriterChannel
+
+channel = PipesInMemoryMessageWriterChannel()
+with PipesStdioCapture(channel) as capture:
+    assert capture.streams == ["stdout", "stderr"]
+    os.write(1, b"hello\\n")
+os.write(2, json.dumps([json.loads(line)["params"]["text"] for line in channel.lines]).encode())
+"""
+
+
+def test_capture_starts_when_the_process_ignores_sigchld(tmp_path: Path) -> None:
+    script = tmp_path / "child.py"
+    script.write_text(SIGCHLD_IGNORED, encoding="utf-8")
+    proc = subprocess.run([sys.executable, str(script)], capture_output=True, timeout=60, cwd=REPO_ROOT)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout == b"hello\n"
+    assert proc.stderr == b'["hello\\n"]'
