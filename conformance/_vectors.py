@@ -17,7 +17,11 @@ import zlib
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from pipes_core import PipesProtocolIssue
+    from pipes_ext import PipesProtocolError
 
 from pipes_ext._protocol import METADATA_TYPES
 
@@ -69,6 +73,11 @@ ISSUE_REASONS = (
     "bad_metadata",
     "unselected_asset",
     "duplicate_materialization",
+    "too_deep",
+    "bad_version",
+    "bad_exception",
+    "after_closed",
+    "second_opened",
 )
 EVENT_NAMES = ("opened", "closed", "log", "materialization", "check", "custom_message", "external_stream")
 
@@ -217,9 +226,13 @@ def _check_shape(kind: str, section: str, where: str, data: dict[str, Any]) -> N
         need(where, expected, "implicit_materializations", _is_path, "a list of strings")
         for event in expected["events"]:
             _check_event(where, event)
-        numbers = [e["line"] for e in expected["events"]] + [i["line"] for i in expected["issues"]]
-        if len(numbers) != len(set(numbers)) or any(n > len(data["lines"]) for n in numbers):
-            raise VectorFormatError(f"{where}: each line yields at most one event or issue, within the stream")
+        event_lines = [e["line"] for e in expected["events"]]
+        issue_lines = [i["line"] for i in expected["issues"]]
+        numbers = event_lines + issue_lines
+        if (len(event_lines) != len(set(event_lines)) or len(issue_lines) != len(set(issue_lines))
+                or any(n > len(data["lines"]) for n in numbers)):
+            raise VectorFormatError(f"{where}: each line yields at most one event and one issue (an issue on a line "
+                                    "with an event: the message was still handled), within the stream")
         lines = [e["line"] for e in expected["events"]]
         if lines != sorted(lines):
             raise VectorFormatError(f"{where}: events must be in line order")
@@ -281,40 +294,14 @@ def _diff(what: str, got: Any, want: Any) -> list[str]:
 # --------------------------------------------------------------------------------------------------------------
 
 
-def decode_error_class(reason: str) -> str:
-    """The vector error class of a ``decode_param`` error message."""
-    for needle, error in (
-        ("not valid base64", "not_base64"),
-        ("zlib data", "not_zlib"),
-        ("decompresses to more than", "too_large"),
-        ("not UTF-8 JSON", "not_json"),
-        ("must be a JSON object", "not_object"),
-    ):
-        if needle in reason:
-            return error
-    return f"unclassified ({reason})"
+def decode_error_class(error: PipesProtocolError) -> str:
+    """The vector error class of a ``decode_param`` error: its kind (never its wording)."""
+    return str(error.kind.value)
 
 
-def issue_reason_class(reason: str) -> str:
-    """The vector reason class of a ``PipesProtocolIssue`` reason."""
-    from pipes_ext._protocol import METHODS
-
-    for needle, cls in (
-        ("truncated final line", "truncated"),
-        ("message line is not JSON", "not_json"),
-        ("message must be a JSON object", "not_object"),
-        ("__dagster_pipes_version", "no_version"),
-        ('message "method" must be a string', "bad_method"),
-        ("unknown message method", "unknown_method"),
-        ("metadata entry", "bad_metadata"),
-        ("which is not selected", "unselected_asset"),
-        ("materialized more than once", "duplicate_materialization"),
-    ):
-        if needle in reason:
-            return cls
-    if any(reason.startswith(f"{method}:") for method in METHODS):
-        return "bad_params"
-    return f"unclassified ({reason})"
+def issue_reason_class(issue: PipesProtocolIssue) -> str:
+    """The vector reason class of a ``PipesProtocolIssue``: its kind (never its wording)."""
+    return str(issue.kind.value)
 
 
 def _check_bootstrap(v: Vector) -> list[str]:
@@ -336,7 +323,7 @@ def _check_bootstrap(v: Vector) -> list[str]:
     try:
         value = decode_param(d["input"], **({"max_bytes": d["max_decoded_bytes"]} if "max_decoded_bytes" in d else {}))
     except PipesProtocolError as exc:
-        return _diff("error class", decode_error_class(str(exc)), d["error"])
+        return _diff("error class", decode_error_class(exc), d["error"])
     return [f"decode_param accepted it as {value!r}; expected error {d['error']}"]
 
 
@@ -379,7 +366,7 @@ def _check_metadata(v: Vector) -> list[str]:
                 continue
             value = events[0].metadata["m"]
             out += _diff(f"{method}: resolved", {"type": value.type, "value": value.value}, d["resolved"])
-        elif events or [issue_reason_class(i.reason) for i in issues] != ["bad_metadata"]:
+        elif events or [issue_reason_class(i) for i in issues] != ["bad_metadata"]:
             out.append(f"{method}: expected one bad_metadata issue, got events {events} and issues "
                        f"{[str(i) for i in issues]}")
     return out
@@ -461,13 +448,14 @@ class StreamOutcome:
 
 def run_stream(stream: Mapping[str, Any]) -> StreamOutcome:
     """Write the stream's bytes to a messages file read by ``pipes_core``'s real file reader in a session whose
-    selection is the stream's, and report what it derived. Each non-blank line yields exactly one event or issue,
-    in order, which gives every event its line number."""
+    selection is the stream's, and report what it derived. Each non-blank line (blank: JSON whitespace only)
+    yields exactly one event or issue, in order, which gives every event its line number; an issue whose message
+    was still handled (``handled``) is followed by that line's event."""
     from pipes_core import PipesEnvContextInjector, PipesFileMessageReader, PipesRunContext, open_pipes_session
     from pipes_core import PipesProtocolIssue as Issue
 
     data = stream_bytes(stream)
-    numbered = [i for i, line in enumerate(data.split(b"\n"), start=1) if line.strip()]
+    numbered = [i for i, line in enumerate(data.split(b"\n"), start=1) if line.strip(b" \t\r")]
     seen: list[Any] = []
     with tempfile.TemporaryDirectory(prefix="pipes-vectors-") as tmp:
         path = os.path.join(tmp, "messages")
@@ -477,15 +465,24 @@ def run_stream(stream: Mapping[str, Any]) -> StreamOutcome:
                                 logger=_quiet_logger(), external_stream_handler=_drop) as session:
             with open(path, "ab") as f:
                 f.write(data)
-    if len(seen) != len(numbered):
-        raise AssertionError(f"{len(numbered)} non-blank lines gave {len(seen)} events and issues: {seen!r}")
     events: list[dict[str, Any]] = []
     issues: list[dict[str, Any]] = []
-    for line, event in zip(numbered, seen, strict=True):
+    lines = iter(numbered)
+    line = 0
+    next_is_same_line = False
+    for event in seen:
+        if not next_is_same_line:
+            line = next(lines, -1)
+            if line < 0:
+                raise AssertionError(f"{len(numbered)} non-blank lines gave more events and issues: {seen!r}")
         if isinstance(event, Issue):
-            issues.append({"line": line, "reason": issue_reason_class(event.reason)})
+            issues.append({"line": line, "reason": issue_reason_class(event)})
+            next_is_same_line = event.handled
         else:
             events.append({"line": line, **event_json(event)})
+            next_is_same_line = False
+    if next(lines, -1) >= 0 or next_is_same_line:
+        raise AssertionError(f"{len(numbered)} non-blank lines gave fewer events and issues: {seen!r}")
     implicit = [r.asset_key for r in session.get_results() if getattr(r, "implicit", False)]
     return StreamOutcome(events, issues, implicit, session.issue_count)
 

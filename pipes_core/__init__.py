@@ -42,6 +42,7 @@ from ._errors import (
     PipesExecutionError,
     PipesInterruptedError,
     PipesProtocolError,
+    PipesProtocolErrorKind,
     PipesTimeoutError,
     PipesTransportError,
     PipesUsageError,
@@ -132,6 +133,7 @@ __all__ = [
     # errors
     "PipesError",
     "PipesProtocolError",
+    "PipesProtocolErrorKind",
     "PipesUsageError",
     "PipesTransportError",
     "PipesExecutionError",

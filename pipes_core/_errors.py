@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING, Any
 from pipes_ext._errors import (
     PipesError,
     PipesProtocolError,
+    PipesProtocolErrorKind,
     PipesTransportError,
     PipesUsageError,
     PipesWarning,
@@ -19,6 +20,7 @@ if TYPE_CHECKING:
 __all__ = [
     "PipesError",
     "PipesProtocolError",
+    "PipesProtocolErrorKind",
     "PipesUsageError",
     "PipesTransportError",
     "PipesWarning",

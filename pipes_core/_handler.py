@@ -1,37 +1,58 @@
 """The message handler: validates each message, turns it into a typed event, keeps the results.
 
-It never raises to the reader that feeds it: a line that is not JSON, not a message, names an unknown method
-or carries bad params becomes a :class:`PipesProtocolIssue` (recorded, logged, and passed to ``on_event``),
-and reading goes on. Unknown extra keys in params are tolerated. Reported asset keys are checked against the
-run's selection when it has one: an unselected key or a second materialization of one key is an issue, not a
-silent success.
+It never raises to the reader that feeds it: a line that is not JSON, is nested deeper than
+``MAX_JSON_DEPTH``, is not a message, names an unknown method or carries bad params becomes a
+:class:`PipesProtocolIssue` with its ``kind`` (recorded, logged, and passed to ``on_event``), and reading goes
+on; so does any unexpected exception while handling one line (kind ``HANDLER_ERROR``). An issue keeps only an
+excerpt of its line (:data:`ISSUE_EXCERPT_BYTES`) and the line's size. Unknown extra keys in params are
+tolerated. Reported asset keys are checked against the run's selection when it has one: an unselected key or a
+second materialization of one key is an issue, not a silent success.
+
+Lifecycle rules (each breach is an issue; whether the message is still handled is said here and in
+``PipesProtocolIssue.handled``):
+
+- a message whose ``__dagster_pipes_version`` is not ``"0.1"`` (``null`` included) is still handled, as its
+  shape was valid; the issue is reported for the first message carrying each such value;
+- a second ``opened`` is not handled (the first one's extras stay);
+- any message after ``closed`` (a second ``closed`` included) is not handled: it is no result, log or
+  custom message; only ``log_external_stream`` text is still passed on, without an issue, as captured output
+  may trail ``closed`` in other implementations;
+- a ``closed`` whose exception is malformed is still handled (it counts as ``closed``) with the valid parts of
+  the exception (name, message, stack, cause, context), and the malformed parts are the issue.
 """
 
 from __future__ import annotations
 
+import codecs
 import logging
+import reprlib
 import sys
 import threading
 from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any
 
-from pipes_ext._errors import PipesProtocolError
+from pipes_ext._errors import PipesProtocolError, PipesProtocolErrorKind
 from pipes_ext._protocol import (
+    JSON_WHITESPACE,
     LOG_LEVELS,
-    METHOD_CLOSED,
+    MESSAGE_PARAMS_FIELD,
     METHOD_LOG,
     METHOD_LOG_EXTERNAL_STREAM,
     METHOD_OPENED,
     METHOD_REPORT_ASSET_CHECK,
     METHOD_REPORT_ASSET_MATERIALIZATION,
     METHOD_REPORT_CUSTOM_MESSAGE,
+    PIPES_PROTOCOL_VERSION,
+    PIPES_PROTOCOL_VERSION_FIELD,
     STREAM_STDOUT,
+    load_message_line,
     normalize_log_level,
-    parse_message_line,
+    salvage_exception,
     validate_message,
 )
 
 from ._results import (
+    ISSUE_EXCERPT_BYTES,
     AssetCheckResult,
     MaterializeResult,
     PipesClosedEvent,
@@ -49,18 +70,46 @@ from ._run_context import PipesRunContext
 if TYPE_CHECKING:
     from ._readers import PipesMessageReader
 
-__all__ = ["PipesMessageHandler", "DEFAULT_LOGGER_NAME", "MAX_RETAINED_ISSUES"]
+__all__ = ["PipesMessageHandler", "DEFAULT_LOGGER_NAME", "MAX_RETAINED_ISSUES", "MAX_REPORTED_VERSIONS"]
 
 # Records of the external process's `log` messages go to this logger unless another one is given.
 DEFAULT_LOGGER_NAME = "pipes_core.external"
 # A peer that sends only garbage must not grow memory without bound: issues past this count are logged and
 # counted, not kept.
 MAX_RETAINED_ISSUES = 1000
+# A peer speaking another protocol version gets one issue per distinct version value, up to this many values
+# (past them, each such message is an issue: a peer varying its version per line is sending garbage).
+MAX_REPORTED_VERSIONS = 16
+
+_Kind = PipesProtocolErrorKind
+_SIZE_OF_RAW = -1  # report_issue's default: the size of ``raw`` itself
+_LINE_JSON_WHITESPACE = JSON_WHITESPACE.replace("\n", "")
+_LINE_JSON_WHITESPACE_BYTES = _LINE_JSON_WHITESPACE.encode("ascii")
+_excerpt_repr = reprlib.Repr()
+_excerpt_repr.maxstring = _excerpt_repr.maxother = ISSUE_EXCERPT_BYTES // 4
+_excerpt_repr.maxlevel = 4
 
 
-def _raw_text(line: str | bytes) -> str:
-    """What was read, as text for an issue (undecodable bytes replaced, never dropped)."""
-    return line.decode("utf-8", "replace") if isinstance(line, bytes) else line
+def excerpt(raw: str | bytes | bytearray | memoryview) -> tuple[str, int]:
+    """``(the start of raw as text, raw's size in bytes)``: at most :data:`ISSUE_EXCERPT_BYTES` of UTF-8
+    (undecodable bytes replaced, a character cut at the end dropped) and the full size, so an issue never
+    holds a whole hostile line."""
+    if isinstance(raw, str):
+        size = len(raw) if raw.isascii() else len(raw.encode("utf-8", "surrogatepass"))
+        if size <= ISSUE_EXCERPT_BYTES:
+            return raw, size
+        head = raw[:ISSUE_EXCERPT_BYTES].encode("utf-8", "surrogatepass")[:ISSUE_EXCERPT_BYTES]
+        return head.decode("utf-8", "ignore"), size
+    size = len(raw)
+    head = bytes(raw[:ISSUE_EXCERPT_BYTES])
+    if size <= ISSUE_EXCERPT_BYTES:
+        return head.decode("utf-8", "replace"), size
+    # Not final: a multi-byte character cut by the excerpt is left out, not replaced as if it were a bad byte.
+    return codecs.getincrementaldecoder("utf-8")("replace").decode(head, final=False), size
+
+
+def _bounded(reason: str) -> str:
+    return reason if len(reason) <= ISSUE_EXCERPT_BYTES else reason[:ISSUE_EXCERPT_BYTES] + "..."
 
 
 def _write_external_stream(stream: str, text: str) -> None:
@@ -121,46 +170,126 @@ class PipesMessageHandler:
         self.message_count = 0
         self.callback_errors: list[BaseException] = []
         self._materialized: set[str] = set()
+        self._versions_reported: set[object] = set()
 
     # ------------------------------------------------------------------ input
 
     def handle_line(self, line: str | bytes, source: str = "") -> None:
-        """Parse and handle one message line; a bad line becomes an issue."""
+        """Parse and handle one message line. Never raises: a bad line, or any exception while handling it,
+        becomes an issue with its kind."""
         try:
-            message = parse_message_line(line)
+            self._handle_obj(load_message_line(line), line, source)
         except PipesProtocolError as exc:
-            self.report_issue(str(exc), _raw_text(line), source)
-            return
-        self._dispatch(message, line, source)
+            self.report_issue(str(exc), line, source, exc.kind)
+        except Exception as exc:  # one line must never stop the reader
+            self._report_unexpected(exc, line, source)
 
-    def handle_lines(self, data: bytes, source: str = "") -> None:
-        """Handle a block of complete, newline-separated message lines (blank lines are skipped).
+    def handle_lines(self, data: bytes, source: str = "", max_line_bytes: int | None = None) -> None:
+        """Handle a block of complete, newline-separated message lines. Lines of JSON whitespace only are
+        skipped; a line made of other whitespace is an issue.
 
         The block is decoded once; one that is not valid UTF-8 goes line by line, so that only the bad line
-        becomes an issue.
+        becomes an issue. With ``max_line_bytes``, a longer line is reported (``LINE_TOO_LONG``) and not parsed.
         """
-        lines: list[str] | list[bytes]
+        if max_line_bytes is not None and len(data) > max_line_bytes:
+            self._handle_lines_with_limit(data, source, max_line_bytes)
+            return
+        handle_line = self.handle_line
         try:
             lines = data.decode("utf-8").split("\n")
         except UnicodeDecodeError:
-            lines = data.split(b"\n")
-        handle_line = self.handle_line
+            for raw in data.split(b"\n"):
+                if raw.strip(_LINE_JSON_WHITESPACE_BYTES):
+                    handle_line(raw, source)
+            return
+        blank = _LINE_JSON_WHITESPACE
         for line in lines:
-            if line.strip():
+            if line.strip(blank):
                 handle_line(line, source)
 
-    def handle_message(self, message: Any, source: str = "") -> None:
-        """Handle one already-decoded message (e.g. from a custom reader)."""
-        try:
-            validated = validate_message(message)
-        except PipesProtocolError as exc:
-            self.report_issue(str(exc), repr(message), source)
-            return
-        self._dispatch(validated, None, source)
+    def _handle_lines_with_limit(self, data: bytes, source: str, max_line_bytes: int) -> None:
+        start = 0
+        end = len(data)
+        while start <= end:
+            cut = data.find(b"\n", start)
+            if cut < 0:
+                cut = end
+            if cut - start > max_line_bytes:
+                self.report_line_too_long(memoryview(data)[start:cut], cut - start, source, max_line_bytes)
+            else:
+                line = data[start:cut]
+                if line.strip(_LINE_JSON_WHITESPACE_BYTES):
+                    try:
+                        text: str | bytes = line.decode("utf-8")
+                    except UnicodeDecodeError:
+                        text = line
+                    self.handle_line(text, source)
+            start = cut + 1
 
-    def report_issue(self, reason: str, raw: str, source: str = "") -> None:
-        """Record a protocol issue (also used by readers, e.g. for a truncated final line)."""
-        issue = PipesProtocolIssue(reason, raw, source)
+    def report_line_too_long(
+        self, head: bytes | bytearray | memoryview, size: int, source: str, max_line_bytes: int, *, ended: bool = True
+    ) -> None:
+        """Report a line skipped unread because it is longer than ``max_line_bytes`` (``head``: its start)."""
+        text, _ = excerpt(head)
+        end = "" if ended else "; it had no newline when the channel ended"
+        self._record(PipesProtocolIssue(
+            f"message line of {size} bytes is longer than max_line_bytes={max_line_bytes}; it was skipped "
+            f"unread{end}",
+            text, source, _Kind.LINE_TOO_LONG, size,
+        ))
+
+    def handle_message(self, message: Any, source: str = "") -> None:
+        """Handle one already-decoded message (e.g. from a custom reader). Never raises."""
+        try:
+            self._handle_obj(message, None, source)
+        except PipesProtocolError as exc:
+            self.report_issue(str(exc), _repr_excerpt(message), source, exc.kind, size=None)
+        except Exception as exc:
+            self._report_unexpected(exc, None if message is None else _repr_excerpt(message), source)
+
+    def _handle_obj(self, obj: Any, line: str | bytes | None, source: str) -> None:
+        try:
+            message = validate_message(obj)
+        except PipesProtocolError as exc:
+            if exc.kind is not _Kind.BAD_EXCEPTION:
+                raise
+            # A malformed exception in closed: keep its valid parts rather than lose the remote error.
+            params = obj[MESSAGE_PARAMS_FIELD]
+            salvaged, problems = salvage_exception(params["exception"])
+            params["exception"] = salvaged
+            message = obj
+            if not self.closed_count:
+                self._issue_for(message, line, source, "closed: " + "; ".join(problems) + " (the exception's valid "
+                                "parts were kept)", _Kind.BAD_EXCEPTION, handled=True)
+        self._dispatch(message, line, source)
+
+    def _report_unexpected(self, exc: Exception, line: str | bytes | None, source: str) -> None:
+        reason = f"handling this line raised {type(exc).__name__}: {exc}; the line was skipped and reading went on"
+        if line is None:
+            self.report_issue(reason, "", source, _Kind.HANDLER_ERROR, size=None)
+        else:
+            self.report_issue(reason, line, source, _Kind.HANDLER_ERROR)
+
+    def report_issue(
+        self,
+        reason: str,
+        raw: str | bytes,
+        source: str = "",
+        kind: PipesProtocolErrorKind = _Kind.OTHER,
+        *,
+        size: int | None = _SIZE_OF_RAW,
+        handled: bool = False,
+    ) -> None:
+        """Record a protocol issue (also used by readers, e.g. for a truncated final line).
+
+        Only an excerpt of ``raw`` is kept (:data:`ISSUE_EXCERPT_BYTES`), with its full size unless ``size``
+        says otherwise (None: what was received was not a line).
+        """
+        text, raw_size = excerpt(raw)
+        self._record(PipesProtocolIssue(_bounded(reason), text, source, kind,
+                                        raw_size if size == _SIZE_OF_RAW else size, handled))
+
+    def _record(self, issue: PipesProtocolIssue) -> None:
         with self._lock:
             self.issue_count += 1
             if len(self.issues) < MAX_RETAINED_ISSUES:
@@ -185,8 +314,20 @@ class PipesMessageHandler:
             self.callback_errors.append(exc)
             self.logger.exception("[pipes] on_event callback raised")
 
-    def _issue_for(self, message: dict[str, Any], line: str | bytes | None, source: str, reason: str) -> None:
-        self.report_issue(reason, repr(message) if line is None else _raw_text(line), source)
+    def _issue_for(
+        self,
+        message: dict[str, Any],
+        line: str | bytes | None,
+        source: str,
+        reason: str,
+        kind: PipesProtocolErrorKind,
+        *,
+        handled: bool = False,
+    ) -> None:
+        if line is None:
+            self.report_issue(reason, _repr_excerpt(message), source, kind, size=None, handled=handled)
+        else:
+            self.report_issue(reason, line, source, kind, handled=handled)
 
     def _dispatch(self, message: dict[str, Any], line: str | bytes | None, source: str) -> None:
         method = message["method"]
@@ -198,8 +339,18 @@ class PipesMessageHandler:
             except Exception as error:  # like on_event: a failing callback must not stop the reader
                 self.callback_errors.append(error)
                 self.logger.exception("[pipes] on_message callback raised")
-        if self.closed_count and method != METHOD_CLOSED:
-            self.logger.warning("[pipes] message received after closed: %s", method)
+        if self.closed_count:
+            if method == METHOD_LOG_EXTERNAL_STREAM:
+                self.logger.debug("[pipes] captured output received after closed")
+            else:
+                self._issue_for(message, line, source, f"{method} received after closed; not handled",
+                                _Kind.AFTER_CLOSED)
+                return
+        version = message[PIPES_PROTOCOL_VERSION_FIELD]
+        if version != PIPES_PROTOCOL_VERSION and self._report_version(version):
+            self._issue_for(message, line, source, f"message carries protocol version {_repr_excerpt(version)}, "
+                            f'not "{PIPES_PROTOCOL_VERSION}"; it was handled as a "{PIPES_PROTOCOL_VERSION}" '
+                            "message (reported once per version value)", _Kind.BAD_VERSION, handled=True)
         event: PipesEvent
         if method == METHOD_REPORT_CUSTOM_MESSAGE:
             if self._retain:
@@ -215,13 +366,14 @@ class PipesMessageHandler:
             key = params["asset_key"]
             if self._selected is not None and key not in self._selected:
                 self._issue_for(message, line, source, f"materialization of asset {key!r}, which is not selected "
-                                f"(selected: {sorted(self._selected)})")
+                                f"(selected: {sorted(self._selected)})", _Kind.UNSELECTED_ASSET)
                 return
             with self._lock:
                 duplicate = key in self._materialized
                 self._materialized.add(key)
             if duplicate:
-                self._issue_for(message, line, source, f"asset {key!r} was materialized more than once")
+                self._issue_for(message, line, source, f"asset {key!r} was materialized more than once",
+                                _Kind.DUPLICATE_MATERIALIZATION)
                 return
             event = MaterializeResult(key, metadata_from_wire(params["metadata"]), params["data_version"])
             if self._retain:
@@ -230,7 +382,7 @@ class PipesMessageHandler:
             key = params["asset_key"]
             if self._selected is not None and key not in self._selected:
                 self._issue_for(message, line, source, f"check {params['check_name']!r} on asset {key!r}, which "
-                                f"is not selected (selected: {sorted(self._selected)})")
+                                f"is not selected (selected: {sorted(self._selected)})", _Kind.UNSELECTED_ASSET)
                 return
             event = AssetCheckResult(
                 key, params["check_name"], params["passed"], params["severity"], metadata_from_wire(params["metadata"])
@@ -244,10 +396,13 @@ class PipesMessageHandler:
             except Exception:
                 self.logger.exception("[pipes] external stream handler raised")
         elif method == METHOD_OPENED:
+            if self.opened_count:
+                self._issue_for(message, line, source, "opened received a second time; not handled (the first "
+                                "opened counts)", _Kind.SECOND_OPENED)
+                return
             self.opened_count += 1
             self.opened_extras = params["extras"]
-            if self.opened_count == 1:
-                self.logger.debug("[pipes] external process opened the channel")
+            self.logger.debug("[pipes] external process opened the channel")
             event = PipesOpenedEvent(params["extras"])
         else:  # closed
             self.closed_count += 1
@@ -257,3 +412,17 @@ class PipesMessageHandler:
                 self.exception = remote
             event = PipesClosedEvent(remote)
         self._emit(event)
+
+    def _report_version(self, version: object) -> bool:
+        """Whether a message carrying ``version`` (not the protocol's) gets an issue: once per value."""
+        key = version if isinstance(version, (str, int, float, bool)) or version is None else repr(version)[:64]
+        if key in self._versions_reported:
+            return False
+        if len(self._versions_reported) < MAX_REPORTED_VERSIONS:
+            self._versions_reported.add(key)
+        return True
+
+
+def _repr_excerpt(value: object) -> str:
+    """A bounded repr of an already-decoded value, for an issue (never the repr of a whole hostile message)."""
+    return _excerpt_repr.repr(value)[: ISSUE_EXCERPT_BYTES]

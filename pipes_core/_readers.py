@@ -6,10 +6,11 @@ the channel to the last byte, then stops. What a session needs lives inside that
 serve many sessions in turn (a reader may keep figures of the last session it read for inspection, as the blob
 reader's ``last_stats``).
 
-The file reader tails newline-delimited JSON. It reads bytes and cuts them at newlines itself, so a line
-still being written waits for its end; a final line with no newline once the process has ended (the writer
-was killed mid-write) is reported as an issue, not parsed. Every bad line becomes an issue on the handler;
-the reader never stops early.
+The file reader tails newline-delimited JSON. It reads bytes and cuts them at newlines itself
+(:class:`~pipes_core._lines.LineSplitter`), so a line still being written waits for its end; a final line with
+no newline once the process has ended (the writer was killed mid-write) is reported as an issue, not parsed;
+a line longer than ``max_line_bytes`` is skipped as it streams and reported with its size. Every bad line
+becomes an issue on the handler; the reader never stops early.
 """
 
 from __future__ import annotations
@@ -24,12 +25,13 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any
 
-from pipes_ext._errors import PipesTransportError
+from pipes_ext._errors import PipesTransportError, PipesUsageError
 from pipes_ext._protocol import PARAM_INCLUDE_STDIO_IN_MESSAGES, PARAM_PATH
 
 from ._files import create_private_file
 from ._handler import PipesMessageHandler
 from ._log_readers import PipesLogReader
+from ._lines import DEFAULT_MAX_LINE_BYTES, LineSplitter
 from ._watch import FileWatcher
 
 __all__ = [
@@ -40,6 +42,7 @@ __all__ = [
     "READ_BLOCK_BYTES",
     "IDLE_WAKE_SECONDS",
     "CAPTURE_WRITERS_WAIT_SECONDS",
+    "DEFAULT_MAX_LINE_BYTES",
 ]
 
 # The file name the reference uses inside its temp dir.
@@ -53,6 +56,12 @@ CAPTURE_WRITERS_WAIT_SECONDS = 5.0
 # Even with inotify the reader looks at the file this often, as a safety net (a missed event costs at most
 # this much delay); idle cost is one read() per interval.
 IDLE_WAKE_SECONDS = 0.5
+
+
+def _check_max_line_bytes(value: object) -> int:
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        raise PipesUsageError(f"max_line_bytes must be a positive integer, got {value!r}")
+    return value
 
 
 class PipesMessageReader:
@@ -91,11 +100,18 @@ class _FileTailer:
     """The background thread of a file reader: tails one file into a handler until told to finish."""
 
     def __init__(
-        self, path: str, handler: PipesMessageHandler, *, use_inotify: bool = True, fd: int | None = None
+        self,
+        path: str,
+        handler: PipesMessageHandler,
+        *,
+        use_inotify: bool = True,
+        fd: int | None = None,
+        max_line_bytes: int = DEFAULT_MAX_LINE_BYTES,
     ) -> None:
         self.path = path
         self._fd = fd  # an open, readable descriptor of the file (owned by the tailer), or None: open path
         self.handler = handler
+        self.splitter = LineSplitter(handler, path, max_line_bytes)
         self.watcher = FileWatcher(path, use_inotify=use_inotify)
         self._finish = threading.Event()
         self._drained = threading.Event()  # set once everything is handled; the thread then only cleans up
@@ -151,8 +167,7 @@ class _FileTailer:
             except OSError as exc:
                 self.error = exc
                 return
-        pending: list[bytes] = []
-        source = self.path
+        splitter = self.splitter
         try:
             while True:
                 finishing = self._finish.is_set()
@@ -163,27 +178,13 @@ class _FileTailer:
                         break
                     got_data = True
                     self.bytes_read += len(block)
-                    cut = block.rfind(b"\n")
-                    if cut < 0:
-                        pending.append(block)  # a long line: keep the pieces, join once at its end
-                        continue
-                    pending.append(block[:cut])
-                    complete = b"".join(pending)
-                    pending = [block[cut + 1 :]]
-                    self.handler.handle_lines(complete, source)
+                    splitter.feed(block)
                 if finishing and self._writers_gone(fd):
                     break
                 if got_data:
                     self.watcher.data_seen()
                 self.watcher.wait(IDLE_WAKE_SECONDS)
-            rest = b"".join(pending)
-            if rest.strip():
-                self.handler.report_issue(
-                    "truncated final line: the messages file ended without a newline (was the writer killed "
-                    "mid-write?); the partial line was not parsed",
-                    rest.decode("utf-8", "replace"),
-                    source,
-                )
+            splitter.finish()
         except BaseException as exc:  # pragma: no cover - I/O failure on a local file
             self.error = exc
         finally:
@@ -206,6 +207,9 @@ class PipesFileMessageReader(PipesMessageReader):
             machine's kernel: for a writer on another host (a file on NFS written by a cluster node) the reader
             still sees the data through its periodic re-read, and ``use_inotify=False`` polls instead
             (1 ms after activity, backing off to 50 ms), which is also the fallback where inotify is missing.
+        max_line_bytes: the longest message line parsed (default :data:`DEFAULT_MAX_LINE_BYTES`, 64 MiB); a
+            longer one is skipped as it streams, without being held in memory, and reported as a
+            ``LINE_TOO_LONG`` issue with its size.
     """
 
     def __init__(
@@ -216,12 +220,18 @@ class PipesFileMessageReader(PipesMessageReader):
         *,
         log_readers: Sequence[PipesLogReader] | None = None,
         use_inotify: bool = True,
+        max_line_bytes: int = DEFAULT_MAX_LINE_BYTES,
     ) -> None:
         self.path = os.fspath(path)
+        if not isinstance(include_stdio_in_messages, bool):
+            raise PipesUsageError(
+                f"include_stdio_in_messages must be a boolean, got {type(include_stdio_in_messages).__name__}"
+            )
         self.include_stdio_in_messages = include_stdio_in_messages
         self.cleanup_file = cleanup_file
         self.log_readers = tuple(log_readers or ())
         self.use_inotify = use_inotify
+        self.max_line_bytes = _check_max_line_bytes(max_line_bytes)
 
     def messages_params(self, path: str) -> dict[str, Any]:
         return {PARAM_PATH: path, PARAM_INCLUDE_STDIO_IN_MESSAGES: self.include_stdio_in_messages}
@@ -234,7 +244,8 @@ class PipesFileMessageReader(PipesMessageReader):
         fd = os.dup(created.fd)  # the tailer reads through its own descriptor and closes it
         created.close_fd()
         try:
-            tailer = _FileTailer(path, handler, fd=fd, use_inotify=self.use_inotify)
+            tailer = _FileTailer(path, handler, fd=fd, use_inotify=self.use_inotify,
+                                 max_line_bytes=self.max_line_bytes)
             tailer.start()  # from here the tailer's thread owns fd
         except BaseException:
             os.close(fd)
@@ -268,9 +279,10 @@ class PipesTempFileMessageReader(PipesFileMessageReader):
         *,
         log_readers: Sequence[PipesLogReader] | None = None,
         use_inotify: bool = True,
+        max_line_bytes: int = DEFAULT_MAX_LINE_BYTES,
     ) -> None:
         super().__init__("", include_stdio_in_messages=include_stdio_in_messages, cleanup_file=True,
-                         log_readers=log_readers, use_inotify=use_inotify)
+                         log_readers=log_readers, use_inotify=use_inotify, max_line_bytes=max_line_bytes)
         self.dir = dir
 
     @contextmanager

@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+from pipes_ext._errors import PipesProtocolErrorKind
 from pipes_ext._protocol import METADATA_TYPE_INFER, SEVERITY_ERROR, infer_metadata_type, parse_asset_key
 
 __all__ = [
@@ -24,6 +25,7 @@ __all__ = [
     "PipesCustomMessageEvent",
     "PipesExternalStreamEvent",
     "PipesProtocolIssue",
+    "ISSUE_EXCERPT_BYTES",
     "PipesEvent",
     "metadata_from_wire",
 ]
@@ -153,19 +155,50 @@ class PipesExternalStreamEvent:
     extras: dict[str, Any]
 
 
+# An issue keeps at most this much of what was read (and its reason at most this many characters): enough to
+# recognise the line, while 200 bad lines of 5 MB cost kilobytes, not a gigabyte, whether messages are retained
+# or not.
+ISSUE_EXCERPT_BYTES = 1024
+
+
 @dataclass(frozen=True)
 class PipesProtocolIssue:
-    """Something read from the channel that broke the protocol; ``raw`` keeps what was read, so nothing is
-    lost, and ``reason`` says what was wrong."""
+    """Something read from the channel that broke the protocol.
+
+    Attributes:
+        reason: what was wrong, for people (its wording may change; classify by ``kind``).
+        raw: the start of what was read (at most :data:`ISSUE_EXCERPT_BYTES` of UTF-8, undecodable bytes
+            replaced); the whole of it when ``size`` says it was that short.
+        source: where it was read (a file path, a blob URL, ``"stdout"``), when the reader says.
+        kind: what was wrong, machine-readable (a :class:`PipesProtocolErrorKind`).
+        size: how many bytes were read for it (the whole line, not the excerpt); None when what was received
+            was an already-decoded message rather than a line.
+        handled: True when the message was still handled (its event follows the issue), e.g. a message that
+            carries another protocol version, or a ``closed`` whose exception was repaired.
+    """
 
     reason: str
     raw: str
     source: str = ""
+    kind: PipesProtocolErrorKind = PipesProtocolErrorKind.OTHER
+    size: int | None = None
+    handled: bool = False
+
+    @property
+    def truncated(self) -> bool:
+        """True when ``raw`` is only the start of what was read."""
+        return self.size is not None and self.size > len(self.raw.encode("utf-8", "surrogatepass"))
 
     def __str__(self) -> str:
-        shown = self.raw if len(self.raw) <= 200 else self.raw[:200] + f"... ({len(self.raw)} characters)"
+        shown = self.raw if len(self.raw) <= 200 else self.raw[:200]
+        if self.size is not None and (len(shown) < len(self.raw) or self.truncated):
+            more = f"... ({self.size} bytes)"
+        elif len(shown) < len(self.raw):
+            more = f"... ({len(self.raw)} characters)"
+        else:
+            more = ""
         where = f" ({self.source})" if self.source else ""
-        return f"{self.reason}{where}: {shown!r}"
+        return f"{self.reason}{where}: {shown!r}{more}"
 
 
 PipesEvent = (

@@ -24,6 +24,7 @@ from ._errors import (
     DagsterPipesWarning,
     PipesError,
     PipesProtocolError,
+    PipesProtocolErrorKind,
     PipesTransportError,
     PipesUsageError,
     PipesWarning,
@@ -115,6 +116,7 @@ __all__ = [
     # errors
     "PipesError",
     "PipesProtocolError",
+    "PipesProtocolErrorKind",
     "PipesUsageError",
     "PipesTransportError",
     "PipesWarning",

@@ -17,7 +17,9 @@ import binascii
 import json
 import zlib
 
-from ._errors import PipesProtocolError, PipesUsageError
+from ._errors import PipesProtocolError, PipesProtocolErrorKind, PipesUsageError
+
+_Kind = PipesProtocolErrorKind
 
 # `typing` is not imported at run time: it costs start-up time and every annotation here is a string.
 TYPE_CHECKING = False
@@ -29,6 +31,11 @@ if TYPE_CHECKING:
 __all__ = [
     # versions and envelope
     "PIPES_PROTOCOL_VERSION",
+    # JSON documents
+    "MAX_JSON_DEPTH",
+    "JSON_WHITESPACE",
+    "json_too_deep",
+    "loads_json_document",
     "PIPES_PROTOCOL_VERSION_FIELD",
     "MESSAGE_METHOD_FIELD",
     "MESSAGE_PARAMS_FIELD",
@@ -85,11 +92,13 @@ __all__ = [
     "EXCEPTION_KEYS",
     "serialize_exception",
     "validate_exception",
+    "salvage_exception",
     # messages
     "make_message",
     "dumps_message",
     "dumps_custom_message",
     "parse_message_line",
+    "load_message_line",
     "validate_message",
 ]
 
@@ -101,6 +110,101 @@ PIPES_PROTOCOL_VERSION = "0.1"
 PIPES_PROTOCOL_VERSION_FIELD = "__dagster_pipes_version"
 MESSAGE_METHOD_FIELD = "method"
 MESSAGE_PARAMS_FIELD = "params"
+
+# --------------------------------------------------------------------------------------------------------------
+# JSON documents: every message line, bootstrap value and context file is one JSON document.
+# --------------------------------------------------------------------------------------------------------------
+
+# How deep a JSON document may nest (the outermost object or list is level 1), on both sides: the external side
+# refuses to send deeper (PipesUsageError), the orchestrator reports a deeper line as a TOO_DEEP issue and reads
+# on, and a deeper bootstrap value or context file is a PipesProtocolError. 128 is far deeper than anything the
+# protocol itself nests (a table metadata entry inside a message is 10 levels) or than real payloads, and far
+# below the ~1,000 levels at which Python's json module raises RecursionError (it shares the interpreter's
+# recursion limit with the caller's own stack, so the margin matters on the external side, called from user
+# code). It is also serde_json's default limit, so what we accept a Rust peer accepts too.
+MAX_JSON_DEPTH = 128
+
+
+def json_too_deep(value: object, limit: int = MAX_JSON_DEPTH) -> bool:
+    """True when ``value`` (decoded JSON: dicts, lists, scalars) nests more than ``limit`` levels deep.
+
+    Iterative (a hostile document cannot exhaust the stack) and stops at the first level past the limit.
+    """
+    level = [value] if isinstance(value, (dict, list)) else []
+    depth = 0
+    while level:
+        depth += 1
+        if depth > limit:
+            return True
+        below: list[Any] = []
+        for container in level:
+            children = container.values() if isinstance(container, dict) else container
+            below.extend(child for child in children if isinstance(child, (dict, list)))
+        level = below
+    return False
+
+
+def _line_too_deep(text: str | bytes, value: object, limit: int) -> bool:
+    """Depth check of ``value`` encoded as ``text``, at no cost for short or flat text: ``text`` can only nest
+    past ``limit`` if it holds more than ``limit`` opening brackets (brackets inside strings only loosen this)."""
+    if isinstance(text, str):
+        if len(text) <= limit or text.count("{") + text.count("[") <= limit:
+            return False
+    elif len(text) <= limit or text.count(b"{") + text.count(b"[") <= limit:
+        return False
+    return json_too_deep(value, limit)
+
+
+def loads_json_document(text: str | bytes, what: str, *, not_json: str = "is not JSON") -> Any:
+    """Parse one whole JSON document named ``what`` (e.g. ``"context file '/tmp/c.json'"``).
+
+    Raises:
+        PipesProtocolError: ``NOT_JSON`` (``"<what> <not_json>: <why>"``) or ``TOO_DEEP`` (nested deeper than
+            :data:`MAX_JSON_DEPTH`), naming ``what``.
+    """
+    try:
+        value = json.loads(text)
+    except RecursionError:
+        value = None
+        too_deep = True
+    except ValueError as exc:  # includes UnicodeDecodeError for bytes
+        raise PipesProtocolError(f"{what} {not_json}: {exc}", _Kind.NOT_JSON) from exc
+    else:
+        too_deep = _line_too_deep(text, value, MAX_JSON_DEPTH)
+    if too_deep:
+        raise PipesProtocolError(f"{what} is nested deeper than {MAX_JSON_DEPTH} levels (MAX_JSON_DEPTH)",
+                                 _Kind.TOO_DEEP)
+    return value
+
+
+def _too_deep_usage(method: str) -> str:
+    return (f"{method}: params are nested too deep: a message may nest at most {MAX_JSON_DEPTH} levels "
+            "(MAX_JSON_DEPTH), its envelope included; nothing was sent")
+
+
+def _too_deep_line() -> str:
+    return f"message line is nested deeper than {MAX_JSON_DEPTH} levels (MAX_JSON_DEPTH)"
+
+
+# JSON's whitespace; str.strip() with no argument also strips \x0b \x0c \x1c-\x1f \x85 \xa0 \u2028 \u3000 ...,
+# which JSON does not allow. Readers skip lines made of JSON whitespace only, and report the others.
+JSON_WHITESPACE = " \t\n\r"
+
+
+def _not_json_line(line: str, exc: ValueError) -> str:
+    if line.strip(JSON_WHITESPACE) and not line.strip():
+        return (f"message line holds only whitespace that JSON does not allow ({_short_repr(line)}); "
+                "it is not blank, so it is reported rather than skipped")
+    return f"message line is not JSON: {exc}"
+
+
+def _short_repr(value: object, limit: int = 200) -> str:
+    """``repr(value)`` cut to ``limit`` characters, for error messages (a hostile value can be megabytes)."""
+    if isinstance(value, str) and len(value) > limit:
+        return repr(value[:limit]) + f"... ({len(value)} characters)"
+    text = repr(value)
+    return text if len(text) <= limit else text[:limit] + "..."
+
 
 # --------------------------------------------------------------------------------------------------------------
 # Bootstrap
@@ -124,7 +228,13 @@ def encode_param(param: Any) -> str:
     JSON with Python's default separators and ``ensure_ascii``, zlib (RFC 1950) at the default level, the
     standard base64 alphabet with ``=`` padding: byte for byte what the reference writes.
     """
-    return base64.b64encode(zlib.compress(json.dumps(param).encode("utf-8"))).decode("ascii")
+    try:
+        text = json.dumps(param)
+    except RecursionError:
+        text = ""
+    if not text or _line_too_deep(text, param, MAX_JSON_DEPTH):
+        raise PipesUsageError(f"bootstrap param is nested deeper than {MAX_JSON_DEPTH} levels (MAX_JSON_DEPTH)")
+    return base64.b64encode(zlib.compress(text.encode("utf-8"))).decode("ascii")
 
 
 def decode_param(value: str | bytes, *, max_bytes: int = MAX_DECODED_PARAM_BYTES) -> dict[str, Any]:
@@ -139,26 +249,32 @@ def decode_param(value: str | bytes, *, max_bytes: int = MAX_DECODED_PARAM_BYTES
     try:
         compressed = base64.b64decode(raw, validate=True)
     except (binascii.Error, ValueError) as exc:
-        raise PipesProtocolError(f"bootstrap param is not valid base64 (standard alphabet, padded): {exc}") from exc
+        raise PipesProtocolError(
+            f"bootstrap param is not valid base64 (standard alphabet, padded): {exc}", _Kind.NOT_BASE64
+        ) from exc
     decompressor = zlib.decompressobj()
     try:
         data = decompressor.decompress(compressed, max_bytes)
         if decompressor.unconsumed_tail:
             raise PipesProtocolError(
-                f"bootstrap param decompresses to more than {max_bytes} bytes; refusing to inflate it further"
+                f"bootstrap param decompresses to more than {max_bytes} bytes; refusing to inflate it further",
+                _Kind.TOO_LARGE,
             )
         data += decompressor.flush()
     except zlib.error as exc:
-        raise PipesProtocolError(f"bootstrap param is not zlib data (base64(zlib(json)) expected): {exc}") from exc
+        raise PipesProtocolError(
+            f"bootstrap param is not zlib data (base64(zlib(json)) expected): {exc}", _Kind.NOT_ZLIB
+        ) from exc
     if not decompressor.eof:
-        raise PipesProtocolError("bootstrap param is truncated zlib data (base64(zlib(json)) expected)")
+        raise PipesProtocolError("bootstrap param is truncated zlib data (base64(zlib(json)) expected)", _Kind.NOT_ZLIB)
     try:
-        decoded = json.loads(data.decode("utf-8"))
-    except (UnicodeDecodeError, ValueError) as exc:
-        raise PipesProtocolError(f"bootstrap param is not UTF-8 JSON: {exc}") from exc
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise PipesProtocolError(f"bootstrap param is not UTF-8 JSON: {exc}", _Kind.NOT_JSON) from exc
+    decoded = loads_json_document(text, "bootstrap param", not_json="is not UTF-8 JSON")
     if not isinstance(decoded, dict):
         raise PipesProtocolError(
-            f"bootstrap param must be a JSON object, got {_json_type_name(decoded)}"
+            f"bootstrap param must be a JSON object, got {_json_type_name(decoded)}", _Kind.NOT_OBJECT
         )
     return decoded
 
@@ -261,7 +377,9 @@ def _check_optional_range(data: Mapping[str, Any], key: str) -> None:
     if value is None:
         return
     if not (isinstance(value, dict) and isinstance(value.get("start"), str) and isinstance(value.get("end"), str)):
-        raise PipesProtocolError(f'context data "{key}" must be null or {{"start": str, "end": str}}')
+        raise PipesProtocolError(
+            f'context data "{key}" must be null or {{"start": str, "end": str}}', _Kind.BAD_CONTEXT
+        )
 
 
 def validate_context_data(data: object) -> dict[str, Any]:
@@ -271,32 +389,32 @@ def validate_context_data(data: object) -> dict[str, Any]:
     orchestrators); keys of the wrong type raise :class:`PipesProtocolError` naming the key.
     """
     if not isinstance(data, dict):
-        raise PipesProtocolError(f"context data must be a JSON object, got {_json_type_name(data)}")
+        raise PipesProtocolError(f"context data must be a JSON object, got {_json_type_name(data)}", _Kind.BAD_CONTEXT)
     out = empty_context_data()
     out.update(data)
     asset_keys = out["asset_keys"]
     if asset_keys is not None and not (
         isinstance(asset_keys, list) and all(isinstance(k, str) for k in asset_keys)
     ):
-        raise PipesProtocolError('context data "asset_keys" must be null or a list of strings')
+        raise PipesProtocolError('context data "asset_keys" must be null or a list of strings', _Kind.BAD_CONTEXT)
     for key in ("code_version_by_asset_key", "provenance_by_asset_key"):
         if out[key] is not None and not isinstance(out[key], dict):
-            raise PipesProtocolError(f'context data "{key}" must be null or an object')
+            raise PipesProtocolError(f'context data "{key}" must be null or an object', _Kind.BAD_CONTEXT)
     if out["partition_key"] is not None and not isinstance(out["partition_key"], str):
-        raise PipesProtocolError('context data "partition_key" must be null or a string')
+        raise PipesProtocolError('context data "partition_key" must be null or a string', _Kind.BAD_CONTEXT)
     _check_optional_range(out, "partition_key_range")
     _check_optional_range(out, "partition_time_window")
     if not isinstance(out["run_id"], str):
-        raise PipesProtocolError('context data "run_id" must be a string')
+        raise PipesProtocolError('context data "run_id" must be a string', _Kind.BAD_CONTEXT)
     if out["job_name"] is not None and not isinstance(out["job_name"], str):
-        raise PipesProtocolError('context data "job_name" must be null or a string')
+        raise PipesProtocolError('context data "job_name" must be null or a string', _Kind.BAD_CONTEXT)
     retry = out["retry_number"]
     if not isinstance(retry, int) or isinstance(retry, bool):
-        raise PipesProtocolError('context data "retry_number" must be an integer')
+        raise PipesProtocolError('context data "retry_number" must be an integer', _Kind.BAD_CONTEXT)
     if out["extras"] is None:
         out["extras"] = {}
     if not isinstance(out["extras"], dict):
-        raise PipesProtocolError('context data "extras" must be an object')
+        raise PipesProtocolError('context data "extras" must be an object', _Kind.BAD_CONTEXT)
     return out
 
 
@@ -368,6 +486,9 @@ METADATA_TYPES = (
 )
 METADATA_RAW_VALUE = "raw_value"
 METADATA_TYPE = "type"
+# float(n) raises OverflowError for an int at or past 2**1024 (a float's range); such a float/timestamp entry
+# is refused like any other bad value.
+_FLOAT_INT_BOUND = 2**1024
 _STRING_METADATA_TYPES = frozenset({"text", "url", "path", "notebook", "md", "dagster_run", "asset"})
 
 
@@ -468,6 +589,9 @@ def metadata_problem(metadata_type: object, raw_value: object) -> str | None:
     elif metadata_type in ("float", "timestamp"):
         ok = _is_number(raw_value)
         expected = "a number"
+        if ok and isinstance(raw_value, int) and not -_FLOAT_INT_BOUND < raw_value < _FLOAT_INT_BOUND:
+            return (f"{metadata_type} metadata must be a number a float can hold, got an integer of "
+                    f"{raw_value.bit_length()} bits (at most 1024)")
     elif metadata_type == "int":
         ok = isinstance(raw_value, int) and not isinstance(raw_value, bool)
         expected = "an integer"
@@ -594,6 +718,49 @@ def validate_exception(value: object, where: str = "exception") -> str | None:
     return None
 
 
+def salvage_exception(value: object, where: str = "exception") -> tuple[dict[str, Any] | None, list[str]]:
+    """Keep the valid parts of a malformed wire exception: ``(exception or None, what was wrong)``.
+
+    A string stands for the message; a missing or non-string message becomes ``""``; a stack that is not a list
+    keeps nothing and one with non-strings keeps its strings; a non-string name becomes null; a cause or context
+    that is not an object is dropped. Each repair is named in the returned problems (empty when ``value`` was
+    valid). Anything else than an object or a string gives None.
+    """
+    if isinstance(value, str):
+        return ({"message": value, "stack": [], "name": None, "cause": None, "context": None},
+                [f"{where} must be an object, got a string (kept as its message)"])
+    if not isinstance(value, dict):
+        return None, [f"{where} must be an object, got {_json_type_name(value)} (dropped)"]
+    problems: list[str] = []
+    message = value.get("message")
+    if not isinstance(message, str):
+        problems.append(f'{where} "message" must be a string, got {_json_type_name(message)}')
+        message = "" if message is None else _short_repr(message)
+    stack = value.get("stack")
+    if isinstance(stack, list):
+        kept = [line for line in stack if isinstance(line, str)]
+        if len(kept) != len(stack):
+            problems.append(f'{where} "stack" must be a list of strings ({len(stack) - len(kept)} other items dropped)')
+    else:
+        kept = []
+        problems.append(f'{where} "stack" must be a list of strings, got {_json_type_name(stack)}')
+    name = value.get("name")
+    if name is not None and not isinstance(name, str):
+        problems.append(f'{where} "name" must be null or a string, got {_json_type_name(name)}')
+        name = None
+    out: dict[str, Any] = {"message": message, "stack": kept, "name": name, "cause": None, "context": None}
+    for link in ("cause", "context"):
+        linked = value.get(link)
+        if linked is None:
+            continue
+        if isinstance(linked, dict):
+            out[link], more = salvage_exception(linked, f"{where}.{link}")
+            problems += more
+        else:
+            problems.append(f"{where}.{link} must be null or an object, got {_json_type_name(linked)} (dropped)")
+    return out, problems
+
+
 # --------------------------------------------------------------------------------------------------------------
 # Messages: {"__dagster_pipes_version": "0.1", "method": str, "params": object | null}, one JSON line each.
 # --------------------------------------------------------------------------------------------------------------
@@ -621,9 +788,14 @@ def dumps_message(method: str, params: Mapping[str, Any] | None) -> str:
     try:
         # The method is JSON-encoded too: a name with a quote, backslash or non-ASCII character stays exact.
         method_json = _METHOD_JSON.get(method) or json.dumps(method)
-        return _LINE_PREFIX + method_json + ', "params": ' + json.dumps(params) + "}"
+        line = _LINE_PREFIX + method_json + ', "params": ' + json.dumps(params) + "}"
     except (TypeError, ValueError) as exc:
         raise PipesUsageError(f"{method}: params are not JSON-serialisable: {exc}") from exc
+    except RecursionError:
+        line = ""
+    if not line or _line_too_deep(line, params, MAX_JSON_DEPTH - 1):
+        raise PipesUsageError(_too_deep_usage(method))
+    return line
 
 
 _encode = json.JSONEncoder().encode  # the same defaults as json.dumps, without its per-call checks
@@ -637,9 +809,14 @@ def dumps_custom_message(payload: Any) -> str:
         PipesUsageError: when ``payload`` is not JSON-serialisable (nothing is sent).
     """
     try:
-        return _CUSTOM_MESSAGE_PREFIX + _encode(payload) + "}}"
+        line = _CUSTOM_MESSAGE_PREFIX + _encode(payload) + "}}"
     except (TypeError, ValueError) as exc:
         raise PipesUsageError(f"report_custom_message: params are not JSON-serialisable: {exc}") from exc
+    except RecursionError:
+        line = ""
+    if not line or _line_too_deep(line, payload, MAX_JSON_DEPTH - 2):
+        raise PipesUsageError(_too_deep_usage(METHOD_REPORT_CUSTOM_MESSAGE))
+    return line
 
 
 def _json_type_name(value: object) -> str:
@@ -659,16 +836,27 @@ def _json_type_name(value: object) -> str:
 
 
 def parse_message_line(line: str | bytes) -> dict[str, Any]:
-    """Parse one message line and validate it; see :func:`validate_message`.
+    """Parse one message line and validate it; see :func:`load_message_line` and :func:`validate_message`.
 
     Raises:
-        PipesProtocolError: for a line that is not JSON, not an object, or not a valid message.
+        PipesProtocolError: for a line that is not JSON, is nested too deep, is not an object, or is not a
+            valid message; its ``kind`` says which.
+    """
+    return validate_message(load_message_line(line))
+
+
+def load_message_line(line: str | bytes) -> Any:
+    """Parse one message line as JSON (any value), without validating it as a message.
+
+    Raises:
+        PipesProtocolError: ``NOT_JSON`` for a line that is not UTF-8 JSON, ``TOO_DEEP`` for one nested deeper
+            than :data:`MAX_JSON_DEPTH`.
     """
     if isinstance(line, bytes):
         try:
             line = line.decode("utf-8")
         except UnicodeDecodeError as exc:
-            raise PipesProtocolError(f"message line is not JSON (not valid UTF-8): {exc}") from exc
+            raise PipesProtocolError(f"message line is not JSON (not valid UTF-8): {exc}", _Kind.NOT_JSON) from exc
     # Fast path: the scanner alone, as json.loads would call it, without its per-call set-up. Anything it
     # does not consume whole (surrounding whitespace, extra data, an error) takes the full json.loads path,
     # which also gives JSON's own error message.
@@ -676,12 +864,20 @@ def parse_message_line(line: str | bytes) -> dict[str, Any]:
         obj, end = _scan_once(line, 0)
     except (StopIteration, ValueError):
         end = -1
+    except RecursionError:
+        raise PipesProtocolError(_too_deep_line(), _Kind.TOO_DEEP) from None
     if end != len(line):
         try:
             obj = json.loads(line)
         except ValueError as exc:
-            raise PipesProtocolError(f"message line is not JSON: {exc}") from exc
-    return validate_message(obj)
+            raise PipesProtocolError(_not_json_line(line, exc), _Kind.NOT_JSON) from exc
+        except RecursionError:
+            raise PipesProtocolError(_too_deep_line(), _Kind.TOO_DEEP) from None
+    # Depth check without cost on the fast path: a line can only be deeper than the limit if it holds more
+    # opening brackets than the limit (brackets inside strings only make this bound looser).
+    if len(line) > MAX_JSON_DEPTH and line.count("{") + line.count("[") > MAX_JSON_DEPTH and json_too_deep(obj):
+        raise PipesProtocolError(_too_deep_line(), _Kind.TOO_DEEP)
+    return obj
 
 
 _scan_once = json.JSONDecoder().scan_once  # type: ignore[attr-defined]  # set in JSONDecoder.__init__
@@ -689,10 +885,10 @@ _scan_once = json.JSONDecoder().scan_once  # type: ignore[attr-defined]  # set i
 
 def _require(method: str, params: Mapping[str, Any], key: str, check: Any, expected: str) -> None:
     if key not in params:
-        raise PipesProtocolError(f'{method}: missing param "{key}" ({expected})')
+        raise PipesProtocolError(f'{method}: missing param "{key}" ({expected})', _Kind.BAD_PARAMS)
     if not check(params[key]):
         raise PipesProtocolError(
-            f'{method}: param "{key}" must be {expected}, got {_json_type_name(params[key])}'
+            f'{method}: param "{key}" must be {expected}, got {_json_type_name(params[key])}', _Kind.BAD_PARAMS
         )
 
 
@@ -715,10 +911,12 @@ def _is_bool(v: object) -> bool:
 def _check_wire_metadata(method: str, metadata: dict[str, Any] | None) -> None:
     for label, entry in (metadata or {}).items():
         if not isinstance(entry, dict) or METADATA_TYPE not in entry or METADATA_RAW_VALUE not in entry:
-            raise PipesProtocolError(f'{method}: metadata entry "{label}" must be {{"raw_value", "type"}}')
+            raise PipesProtocolError(
+                f'{method}: metadata entry "{label}" must be {{"raw_value", "type"}}', _Kind.BAD_METADATA
+            )
         problem = metadata_problem(entry[METADATA_TYPE], entry[METADATA_RAW_VALUE])
         if problem:
-            raise PipesProtocolError(f'{method}: metadata entry "{label}": {problem}')
+            raise PipesProtocolError(f'{method}: metadata entry "{label}": {problem}', _Kind.BAD_METADATA)
 
 
 def validate_message(obj: object) -> dict[str, Any]:
@@ -728,39 +926,46 @@ def validate_message(obj: object) -> dict[str, Any]:
     and tolerated (forward compatibility). Raises :class:`PipesProtocolError` naming the method and the param.
     """
     if not isinstance(obj, dict):
-        raise PipesProtocolError(f"message must be a JSON object, got {_json_type_name(obj)}")
+        raise PipesProtocolError(f"message must be a JSON object, got {_json_type_name(obj)}", _Kind.NOT_OBJECT)
     if PIPES_PROTOCOL_VERSION_FIELD not in obj:
-        raise PipesProtocolError(f'message has no "{PIPES_PROTOCOL_VERSION_FIELD}" field; not a Pipes message')
+        raise PipesProtocolError(
+            f'message has no "{PIPES_PROTOCOL_VERSION_FIELD}" field; not a Pipes message', _Kind.NO_VERSION
+        )
     method = obj.get(MESSAGE_METHOD_FIELD)
     if not isinstance(method, str):
-        raise PipesProtocolError(f'message "{MESSAGE_METHOD_FIELD}" must be a string')
+        raise PipesProtocolError(f'message "{MESSAGE_METHOD_FIELD}" must be a string', _Kind.BAD_METHOD)
     if method not in _METHOD_SET:
-        raise PipesProtocolError(f"unknown message method {method!r} (known: {', '.join(METHODS)})")
+        raise PipesProtocolError(
+            f"unknown message method {_short_repr(method)} (known: {', '.join(METHODS)})", _Kind.UNKNOWN_METHOD
+        )
     params = obj.get(MESSAGE_PARAMS_FIELD)
     if params is None:
         params = {}
     elif not isinstance(params, dict):
-        raise PipesProtocolError(f'{method}: "params" must be an object or null')
+        raise PipesProtocolError(f'{method}: "params" must be an object or null', _Kind.BAD_PARAMS)
     if method == METHOD_REPORT_CUSTOM_MESSAGE:  # the high-volume method first
         if "payload" not in params:
-            raise PipesProtocolError('report_custom_message: missing param "payload"')
+            raise PipesProtocolError('report_custom_message: missing param "payload"', _Kind.BAD_PARAMS)
     elif method == METHOD_OPENED:
         if params.get("extras") is None:
             params["extras"] = {}
         elif not isinstance(params["extras"], dict):
-            raise PipesProtocolError('opened: param "extras" must be an object')
+            raise PipesProtocolError('opened: param "extras" must be an object', _Kind.BAD_PARAMS)
     elif method == METHOD_CLOSED:
         exc = params.get("exception")
         if exc is not None:
             problem = validate_exception(exc)
             if problem:
-                raise PipesProtocolError(f"closed: {problem}")
+                # The kind lets a reader salvage the valid parts (see salvage_exception) instead of dropping
+                # the remote error with the message.
+                obj[MESSAGE_PARAMS_FIELD] = params
+                raise PipesProtocolError(f"closed: {problem}", _Kind.BAD_EXCEPTION)
     elif method == METHOD_LOG:
         _require(method, params, "message", _is_str, "a string")
         level = params.get("level", "INFO")
         if normalize_log_level(level) is None:
             raise PipesProtocolError(
-                f"log: unknown level {level!r} (expected one of {', '.join(LOG_LEVELS)})"
+                f"log: unknown level {_short_repr(level)} (expected one of {', '.join(LOG_LEVELS)})", _Kind.BAD_PARAMS
             )
     elif method == METHOD_REPORT_ASSET_MATERIALIZATION:
         _require(method, params, "asset_key", _is_str, "a string")
@@ -776,7 +981,8 @@ def validate_message(obj: object) -> dict[str, Any]:
         params.setdefault("severity", SEVERITY_ERROR)
         if params["severity"] not in SEVERITIES:
             raise PipesProtocolError(
-                f"report_asset_check: unknown severity {params['severity']!r} (expected WARN or ERROR)"
+                f"report_asset_check: unknown severity {_short_repr(params['severity'])} (expected WARN or ERROR)",
+                _Kind.BAD_PARAMS,
             )
         params.setdefault("metadata", None)
         _require(method, params, "metadata", _is_opt_dict, "null or an object")
