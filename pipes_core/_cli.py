@@ -4,7 +4,8 @@
               [--context-injector env|file|tempfile] [--message-reader file|tempfile]
               [--slurm [--sbatch-arg ARG]... [--shared-dir DIR] [--slurm-conf PATH]]
               [--docker IMAGE [--docker-arg ARG]...]
-              [--json] [--no-strict] [--fail-on-check-error] [--timeout S] -- COMMAND [ARG]...
+              [--json] [--no-strict] [--fail-on-check-error] [--timeout S]
+              [--max-line-bytes N] -- COMMAND [ARG]...
 
 Human mode prints each event as it arrives (colour on a terminal, plain when piped) and a summary. ``--json``
 prints one JSON object per event on stdout (the child's own stdout is sent to stderr so it cannot mix in),
@@ -48,6 +49,7 @@ from ._injectors import (
     PipesTempFileContextInjector,
 )
 from ._json import event_to_json
+from ._lines import DEFAULT_MAX_LINE_BYTES
 from ._readers import PipesFileMessageReader, PipesMessageReader, PipesTempFileMessageReader
 from ._results import (
     AssetCheckResult,
@@ -120,8 +122,20 @@ def _build_parser() -> argparse.ArgumentParser:
     docker.add_argument("--docker-arg", action="append", default=[], metavar="ARG",
                         help="a docker run flag, e.g. --docker-arg=--network=none --docker-arg=-v=/d:/d:ro "
                              "(repeatable; see pipes_core.docker.DOCKER_RUN_FLAGS)")
+    run.add_argument("--max-line-bytes", type=_positive_int, metavar="N", default=DEFAULT_MAX_LINE_BYTES,
+                     help="skip and report message lines longer than N bytes (default 64 MiB)")
     run.add_argument("command", nargs=argparse.REMAINDER, help="-- COMMAND [ARG]...")
     return parser
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text!r}")
+    return value
 
 
 def _check_asset_key(key: str) -> str:
@@ -327,12 +341,15 @@ def _reader(args: argparse.Namespace) -> PipesMessageReader:
     if kind == "file":
         if not args.messages_path:
             raise _UsageError("--message-reader file needs --messages-path PATH")
-        return PipesFileMessageReader(args.messages_path, include_stdio_in_messages=args.include_stdio)
+        return PipesFileMessageReader(args.messages_path, include_stdio_in_messages=args.include_stdio,
+                                      max_line_bytes=args.max_line_bytes)
     if args.slurm:
         from .slurm import PipesSlurmMessageReader
 
-        return PipesSlurmMessageReader(args.shared_dir, include_stdio_in_messages=args.include_stdio)
-    return PipesTempFileMessageReader(include_stdio_in_messages=args.include_stdio)
+        reader = PipesSlurmMessageReader(args.shared_dir, include_stdio_in_messages=args.include_stdio)
+        reader.max_line_bytes = args.max_line_bytes
+        return reader
+    return PipesTempFileMessageReader(include_stdio_in_messages=args.include_stdio, max_line_bytes=args.max_line_bytes)
 
 
 def _client(args: argparse.Namespace) -> tuple[PipesClient, dict[str, Any]]:

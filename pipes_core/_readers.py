@@ -30,8 +30,8 @@ from pipes_ext._protocol import PARAM_INCLUDE_STDIO_IN_MESSAGES, PARAM_PATH
 
 from ._files import create_private_file
 from ._handler import PipesMessageHandler
-from ._log_readers import PipesLogReader
 from ._lines import DEFAULT_MAX_LINE_BYTES, LineSplitter
+from ._log_readers import PipesLogReader
 from ._watch import FileWatcher
 
 __all__ = [
