@@ -8,12 +8,11 @@ Blob-store loaders live in their own modules.
 
 from __future__ import annotations
 
-import json
 import os
 import stat
 
 from ._errors import PipesProtocolError, PipesTransportError
-from ._protocol import MAX_DECODED_PARAM_BYTES, PARAM_DATA, PARAM_PATH, validate_context_data
+from ._protocol import MAX_DECODED_PARAM_BYTES, PARAM_DATA, PARAM_PATH, loads_json_document, validate_context_data
 
 # `typing` is not imported at run time: it costs start-up time and every annotation here is a string.
 TYPE_CHECKING = False
@@ -106,12 +105,7 @@ class PipesDefaultContextLoader(PipesContextLoader):
             if not isinstance(path, str):
                 raise PipesProtocolError(f'context params "{PARAM_PATH}" must be a string')
             text = read_context_file(path)
-            try:
-                data = json.loads(text)
-            except (ValueError, RecursionError) as exc:
-                reason = "nested too deeply" if isinstance(exc, RecursionError) else f"not JSON: {exc}"
-                raise PipesProtocolError(f"context file {path!r} is {reason}") from exc
-            return validate_context_data(data)
+            return validate_context_data(loads_json_document(text, f"context file {path!r}"))
         if PARAM_DATA in params:
             return validate_context_data(params[PARAM_DATA])
         raise PipesProtocolError(

@@ -61,7 +61,7 @@ class PipesParamsLoader:
         try:
             return decode_param(raw)
         except PipesProtocolError as exc:
-            raise PipesProtocolError(f"{self.describe(name)}: {exc}") from exc
+            raise PipesProtocolError(f"{self.describe(name)}: {exc}", exc.kind) from exc
 
     def load_context_params(self) -> dict[str, Any]:
         return self._load(DAGSTER_PIPES_CONTEXT_ENV_VAR)

@@ -652,10 +652,9 @@ def normalize_metadata(metadata: Mapping[str, Any] | None) -> dict[str, dict[str
         if isinstance(value, dict) and set(value) == {METADATA_RAW_VALUE, METADATA_TYPE}:
             metadata_type = value[METADATA_TYPE]
             raw_value = value[METADATA_RAW_VALUE]
-            if metadata_type in ("float", "timestamp") and isinstance(raw_value, int) and not isinstance(
-                raw_value, bool
-            ):
-                raw_value = float(raw_value)
+            if (metadata_type in ("float", "timestamp") and isinstance(raw_value, int)
+                    and not isinstance(raw_value, bool) and -_FLOAT_INT_BOUND < raw_value < _FLOAT_INT_BOUND):
+                raw_value = float(raw_value)  # past a float's range it stays an int, refused just below
         elif isinstance(value, dict) and (METADATA_RAW_VALUE in value or METADATA_TYPE in value):
             raise PipesUsageError(
                 f'metadata entry "{label}": a typed entry must have exactly the keys "raw_value" and "type", '
