@@ -33,7 +33,7 @@ from pipes_ext._blob import (
     chunk_key,
     is_transient_failure,
 )
-from pipes_ext._errors import PipesTransportError
+from pipes_ext._errors import PipesProtocolErrorKind, PipesTransportError
 from pipes_ext._protocol import PARAM_BUCKET, PARAM_INCLUDE_STDIO_IN_MESSAGES, PARAM_KEY, PARAM_KEY_PREFIX
 from pipes_ext._types import PipesParams
 
@@ -167,6 +167,8 @@ class _ChunkTailer:
                 "are lost (skipped after waiting)",
                 "",
                 self.store.url(missing),
+                PipesProtocolErrorKind.MISSING_CHUNK,
+                size=None,
             )
         self._handle_chunk(self.next_index + distance, later)
         self.next_index += distance + 1
