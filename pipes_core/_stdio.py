@@ -35,7 +35,7 @@ from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from typing import IO, Any
 
-from pipes_ext._errors import PipesTransportError, PipesUsageError
+from pipes_ext._errors import PipesProtocolErrorKind, PipesTransportError, PipesUsageError
 from pipes_ext._protocol import (
     PARAM_STDIO,
     PIPES_PROTOCOL_VERSION_FIELD,
@@ -45,7 +45,9 @@ from pipes_ext._protocol import (
 )
 
 from ._handler import PipesMessageHandler
+from ._lines import DEFAULT_MAX_LINE_BYTES  # one home for the line limit (and the excerpt size below)
 from ._readers import PipesMessageReader
+from ._results import ISSUE_EXCERPT_BYTES
 
 __all__ = [
     "PipesStdioMessageReader",
@@ -58,16 +60,11 @@ __all__ = [
     "as_output_writer",
 ]
 
-# A message line longer than this is skipped and reported. Large enough for any sane payload (the conformance
-# suite sends a 10 MiB message), small enough that a runaway line costs bounded memory (~1.5x this at peak).
-DEFAULT_MAX_LINE_BYTES = 64 * 1024 * 1024
 # After the process has ended, how long its output stream may take to reach its end (a background process
 # it left behind may hold a pipe open; a log stream may lag).
 STDIO_DRAIN_SECONDS = 5.0
 # One read from a file-like source takes at most this much.
 STDIO_READ_BYTES = 64 * 1024
-# How much of a skipped over-long line an issue keeps.
-ISSUE_EXCERPT_BYTES = 1024
 
 _MARKER = f'"{PIPES_PROTOCOL_VERSION_FIELD}"'.encode()
 
@@ -254,8 +251,10 @@ class _LineSplitter:
         where = "" if ended else " (the stream ended inside it)"
         self.handler.report_issue(
             f"message line of {size} bytes is longer than max_line_bytes={self.max_line_bytes}{where}; skipped",
-            head.decode("utf-8", "replace") + "...",
+            head,
             self.source,
+            PipesProtocolErrorKind.LINE_TOO_LONG,
+            size=size,
         )
 
     def finish(self) -> None:
@@ -280,8 +279,9 @@ class _LineSplitter:
             self.handler.report_issue(
                 "truncated final line: the stream ended without a newline (was the writer killed mid-write?) and "
                 "the partial line is not a valid message",
-                body[:ISSUE_EXCERPT_BYTES].decode("utf-8", "replace"),
+                body,
                 self.source,
+                PipesProtocolErrorKind.TRUNCATED,
             )
             return
         self.handler.handle_line(body, self.source)
