@@ -36,6 +36,7 @@ from ._protocol import (
     dumps_message,
     empty_context_data,
     escape_asset_key,
+    include_stdio_param,
     normalize_metadata,
     serialize_exception,
 )
@@ -486,7 +487,10 @@ def _stdio_capture(
     messages_params: Mapping[str, Any], channel: PipesMessageWriterChannel
 ) -> PipesStdioCapture | None:
     """The (not yet started) stdio capture the messages params ask for, if any."""
-    if not messages_params.get(PARAM_INCLUDE_STDIO_IN_MESSAGES):
+    capture, problem = include_stdio_param(messages_params)
+    if problem is not None:  # a foreign orchestrator's "false": not truthy, a warning (the protocol's leniency)
+        warnings.warn(problem, PipesWarning, stacklevel=3)
+    if not capture:
         return None
     if channel.writes_to_stdio:
         warnings.warn(

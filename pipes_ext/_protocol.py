@@ -53,6 +53,7 @@ __all__ = [
     "PARAM_STDIO",
     "PARAM_BUFFERED_STDIO",
     "PARAM_INCLUDE_STDIO_IN_MESSAGES",
+    "include_stdio_param",
     "PARAM_BUCKET",
     "PARAM_KEY",
     "PARAM_KEY_PREFIX",
@@ -295,6 +296,20 @@ PARAM_KEY_PREFIX = "key_prefix"
 STREAM_STDOUT = "stdout"
 STREAM_STDERR = "stderr"
 STREAMS = (STREAM_STDOUT, STREAM_STDERR)
+
+
+def include_stdio_param(messages_params: Mapping[str, Any]) -> tuple[bool, str | None]:
+    """``(whether to capture stdio, what was wrong)`` from the messages params' ``include_stdio_in_messages``.
+
+    Only a JSON boolean turns capture on: absent or null is False; anything else (the string ``"false"``, a
+    number) is not taken for its truthiness: capture stays off and the problem is returned for a warning.
+    """
+    value = messages_params.get(PARAM_INCLUDE_STDIO_IN_MESSAGES)
+    if value is None or isinstance(value, bool):
+        return bool(value), None
+    return False, (f'messages params "{PARAM_INCLUDE_STDIO_IN_MESSAGES}" must be a boolean, got '
+                   f"{_json_type_name(value)} ({_short_repr(value)}); stdout/stderr are not captured")
+
 
 # --------------------------------------------------------------------------------------------------------------
 # Methods

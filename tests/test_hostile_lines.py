@@ -634,3 +634,32 @@ def test_bootstrap_errors_carry_their_kind(value: str, kind: PipesProtocolErrorK
     with pytest.raises(PipesProtocolError) as info:
         decode_param(value)
     assert info.value.kind is kind
+
+
+# ----------------------------------------------------------------------------------------------------------
+# include_stdio_in_messages must be a boolean
+# ----------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("value", ["false", "true", 1, [], {}])
+def test_include_stdio_that_is_not_a_boolean_warns_and_does_not_capture(tmp_path: Path, value: Any) -> None:
+    from pipes_ext import PipesWarning
+
+    path = tmp_path / "messages"
+    loader = PipesMappingParamsLoader({
+        "DAGSTER_PIPES_CONTEXT": encode_param({"data": {"run_id": "r"}}),
+        "DAGSTER_PIPES_MESSAGES": encode_param({"path": str(path), "include_stdio_in_messages": value}),
+    })
+    with pytest.warns(PipesWarning, match='"include_stdio_in_messages" must be a boolean') as record:
+        pipes = open_pipes(params_loader=loader)
+    assert "stdout/stderr are not captured" in str(record[0].message)
+    with pipes:
+        print("not captured")
+        pipes.report_custom_message("after")
+    methods = [json.loads(line)["method"] for line in path.read_text().splitlines()]
+    assert methods == ["opened", "report_custom_message", "closed"]  # no log_external_stream
+
+
+def test_orchestrator_reader_refuses_a_non_boolean_include_stdio(tmp_path: Path) -> None:
+    with pytest.raises(PipesUsageError, match="include_stdio_in_messages must be a boolean"):
+        PipesFileMessageReader(tmp_path / "m", include_stdio_in_messages="false")  # type: ignore[arg-type]
