@@ -135,7 +135,7 @@ def _stream(event: PipesExternalStreamEvent, form: EventJsonForm) -> dict[str, A
 
 def _issue(event: PipesProtocolIssue, form: EventJsonForm) -> dict[str, Any]:
     if form == "wire":
-        return {"kind": event.kind.value, "reason": str(event)}
+        return {"reason": str(event)}
     return {"kind": event.kind.value, "reason": event.reason, "raw": event.raw, "size": event.size,
             "handled": event.handled}
 
