@@ -301,53 +301,93 @@ def open_pipes_session(
         PipesError: when the session fails once it has started (e.g. the channel cannot be read to its end),
             the error carries the session as ``.session``: what was received so far is not lost with it.
     """
-    if context is None:
-        context = PipesRunContext()
-    if not isinstance(context, PipesRunContext):
-        raise PipesUsageError(f"context must be a PipesRunContext, got {type(context).__name__}")
-    if extras is not None and not isinstance(extras, Mapping):
-        raise PipesUsageError("extras must be a mapping (a JSON object)")
-    context_data = context.to_context_data(extras)
-    created_at = _now()
-    log_readers = PipesLogReaderGroup(message_reader.log_readers)
-    if log_readers.log_readers:
-        user_on_event = on_event
-
-        def on_event_starting_log_readers(event: PipesEvent) -> None:
-            if isinstance(event, PipesOpenedEvent):
-                log_readers.start()
-            if user_on_event is not None:
-                user_on_event(event)
-
-        on_event = on_event_starting_log_readers
-    handler = PipesMessageHandler(
-        context_data,
-        message_reader,
-        on_event=on_event,
-        retain_messages=retain_messages,
-        logger=logger,
-        external_stream_handler=external_stream_handler,
-        on_message=on_message,
-    )
+    setup = SessionSetup(context, message_reader, extras, on_event=on_event, retain_messages=retain_messages,
+                         logger=logger, external_stream_handler=external_stream_handler, on_message=on_message)
     launched = False
     session: PipesSession | None = None
     try:
-        with context_injector.inject_context(context_data) as context_params:
-            with message_reader.read_messages(handler) as message_params:
-                log_readers.params = dict(message_params)
-                session = PipesSession(
-                    cast(PipesContextData, context_data), handler, context_params, message_params, context,
-                    created_at, context_injector=context_injector, message_reader=message_reader,
-                )
+        with context_injector.inject_context(setup.context_data) as context_params:
+            with message_reader.read_messages(setup.handler) as message_params:
+                session = setup.session(context_injector, message_reader, context_params, message_params)
                 launched = True
                 yield session
     except PipesError as exc:
-        if session is not None and getattr(exc, "session", None) is None:
-            exc.session = session  # type: ignore[attr-defined]  # what was received is not lost with the error
+        attach_session(exc, session)
         raise
     finally:
         # After the channel is drained: the process has ended, so its logs are complete.
-        log_readers.stop(run_unstarted=launched)
+        setup.log_readers.stop(run_unstarted=launched)
+    assert session is not None  # the block ran, else the error was raised above
+    end_session(session)
+
+
+class SessionSetup:
+    """What opening a session does before any I/O, shared by :func:`open_pipes_session` and its asyncio twin:
+    check the arguments, build the context data, the handler, and the log readers started by ``opened``."""
+
+    def __init__(
+        self,
+        context: PipesRunContext | None,
+        message_reader: Any,
+        extras: PipesExtras | None,
+        *,
+        on_event: Callable[[PipesEvent], None] | None,
+        retain_messages: bool,
+        logger: logging.Logger | None,
+        external_stream_handler: Callable[[str, str], None] | None,
+        on_message: Callable[[dict[str, Any]], None] | None,
+    ) -> None:
+        if context is None:
+            context = PipesRunContext()
+        if not isinstance(context, PipesRunContext):
+            raise PipesUsageError(f"context must be a PipesRunContext, got {type(context).__name__}")
+        if extras is not None and not isinstance(extras, Mapping):
+            raise PipesUsageError("extras must be a mapping (a JSON object)")
+        self.context = context
+        self.context_data = context.to_context_data(extras)
+        self.created_at = _now()
+        self.log_readers = log_readers = PipesLogReaderGroup(getattr(message_reader, "log_readers", ()))
+        if log_readers.log_readers:
+            user_on_event = on_event
+
+            def on_event_starting_log_readers(event: PipesEvent) -> None:
+                if isinstance(event, PipesOpenedEvent):
+                    log_readers.start()
+                if user_on_event is not None:
+                    user_on_event(event)
+
+            on_event = on_event_starting_log_readers
+        self.handler = PipesMessageHandler(
+            self.context_data,
+            message_reader,
+            on_event=on_event,
+            retain_messages=retain_messages,
+            logger=logger,
+            external_stream_handler=external_stream_handler,
+            on_message=on_message,
+        )
+
+    def session(self, context_injector: PipesContextInjector, message_reader: Any, context_params: PipesParams,
+                message_params: PipesParams) -> PipesSession:
+        """The session, once the injector and the reader have given their params."""
+        self.log_readers.params = dict(message_params)
+        return PipesSession(
+            cast(PipesContextData, self.context_data), self.handler, context_params, message_params, self.context,
+            self.created_at, context_injector=context_injector, message_reader=message_reader,
+        )
+
+
+def attach_session(error: BaseException, session: PipesSession | None) -> None:
+    """A session that fails once started hands what was received to its error, as ``.session``."""
+    if session is not None and getattr(error, "session", None) is None:
+        error.session = session  # type: ignore[attr-defined]  # what was received is not lost with the error
+
+
+def end_session(session: PipesSession) -> None:
+    """After the channel was drained: mark the session finished and warn about a process that never opened
+    the channel or never closed it."""
+    handler = session.message_handler
+    context_injector, message_reader = session.context_injector, session.message_reader
     session.finished = True
     if not session.opened:
         handler.logger.warning(

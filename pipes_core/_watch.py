@@ -15,7 +15,7 @@ import select
 import sys
 import threading
 
-__all__ = ["FileWatcher", "POLL_MIN_SECONDS", "POLL_MAX_SECONDS"]
+__all__ = ["FileWatcher", "open_inotify", "POLL_MIN_SECONDS", "POLL_MAX_SECONDS"]
 
 # Polling fallback: 1 ms right after data arrived, doubling while idle up to 50 ms. Latency stays low while a
 # process is chatty and an idle reader wakes 20 times a second at most.
@@ -50,6 +50,21 @@ def _find_libc() -> ctypes.CDLL | None:
     return libc
 
 
+def open_inotify(path: str) -> int:
+    """A non-blocking inotify descriptor watching ``path`` for writes, or -1 where inotify is not available. Shared by
+    :class:`FileWatcher` and the asyncio file reader (which registers the descriptor with its loop)."""
+    libc = _load_libc()
+    if libc is None:
+        return -1
+    fd = libc.inotify_init1(_IN_NONBLOCK | _IN_CLOEXEC)
+    if fd < 0:
+        return -1
+    if libc.inotify_add_watch(fd, os.fsencode(path), _IN_MODIFY | _IN_CLOSE_WRITE) < 0:
+        os.close(fd)
+        return -1
+    return int(fd)
+
+
 class FileWatcher:
     """Wait for writes to one existing file; see the module docstring."""
 
@@ -67,14 +82,8 @@ class FileWatcher:
     def start(self) -> None:
         """Set up the watch (the file must exist)."""
         self._started = True
-        libc = _load_libc() if self._use_inotify else None
-        if libc is None:
-            return
-        fd = libc.inotify_init1(_IN_NONBLOCK | _IN_CLOEXEC)
+        fd = open_inotify(self.path) if self._use_inotify else -1
         if fd < 0:
-            return
-        if libc.inotify_add_watch(fd, os.fsencode(self.path), _IN_MODIFY | _IN_CLOSE_WRITE) < 0:
-            os.close(fd)
             return
         self._inotify_fd = fd
         self._wake_r, self._wake_w = os.pipe()

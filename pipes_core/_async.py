@@ -1,0 +1,687 @@
+"""Asyncio twins: one event loop runs many Pipes sessions and external processes at once, with no thread per
+session.
+
+Written once and shared with the synchronous side (no copy here): the handler (validation, events, results), the
+session object and its results, the session set-up and end (:class:`~pipes_core._session.SessionSetup`,
+``end_session``), the line splitters of the file and stdio readers, the client's options, channel defaults,
+bootstrap request and verdict (an internal :class:`PipesSubprocessClient` holds them), the invocation and the
+errors. Only the I/O is twinned:
+
+* waiting for a messages file to grow: its inotify descriptor registered with the loop (``add_reader``), or a
+  loop timer where inotify is missing (the same backoff as the sync watcher);
+* reading a child's stdout/stderr: asyncio streams;
+* polling a blob store, entering and leaving a context injector that does I/O, and stopping log readers: the
+  loop's default executor, a shared and bounded pool, never a thread per session;
+* waiting for a child, its timeout and the interrupt -> terminate -> kill escalation: asyncio subprocesses and
+  loop timers. Cancelling the task that runs :meth:`PipesAsyncSubprocessClient.run` is an interruption: the
+  child's process group is stopped, the channel drained, and ``CancelledError`` propagates (carrying
+  ``.invocation``).
+
+Message readers: pass the sync readers you know (:class:`PipesTempFileMessageReader`,
+:class:`PipesFileMessageReader`, :class:`PipesStdioMessageReader`, the blob-store readers); the async session
+runs each through its asyncio twin (:func:`as_async_reader`). A reader it has no twin for is entered and left on
+the executor and reads with its own threads, as it would in a sync session.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import shlex
+import shutil
+import signal
+import sys
+import tempfile
+import time
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
+from contextlib import AbstractContextManager, asynccontextmanager
+from typing import Any, cast
+
+from pipes_ext._errors import PipesError, PipesTransportError, PipesUsageError
+from pipes_ext._protocol import STREAM_STDERR, STREAM_STDOUT
+
+from ._client import (
+    KILL_WAIT_SECONDS,
+    OUTPUT_DRAIN_SECONDS,
+    TERM_GRACE_SECONDS,
+    PipesClientCompletedInvocation,
+    PipesExitStatus,
+    _sink,
+    _Tail,
+)
+from ._errors import PipesExecutionError
+from ._handler import PipesMessageHandler
+from ._injectors import PipesContextInjector, PipesEnvContextInjector
+from ._lines import DEFAULT_MAX_LINE_BYTES, LineSplitter
+from ._readers import IDLE_WAKE_SECONDS, MESSAGES_FILE_NAME, READ_BLOCK_BYTES, PipesFileMessageReader, \
+    PipesMessageReader, PipesTempFileMessageReader
+from ._results import PipesEvent
+from ._run_context import PipesRunContext
+from ._session import PipesSession, SessionSetup, attach_session, end_session
+from ._stdio import STDIO_DRAIN_SECONDS, STDIO_READ_BYTES, PipesOutputTarget, PipesStdioMessageReader, \
+    _LineSplitter as _StdioSplitter, as_output_writer
+from ._subprocess import PipesSubprocessClient
+from ._watch import POLL_MAX_SECONDS, POLL_MIN_SECONDS, open_inotify
+
+__all__ = [
+    "PipesAsyncMessageReader",
+    "PipesAsyncFileMessageReader",
+    "PipesAsyncTempFileMessageReader",
+    "PipesAsyncStdioMessageReader",
+    "PipesAsyncSubprocessClient",
+    "as_async_reader",
+    "open_pipes_session_async",
+]
+
+
+async def _finish_shielded(awaitable: asyncio.Future[Any]) -> None:
+    """Wait for ``awaitable`` to finish even if we are cancelled meanwhile (a drain must complete: nothing that
+    reached the channel is lost); the cancellation is raised once it has finished."""
+    cancelled: asyncio.CancelledError | None = None
+    while not awaitable.done():
+        try:
+            await asyncio.shield(awaitable)
+        except asyncio.CancelledError as exc:
+            cancelled = exc
+    if cancelled is not None:
+        raise cancelled
+
+
+async def _in_executor(function: Callable[..., Any], *args: Any) -> Any:
+    """Run blocking work on the loop's default executor (shared and bounded), not on the loop."""
+    return await asyncio.get_running_loop().run_in_executor(None, function, *args)
+
+
+# ---------------------------------------------------------------------------------------------- readers
+
+
+class PipesAsyncMessageReader:
+    """Base of the asyncio message readers: :meth:`aread_messages` is the twin of
+    :meth:`PipesMessageReader.read_messages` (on entry: prepare the channel, start reading, yield the params; on
+    exit, once the process has ended: drain to the last byte, then stop)."""
+
+    log_readers: Sequence[Any] = ()
+
+    def aread_messages(self, handler: PipesMessageHandler) -> contextlib.AbstractAsyncContextManager[dict[str, Any]]:
+        raise NotImplementedError
+
+    def describe(self) -> str:
+        return type(self).__name__
+
+    def no_messages_debug_text(self) -> str:
+        return f"Messages were expected through {self.describe()}."
+
+
+class _AsyncFileWaker:
+    """Wakes a waiting tailer when its file is written (inotify descriptor on the loop) or after a timeout."""
+
+    def __init__(self, path: str, use_inotify: bool) -> None:
+        self.path = path
+        self._event = asyncio.Event()
+        self._fd = open_inotify(path) if use_inotify else -1
+        self._poll = POLL_MIN_SECONDS
+        if self._fd >= 0:
+            asyncio.get_running_loop().add_reader(self._fd, self._on_ready)
+
+    @property
+    def uses_inotify(self) -> bool:
+        return self._fd >= 0
+
+    def _on_ready(self) -> None:
+        try:
+            while os.read(self._fd, 65536):
+                pass
+        except BlockingIOError:
+            pass
+        self._event.set()
+
+    def data_seen(self) -> None:
+        self._poll = POLL_MIN_SECONDS
+
+    async def wait(self, timeout: float) -> None:
+        if self._fd < 0:  # the polling fallback backs off while idle, as the sync watcher does
+            timeout = min(timeout, self._poll)
+            self._poll = min(self._poll * 2, POLL_MAX_SECONDS)
+        with contextlib.suppress(asyncio.TimeoutError):
+            await asyncio.wait_for(self._event.wait(), timeout)
+        self._event.clear()
+
+    def wake(self) -> None:
+        self._event.set()
+
+    def close(self) -> None:
+        if self._fd >= 0:
+            asyncio.get_running_loop().remove_reader(self._fd)
+            fd, self._fd = self._fd, -1
+            os.close(fd)
+
+
+class PipesAsyncFileMessageReader(PipesAsyncMessageReader):
+    """The asyncio twin of :class:`PipesFileMessageReader` (same arguments): tails the file on the loop, with no
+    thread; every bad line is an issue, a final line without its newline is reported, nothing is lost."""
+
+    def __init__(
+        self,
+        path: str | os.PathLike[str],
+        include_stdio_in_messages: bool = False,
+        cleanup_file: bool = True,
+        *,
+        max_line_bytes: int = DEFAULT_MAX_LINE_BYTES,
+        use_inotify: bool = True,
+        log_readers: Sequence[Any] | None = None,
+    ) -> None:
+        self._sync = PipesFileMessageReader(path, include_stdio_in_messages, cleanup_file,
+                                            max_line_bytes=max_line_bytes, log_readers=log_readers)
+        self.use_inotify = use_inotify
+        self.log_readers = self._sync.log_readers
+        self.bytes_read = 0
+
+    @asynccontextmanager
+    async def _tail(self, path: str, handler: PipesMessageHandler) -> AsyncIterator[dict[str, Any]]:
+        self._sync.create_messages_file(path)
+        splitter = LineSplitter(handler, path, self._sync.max_line_bytes)
+        finish = asyncio.Event()
+        task = asyncio.get_running_loop().create_task(self._follow(path, splitter, finish),
+                                                      name=f"pipes-async-file-reader:{path}")
+        try:
+            yield self._sync.messages_params(path)
+        finally:
+            finish.set()
+            cancelled: asyncio.CancelledError | None = None
+            try:
+                await _finish_shielded(task)  # a cancelled session still drains the file
+            except asyncio.CancelledError as exc:
+                cancelled = exc
+            error = task.exception()
+            if cancelled is not None:
+                raise cancelled
+            if error is not None:
+                raise PipesTransportError(f"reading the messages file {path!r} failed: {error}") from error
+
+    async def _follow(self, path: str, splitter: LineSplitter, finish: asyncio.Event) -> None:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+        waker = _AsyncFileWaker(path, self.use_inotify)
+        finish_waiter = asyncio.get_running_loop().create_task(finish.wait())
+        finish_waiter.add_done_callback(lambda _task: waker.wake())
+        try:
+            while True:
+                finishing = finish.is_set()
+                got_data = False
+                while True:
+                    block = os.read(fd, READ_BLOCK_BYTES)  # a regular file: never blocks for long
+                    if not block:
+                        break
+                    got_data = True
+                    self.bytes_read += len(block)
+                    splitter.feed(block)
+                if finishing:
+                    break
+                if got_data:
+                    waker.data_seen()
+                await waker.wait(IDLE_WAKE_SECONDS)
+            splitter.finish()
+        finally:
+            finish_waiter.cancel()
+            waker.close()
+            os.close(fd)
+
+    @asynccontextmanager
+    async def aread_messages(self, handler: PipesMessageHandler) -> AsyncIterator[dict[str, Any]]:
+        try:
+            async with self._tail(self._sync.path, handler) as params:
+                yield params
+        finally:
+            self._sync.remove_messages_file(self._sync.path)
+
+    def describe(self) -> str:
+        return self._sync.describe()
+
+
+class PipesAsyncTempFileMessageReader(PipesAsyncFileMessageReader):
+    """The asyncio twin of :class:`PipesTempFileMessageReader`: a fresh private temp dir per session."""
+
+    def __init__(
+        self,
+        include_stdio_in_messages: bool = False,
+        dir: str | None = None,
+        *,
+        max_line_bytes: int = DEFAULT_MAX_LINE_BYTES,
+        use_inotify: bool = True,
+        log_readers: Sequence[Any] | None = None,
+    ) -> None:
+        super().__init__("", include_stdio_in_messages, True, max_line_bytes=max_line_bytes, use_inotify=use_inotify,
+                         log_readers=log_readers)
+        self.dir = dir
+
+    @asynccontextmanager
+    async def aread_messages(self, handler: PipesMessageHandler) -> AsyncIterator[dict[str, Any]]:
+        tmp = tempfile.mkdtemp(prefix="pipes-messages-", dir=self.dir)
+        try:
+            async with self._tail(os.path.join(tmp, MESSAGES_FILE_NAME), handler) as params:
+                yield params
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+
+    def describe(self) -> str:
+        return "the tempfile message reader"
+
+
+class PipesAsyncStdioMessageReader(PipesAsyncMessageReader):
+    """The asyncio twin of :class:`PipesStdioMessageReader` (same arguments): :meth:`consume` reads an
+    :class:`asyncio.StreamReader` on the loop; leaving the session waits for every consumed stream's end."""
+
+    def __init__(
+        self,
+        stream: str = STREAM_STDOUT,
+        *,
+        output: PipesOutputTarget | None = None,
+        max_line_bytes: int = DEFAULT_MAX_LINE_BYTES,
+        drain_timeout_seconds: float = STDIO_DRAIN_SECONDS,
+    ) -> None:
+        self._sync = PipesStdioMessageReader(stream, output=output, max_line_bytes=max_line_bytes,
+                                             drain_timeout_seconds=drain_timeout_seconds)
+        self.stream = stream
+        self._handler: PipesMessageHandler | None = None
+        self._tasks: list[asyncio.Task[None]] = []
+        self.unfinished_sources = 0
+
+    @asynccontextmanager
+    async def aread_messages(self, handler: PipesMessageHandler) -> AsyncIterator[dict[str, Any]]:
+        if self._handler is not None:
+            raise PipesUsageError("this PipesAsyncStdioMessageReader is already reading for another session")
+        self._handler, self._tasks, self.unfinished_sources = handler, [], 0
+        try:
+            yield self._sync.messages_params()
+        finally:
+            tasks, self._handler = self._tasks, None
+            if tasks:
+                waiting = asyncio.ensure_future(asyncio.wait(tasks, timeout=self._sync.drain_timeout_seconds))
+                cancelled: asyncio.CancelledError | None = None
+                try:
+                    await _finish_shielded(waiting)
+                except asyncio.CancelledError as exc:
+                    cancelled = exc
+                done, pending = waiting.result()
+                for task in pending:
+                    task.cancel()
+                self.unfinished_sources = len(pending)
+                if pending:
+                    handler.logger.warning(
+                        "[pipes] the %s stream did not end within %.3g s of the process's end; messages after "
+                        "this point are lost", self.stream, self._sync.drain_timeout_seconds)
+                errors = [t.exception() for t in done if not t.cancelled() and t.exception() is not None]
+                if cancelled is not None:
+                    raise cancelled
+                if errors:
+                    raise PipesTransportError(f"reading the process's {self.stream} failed: {errors[0]}") \
+                        from errors[0]
+
+    def consume(self, source: asyncio.StreamReader, *, output: Callable[[bytes], None] | None = None) -> None:
+        """Read ``source`` to its end in a task of the session (messages to the handler, other lines to
+        ``output``, by default the reader's)."""
+        handler = self._handler
+        if handler is None:
+            raise PipesUsageError("consume() must be called inside aread_messages() (an open session)")
+        writer = output or (as_output_writer(self._sync.output) if self._sync.output is not None else
+                            as_output_writer(sys.stdout if self.stream == STREAM_STDOUT else sys.stderr))
+        splitter = _StdioSplitter(handler, writer, self.stream, self._sync.max_line_bytes)
+        self._tasks.append(asyncio.get_running_loop().create_task(_pump(source, splitter.feed, splitter.finish)))
+
+    def describe(self) -> str:
+        return self._sync.describe()
+
+    def no_messages_debug_text(self) -> str:
+        return self._sync.no_messages_debug_text()
+
+
+async def _pump(source: asyncio.StreamReader, feed: Callable[[bytes], None],
+                finish: Callable[[], None] | None = None) -> None:
+    try:
+        while True:
+            chunk = await source.read(STDIO_READ_BYTES)
+            if not chunk:
+                return
+            feed(chunk)
+    finally:
+        if finish is not None:
+            finish()
+
+
+class _ThreadedReader(PipesAsyncMessageReader):
+    """Any sync reader without an asyncio twin: entered and left on the executor; it reads with its own
+    threads, as in a sync session."""
+
+    def __init__(self, reader: PipesMessageReader) -> None:
+        self.reader = reader
+        self.log_readers = reader.log_readers
+
+    @asynccontextmanager
+    async def aread_messages(self, handler: PipesMessageHandler) -> AsyncIterator[dict[str, Any]]:
+        async with _entered_on_executor(self.reader.read_messages(handler)) as params:
+            yield params
+
+    def describe(self) -> str:
+        return self.reader.describe()
+
+    def no_messages_debug_text(self) -> str:
+        return self.reader.no_messages_debug_text()
+
+
+def as_async_reader(reader: PipesMessageReader | PipesAsyncMessageReader) -> PipesAsyncMessageReader:
+    """The asyncio twin of ``reader`` with the same settings (an async reader is returned as is)."""
+    if isinstance(reader, PipesAsyncMessageReader):
+        return reader
+    if isinstance(reader, PipesTempFileMessageReader):
+        return PipesAsyncTempFileMessageReader(reader.include_stdio_in_messages, reader.dir,
+                                               max_line_bytes=reader.max_line_bytes, log_readers=reader.log_readers)
+    if isinstance(reader, PipesFileMessageReader):
+        return PipesAsyncFileMessageReader(reader.path, reader.include_stdio_in_messages, reader.cleanup_file,
+                                           max_line_bytes=reader.max_line_bytes, log_readers=reader.log_readers)
+    if isinstance(reader, PipesStdioMessageReader):
+        return PipesAsyncStdioMessageReader(reader.stream, output=reader.output, max_line_bytes=reader.max_line_bytes,
+                                            drain_timeout_seconds=reader.drain_timeout_seconds)
+    return _ThreadedReader(reader)
+
+
+@asynccontextmanager
+async def _entered_on_executor(manager: AbstractContextManager[Any]) -> AsyncIterator[Any]:
+    """A sync context manager that may block (network, files), entered and left on the executor."""
+    value = await _in_executor(manager.__enter__)
+    try:
+        yield value
+    except BaseException:
+        if not await _in_executor(manager.__exit__, *sys.exc_info()):
+            raise
+    else:
+        await _in_executor(manager.__exit__, None, None, None)
+
+
+@asynccontextmanager
+async def _injected(injector: PipesContextInjector, context_data: Any) -> AsyncIterator[Any]:
+    manager = injector.inject_context(context_data)
+    if isinstance(injector, PipesEnvContextInjector):  # no I/O: no hop to the executor
+        with manager as params:
+            yield params
+        return
+    async with _entered_on_executor(manager) as params:
+        yield params
+
+
+# ---------------------------------------------------------------------------------------------- the session
+
+
+@asynccontextmanager
+async def open_pipes_session_async(
+    context: PipesRunContext | None,
+    context_injector: PipesContextInjector,
+    message_reader: PipesMessageReader | PipesAsyncMessageReader,
+    extras: Mapping[str, Any] | None = None,
+    *,
+    on_event: Callable[[PipesEvent], None] | None = None,
+    retain_messages: bool = True,
+    logger: Any = None,
+    external_stream_handler: Callable[[str, str], None] | None = None,
+    on_message: Callable[[dict[str, Any]], None] | None = None,
+) -> AsyncIterator[PipesSession]:
+    """The asyncio twin of :func:`open_pipes_session` (same arguments, same :class:`PipesSession`): ``async with``
+    it, launch the process inside the block; leaving the block drains the channel without blocking the loop.
+    ``on_event`` is called on the loop for the asyncio readers (on a reader thread for a reader without a twin).
+    """
+    reader = as_async_reader(message_reader)
+    setup = SessionSetup(context, reader, extras, on_event=on_event, retain_messages=retain_messages, logger=logger,
+                         external_stream_handler=external_stream_handler, on_message=on_message)
+    launched = False
+    session: PipesSession | None = None
+    try:
+        async with _injected(context_injector, setup.context_data) as context_params:
+            async with reader.aread_messages(setup.handler) as message_params:
+                session = setup.session(context_injector, cast(PipesMessageReader, reader), context_params,
+                                        message_params)
+                launched = True
+                yield session
+    except PipesError as exc:
+        attach_session(exc, session)
+        raise
+    finally:
+        if setup.log_readers.log_readers:
+            await asyncio.shield(_in_executor(lambda: setup.log_readers.stop(run_unstarted=launched)))
+    assert session is not None  # the block ran, else the error was raised above
+    end_session(session)
+
+
+# ---------------------------------------------------------------------------------------------- the client
+
+
+class _AsyncChild:
+    """An asyncio child process; signals go to its whole process group when it has its own."""
+
+    def __init__(self, process: asyncio.subprocess.Process, argv0: str, own_group: bool) -> None:
+        self.process = process
+        self.own_group = own_group
+        self.description = f"the external process {argv0!r}"
+
+    def signal(self, sig: int) -> None:
+        try:
+            if self.own_group:
+                os.killpg(self.process.pid, sig)
+            elif self.process.returncode is None:
+                self.process.send_signal(sig)
+        except (ProcessLookupError, PermissionError):
+            pass
+
+    async def wait(self, timeout: float | None) -> bool:
+        if timeout is None:
+            await self.process.wait()
+            return True
+        try:
+            await asyncio.wait_for(asyncio.shield(self.process.wait()), timeout)
+        except asyncio.TimeoutError:
+            return False
+        return True
+
+
+class PipesAsyncSubprocessClient:
+    """The asyncio twin of :class:`PipesSubprocessClient`: same arguments, same options of :meth:`run`, same
+    errors and :class:`PipesClientCompletedInvocation`; ``await client.run(...)``.
+
+    The options, the channel defaults (temp files), the bootstrap (env vars or CLI arguments) and the verdict are
+    those of an internal :class:`PipesSubprocessClient` (``self.config``): one set of rules for both.
+    """
+
+    def __init__(
+        self,
+        env: Mapping[str, str] | None = None,
+        cwd: str | None = None,
+        context_injector: PipesContextInjector | None = None,
+        message_reader: PipesMessageReader | PipesAsyncMessageReader | None = None,
+        forward_termination: bool = True,
+        forward_stdio: bool = True,
+        termination_timeout_seconds: float = 20,
+        *,
+        strict: bool = True,
+        bootstrap: str = "env",
+    ) -> None:
+        sync_reader = message_reader if isinstance(message_reader, PipesMessageReader) else None
+        self.config = PipesSubprocessClient(env, cwd, context_injector, sync_reader, forward_termination,
+                                            forward_stdio, termination_timeout_seconds, strict=strict,
+                                            bootstrap=bootstrap)
+        self.message_reader = message_reader
+
+    def _channels(self) -> tuple[PipesContextInjector, PipesAsyncMessageReader]:
+        injector, reader = self.config._channels()
+        return injector, as_async_reader(self.message_reader if self.message_reader is not None else reader)
+
+    async def run(
+        self,
+        *,
+        context: PipesRunContext | None = None,
+        command: str | Sequence[str],
+        extras: Mapping[str, Any] | None = None,
+        env: Mapping[str, str] | None = None,
+        cwd: str | None = None,
+        timeout_seconds: float | None = None,
+        strict: bool | None = None,
+        on_event: Callable[[PipesEvent], None] | None = None,
+        retain_messages: bool = True,
+        metadata: Mapping[str, Any] | None = None,
+        stdout: PipesOutputTarget | None = None,
+        stderr: PipesOutputTarget | None = None,
+        logger: Any = None,
+        external_stream_handler: Callable[[str, str], None] | None = None,
+    ) -> PipesClientCompletedInvocation:
+        """Run ``command`` in a Pipes session on the running loop; see :meth:`PipesSubprocessClient.run`.
+
+        Raises:
+            PipesExecutionError, PipesTimeoutError, PipesTransportError: as the sync client, with ``.invocation``.
+            asyncio.CancelledError: the task was cancelled; re-raised after the child's group was stopped and the
+                channel drained, with ``.invocation``.
+        """
+        argv = shlex.split(command) if isinstance(command, str) else list(command)
+        if not argv:
+            raise PipesUsageError("command is empty")
+        if timeout_seconds is not None and not timeout_seconds > 0:  # also refuses nan
+            raise PipesUsageError(f"timeout_seconds must be positive, got {timeout_seconds!r}")
+        config = self.config
+        strict = config.strict if strict is None else strict
+        injector, reader = self._channels()
+        started = time.monotonic()
+        run = _AsyncRun()
+        try:
+            async with open_pipes_session_async(context, injector, reader, extras, on_event=on_event,
+                                                retain_messages=retain_messages, logger=logger,
+                                                external_stream_handler=external_stream_handler) as session:
+                run.session = session
+                try:
+                    await self._launch_and_wait(argv, {**config.env, **(env or {})}, cwd or config.cwd, session,
+                                                reader, run, timeout_seconds, stdout, stderr)
+                except asyncio.CancelledError as exc:
+                    run.cancelled = exc  # drain first (leaving the session), then re-raise
+                except BaseException as exc:
+                    run.error = exc
+        except asyncio.CancelledError as exc:  # cancelled while the channel drained (the drain was finished)
+            if run.session is None:
+                raise
+            run.cancelled = run.cancelled or exc
+        except Exception as exc:  # the channel failed while draining (a store's SDK, the messages file)
+            if run.session is None:
+                raise
+            run.channel_error = exc
+        assert run.session is not None
+        invocation = PipesClientCompletedInvocation(
+            run.session,
+            exit_code=None if run.status is None else run.status.exit_code,
+            exit_status=run.status,
+            duration_seconds=time.monotonic() - started,
+            output_tail="".join(tail.text() for tail in run.tails),
+            metadata=metadata,
+            description=run.description,
+        )
+        if run.cancelled is not None:
+            run.cancelled.invocation = invocation  # type: ignore[attr-defined]  # documented: what arrived
+            raise run.cancelled
+        if run.error is not None:
+            if isinstance(run.error, PipesExecutionError) or hasattr(run.error, "invocation"):
+                run.error.invocation = invocation  # type: ignore[attr-defined]
+            raise run.error
+        config.check(invocation, strict=strict, timed_out=run.timed_out, timeout_seconds=timeout_seconds,
+                     channel_error=run.channel_error)
+        return invocation
+
+    async def _launch_and_wait(self, argv: list[str], extra_env: dict[str, str], cwd: str | None,
+                               session: PipesSession, reader: PipesAsyncMessageReader, run: _AsyncRun,
+                               timeout_seconds: float | None, stdout: PipesOutputTarget | None,
+                               stderr: PipesOutputTarget | None) -> None:
+        config = self.config
+        stdio = reader.stream if isinstance(reader, PipesAsyncStdioMessageReader) else None
+        request = config._request(session, cast(PipesMessageReader, None), stdout, stderr)
+        stdout_needed = request.stdout_needed or stdio == STREAM_STDOUT
+        stderr_needed = request.stderr_needed or stdio == STREAM_STDERR
+        child_argv = argv + request.bootstrap_args
+        try:
+            process = await asyncio.create_subprocess_exec(
+                *child_argv,
+                env={**os.environ, **extra_env, **request.bootstrap_env},
+                cwd=cwd,
+                stdout=asyncio.subprocess.PIPE if stdout_needed else stdout,  # type: ignore[arg-type]
+                stderr=asyncio.subprocess.PIPE if stderr_needed else stderr,  # type: ignore[arg-type]
+                start_new_session=config.forward_termination,
+            )
+        except OSError as exc:
+            raise PipesExecutionError(f"cannot start the external process {argv[0]!r}: {exc}") from exc
+        child = _AsyncChild(process, argv[0], config.forward_termination)
+        run.description = child.description
+        pumps: list[asyncio.Task[None]] = []
+        try:
+            for stream, source, target in ((STREAM_STDOUT, process.stdout, stdout),
+                                           (STREAM_STDERR, process.stderr, stderr)):
+                if source is None:
+                    continue
+                tail = _Tail()
+                run.tails.append(tail)
+                destination: Callable[[bytes], None] | None = None
+                if config.forward_stdio:
+                    if target is not None:
+                        destination = as_output_writer(target)
+                    elif stream == stdio and isinstance(reader, PipesAsyncStdioMessageReader) \
+                            and reader._sync.output is not None:
+                        destination = as_output_writer(reader._sync.output)
+                    else:
+                        destination = as_output_writer(sys.stdout if stream == STREAM_STDOUT else sys.stderr)
+                if stream == stdio:
+                    assert isinstance(reader, PipesAsyncStdioMessageReader)
+                    reader.consume(source, output=_sink(tail, destination))
+                else:
+                    pumps.append(asyncio.get_running_loop().create_task(_pump(source, _sink(tail, destination))))
+            if not await child.wait(timeout_seconds):
+                run.timed_out = True
+                await self._stop(child)
+        except asyncio.CancelledError:
+            if config.forward_termination:
+                # A second cancellation during the escalation kills at once (as a second Ctrl-C does).
+                try:
+                    await self._stop(child)
+                except asyncio.CancelledError:
+                    child.signal(signal.SIGKILL)
+                    await asyncio.shield(process.wait())
+            raise
+        except BaseException:
+            child.signal(signal.SIGKILL)
+            await asyncio.shield(process.wait())
+            raise
+        finally:
+            if pumps:
+                waiting = asyncio.ensure_future(asyncio.wait(pumps, timeout=OUTPUT_DRAIN_SECONDS))
+                try:
+                    await _finish_shielded(waiting)
+                finally:
+                    for task in waiting.result()[1]:
+                        task.cancel()
+            run.status = (PipesExitStatus.from_returncode(process.returncode) if process.returncode is not None
+                          else PipesExitStatus(None, description="was left running"))
+
+    async def _stop(self, child: _AsyncChild) -> None:
+        """interrupt, wait, terminate, wait, kill, wait (loop timers); then kill again to sweep leftovers."""
+        grace = self.config.termination_timeout_seconds
+        for sig, wait in ((signal.SIGINT, grace), (signal.SIGTERM, min(TERM_GRACE_SECONDS, grace))):
+            child.signal(sig)
+            if await child.wait(wait):
+                break
+        else:
+            child.signal(signal.SIGKILL)
+            await child.wait(KILL_WAIT_SECONDS)
+        child.signal(signal.SIGKILL)  # what outlived it in its process group is not left behind
+
+
+class _AsyncRun:
+    """The state of one async run, filled in as it goes."""
+
+    def __init__(self) -> None:
+        self.session: PipesSession | None = None
+        self.status: PipesExitStatus | None = None
+        self.timed_out = False
+        self.cancelled: asyncio.CancelledError | None = None
+        self.error: BaseException | None = None
+        self.channel_error: Exception | None = None
+        self.tails: list[_Tail] = []
+        self.description = "the external process"

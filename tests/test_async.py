@@ -1,0 +1,391 @@
+"""The asyncio twins with real processes: many sessions interleaved in one loop, every message in order; the
+stdio channel; cancellation before the child starts, while it runs and while the channel drains; timeouts; a
+child that floods its output; and nothing left behind (tasks, threads, descriptors, processes, temp files).
+Every test runs under the default loop and, where it installs, uvloop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import sys
+import threading
+from collections.abc import AsyncIterator, Callable, Coroutine, Iterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from pipes_core import (
+    PipesCustomMessageEvent,
+    PipesEvent,
+    PipesExecutionError,
+    PipesMessageHandler,
+    PipesRunContext,
+    PipesStdioMessageReader,
+    PipesTempFileContextInjector,
+    PipesTempFileMessageReader,
+    PipesTimeoutError,
+)
+from pipes_core._async import (
+    PipesAsyncSubprocessClient,
+    PipesAsyncTempFileMessageReader,
+    open_pipes_session_async,
+)
+
+PYTHON = sys.executable
+
+try:
+    import uvloop
+except ImportError:  # pragma: no cover - uvloop is in the dev extra
+    uvloop = None
+
+LOOPS = ["asyncio", pytest.param("uvloop", marks=pytest.mark.skipif(uvloop is None, reason="uvloop not installed"))]
+
+
+@pytest.fixture(params=LOOPS)
+def run_async(request: pytest.FixtureRequest) -> Callable[[Coroutine[Any, Any, Any]], Any]:
+    """Runs a coroutine to completion in a fresh loop of the parametrised kind."""
+
+    def run(coroutine: Coroutine[Any, Any, Any]) -> Any:
+        if request.param == "uvloop":
+            assert uvloop is not None
+            loop = uvloop.new_event_loop()
+        else:
+            loop = asyncio.new_event_loop()
+        try:
+            return loop.run_until_complete(coroutine)
+        finally:
+            loop.run_until_complete(loop.shutdown_default_executor())
+            loop.close()
+
+    return run
+
+
+def child(tmp_path: Path, body: str, name: str = "child.py") -> list[str]:
+    script = tmp_path / name
+    script.write_text("import os, sys, time\nfrom pipes_ext import open_pipes\n" + body, encoding="utf-8")
+    return [PYTHON, str(script)]
+
+
+COUNTING = """
+count = int(sys.argv[1])
+with open_pipes() as pipes:
+    for i in range(count):
+        pipes.report_custom_message({"seq": i})
+"""
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+def children() -> set[int]:
+    """This process's child processes (from /proc: other fixtures' servers included, so compare before/after)."""
+    found: set[int] = set()
+    for tid in os.listdir("/proc/self/task"):
+        try:
+            with open(f"/proc/self/task/{tid}/children", encoding="ascii") as file:
+                found.update(int(pid) for pid in file.read().split())
+        except OSError:
+            pass
+    return found
+
+
+@pytest.fixture
+def no_new_children() -> Iterator[None]:
+    before = children()
+    yield
+    assert children() <= before
+
+
+@pytest.fixture
+def temp_dir(tmp_path: Path) -> Iterator[Path]:
+    """A directory for the sessions' temp files; asserts it is empty afterwards."""
+    path = tmp_path / "sessions"
+    path.mkdir()
+    yield path
+    assert list(path.iterdir()) == []
+
+
+def fd_count() -> int:
+    return len(os.listdir("/proc/self/fd"))
+
+
+# ---------------------------------------------------------------------------------------------- many sessions
+
+
+def test_many_sessions_in_one_loop_deliver_every_message_in_order(
+    tmp_path: Path, temp_dir: Path, run_async: Callable[..., Any], no_new_children: None
+) -> None:
+    sessions, count = 40, 200
+    command = child(tmp_path, COUNTING)
+    threads_before = threading.active_count()
+    fds_before = fd_count()
+    peak_threads = [0]
+
+    async def one(index: int) -> list[int]:
+        seen: list[int] = []
+
+        def on_event(event: PipesEvent) -> None:
+            if isinstance(event, PipesCustomMessageEvent):
+                seen.append(event.payload["seq"])
+            peak_threads[0] = max(peak_threads[0], threading.active_count())
+
+        client = PipesAsyncSubprocessClient(
+            context_injector=PipesTempFileContextInjector(dir=str(temp_dir)),
+            message_reader=PipesAsyncTempFileMessageReader(dir=str(temp_dir)),
+            forward_stdio=False,
+        )
+        invocation = await client.run(context=PipesRunContext(run_id=f"run-{index}"),
+                                      command=[*command, str(count)], on_event=on_event, retain_messages=False)
+        assert invocation.exit_code == 0 and invocation.session.closed
+        return seen
+
+    async def main() -> list[list[int]]:
+        results = await asyncio.gather(*(one(i) for i in range(sessions)))
+        assert asyncio.all_tasks() == {asyncio.current_task()}
+        return results
+
+    for seen in run_async(main()):
+        assert seen == list(range(count))
+    # No thread per session: at most the loop's default executor (injector files), whatever the session count.
+    assert peak_threads[0] - threads_before <= min(32, (os.cpu_count() or 1) + 4)
+    assert threading.active_count() == threads_before
+    assert fd_count() == fds_before
+
+
+def test_the_async_session_is_the_sync_session_api(tmp_path: Path, run_async: Callable[..., Any]) -> None:
+    command = child(tmp_path, """
+with open_pipes() as pipes:
+    pipes.report_asset_materialization(metadata={"rows": 3}, asset_key="a")
+    pipes.log.warning("careful")
+""")
+
+    async def main() -> Any:
+        async with open_pipes_session_async(PipesRunContext(asset_keys=["a", "b"]), PipesTempFileContextInjector(),
+                                            PipesTempFileMessageReader(), extras={"k": 1}) as session:
+            process = await asyncio.create_subprocess_exec(*command, env={**os.environ,
+                                                                          **session.get_bootstrap_env_vars()})
+            streamed = []
+            while process.returncode is None:
+                streamed += session.get_results()
+                try:
+                    await asyncio.wait_for(process.wait(), 0.05)
+                except asyncio.TimeoutError:
+                    pass
+        streamed += session.get_results()
+        return session, streamed
+
+    session, streamed = run_async(main())
+    assert session.opened and session.closed and session.finished
+    assert [(r.asset_key, type(r).__name__) for r in streamed] == [("a", "MaterializeResult"),
+                                                                    ("b", "MaterializeResult")]
+    assert streamed[0].metadata["rows"].value == 3
+    assert [log.message for log in session.get_logs()] == ["careful"]
+    assert session.context_data["extras"] == {"k": 1}
+
+
+# ---------------------------------------------------------------------------------------------- stdio channel
+
+
+def test_stdio_channel_separates_messages_from_output(tmp_path: Path, run_async: Callable[..., Any]) -> None:
+    command = child(tmp_path, """
+with open_pipes() as pipes:
+    for i in range(100):
+        print(f"line {i}", flush=True)
+        pipes.report_custom_message(i)
+""")
+    output: list[bytes] = []
+
+    async def main() -> Any:
+        client = PipesAsyncSubprocessClient(message_reader=PipesStdioMessageReader(output=output.append))
+        return await client.run(command=command)
+
+    invocation = run_async(main())
+    assert invocation.get_custom_messages() == list(range(100))
+    assert b"".join(output).decode().splitlines() == [f"line {i}" for i in range(100)]
+
+
+# ---------------------------------------------------------------------------------------------- cancellation
+
+
+SLEEPER = """
+with open_pipes() as pipes:
+    pipes.report_custom_message("started")
+    sys.stdout.write(str(os.getpid()) + "\\n"); sys.stdout.flush()
+    time.sleep(60)
+"""
+
+
+def test_cancelling_while_the_child_runs_stops_its_group_and_drains(
+    tmp_path: Path, temp_dir: Path, run_async: Callable[..., Any], no_new_children: None
+) -> None:
+    command = child(tmp_path, SLEEPER)
+    pids: list[int] = []
+
+    async def main() -> BaseException:
+        started = asyncio.Event()
+
+        def on_event(event: PipesEvent) -> None:
+            if isinstance(event, PipesCustomMessageEvent):
+                started.set()
+
+        client = PipesAsyncSubprocessClient(message_reader=PipesAsyncTempFileMessageReader(dir=str(temp_dir)),
+                                            termination_timeout_seconds=5,
+                                            forward_stdio=True)
+        task = asyncio.ensure_future(client.run(command=command, on_event=on_event,
+                                                stdout=lambda data: pids.append(int(data))))
+        await asyncio.wait_for(started.wait(), 30)
+        task.cancel()
+        try:
+            await task
+        except asyncio.CancelledError as exc:
+            return exc
+        raise AssertionError("the run was not cancelled")
+
+    cancelled = run_async(main())
+    invocation = cancelled.invocation  # type: ignore[attr-defined]
+    assert invocation.get_custom_messages() == ["started"]
+    assert invocation.exit_code == -signal.SIGINT  # interrupted: the first escalation step was enough
+    assert invocation.session.finished
+    assert pids and not _alive(pids[0])
+
+
+def test_cancelling_before_the_child_starts_leaves_nothing(
+    temp_dir: Path, run_async: Callable[..., Any], no_new_children: None
+) -> None:
+    async def main() -> None:
+        client = PipesAsyncSubprocessClient(message_reader=PipesAsyncTempFileMessageReader(dir=str(temp_dir)))
+        task = asyncio.ensure_future(client.run(command=[PYTHON, "-c", "import time; time.sleep(60)"]))
+        await asyncio.sleep(0)  # the task starts and suspends in the session set-up
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+
+    run_async(main())
+
+
+def test_cancelling_while_the_channel_drains_still_delivers_everything(
+    tmp_path: Path, run_async: Callable[..., Any]
+) -> None:
+    command = child(tmp_path, COUNTING)
+
+    class SignallingReader(PipesAsyncTempFileMessageReader):
+        """Tells the test when the session starts draining (the child has ended)."""
+
+        def __init__(self, draining: asyncio.Event) -> None:
+            super().__init__()
+            self.draining = draining
+
+        @asynccontextmanager
+        async def aread_messages(self, handler: PipesMessageHandler) -> AsyncIterator[dict[str, Any]]:
+            async with super().aread_messages(handler) as params:
+                yield params
+                self.draining.set()
+                await asyncio.sleep(0)  # the cancellation lands here, inside the drain
+
+    async def main() -> BaseException:
+        draining = asyncio.Event()
+        client = PipesAsyncSubprocessClient(message_reader=SignallingReader(draining), forward_stdio=False)
+        task = asyncio.ensure_future(client.run(command=[*command, "20000"]))
+        await draining.wait()
+        task.cancel()
+        try:
+            await task
+        except asyncio.CancelledError as exc:
+            return exc
+        raise AssertionError("the run was not cancelled")
+
+    cancelled = run_async(main())
+    invocation = cancelled.invocation  # type: ignore[attr-defined]
+    assert invocation.get_custom_messages() == [{"seq": i} for i in range(20000)]
+    assert invocation.session.closed and invocation.exit_code == 0
+
+
+# ---------------------------------------------------------------------------------------------- timeouts, floods
+
+
+def test_timeout_escalates_and_raises_with_what_arrived(tmp_path: Path, run_async: Callable[..., Any]) -> None:
+    command = child(tmp_path, """
+import signal
+signal.signal(signal.SIGINT, signal.SIG_IGN)  # deaf to the first step: terminate() must follow
+with open_pipes() as pipes:
+    pipes.report_custom_message("before")
+    time.sleep(60)
+""")
+
+    async def main() -> PipesTimeoutError:
+        client = PipesAsyncSubprocessClient(termination_timeout_seconds=0.5, forward_stdio=False)
+        with pytest.raises(PipesTimeoutError) as raised:
+            await client.run(command=command, timeout_seconds=2)
+        return raised.value
+
+    error = run_async(main())
+    assert error.invocation.get_custom_messages() == ["before"]
+    assert error.exit_code == -signal.SIGTERM
+    assert "ran past its timeout of 2 s" in str(error)
+
+
+def test_a_flooding_child_neither_deadlocks_nor_grows_memory(tmp_path: Path, run_async: Callable[..., Any]) -> None:
+    command = child(tmp_path, """
+block = ("x" * 1023 + "\\n") * 1024
+with open_pipes() as pipes:
+    for _ in range(32):
+        sys.stdout.write(block)
+        sys.stderr.write(block)
+    pipes.report_custom_message("done")
+sys.exit(3)
+""")
+
+    async def main() -> PipesExecutionError:
+        client = PipesAsyncSubprocessClient(forward_stdio=False)
+        with pytest.raises(PipesExecutionError) as raised:
+            await client.run(command=command, timeout_seconds=120)
+        return raised.value
+
+    error = run_async(main())
+    assert error.invocation.get_custom_messages() == ["done"]
+    assert "failed with exit code 3" in str(error)
+    assert len(error.invocation.output_tail) <= 2 * 64 * 1024  # 64 MiB were written; a bounded tail was kept
+
+
+def test_a_child_that_cannot_start_raises_with_the_cause(temp_dir: Path, run_async: Callable[..., Any]) -> None:
+    async def main() -> None:
+        client = PipesAsyncSubprocessClient(message_reader=PipesAsyncTempFileMessageReader(dir=str(temp_dir)))
+        with pytest.raises(PipesExecutionError, match="cannot start the external process '/nonexistent/x'"):
+            await client.run(command=["/nonexistent/x"])
+
+    run_async(main())
+
+
+def test_running_inside_an_application_loop_alongside_other_tasks(
+    tmp_path: Path, run_async: Callable[..., Any]
+) -> None:
+    command = child(tmp_path, COUNTING)
+
+    async def main() -> tuple[int, int]:
+        ticks = 0
+        stop = asyncio.Event()
+
+        async def heartbeat() -> None:  # the application's own work keeps running while sessions wait
+            nonlocal ticks
+            while not stop.is_set():
+                ticks += 1
+                await asyncio.sleep(0.01)
+
+        beat = asyncio.ensure_future(heartbeat())
+        client = PipesAsyncSubprocessClient(forward_stdio=False)
+        invocations = await asyncio.gather(*(client.run(command=[*command, "50"]) for _ in range(5)))
+        stop.set()
+        await beat
+        return ticks, sum(len(i.get_custom_messages()) for i in invocations)
+
+    ticks, messages = run_async(main())
+    assert messages == 250 and ticks > 0
