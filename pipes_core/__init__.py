@@ -140,4 +140,28 @@ __all__ = [
     "PipesTimeoutError",
     "PipesInterruptedError",
     "PipesWarning",
+    # asyncio twins (loaded on first use: asyncio is not imported by a sync program)
+    "open_pipes_session_async",
+    "PipesAsyncSubprocessClient",
+    "PipesAsyncMessageReader",
+    "PipesAsyncFileMessageReader",
+    "PipesAsyncTempFileMessageReader",
+    "PipesAsyncStdioMessageReader",
+    "PipesAsyncBlobStoreMessageReader",
 ]
+
+_ASYNC_NAMES = frozenset(__all__[__all__.index("open_pipes_session_async"):])
+
+
+def __getattr__(name: str) -> object:
+    if name not in _ASYNC_NAMES:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    from . import _async
+
+    value = getattr(_async, name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | _ASYNC_NAMES)

@@ -41,6 +41,7 @@ from typing import Any, cast
 from pipes_ext._errors import PipesError, PipesTransportError, PipesUsageError
 from pipes_ext._protocol import STREAM_STDERR, STREAM_STDOUT
 
+from ._blob import POLL_DONE, POLL_WAIT, PipesBlobStoreMessageReader
 from ._client import (
     KILL_WAIT_SECONDS,
     OUTPUT_DRAIN_SECONDS,
@@ -69,6 +70,7 @@ __all__ = [
     "PipesAsyncFileMessageReader",
     "PipesAsyncTempFileMessageReader",
     "PipesAsyncStdioMessageReader",
+    "PipesAsyncBlobStoreMessageReader",
     "PipesAsyncSubprocessClient",
     "as_async_reader",
     "open_pipes_session_async",
@@ -368,6 +370,48 @@ class _ThreadedReader(PipesAsyncMessageReader):
         return self.reader.no_messages_debug_text()
 
 
+class PipesAsyncBlobStoreMessageReader(PipesAsyncMessageReader):
+    """The asyncio twin of a blob-store reader (S3, GCS, Azure, or a subclass of
+    :class:`PipesBlobStoreMessageReader`): the same polling (one pass every ``interval``, gaps, retries), each
+    pass run on the loop's executor, a shared and bounded pool, so a thousand sessions cost no thousand threads.
+    """
+
+    def __init__(self, reader: PipesBlobStoreMessageReader) -> None:
+        self.reader = reader
+        self.log_readers = reader.log_readers
+
+    @asynccontextmanager
+    async def aread_messages(self, handler: PipesMessageHandler) -> AsyncIterator[dict[str, Any]]:
+        async with _entered_on_executor(self.reader.get_params()) as params:
+            tailer = self.reader.tailer(params, handler)
+            finish = asyncio.Event()
+            task = asyncio.get_running_loop().create_task(self._follow(tailer, finish))
+            try:
+                yield dict(params)
+            finally:
+                finish.set()
+                await _finish_shielded(task)
+                self.reader.ended(tailer)
+
+    async def _follow(self, tailer: Any, finish: asyncio.Event) -> None:
+        try:
+            while True:
+                step = await _in_executor(tailer.poll, finish.is_set())
+                if step == POLL_DONE:
+                    return
+                if step == POLL_WAIT:
+                    with contextlib.suppress(asyncio.TimeoutError):
+                        await asyncio.wait_for(finish.wait(), self.reader.interval)
+        except Exception as exc:
+            tailer.fail(exc)
+
+    def describe(self) -> str:
+        return self.reader.describe()
+
+    def no_messages_debug_text(self) -> str:
+        return self.reader.no_messages_debug_text()
+
+
 def as_async_reader(reader: PipesMessageReader | PipesAsyncMessageReader) -> PipesAsyncMessageReader:
     """The asyncio twin of ``reader`` with the same settings (an async reader is returned as is)."""
     if isinstance(reader, PipesAsyncMessageReader):
@@ -378,6 +422,8 @@ def as_async_reader(reader: PipesMessageReader | PipesAsyncMessageReader) -> Pip
     if isinstance(reader, PipesFileMessageReader):
         return PipesAsyncFileMessageReader(reader.path, reader.include_stdio_in_messages, reader.cleanup_file,
                                            max_line_bytes=reader.max_line_bytes, log_readers=reader.log_readers)
+    if isinstance(reader, PipesBlobStoreMessageReader):
+        return PipesAsyncBlobStoreMessageReader(reader)
     if isinstance(reader, PipesStdioMessageReader):
         return PipesAsyncStdioMessageReader(reader.stream, output=reader.output, max_line_bytes=reader.max_line_bytes,
                                             drain_timeout_seconds=reader.drain_timeout_seconds)

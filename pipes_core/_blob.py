@@ -93,6 +93,12 @@ class PipesBlobStoreContextInjector(PipesContextInjector):
         return f"{type(self).__name__}"
 
 
+# What one poll of the store says to do next (see _ChunkTailer.poll).
+POLL_DONE = "done"
+POLL_AGAIN = "again"
+POLL_WAIT = "wait"
+
+
 class _ChunkTailer:
     """The reader's thread: follows ``<prefix>/1.json``, ``2.json``, ... into a handler."""
 
@@ -110,6 +116,7 @@ class _ChunkTailer:
         self.error: PipesTransportError | None = None
         self._finish = threading.Event()
         self._gap_since: float | None = None
+        self._last_gap_probe = time.monotonic()
         self._thread = threading.Thread(target=self._run, name="pipes-blob-reader", daemon=True)
 
     def start(self) -> None:
@@ -175,33 +182,48 @@ class _ChunkTailer:
         self._gap_since = None
         return True
 
-    def _run(self) -> None:
+    def poll(self, finishing: bool) -> str:
+        """One pass over the store (blocking I/O): read every chunk available. Returns :data:`POLL_DONE` once the
+        final drain (``finishing``) is over, :data:`POLL_AGAIN` to go on at once (a gap was skipped), else
+        :data:`POLL_WAIT` (wait ``interval`` or for the finish). The sync reader calls it from its thread, the
+        asyncio twin from the loop's executor: one polling logic for both. Raises :class:`PipesTransportError`
+        when reading cannot go on."""
         try:
-            last_gap_probe = time.monotonic()
-            while True:
-                finishing = self._finish.is_set()
-                try:
+            self._read_available()
+            if finishing:
+                while self._skip_gap_if_stale(final=True):
                     self._read_available()
-                    if finishing:
-                        while self._skip_gap_if_stale(final=True):
-                            self._read_available()
-                        return
-                    now = time.monotonic()
-                    if now - last_gap_probe >= self.reader.missing_chunk_grace / 2:
-                        last_gap_probe = now
-                        if self._skip_gap_if_stale(final=False):
-                            continue
-                except PipesTransportError as exc:
-                    # While the process runs, an outage that outlasted the retries is not the end: the chunks
-                    # wait in the store, so poll again next interval. At the final drain it is raised.
-                    if finishing or not is_transient_failure(self.store, exc):
-                        raise
-                self._finish.wait(self.reader.interval)
+                return POLL_DONE
+            now = time.monotonic()
+            if now - self._last_gap_probe >= self.reader.missing_chunk_grace / 2:
+                self._last_gap_probe = now
+                if self._skip_gap_if_stale(final=False):
+                    return POLL_AGAIN
         except PipesTransportError as exc:
+            # While the process runs, an outage that outlasted the retries is not the end: the chunks
+            # wait in the store, so poll again next interval. At the final drain it is raised.
+            if finishing or not is_transient_failure(self.store, exc):
+                raise
+        return POLL_WAIT
+
+    def fail(self, exc: BaseException) -> None:
+        """Keep what stopped the reading, raised at the session's end."""
+        if isinstance(exc, PipesTransportError):
             self.error = exc
-        except Exception as exc:  # pragma: no cover - a bug; surfaced at session end rather than lost
+        else:  # pragma: no cover - a bug; surfaced at session end rather than lost
             self.error = PipesTransportError(f"the blob-store reader failed: {type(exc).__name__}: {exc}")
             self.error.__cause__ = exc
+
+    def _run(self) -> None:
+        try:
+            while True:
+                step = self.poll(self._finish.is_set())
+                if step == POLL_DONE:
+                    return
+                if step == POLL_WAIT:
+                    self._finish.wait(self.reader.interval)
+        except Exception as exc:
+            self.fail(exc)
 
 
 class _HookStore(PipesBlobStore):
@@ -307,14 +329,22 @@ class PipesBlobStoreMessageReader(PipesMessageReader):
     @contextmanager
     def read_messages(self, handler: PipesMessageHandler) -> Iterator[dict[str, Any]]:
         with self.get_params() as params:
-            store = self._store if self._store is not None else _HookStore(self, params)
-            tailer = _ChunkTailer(self, store, params, handler)
+            tailer = self.tailer(params, handler)
             tailer.start()
             try:
                 yield dict(params)
             finally:
                 tailer.finish()
-                self.last_stats = {"chunks": tailer.chunks_read, "requests": tailer.requests}
+                self.ended(tailer)
+
+    def tailer(self, params: PipesParams, handler: PipesMessageHandler) -> _ChunkTailer:
+        """The chunk follower of one session (driven by a thread here, by the loop in the asyncio twin)."""
+        store = self._store if self._store is not None else _HookStore(self, params)
+        return _ChunkTailer(self, store, params, handler)
+
+    def ended(self, tailer: _ChunkTailer) -> None:
+        """After the final drain: keep the figures, raise what stopped the reading."""
+        self.last_stats = {"chunks": tailer.chunks_read, "requests": tailer.requests}
         if tailer.error is not None:
             raise tailer.error
 

@@ -29,7 +29,7 @@ from pipes_core import (
     PipesTempFileMessageReader,
     PipesTimeoutError,
 )
-from pipes_core._async import (
+from pipes_core import (
     PipesAsyncSubprocessClient,
     PipesAsyncTempFileMessageReader,
     open_pipes_session_async,
