@@ -204,7 +204,7 @@ def measure(variant: str, sessions: int, sleep: float, messages: int) -> dict[st
         command = _child_command(script, sleep, messages)
         if variant == "dagster":  # import the framework before the baseline, as the others import ours
             import dagster  # noqa: F401
-        import pipes_core  # noqa: F401
+        import pipes_core
         import pipes_core._async  # noqa: F401
 
         probe = Probe(sessions)

@@ -31,6 +31,7 @@ import os
 import shlex
 import shutil
 import signal
+import subprocess
 import sys
 import tempfile
 import time
@@ -54,14 +55,26 @@ from ._client import (
 from ._errors import PipesExecutionError
 from ._handler import PipesMessageHandler
 from ._injectors import PipesContextInjector, PipesEnvContextInjector
-from ._lines import DEFAULT_MAX_LINE_BYTES, LineSplitter
-from ._readers import IDLE_WAKE_SECONDS, MESSAGES_FILE_NAME, READ_BLOCK_BYTES, PipesFileMessageReader, \
-    PipesMessageReader, PipesTempFileMessageReader
+from ._readers import (
+    IDLE_WAKE_SECONDS,
+    MESSAGES_FILE_NAME,
+    PipesFileMessageReader,
+    PipesMessageReader,
+    PipesTempFileMessageReader,
+    _FileFollower,
+)
 from ._results import PipesEvent
 from ._run_context import PipesRunContext
 from ._session import PipesSession, SessionSetup, attach_session, end_session
-from ._stdio import STDIO_DRAIN_SECONDS, STDIO_READ_BYTES, PipesOutputTarget, PipesStdioMessageReader, \
-    _LineSplitter as _StdioSplitter, as_output_writer
+from ._stdio import (
+    DEFAULT_MAX_LINE_BYTES,
+    STDIO_DRAIN_SECONDS,
+    STDIO_READ_BYTES,
+    PipesOutputTarget,
+    PipesStdioMessageReader,
+    as_output_writer,
+)
+from ._stdio import _LineSplitter as _StdioSplitter
 from ._subprocess import PipesSubprocessClient
 from ._watch import POLL_MAX_SECONDS, POLL_MIN_SECONDS, open_inotify
 
@@ -160,8 +173,9 @@ class _AsyncFileWaker:
 
 
 class PipesAsyncFileMessageReader(PipesAsyncMessageReader):
-    """The asyncio twin of :class:`PipesFileMessageReader` (same arguments): tails the file on the loop, with no
-    thread; every bad line is an issue, a final line without its newline is reported, nothing is lost."""
+    """The asyncio twin of :class:`PipesFileMessageReader` (same arguments): the same file rules and the same
+    reading (one :class:`~pipes_core._readers._FileFollower` pass at a time), waiting between passes on the loop,
+    with no thread; every bad line is an issue, a final line without its newline is reported, nothing is lost."""
 
     def __init__(
         self,
@@ -169,72 +183,62 @@ class PipesAsyncFileMessageReader(PipesAsyncMessageReader):
         include_stdio_in_messages: bool = False,
         cleanup_file: bool = True,
         *,
-        max_line_bytes: int = DEFAULT_MAX_LINE_BYTES,
-        use_inotify: bool = True,
         log_readers: Sequence[Any] | None = None,
+        use_inotify: bool = True,
+        max_line_bytes: int = DEFAULT_MAX_LINE_BYTES,
     ) -> None:
         self._sync = PipesFileMessageReader(path, include_stdio_in_messages, cleanup_file,
-                                            max_line_bytes=max_line_bytes, log_readers=log_readers)
-        self.use_inotify = use_inotify
+                                            log_readers=log_readers, use_inotify=use_inotify,
+                                            max_line_bytes=max_line_bytes)
         self.log_readers = self._sync.log_readers
         self.bytes_read = 0
 
     @asynccontextmanager
     async def _tail(self, path: str, handler: PipesMessageHandler) -> AsyncIterator[dict[str, Any]]:
-        self._sync.create_messages_file(path)
-        splitter = LineSplitter(handler, path, self._sync.max_line_bytes)
-        finish = asyncio.Event()
-        task = asyncio.get_running_loop().create_task(self._follow(path, splitter, finish),
-                                                      name=f"pipes-async-file-reader:{path}")
-        try:
-            yield self._sync.messages_params(path)
-        finally:
-            finish.set()
-            cancelled: asyncio.CancelledError | None = None
+        with self._sync.messages_file(path) as fd:
+            follower = _FileFollower(path, handler, fd, self._sync.max_line_bytes)
+            finish = asyncio.Event()
+            task = asyncio.get_running_loop().create_task(self._follow(follower, finish),
+                                                          name=f"pipes-async-file-reader:{path}")
             try:
-                await _finish_shielded(task)  # a cancelled session still drains the file
-            except asyncio.CancelledError as exc:
-                cancelled = exc
-            error = task.exception()
-            if cancelled is not None:
-                raise cancelled
-            if error is not None:
-                raise PipesTransportError(f"reading the messages file {path!r} failed: {error}") from error
+                yield self._sync.messages_params(path)
+            finally:
+                finish.set()
+                cancelled: asyncio.CancelledError | None = None
+                try:
+                    await _finish_shielded(task)  # a cancelled session still drains the file
+                except asyncio.CancelledError as exc:
+                    cancelled = exc
+                self.bytes_read = follower.bytes_read
+                error = task.exception()
+                if cancelled is not None:
+                    raise cancelled
+                if error is not None:
+                    raise PipesTransportError(f"reading the messages file {path!r} failed: {error}") from error
 
-    async def _follow(self, path: str, splitter: LineSplitter, finish: asyncio.Event) -> None:
-        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
-        waker = _AsyncFileWaker(path, self.use_inotify)
+    async def _follow(self, follower: _FileFollower, finish: asyncio.Event) -> None:
+        waker = _AsyncFileWaker(follower.path, self._sync.use_inotify)
         finish_waiter = asyncio.get_running_loop().create_task(finish.wait())
         finish_waiter.add_done_callback(lambda _task: waker.wake())
         try:
             while True:
                 finishing = finish.is_set()
-                got_data = False
-                while True:
-                    block = os.read(fd, READ_BLOCK_BYTES)  # a regular file: never blocks for long
-                    if not block:
-                        break
-                    got_data = True
-                    self.bytes_read += len(block)
-                    splitter.feed(block)
-                if finishing:
+                got_data = follower.read_available()  # a regular file: reads never block for long
+                if finishing and follower.writers_gone():
                     break
                 if got_data:
                     waker.data_seen()
                 await waker.wait(IDLE_WAKE_SECONDS)
-            splitter.finish()
+            follower.end()
         finally:
             finish_waiter.cancel()
             waker.close()
-            os.close(fd)
+            follower.close()
 
     @asynccontextmanager
     async def aread_messages(self, handler: PipesMessageHandler) -> AsyncIterator[dict[str, Any]]:
-        try:
-            async with self._tail(self._sync.path, handler) as params:
-                yield params
-        finally:
-            self._sync.remove_messages_file(self._sync.path)
+        async with self._tail(self._sync.path, handler) as params:
+            yield params
 
     def describe(self) -> str:
         return self._sync.describe()
@@ -248,12 +252,12 @@ class PipesAsyncTempFileMessageReader(PipesAsyncFileMessageReader):
         include_stdio_in_messages: bool = False,
         dir: str | None = None,
         *,
-        max_line_bytes: int = DEFAULT_MAX_LINE_BYTES,
-        use_inotify: bool = True,
         log_readers: Sequence[Any] | None = None,
+        use_inotify: bool = True,
+        max_line_bytes: int = DEFAULT_MAX_LINE_BYTES,
     ) -> None:
-        super().__init__("", include_stdio_in_messages, True, max_line_bytes=max_line_bytes, use_inotify=use_inotify,
-                         log_readers=log_readers)
+        super().__init__("", include_stdio_in_messages, True, log_readers=log_readers, use_inotify=use_inotify,
+                         max_line_bytes=max_line_bytes)
         self.dir = dir
 
     @asynccontextmanager
@@ -418,10 +422,12 @@ def as_async_reader(reader: PipesMessageReader | PipesAsyncMessageReader) -> Pip
         return reader
     if isinstance(reader, PipesTempFileMessageReader):
         return PipesAsyncTempFileMessageReader(reader.include_stdio_in_messages, reader.dir,
-                                               max_line_bytes=reader.max_line_bytes, log_readers=reader.log_readers)
+                                               log_readers=reader.log_readers, use_inotify=reader.use_inotify,
+                                               max_line_bytes=reader.max_line_bytes)
     if isinstance(reader, PipesFileMessageReader):
         return PipesAsyncFileMessageReader(reader.path, reader.include_stdio_in_messages, reader.cleanup_file,
-                                           max_line_bytes=reader.max_line_bytes, log_readers=reader.log_readers)
+                                           log_readers=reader.log_readers, use_inotify=reader.use_inotify,
+                                           max_line_bytes=reader.max_line_bytes)
     if isinstance(reader, PipesBlobStoreMessageReader):
         return PipesAsyncBlobStoreMessageReader(reader)
     if isinstance(reader, PipesStdioMessageReader):
@@ -500,31 +506,80 @@ async def open_pipes_session_async(
 
 
 class _AsyncChild:
-    """An asyncio child process; signals go to its whole process group when it has its own."""
+    """A child process watched from the loop without a thread: its exit is seen through a pidfd registered with
+    the loop (Linux), else a loop timer polling it (backing off to :data:`POLL_MAX_SECONDS`). asyncio's own
+    subprocess support is not used: on Python 3.11 its default child watcher costs a thread per child, and
+    choosing another one is process-wide state. Signals go to the child's whole process group when it has one.
+    """
 
-    def __init__(self, process: asyncio.subprocess.Process, argv0: str, own_group: bool) -> None:
+    def __init__(self, process: subprocess.Popen[bytes], argv0: str, own_group: bool) -> None:
         self.process = process
         self.own_group = own_group
         self.description = f"the external process {argv0!r}"
+        loop = asyncio.get_running_loop()
+        self._ended = loop.create_future()
+        self._pidfd = -1
+        self._timer: asyncio.TimerHandle | None = None
+        self._poll = POLL_MIN_SECONDS
+        try:
+            self._pidfd = os.pidfd_open(process.pid)
+        except (AttributeError, OSError):  # not Linux 5.3+: poll on a timer
+            self._timer = loop.call_later(self._poll, self._check)
+        else:
+            loop.add_reader(self._pidfd, self._check)
+
+    @property
+    def returncode(self) -> int | None:
+        return self.process.returncode
+
+    def _check(self) -> None:
+        if self.process.poll() is None:
+            if self._pidfd < 0:
+                self._poll = min(self._poll * 2, POLL_MAX_SECONDS)
+                self._timer = asyncio.get_running_loop().call_later(self._poll, self._check)
+            return
+        self._release()
+        if not self._ended.done():
+            self._ended.set_result(None)
+
+    def _release(self) -> None:
+        if self._pidfd >= 0:
+            asyncio.get_running_loop().remove_reader(self._pidfd)
+            os.close(self._pidfd)
+            self._pidfd = -1
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
 
     def signal(self, sig: int) -> None:
+        if self.process.returncode is not None and not self.own_group:
+            return
         try:
             if self.own_group:
                 os.killpg(self.process.pid, sig)
-            elif self.process.returncode is None:
+            else:
                 self.process.send_signal(sig)
         except (ProcessLookupError, PermissionError):
             pass
 
     async def wait(self, timeout: float | None) -> bool:
-        if timeout is None:
-            await self.process.wait()
-            return True
+        """True once the child has ended (and been reaped); False when ``timeout`` passed first."""
         try:
-            await asyncio.wait_for(asyncio.shield(self.process.wait()), timeout)
+            await asyncio.wait_for(asyncio.shield(self._ended), timeout)
         except asyncio.TimeoutError:
             return False
         return True
+
+    def close(self) -> None:
+        self._release()
+
+
+async def _stream_reader(pipe: Any) -> tuple[asyncio.StreamReader, asyncio.BaseTransport]:
+    """An :class:`asyncio.StreamReader` over a pipe of a child, and its transport (close it once read)."""
+    loop = asyncio.get_running_loop()
+    reader = asyncio.StreamReader(limit=STDIO_READ_BYTES, loop=loop)
+    transport, _ = await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader, loop=loop), pipe)
+    return reader, transport
 
 
 class PipesAsyncSubprocessClient:
@@ -627,8 +682,8 @@ class PipesAsyncSubprocessClient:
             run.cancelled.invocation = invocation  # type: ignore[attr-defined]  # documented: what arrived
             raise run.cancelled
         if run.error is not None:
-            if isinstance(run.error, PipesExecutionError) or hasattr(run.error, "invocation"):
-                run.error.invocation = invocation  # type: ignore[attr-defined]
+            if isinstance(run.error, PipesError):
+                run.error.invocation = invocation
             raise run.error
         config.check(invocation, strict=strict, timed_out=run.timed_out, timeout_seconds=timeout_seconds,
                      channel_error=run.channel_error)
@@ -645,12 +700,12 @@ class PipesAsyncSubprocessClient:
         stderr_needed = request.stderr_needed or stdio == STREAM_STDERR
         child_argv = argv + request.bootstrap_args
         try:
-            process = await asyncio.create_subprocess_exec(
-                *child_argv,
+            process = subprocess.Popen(  # fork + exec take a few milliseconds: not worth a thread
+                child_argv,
                 env={**os.environ, **extra_env, **request.bootstrap_env},
                 cwd=cwd,
-                stdout=asyncio.subprocess.PIPE if stdout_needed else stdout,  # type: ignore[arg-type]
-                stderr=asyncio.subprocess.PIPE if stderr_needed else stderr,  # type: ignore[arg-type]
+                stdout=subprocess.PIPE if stdout_needed else stdout,  # type: ignore[arg-type]
+                stderr=subprocess.PIPE if stderr_needed else stderr,  # type: ignore[arg-type]
                 start_new_session=config.forward_termination,
             )
         except OSError as exc:
@@ -659,10 +714,12 @@ class PipesAsyncSubprocessClient:
         run.description = child.description
         pumps: list[asyncio.Task[None]] = []
         try:
-            for stream, source, target in ((STREAM_STDOUT, process.stdout, stdout),
-                                           (STREAM_STDERR, process.stderr, stderr)):
-                if source is None:
+            for stream, pipe, target in ((STREAM_STDOUT, process.stdout, stdout),
+                                         (STREAM_STDERR, process.stderr, stderr)):
+                if pipe is None:
                     continue
+                source, transport = await _stream_reader(pipe)
+                run.transports.append(transport)
                 tail = _Tail()
                 run.tails.append(tail)
                 destination: Callable[[bytes], None] | None = None
@@ -689,11 +746,11 @@ class PipesAsyncSubprocessClient:
                     await self._stop(child)
                 except asyncio.CancelledError:
                     child.signal(signal.SIGKILL)
-                    await asyncio.shield(process.wait())
+                    await _finish_shielded(asyncio.ensure_future(child.wait(KILL_WAIT_SECONDS)))
             raise
         except BaseException:
             child.signal(signal.SIGKILL)
-            await asyncio.shield(process.wait())
+            await _finish_shielded(asyncio.ensure_future(child.wait(KILL_WAIT_SECONDS)))
             raise
         finally:
             if pumps:
@@ -703,6 +760,9 @@ class PipesAsyncSubprocessClient:
                 finally:
                     for task in waiting.result()[1]:
                         task.cancel()
+            child.close()
+            for transport in run.transports:  # read to their end, or given up on after the drain deadline
+                transport.close()
             run.status = (PipesExitStatus.from_returncode(process.returncode) if process.returncode is not None
                           else PipesExitStatus(None, description="was left running"))
 
@@ -730,4 +790,5 @@ class _AsyncRun:
         self.error: BaseException | None = None
         self.channel_error: Exception | None = None
         self.tails: list[_Tail] = []
+        self.transports: list[asyncio.BaseTransport] = []
         self.description = "the external process"

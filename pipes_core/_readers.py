@@ -96,8 +96,59 @@ class PipesMessageReader:
         self.close()
 
 
+class _FileFollower:
+    """Reads one messages file into a handler, one pass at a time, without waiting: between passes the sync
+    reader's thread waits on a :class:`FileWatcher`, the asyncio twin's task on the loop. Owns ``fd``."""
+
+    def __init__(self, path: str, handler: PipesMessageHandler, fd: int,
+                 max_line_bytes: int = DEFAULT_MAX_LINE_BYTES) -> None:
+        self.path = path
+        self.handler = handler
+        self.fd = fd
+        self.splitter = LineSplitter(handler, path, max_line_bytes)
+        self.bytes_read = 0
+        self._writers_deadline: float | None = None
+
+    def read_available(self) -> bool:
+        """Handle every complete line available now; True when any byte arrived."""
+        got_data = False
+        while True:
+            block = os.read(self.fd, READ_BLOCK_BYTES)
+            if not block:
+                return got_data
+            got_data = True
+            self.bytes_read += len(block)
+            self.splitter.feed(block)
+
+    def writers_gone(self) -> bool:
+        """True when no stdio-capture reader of the external side still holds its shared ``flock`` on the file
+        (it may still be appending the output of a killed process), or after :data:`CAPTURE_WRITERS_WAIT_SECONDS`."""
+        if self._writers_deadline is None:
+            self._writers_deadline = time.monotonic() + CAPTURE_WRITERS_WAIT_SECONDS
+        try:
+            fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            if time.monotonic() < self._writers_deadline:
+                return False
+            self.handler.logger.warning(
+                "[pipes] a stdio capture of the external process still writes to %s after %.0f s; what it "
+                "writes from now on is not read", self.path, CAPTURE_WRITERS_WAIT_SECONDS)
+            return True
+        except OSError:  # no flock on this file system: nothing to wait for
+            return True
+        fcntl.flock(self.fd, fcntl.LOCK_UN)
+        return True
+
+    def end(self) -> None:
+        """The final drain is over: a last line without its newline is reported, not parsed."""
+        self.splitter.finish()
+
+    def close(self) -> None:
+        os.close(self.fd)
+
+
 class _FileTailer:
-    """The background thread of a file reader: tails one file into a handler until told to finish."""
+    """The background thread of a file reader: follows one file into a handler until told to finish."""
 
     def __init__(
         self,
@@ -111,14 +162,17 @@ class _FileTailer:
         self.path = path
         self._fd = fd  # an open, readable descriptor of the file (owned by the tailer), or None: open path
         self.handler = handler
-        self.splitter = LineSplitter(handler, path, max_line_bytes)
+        self.max_line_bytes = max_line_bytes
         self.watcher = FileWatcher(path, use_inotify=use_inotify)
         self._finish = threading.Event()
         self._drained = threading.Event()  # set once everything is handled; the thread then only cleans up
         self._thread = threading.Thread(target=self._run, name=f"pipes-file-reader:{path}", daemon=True)
         self.error: BaseException | None = None
-        self.bytes_read = 0
-        self._writers_deadline: float | None = None
+        self.follower: _FileFollower | None = None
+
+    @property
+    def bytes_read(self) -> int:
+        return 0 if self.follower is None else self.follower.bytes_read
 
     def start(self) -> None:
         self.watcher.start()
@@ -139,25 +193,6 @@ class _FileTailer:
             self._drained.set()
             self.watcher.close()
 
-    def _writers_gone(self, fd: int) -> bool:
-        """True when no stdio-capture reader of the external side still holds its shared ``flock`` on the file
-        (it may still be appending the output of a killed process), or after :data:`CAPTURE_WRITERS_WAIT_SECONDS`."""
-        if self._writers_deadline is None:
-            self._writers_deadline = time.monotonic() + CAPTURE_WRITERS_WAIT_SECONDS
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            if time.monotonic() < self._writers_deadline:
-                return False
-            self.handler.logger.warning(
-                "[pipes] a stdio capture of the external process still writes to %s after %.0f s; what it "
-                "writes from now on is not read", self.path, CAPTURE_WRITERS_WAIT_SECONDS)
-            return True
-        except OSError:  # no flock on this file system: nothing to wait for
-            return True
-        fcntl.flock(fd, fcntl.LOCK_UN)
-        return True
-
     def _tail(self) -> None:
         if self._fd is not None:
             fd = self._fd
@@ -167,28 +202,21 @@ class _FileTailer:
             except OSError as exc:
                 self.error = exc
                 return
-        splitter = self.splitter
+        follower = self.follower = _FileFollower(self.path, self.handler, fd, self.max_line_bytes)
         try:
             while True:
                 finishing = self._finish.is_set()
-                got_data = False
-                while True:
-                    block = os.read(fd, READ_BLOCK_BYTES)
-                    if not block:
-                        break
-                    got_data = True
-                    self.bytes_read += len(block)
-                    splitter.feed(block)
-                if finishing and self._writers_gone(fd):
+                got_data = follower.read_available()
+                if finishing and follower.writers_gone():
                     break
                 if got_data:
                     self.watcher.data_seen()
                 self.watcher.wait(IDLE_WAKE_SECONDS)
-            splitter.finish()
+            follower.end()
         except BaseException as exc:  # pragma: no cover - I/O failure on a local file
             self.error = exc
         finally:
-            os.close(fd)
+            follower.close()
 
 
 class PipesFileMessageReader(PipesMessageReader):
@@ -237,28 +265,34 @@ class PipesFileMessageReader(PipesMessageReader):
         return {PARAM_PATH: path, PARAM_INCLUDE_STDIO_IN_MESSAGES: self.include_stdio_in_messages}
 
     @contextmanager
-    def _tail(self, path: str, handler: PipesMessageHandler) -> Iterator[dict[str, Any]]:
-        """Create the file, tail it while the block runs, drain it at the end; remove it if ``cleanup_file``
-        (and only if the path still names the file created here)."""
+    def messages_file(self, path: str) -> Iterator[int]:
+        """Create the file (see :mod:`pipes_core._files`) and yield a readable descriptor of it, which the caller
+        then owns; at the end remove the file if ``cleanup_file`` (and only if the path still names the file
+        created here). Shared by this reader's thread and its asyncio twin."""
         created = create_private_file(path, "the messages file", readable=True)
-        fd = os.dup(created.fd)  # the tailer reads through its own descriptor and closes it
+        fd = os.dup(created.fd)
         created.close_fd()
         try:
-            tailer = _FileTailer(path, handler, fd=fd, use_inotify=self.use_inotify,
-                                 max_line_bytes=self.max_line_bytes)
-            tailer.start()  # from here the tailer's thread owns fd
-        except BaseException:
-            os.close(fd)
-            created.remove()
-            raise
-        try:
-            yield self.messages_params(path)
+            yield fd
         finally:
+            if self.cleanup_file:
+                created.remove()
+
+    @contextmanager
+    def _tail(self, path: str, handler: PipesMessageHandler) -> Iterator[dict[str, Any]]:
+        """Create the file, tail it while the block runs, drain it at the end."""
+        with self.messages_file(path) as fd:
             try:
-                tailer.finish()
+                tailer = _FileTailer(path, handler, fd=fd, use_inotify=self.use_inotify,
+                                     max_line_bytes=self.max_line_bytes)
+                tailer.start()  # from here the tailer's thread owns fd
+            except BaseException:
+                os.close(fd)
+                raise
+            try:
+                yield self.messages_params(path)
             finally:
-                if self.cleanup_file:
-                    created.remove()
+                tailer.finish()
 
     @contextmanager
     def read_messages(self, handler: PipesMessageHandler) -> Iterator[dict[str, Any]]:
