@@ -278,7 +278,9 @@ class PipesBlobStoreMessageReader(PipesMessageReader):
         self.missing_chunk_grace = missing_chunk_grace
         self.retry = retry
         self.last_stats: dict[str, int] = {}
-        self._store: PipesBlobStore | None = None  # the session's store, between get_params' entry and exit
+        # The store of each open session, by its key prefix, between get_params' entry and exit: one reader may
+        # serve several sessions at once (a client running many processes concurrently).
+        self._stores: dict[str, PipesBlobStore] = {}
 
     # ------------------------------------------------------------------ what a subclass implements
 
@@ -296,15 +298,20 @@ class PipesBlobStoreMessageReader(PipesMessageReader):
         ``{"bucket", "key_prefix", "include_stdio_in_messages"}``.
         """
         store = self.make_store()
-        self._store = store
+        key_prefix = random_key_component()
+        self._stores[key_prefix] = store
         try:
             yield {
                 PARAM_BUCKET: store.bucket,
-                PARAM_KEY_PREFIX: random_key_component(),
+                PARAM_KEY_PREFIX: key_prefix,
                 PARAM_INCLUDE_STDIO_IN_MESSAGES: self.include_stdio_in_messages,
             }
         finally:
-            self._store = None
+            del self._stores[key_prefix]
+
+    def _session_store(self, params: PipesParams) -> PipesBlobStore | None:
+        prefix = params.get(PARAM_KEY_PREFIX)
+        return self._stores.get(prefix) if isinstance(prefix, str) else None
 
     def download_messages_chunk(self, index: int, params: PipesParams) -> bytes | str | None:
         """Chunk ``index`` (counting from 1) of the session described by ``params`` (what :meth:`get_params`
@@ -312,16 +319,17 @@ class PipesBlobStoreMessageReader(PipesMessageReader):
 
         Default: ``<key_prefix>/<index>.json`` from :meth:`make_store`'s store.
         """
-        if self._store is None:
+        store = self._session_store(params)
+        if store is None:
             raise NotImplementedError(f"{type(self).__name__} must implement download_messages_chunk()")
         prefix = params.get(PARAM_KEY_PREFIX)
-        return self._store.get(chunk_key(prefix if isinstance(prefix, str) else None, index))
+        return store.get(chunk_key(prefix if isinstance(prefix, str) else None, index))
 
     def is_transient_error(self, exc: BaseException) -> bool:
         """Is an error raised by :meth:`download_messages_chunk` worth retrying (an outage, not a missing
         bucket)? Default: the store's answer, else connection errors and timeouts."""
-        if self._store is not None:
-            return self._store.is_transient(exc)
+        for store in list(self._stores.values())[:1]:  # the backends classify errors alike for every session
+            return store.is_transient(exc)
         return isinstance(exc, (ConnectionError, TimeoutError))
 
     # ------------------------------------------------------------------ the reading itself
@@ -339,7 +347,7 @@ class PipesBlobStoreMessageReader(PipesMessageReader):
 
     def tailer(self, params: PipesParams, handler: PipesMessageHandler) -> _ChunkTailer:
         """The chunk follower of one session (driven by a thread here, by the loop in the asyncio twin)."""
-        store = self._store if self._store is not None else _HookStore(self, params)
+        store = self._session_store(params) or _HookStore(self, params)
         return _ChunkTailer(self, store, params, handler)
 
     def ended(self, tailer: _ChunkTailer) -> None:

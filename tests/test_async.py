@@ -391,3 +391,93 @@ def test_running_inside_an_application_loop_alongside_other_tasks(
 
     ticks, messages = run_async(main())
     assert messages == 250 and ticks > 0
+
+
+# ---------------------------------------------------------------------------------------------- blob stores
+
+
+@pytest.fixture(scope="module")
+def moto_url() -> Iterator[str]:
+    from tests import servers
+
+    server = servers.start_moto()
+    try:
+        yield server.url
+    finally:
+        server.stop()
+
+
+def test_blob_store_sessions_poll_from_the_shared_executor(
+    tmp_path: Path, moto_url: str, run_async: Callable[..., Any]
+) -> None:
+    import boto3
+
+    from pipes_core.s3 import PipesS3ContextInjector, PipesS3MessageReader
+
+    keys = {"aws_access_key_id": "testing", "aws_secret_access_key": "testing", "region_name": "us-east-1"}
+    client = boto3.client("s3", endpoint_url=moto_url, **keys)
+    client.create_bucket(Bucket="async-bucket")
+    command = child(tmp_path, """
+import boto3
+from pipes_ext.s3 import PipesS3ContextLoader, PipesS3MessageWriter
+s3 = boto3.client("s3")
+with open_pipes(context_loader=PipesS3ContextLoader(s3), message_writer=PipesS3MessageWriter(s3, interval=0.05)) as pipes:
+    for i in range(int(sys.argv[1])):
+        pipes.report_custom_message({"seq": i})
+""")
+    env = {"AWS_ENDPOINT_URL": moto_url, "AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
+           "AWS_REGION": "us-east-1"}
+    threads_before = threading.active_count()
+    peak = [0]
+
+    async def main() -> list[Any]:
+        def on_event(event: PipesEvent) -> None:
+            peak[0] = max(peak[0], threading.active_count())
+
+        client_ = PipesAsyncSubprocessClient(
+            env=env,
+            context_injector=PipesS3ContextInjector("async-bucket", client),
+            message_reader=PipesS3MessageReader("async-bucket", client, interval=0.05),
+            forward_stdio=False,
+        )
+        return await asyncio.gather(*(client_.run(command=[*command, "300"], on_event=on_event) for _ in range(12)))
+
+    try:
+        invocations = run_async(main())
+    finally:
+        client.close()
+    for invocation in invocations:
+        assert invocation.get_custom_messages() == [{"seq": i} for i in range(300)]
+    # 12 sessions polled the store from the loop's default executor: no thread per session.
+    assert peak[0] - threads_before <= min(32, (os.cpu_count() or 1) + 4)
+
+
+def test_one_blob_reader_serves_concurrent_sync_sessions_too(tmp_path: Path, moto_url: str) -> None:
+    """The reader keeps each open session's store apart (a client running several processes at once)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    import boto3
+
+    from pipes_core import PipesSubprocessClient
+    from pipes_core.s3 import PipesS3MessageReader
+
+    keys = {"aws_access_key_id": "testing", "aws_secret_access_key": "testing", "region_name": "us-east-1"}
+    client = boto3.client("s3", endpoint_url=moto_url, **keys)
+    client.create_bucket(Bucket="sync-shared")
+    command = child(tmp_path, """
+import boto3
+from pipes_ext.s3 import PipesS3MessageWriter
+with open_pipes(message_writer=PipesS3MessageWriter(boto3.client("s3"), interval=0.05)) as pipes:
+    time.sleep(0.5)  # the sessions overlap
+    pipes.report_custom_message(sys.argv[1])
+""")
+    env = {"AWS_ENDPOINT_URL": moto_url, "AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
+           "AWS_REGION": "us-east-1"}
+    shared = PipesSubprocessClient(env=env, message_reader=PipesS3MessageReader("sync-shared", client, interval=0.05),
+                                   forward_stdio=False)
+    try:
+        with ThreadPoolExecutor(4) as pool:
+            invocations = list(pool.map(lambda i: shared.run(command=[*command, f"run {i}"]), range(4)))
+    finally:
+        client.close()
+    assert [i.get_custom_messages() for i in invocations] == [[f"run {i}"] for i in range(4)]
