@@ -421,7 +421,8 @@ def test_blob_store_sessions_poll_from_the_shared_executor(
 import boto3
 from pipes_ext.s3 import PipesS3ContextLoader, PipesS3MessageWriter
 s3 = boto3.client("s3")
-with open_pipes(context_loader=PipesS3ContextLoader(s3), message_writer=PipesS3MessageWriter(s3, interval=0.05)) as pipes:
+loader, writer = PipesS3ContextLoader(s3), PipesS3MessageWriter(s3, interval=0.05)
+with open_pipes(context_loader=loader, message_writer=writer) as pipes:
     for i in range(int(sys.argv[1])):
         pipes.report_custom_message({"seq": i})
 """)
