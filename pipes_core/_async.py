@@ -475,6 +475,7 @@ async def open_pipes_session_async(
     logger: Any = None,
     external_stream_handler: Callable[[str, str], None] | None = None,
     on_message: Callable[[dict[str, Any]], None] | None = None,
+    warn_unclosed: bool = True,
 ) -> AsyncIterator[PipesSession]:
     """The asyncio twin of :func:`open_pipes_session` (same arguments, same :class:`PipesSession`): ``async with``
     it, launch the process inside the block; leaving the block drains the channel without blocking the loop.
@@ -499,7 +500,7 @@ async def open_pipes_session_async(
         if setup.log_readers.log_readers:
             await asyncio.shield(_in_executor(lambda: setup.log_readers.stop(run_unstarted=launched)))
     assert session is not None  # the block ran, else the error was raised above
-    end_session(session)
+    end_session(session, warn_unclosed)
 
 
 # ---------------------------------------------------------------------------------------------- the client
@@ -651,7 +652,8 @@ class PipesAsyncSubprocessClient:
         try:
             async with open_pipes_session_async(context, injector, reader, extras, on_event=on_event,
                                                 retain_messages=retain_messages, logger=logger,
-                                                external_stream_handler=external_stream_handler) as session:
+                                                external_stream_handler=external_stream_handler,
+                                                warn_unclosed=False) as session:  # the verdict says it
                 run.session = session
                 try:
                     await self._launch_and_wait(argv, {**config.env, **(env or {})}, cwd or config.cwd, session,

@@ -318,7 +318,7 @@ def open_pipes_session(
         # After the channel is drained: the process has ended, so its logs are complete.
         setup.log_readers.stop(run_unstarted=launched)
     assert session is not None  # the block ran, else the error was raised above
-    end_session(session)
+    end_session(session, warn_unclosed)
 
 
 class SessionSetup:
@@ -383,9 +383,9 @@ def attach_session(error: BaseException, session: PipesSession | None) -> None:
         error.session = session  # type: ignore[attr-defined]  # what was received is not lost with the error
 
 
-def end_session(session: PipesSession) -> None:
+def end_session(session: PipesSession, warn_unclosed: bool = True) -> None:
     """After the channel was drained: mark the session finished and warn about a process that never opened
-    the channel or never closed it."""
+    the channel or (with ``warn_unclosed``) never closed it."""
     handler = session.message_handler
     context_injector, message_reader = session.context_injector, session.message_reader
     session.finished = True
