@@ -1,41 +1,41 @@
 """Plan the runs (case x channel combination), launch the harness for each with ``pipes_core`` as the
 orchestrator, and judge what arrived.
 
-One run: open a ``pipes_core`` session with the combination's context injector and message reader, launch the
-harness with the bootstrap params (env vars, or CLI arguments appended to the command), wait for it (killing
-its process group after the timeout), let the session drain the channel, then compare. The ``stdio`` message
-channel has no ``pipes_core`` reader: here the harness's stdout is a pipe, and every line that carries
-``__dagster_pipes_version`` goes to ``PipesMessageHandler.handle_line``; other lines are kept as output.
+One run: ``PipesSubprocessClient`` (non-strict: the suite judges by its own rules) with the combination's
+context injector and message reader from the channel registry, the bootstrap params as env vars or CLI
+arguments appended to the command, and the run's timeout (then the harness's process group is killed at once);
+the client drains the channel, then the suite compares. On the ``stdio`` message channel the harness's stdout
+goes through ``PipesStdioMessageReader``: its lines that are not messages are kept as the harness's output.
 """
 
 from __future__ import annotations
 
 import logging
 import os
-import signal
 import subprocess
 import tempfile
 import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from typing import IO, Any
 
 from pipes_core import (
     PipesContextInjector,
-    PipesEnvContextInjector,
     PipesError,
     PipesEvent,
-    PipesMessageHandler,
+    PipesExecutionError,
+    PipesLaunchedProcess,
     PipesMessageReader,
     PipesRunContext,
-    PipesTempFileContextInjector,
-    PipesTempFileMessageReader,
+    PipesStdioMessageReader,
+    PipesSubprocessClient,
+    PipesTimeoutError,
+    PipesTransportError,
     event_to_json,
-    open_pipes_session,
 )
+from pipes_core._channels import PipesChannelOptions, make_context_injector, make_message_reader
 from pipes_ext._protocol import (
     DAGSTER_PIPES_CONTEXT_ENV_VAR,
     DAGSTER_PIPES_MESSAGES_ENV_VAR,
@@ -68,10 +68,11 @@ DEFAULT_TIMEOUT = 60.0
 READER_INTERVAL = 0.05
 # How long to wait for the stdio pipe's end after the harness exited (a grandchild may hold it open).
 STDIO_EOF_TIMEOUT = 10.0
-_MARKER = f'"{PIPES_PROTOCOL_VERSION_FIELD}"'.encode()
+# The suite's channel names that the registry calls otherwise: the suite's "file" is a private temp file.
+_REGISTRY_NAMES = {"file": "tempfile"}
 
 # Harness processes running now, killed (by process group) if the suite itself is interrupted.
-_RUNNING: set[subprocess.Popen[bytes]] = set()
+_RUNNING: set[PipesLaunchedProcess] = set()
 _RUNNING_LOCK = threading.Lock()
 
 # The external process's log messages and the session's warnings are part of the outcome, not console output.
@@ -185,83 +186,19 @@ def plan(cases: Sequence[Case], caps: Capabilities) -> list[Planned]:
 # ------------------------------------------------------------------------------------------------ channels
 
 
-class StdioMessageReader(PipesMessageReader):
-    """Messages on the harness's stdout (``{"stdio": "stdout"}``): the runner hands the pipe to :meth:`pump`."""
-
-    def __init__(self) -> None:
-        self.other_output: list[bytes] = []
-        self._handler: PipesMessageHandler | None = None
-        self._thread: threading.Thread | None = None
-        self.eof_missing = False
-
-    @contextmanager
-    def read_messages(self, handler: PipesMessageHandler) -> Iterator[dict[str, Any]]:
-        self._handler = handler
-        try:
-            yield {"stdio": "stdout"}
-        finally:
-            if self._thread is not None:
-                self._thread.join(STDIO_EOF_TIMEOUT)
-                self.eof_missing = self._thread.is_alive()
-
-    def pump(self, stream: IO[bytes]) -> None:
-        handler = self._handler
-        assert handler is not None, "pump() is called inside read_messages()"
-
-        def run() -> None:
-            with stream:
-                for line in iter(stream.readline, b""):
-                    if _MARKER in line:
-                        handler.handle_line(line.rstrip(b"\r\n"), "stdout")
-                    else:
-                        self.other_output.append(line)
-
-        self._thread = threading.Thread(target=run, name="conformance-stdio-reader", daemon=True)
-        self._thread.start()
-
-    def describe(self) -> str:
-        return "the conformance suite's stdio reader (harness stdout)"
+def _options(server: BlobServer | None, capture: bool = False) -> PipesChannelOptions:
+    if server is None:
+        return PipesChannelOptions(include_stdio_in_messages=capture, stdio_drain_timeout_seconds=STDIO_EOF_TIMEOUT)
+    return PipesChannelOptions(bucket=server.bucket, client=server.make_client(), interval=READER_INTERVAL,
+                               include_stdio_in_messages=capture)
 
 
 def _injector(channel: str, server: BlobServer | None) -> PipesContextInjector:
-    if channel == "env":
-        return PipesEnvContextInjector()
-    if channel == "file":
-        return PipesTempFileContextInjector()
-    assert server is not None
-    if channel == "s3":
-        from pipes_core.s3 import PipesS3ContextInjector
-
-        return PipesS3ContextInjector(server.bucket, server.make_client())
-    if channel == "gcs":
-        from pipes_core.gcs import PipesGCSContextInjector
-
-        return PipesGCSContextInjector(server.bucket, server.make_client())
-    from pipes_core.azure import PipesAzureBlobStorageContextInjector
-
-    return PipesAzureBlobStorageContextInjector(server.bucket, server.make_client())
+    return make_context_injector(_REGISTRY_NAMES.get(channel, channel), _options(server))
 
 
 def _reader(channel: str, server: BlobServer | None, capture: bool) -> PipesMessageReader:
-    if channel == "file":
-        return PipesTempFileMessageReader(include_stdio_in_messages=capture)
-    if channel == "stdio":
-        return StdioMessageReader()
-    assert server is not None
-    if channel == "s3":
-        from pipes_core.s3 import PipesS3MessageReader
-
-        return PipesS3MessageReader(server.bucket, server.make_client(), interval=READER_INTERVAL,
-                                    include_stdio_in_messages=capture)
-    if channel == "gcs":
-        from pipes_core.gcs import PipesGCSMessageReader
-
-        return PipesGCSMessageReader(server.bucket, server.make_client(), interval=READER_INTERVAL,
-                                     include_stdio_in_messages=capture)
-    from pipes_core.azure import PipesAzureBlobStorageMessageReader
-
-    return PipesAzureBlobStorageMessageReader(server.bucket, server.make_client(), interval=READER_INTERVAL,
-                                              include_stdio_in_messages=capture)
+    return make_message_reader(_REGISTRY_NAMES.get(channel, channel), _options(server, capture))
 
 
 # ------------------------------------------------------------------------------------------------ events
@@ -333,13 +270,6 @@ def _tail(text: str, lines: int = 3, chars: int = 400) -> str:
     return joined if len(joined) <= chars else "..." + joined[-chars:]
 
 
-def _kill_group(process: subprocess.Popen[bytes]) -> None:
-    try:
-        os.killpg(process.pid, signal.SIGKILL)
-    except (ProcessLookupError, PermissionError):
-        process.kill()
-
-
 def _base_env(server: BlobServer | None) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items()
            if k not in (DAGSTER_PIPES_CONTEXT_ENV_VAR, DAGSTER_PIPES_MESSAGES_ENV_VAR, BLOB_STORE_ENV_VAR)}
@@ -368,54 +298,60 @@ def execute(case: Case, combo: Combo, command: Sequence[str], servers: dict[str,
     except Exception as exc:  # a client that cannot be built: the run fails, the suite goes on
         outcome.start_error = f"cannot set up the channels: {type(exc).__name__}: {exc}"
         return outcome
-    stdio = isinstance(reader, StdioMessageReader)
+    stdio = isinstance(reader, PipesStdioMessageReader)
+    client = PipesSubprocessClient(context_injector=injector, message_reader=reader, strict=False,
+                                   bootstrap=combo.bootstrap, inherit_env=False, termination_timeout_seconds=0)
+
+    mine: list[PipesLaunchedProcess] = []
+
+    def launched(process: PipesLaunchedProcess) -> None:
+        mine.append(process)
+        with _RUNNING_LOCK:
+            _RUNNING.add(process)
+
     with tempfile.TemporaryFile() as out_file, tempfile.TemporaryFile() as err_file:
         try:
-            with open_pipes_session(PipesRunContext(**case.run_context), injector, reader, extras,
-                                    on_event=events.append, retain_messages=False, logger=_QUIET,
-                                    external_stream_handler=lambda _stream, _text: None,
-                                    on_message=literals) as session:
-                outcome.context_data = dict(session.context_data)
-                env = _base_env(server)
-                argv = list(command)
-                if combo.bootstrap == "cli":
-                    argv += session.get_bootstrap_argv()
-                else:
-                    env.update(session.get_bootstrap_env_vars())
-                try:
-                    process = subprocess.Popen(argv, env=env, stdin=subprocess.DEVNULL,
-                                               stdout=subprocess.PIPE if stdio else out_file, stderr=err_file,
-                                               start_new_session=True)
-                except OSError as exc:
-                    outcome.start_error = f"cannot start the harness {argv[0]!r}: {exc}"
-                else:
-                    with _RUNNING_LOCK:
-                        _RUNNING.add(process)
-                    try:
-                        if stdio:
-                            assert isinstance(reader, StdioMessageReader) and process.stdout is not None
-                            reader.pump(process.stdout)
-                        outcome.returncode = process.wait(timeout)
-                    except subprocess.TimeoutExpired:
-                        outcome.timed_out = True
-                        _kill_group(process)
-                        outcome.returncode = process.wait()
-                    finally:
-                        with _RUNNING_LOCK:
-                            _RUNNING.discard(process)
+            invocation = client.run(
+                context=PipesRunContext(**case.run_context), command=list(command), extras=extras,
+                env=_base_env(server), timeout_seconds=timeout, on_event=events.append, retain_messages=False,
+                stdin=subprocess.DEVNULL, stdout=out_file, stderr=err_file, on_launched=launched, logger=_QUIET,
+                external_stream_handler=lambda _stream, _text: None, on_message=literals,
+            )
+            outcome.returncode = invocation.exit_code
+            outcome.context_data = dict(invocation.session.context_data)
+        except PipesTimeoutError as exc:
+            outcome.timed_out = True
+            _record(outcome, exc)
+        except PipesExecutionError as exc:  # non-zero exit, killed, a reported exception, or could not start
+            if exc.invocation is None or exc.invocation.exit_status is None:
+                outcome.start_error = str(exc).replace("external process", "harness", 1)
+            _record(outcome, exc)
+        except PipesTransportError as exc:
+            outcome.channel_error = f"{type(exc).__name__}: {exc}"
+            _record(outcome, exc)
         except PipesError as exc:
             outcome.channel_error = f"{type(exc).__name__}: {exc}"
         except Exception as exc:  # the channel's SDK failed (e.g. the local server went away)
             outcome.channel_error = f"{type(exc).__name__}: {exc}"
+        finally:
+            with _RUNNING_LOCK:
+                _RUNNING.difference_update(mine)
         outcome.stdout = _read(out_file)
         outcome.stderr = _read(err_file)
     if stdio:
-        assert isinstance(reader, StdioMessageReader)
-        outcome.stdout = b"".join(reader.other_output).decode("utf-8", "replace")
-        outcome.eof_missing = reader.eof_missing
+        assert isinstance(reader, PipesStdioMessageReader)
+        outcome.eof_missing = reader.unfinished_sources > 0
     outcome.messages = [event_json(e) for e in events]
     outcome.literal_count, outcome.literal_first = literals.count, literals.first
     return outcome
+
+
+def _record(outcome: Outcome, exc: PipesError) -> None:
+    """What a failed run received: its exit code and context data."""
+    invocation = exc.invocation
+    if invocation is not None:
+        outcome.returncode = invocation.exit_code
+        outcome.context_data = dict(invocation.session.context_data)
 
 
 # ------------------------------------------------------------------------------------------------ judging
@@ -583,7 +519,7 @@ def run_plan(planned: Sequence[Planned], command: Sequence[str], *, timeout: flo
             pool.shutdown(wait=False, cancel_futures=True)
             with _RUNNING_LOCK:
                 for process in list(_RUNNING):
-                    _kill_group(process)
+                    process.kill()
             raise
         pool.shutdown()
         return [r for r in results if r is not None]

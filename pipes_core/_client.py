@@ -405,6 +405,7 @@ class _Run:
     tails: list[_Tail] = field(default_factory=list)
     pumps: list[_Pump] = field(default_factory=list)
     description: str = "the external process"
+    log: logging.Logger = client_logger
 
 
 # ---------------------------------------------------------------------------------------------- the client
@@ -487,6 +488,7 @@ class PipesClient(ABC):
         on_launched: Callable[[PipesLaunchedProcess], None] | None = None,
         logger: logging.Logger | None = None,
         external_stream_handler: Callable[[str, str], None] | None = None,
+        on_message: Callable[[dict[str, Any]], None] | None = None,
     ) -> PipesClientCompletedInvocation:
         """The one lifecycle (module doc): session, launch, output, wait, escalation, drain, verdict.
 
@@ -502,7 +504,8 @@ class PipesClient(ABC):
                 (a ``write(bytes)`` callable or a file object).
             on_launched: called with the launched process right after ``launch`` (e.g. to stop it from another
                 thread).
-            logger / external_stream_handler: passed to :func:`open_pipes_session`.
+            logger / external_stream_handler / on_message: passed to :func:`open_pipes_session`; the client's
+                own warnings go to ``logger`` too (default: ``pipes_core``).
 
         Raises:
             PipesExecutionError: the process could not start, failed, was killed, never opened the channel or
@@ -517,11 +520,12 @@ class PipesClient(ABC):
         strict = self.strict if strict is None else strict
         injector, reader = self._channels()
         started = time.monotonic()
-        run = _Run()
+        run = _Run(log=logger or client_logger)
         try:
             with open_pipes_session(context, injector, reader, extras, on_event=on_event,
                                     retain_messages=retain_messages, logger=logger,
                                     external_stream_handler=external_stream_handler,
+                                    on_message=on_message,
                                     warn_unclosed=False) as session:  # said once, below, naming the process
                 run.session = session
                 try:
@@ -544,7 +548,7 @@ class PipesClient(ABC):
                 try:
                     run.process.close()
                 except Exception:
-                    client_logger.exception("[pipes] releasing %s failed", run.description)
+                    run.log.exception("[pipes] releasing %s failed", run.description)
         assert run.session is not None  # the session opened, else we raised above
         invocation = PipesClientCompletedInvocation(
             run.session,
@@ -563,7 +567,7 @@ class PipesClient(ABC):
                 run.error.invocation = invocation
             raise run.error
         self.check(invocation, strict=strict, timed_out=run.timed_out, terminated=run.terminated,
-                   timeout_seconds=timeout_seconds, channel_error=run.channel_error)
+                   timeout_seconds=timeout_seconds, channel_error=run.channel_error, logger=run.log)
         return invocation
 
     def _request(self, session: PipesSession, reader: PipesMessageReader, stdout: PipesOutputTarget | None,
@@ -600,13 +604,12 @@ class PipesClient(ABC):
                 self._start_output(process, reader, run, stdout, stderr)
                 if not process.wait(timeout_seconds):
                     run.timed_out = True
-                    self._stop(process)
+                    self._stop(process, run.log)
             except (KeyboardInterrupt, _TerminationRequested) as interrupt:
                 run.terminated = isinstance(interrupt, _TerminationRequested)
                 if self.forward_termination:
-                    client_logger.warning("[pipes] interrupted: terminating %s (interrupt first)",
-                                          process.description)
-                    self._stop(process)
+                    run.log.warning("[pipes] interrupted: terminating %s (interrupt first)", process.description)
+                    self._stop(process, run.log)
                 if not run.terminated:
                     raise
             except BaseException:  # the run cannot go on (e.g. its output cannot be read): leave nothing running
@@ -656,7 +659,7 @@ class PipesClient(ABC):
 
     # ------------------------------------------------------------------ waiting and termination
 
-    def _stop(self, process: PipesLaunchedProcess) -> None:
+    def _stop(self, process: PipesLaunchedProcess, log: logging.Logger) -> None:
         """interrupt, wait, terminate, wait, kill, wait; then kill again to sweep leftovers.
 
         A second interruption while waiting (Ctrl-C twice) skips the rest of the grace: the process is killed
@@ -673,7 +676,7 @@ class PipesClient(ABC):
             else:
                 process.kill()
                 if not process.wait(KILL_WAIT_SECONDS):
-                    client_logger.error("[pipes] %s did not end %.0f s after kill()", process.description,
+                    log.error("[pipes] %s did not end %.0f s after kill()", process.description,
                                  KILL_WAIT_SECONDS)
         except BaseException:
             process.kill()
@@ -692,6 +695,7 @@ class PipesClient(ABC):
         terminated: bool = False,
         timeout_seconds: float | None = None,
         channel_error: Exception | None = None,
+        logger: logging.Logger | None = None,
     ) -> None:
         """Judge a finished run; raises on failure, every error carrying ``invocation``. In this order:
 
@@ -757,7 +761,7 @@ class PipesClient(ABC):
             issues = "\n".join(f"  - {issue}" for issue in session.protocol_issues[:ERROR_ISSUES_LISTED])
             fail(PipesExecutionError, f"{subject} broke the Pipes protocol {session.issue_count} time(s):\n{issues}")
         if invocation.missing_closed:
-            client_logger.warning(
+            (logger or client_logger).warning(
                 "[pipes] %s opened the channel but never sent closed; buffered messages may be missing", subject
             )
 

@@ -24,6 +24,7 @@ messages from the child's stdout (its other lines are forwarded); ``bootstrap="c
 
 from __future__ import annotations
 
+import logging
 import os
 import shlex
 import signal
@@ -122,6 +123,8 @@ class PipesSubprocessClient(PipesClient):
         strict: raise when the process never opens the channel or breaks the protocol.
         bootstrap: ``"env"`` (default) or ``"cli"`` (the bootstrap params appended to the command as
             ``--dagster-pipes-context VALUE --dagster-pipes-messages VALUE``).
+        inherit_env: start from this process's environment (default); with False the child gets only ``env``
+            (the client's and the run's) and the bootstrap variables.
     """
 
     def __init__(
@@ -136,6 +139,7 @@ class PipesSubprocessClient(PipesClient):
         *,
         strict: bool = True,
         bootstrap: str = BOOTSTRAP_ENV,
+        inherit_env: bool = True,
     ) -> None:
         super().__init__(
             context_injector=context_injector,
@@ -148,6 +152,7 @@ class PipesSubprocessClient(PipesClient):
         )
         self.env = dict(env or {})
         self.cwd = cwd
+        self.inherit_env = inherit_env
 
     def default_context_injector(self) -> PipesContextInjector:
         return PipesTempFileContextInjector()
@@ -171,12 +176,18 @@ class PipesSubprocessClient(PipesClient):
         stdout: PipesOutputTarget | None = None,
         stderr: PipesOutputTarget | None = None,
         on_launched: Callable[[PipesLaunchedProcess], None] | None = None,
+        stdin: int | IO[Any] | None = None,
+        logger: logging.Logger | None = None,
+        external_stream_handler: Callable[[str, str], None] | None = None,
+        on_message: Callable[[dict[str, Any]], None] | None = None,
     ) -> PipesClientCompletedInvocation:
         """Run ``command`` (a list, or a string split with :func:`shlex.split`) in a Pipes session.
 
         ``stdout`` / ``stderr`` (with ``forward_stdio``) redirect the child's output, e.g. stdout to
         ``sys.stderr`` when this process's own stdout carries machine-readable output; a file with a descriptor
         is handed to the child, anything else (a callable, a file object without one) is fed through a pipe.
+        ``stdin`` is passed to :class:`subprocess.Popen` (e.g. ``subprocess.DEVNULL``). ``on_launched``,
+        ``logger``, ``external_stream_handler`` and ``on_message``: see :meth:`PipesClient.run_launcher`.
 
         Raises:
             PipesExecutionError: see the module docstring; ``.invocation`` holds what was received.
@@ -188,26 +199,28 @@ class PipesSubprocessClient(PipesClient):
         if not argv:
             raise PipesUsageError("command is empty")
         child_cwd = cwd or self.cwd
-        extra_env = {**self.env, **(env or {})}
+        base_env = {**(os.environ if self.inherit_env else {}), **self.env, **(env or {})}
 
         def launch(request: PipesLaunchRequest) -> PipesLaunchedProcess:
-            return self._start(argv + request.bootstrap_args, {**os.environ, **extra_env, **request.bootstrap_env},
-                               child_cwd, _popen_target(stdout, request.stdout_needed),
+            return self._start(argv + request.bootstrap_args, {**base_env, **request.bootstrap_env}, child_cwd,
+                               stdin, _popen_target(stdout, request.stdout_needed),
                                _popen_target(stderr, request.stderr_needed))
 
         return self.run_launcher(
             launch, context=context, extras=extras, timeout_seconds=timeout_seconds, strict=strict,
             on_event=on_event, retain_messages=retain_messages, metadata=metadata, stdout=stdout, stderr=stderr,
-            on_launched=on_launched,
+            on_launched=on_launched, logger=logger, external_stream_handler=external_stream_handler,
+            on_message=on_message,
         )
 
-    def _start(self, argv: list[str], env: dict[str, str], cwd: str | None, stdout: int | IO[Any] | None,
-               stderr: int | IO[Any] | None) -> _LocalProcess:
+    def _start(self, argv: list[str], env: dict[str, str], cwd: str | None, stdin: int | IO[Any] | None,
+               stdout: int | IO[Any] | None, stderr: int | IO[Any] | None) -> _LocalProcess:
         try:
             process = subprocess.Popen(
                 argv,
                 env=env,
                 cwd=cwd,
+                stdin=stdin,
                 stdout=stdout,
                 stderr=stderr,
                 # Own process group, so termination reaches grandchildren; a terminal's Ctrl-C then

@@ -24,6 +24,10 @@ from __future__ import annotations
 
 from enum import Enum
 
+TYPE_CHECKING = False  # typing is not imported at run time: start-up stays lean
+if TYPE_CHECKING:
+    from typing import Any
+
 __all__ = [
     "PipesError",
     "PipesProtocolError",
@@ -44,7 +48,7 @@ class PipesError(Exception):
             ``PipesClientCompletedInvocation``); None otherwise.
     """
 
-    invocation: object = None
+    invocation: Any = None
 
 
 class PipesProtocolErrorKind(str, Enum):
