@@ -49,7 +49,7 @@ class PipesChannelOptions:
         interval: how often a blob-store reader polls (None: the backend's default).
         include_stdio_in_messages: ask the external side to send its stdout/stderr as messages (``file``,
             ``tempfile`` and blob-store readers; the ``stdio`` reader gets the output with the messages anyway).
-        max_line_bytes: the ``stdio`` reader's line limit (None: its default).
+        max_line_bytes: the line limit of the ``file``, ``tempfile`` and ``stdio`` readers (None: their default).
         stdio_drain_timeout_seconds: how long the ``stdio`` reader waits for its stream's end (None: default).
     """
 
@@ -111,10 +111,12 @@ def _blob_reader(channel: str) -> Callable[[PipesChannelOptions], PipesMessageRe
     return make
 
 
+def _line_limit(options: PipesChannelOptions) -> dict[str, Any]:
+    return {} if options.max_line_bytes is None else {"max_line_bytes": options.max_line_bytes}
+
+
 def _stdio_reader(options: PipesChannelOptions) -> PipesMessageReader:
-    kwargs: dict[str, Any] = {}
-    if options.max_line_bytes is not None:
-        kwargs["max_line_bytes"] = options.max_line_bytes
+    kwargs: dict[str, Any] = _line_limit(options)
     if options.stdio_drain_timeout_seconds is not None:
         kwargs["drain_timeout_seconds"] = options.stdio_drain_timeout_seconds
     return PipesStdioMessageReader(**kwargs)
@@ -132,9 +134,10 @@ CONTEXT_CHANNELS: dict[str, Callable[[PipesChannelOptions], PipesContextInjector
 
 MESSAGE_CHANNELS: dict[str, Callable[[PipesChannelOptions], PipesMessageReader]] = {
     "file": lambda options: PipesFileMessageReader(
-        _need_path(options, "file message reader"), include_stdio_in_messages=options.include_stdio_in_messages),
+        _need_path(options, "file message reader"), include_stdio_in_messages=options.include_stdio_in_messages,
+        **_line_limit(options)),
     "tempfile": lambda options: PipesTempFileMessageReader(
-        include_stdio_in_messages=options.include_stdio_in_messages),
+        include_stdio_in_messages=options.include_stdio_in_messages, **_line_limit(options)),
     "stdio": _stdio_reader,
     **{name: _blob_reader(name) for name in BLOB_CHANNELS},
 }

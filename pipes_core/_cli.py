@@ -1,7 +1,7 @@
 """The ``pipes`` command line: wrap any command in a Pipes session.
 
     pipes run [--asset KEY]... [--partition KEY] [--extras JSON | --extras-file PATH]
-              [--context-injector env|file|tempfile] [--message-reader file|tempfile]
+              [--context-injector env|file|tempfile] [--message-reader file|tempfile|stdio] [--bootstrap env|cli]
               [--slurm [--sbatch-arg ARG]... [--shared-dir DIR] [--slurm-conf PATH]]
               [--docker IMAGE [--docker-arg ARG]...]
               [--json] [--no-strict] [--fail-on-check-error] [--timeout S]
@@ -39,18 +39,14 @@ from typing import IO, Any, NoReturn
 
 from pipes_ext._protocol import MAX_DECODED_PARAM_BYTES, SEVERITY_ERROR, escape_asset_key, parse_asset_key
 
-from ._client import PipesClient
+from ._channels import PipesChannelOptions, make_context_injector, make_message_reader
+from ._client import BOOTSTRAPS, PipesClient
 from ._errors import PipesError, PipesExecutionError, PipesInterruptedError, PipesTimeoutError, PipesUsageError
 from ._handler import DEFAULT_LOGGER_NAME
-from ._injectors import (
-    PipesContextInjector,
-    PipesEnvContextInjector,
-    PipesFileContextInjector,
-    PipesTempFileContextInjector,
-)
+from ._injectors import PipesContextInjector, PipesEnvContextInjector
 from ._json import event_to_json
 from ._lines import DEFAULT_MAX_LINE_BYTES
-from ._readers import PipesFileMessageReader, PipesMessageReader, PipesTempFileMessageReader
+from ._readers import PipesMessageReader
 from ._results import (
     AssetCheckResult,
     MaterializeResult,
@@ -98,9 +94,13 @@ def _build_parser() -> argparse.ArgumentParser:
     run.add_argument("--context-injector", choices=["env", "file", "tempfile"],
                      help="default tempfile (env with --slurm; file with --context-path)")
     run.add_argument("--context-path", help="context file to create (implies --context-injector file)")
-    run.add_argument("--message-reader", choices=["file", "tempfile"],
-                     help="default tempfile (with --slurm: a file under --shared-dir; file with --messages-path)")
+    run.add_argument("--message-reader", choices=["file", "tempfile", "stdio"],
+                     help="default tempfile (with --slurm: a file under --shared-dir; file with --messages-path); "
+                          "stdio: messages as lines on the command's stdout, its other lines passed through")
     run.add_argument("--messages-path", help="messages file to create (implies --message-reader file)")
+    run.add_argument("--bootstrap", choices=list(BOOTSTRAPS), default="env",
+                     help="cli: append --dagster-pipes-context/--dagster-pipes-messages to the command instead of "
+                          "setting the env vars")
     run.add_argument("--include-stdio", action="store_true",
                      help="ask the process to forward its stdout/stderr as messages")
     run.add_argument("--json", action="store_true", help="one JSON object per event on stdout")
@@ -324,13 +324,9 @@ def _injector(args: argparse.Namespace) -> PipesContextInjector:
         "file" if args.context_path is not None else ("env" if args.slurm else "tempfile"))
     if kind != "file" and args.context_path is not None:
         raise _UsageError(f"--context-path is for --context-injector file, not {kind}")
-    if kind == "env":
-        return PipesEnvContextInjector()
-    if kind == "file":
-        if not args.context_path:
-            raise _UsageError("--context-injector file needs --context-path PATH")
-        return PipesFileContextInjector(args.context_path)
-    return PipesTempFileContextInjector()
+    if kind == "file" and not args.context_path:
+        raise _UsageError("--context-injector file needs --context-path PATH")
+    return make_context_injector(kind, PipesChannelOptions(path=args.context_path))
 
 
 def _reader(args: argparse.Namespace) -> PipesMessageReader:
@@ -338,18 +334,19 @@ def _reader(args: argparse.Namespace) -> PipesMessageReader:
     kind = args.message_reader or ("file" if args.messages_path is not None else "tempfile")
     if kind != "file" and args.messages_path is not None:
         raise _UsageError(f"--messages-path is for --message-reader file, not {kind}")
-    if kind == "file":
-        if not args.messages_path:
-            raise _UsageError("--message-reader file needs --messages-path PATH")
-        return PipesFileMessageReader(args.messages_path, include_stdio_in_messages=args.include_stdio,
-                                      max_line_bytes=args.max_line_bytes)
-    if args.slurm:
+    if kind == "file" and not args.messages_path:
+        raise _UsageError("--message-reader file needs --messages-path PATH")
+    if kind == "stdio" and args.include_stdio:
+        raise _UsageError("--include-stdio does not apply to --message-reader stdio: the command's output already "
+                          "comes with the messages, and is passed through")
+    if kind == "tempfile" and args.slurm:
         from .slurm import PipesSlurmMessageReader
 
         reader = PipesSlurmMessageReader(args.shared_dir, include_stdio_in_messages=args.include_stdio)
         reader.max_line_bytes = args.max_line_bytes
         return reader
-    return PipesTempFileMessageReader(include_stdio_in_messages=args.include_stdio, max_line_bytes=args.max_line_bytes)
+    return make_message_reader(kind, PipesChannelOptions(
+        path=args.messages_path, include_stdio_in_messages=args.include_stdio, max_line_bytes=args.max_line_bytes))
 
 
 def _client(args: argparse.Namespace) -> tuple[PipesClient, dict[str, Any]]:
@@ -363,14 +360,14 @@ def _client(args: argparse.Namespace) -> tuple[PipesClient, dict[str, Any]]:
             if given:
                 raise _UsageError(f"{flag} needs --slurm")
         return PipesSubprocessClient(context_injector=_injector(args), message_reader=_reader(args),
-                                     strict=strict), {}
+                                     strict=strict, bootstrap=args.bootstrap), {}
     from .slurm import PipesSlurmClient, SlurmCommands
 
     if args.shared_dir is not None and not os.path.isdir(args.shared_dir):
         raise _UsageError(f"--shared-dir {args.shared_dir!r} is not a directory")
     client = PipesSlurmClient(shared_dir=args.shared_dir, sbatch_args=args.sbatch_arg,
                               commands=SlurmCommands(slurm_conf=args.slurm_conf), context_injector=_injector(args),
-                              message_reader=_reader(args), strict=strict)
+                              message_reader=_reader(args), strict=strict, bootstrap=args.bootstrap)
     return client, {}
 
 
@@ -388,7 +385,8 @@ def _docker_client(args: argparse.Namespace, strict: bool) -> tuple[PipesClient,
         raise _UsageError(str(exc)) from exc
     client = PipesDockerClient(
         context_injector=None if args.context_injector is None else _injector(args),
-        message_reader=None if args.message_reader is None else _reader(args), strict=strict)
+        message_reader=None if args.message_reader is None else _reader(args), strict=strict,
+        bootstrap=args.bootstrap)
     return client, {"image": args.docker, **options}
 
 

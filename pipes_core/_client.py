@@ -90,6 +90,7 @@ __all__ = [
     "PipesExitStatus",
     "BOOTSTRAP_ENV",
     "BOOTSTRAP_CLI",
+    "BOOTSTRAPS",
     "TERM_GRACE_SECONDS",
     "KILL_WAIT_SECONDS",
     "OUTPUT_TAIL_BYTES",
