@@ -8,7 +8,7 @@ import urllib.request
 
 import pytest
 
-from tests.ray_head import RayHead
+from tests.engines_ray import RayHead
 
 
 def _other_addresses() -> list[str]:

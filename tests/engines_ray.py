@@ -4,6 +4,10 @@
 free one (worker ports chosen by the OS), its temp dir private, usage stats off. Stopping sends SIGTERM to that
 ``ray start`` process, which ends the whole local cluster, then checks that no process of its session is left
 (killing stragglers by their pids). See ../shared/reference/engines.md (Ray section).
+
+The pytest fixture ``ray_head`` (this module is a plugin registered from tests/conftest.py) starts one head
+for the whole run; when Ray cannot run it skips with the reason, and the terminal summary prints it in
+capitals.
 """
 
 from __future__ import annotations
@@ -19,7 +23,10 @@ import tempfile
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Iterator
 from pathlib import Path
+
+import pytest
 
 from conformance._servers import free_port
 
@@ -111,13 +118,21 @@ def unavailable_reason() -> str | None:
     return None
 
 
-def _jobs_api_ready(address: str) -> bool:
+def _answers(url: str) -> bool:
     try:
-        with urllib.request.urlopen(f"{address}/api/jobs/", timeout=2) as response:
+        with urllib.request.urlopen(url, timeout=2) as response:
             json.loads(response.read())
             return bool(response.status == 200)
+    except urllib.error.HTTPError:
+        return True  # up, even if it does not like this request
     except (OSError, ValueError):
         return False
+
+
+def _jobs_api_ready(address: str, agent_port: int) -> bool:
+    """The dashboard's Jobs API answers, and so does the head's job agent (which runs the submitted jobs:
+    until it is up the head answers submissions with "No available agent")."""
+    return _answers(f"{address}/api/jobs/") and _answers(f"http://127.0.0.1:{agent_port}/api/job_agent/jobs/x")
 
 
 def start_head(num_cpus: int = NUM_CPUS, timeout: float = START_TIMEOUT_SECONDS) -> RayHead:
@@ -128,13 +143,13 @@ def start_head(num_cpus: int = NUM_CPUS, timeout: float = START_TIMEOUT_SECONDS)
     # Short path: Ray puts unix sockets under it (108-byte limit).
     temp_dir = tempfile.mkdtemp(prefix="ray-", dir="/tmp")
     log_path = os.path.join(temp_dir, "ray-start.log")
-    dashboard_port, gcs_port = free_port(), free_port()
+    dashboard_port, gcs_port, agent_port = free_port(), free_port(), free_port()
     argv = [
         _ray_binary(), "start", "--head", "--block",
         "--node-ip-address=127.0.0.1", "--dashboard-host=127.0.0.1",
         f"--dashboard-port={dashboard_port}", f"--port={gcs_port}",
         f"--ray-client-server-port={free_port()}",
-        f"--dashboard-agent-listen-port={free_port()}", f"--dashboard-agent-grpc-port={free_port()}",
+        f"--dashboard-agent-listen-port={agent_port}", f"--dashboard-agent-grpc-port={free_port()}",
         f"--runtime-env-agent-port={free_port()}", f"--metrics-export-port={free_port()}",
         f"--object-manager-port={free_port()}", f"--node-manager-port={free_port()}",
         "--min-worker-port=0", "--max-worker-port=0",  # 0: each worker gets a port from the OS
@@ -156,7 +171,7 @@ def start_head(num_cpus: int = NUM_CPUS, timeout: float = START_TIMEOUT_SECONDS)
             raise RayUnavailable(f"cannot run {argv[0]!r}: {exc}") from exc
     head = RayHead(process, temp_dir, log_path, dashboard_port, gcs_port)
     deadline = started + timeout
-    while not _jobs_api_ready(head.address):
+    while not _jobs_api_ready(head.address, agent_port):
         if not head.alive() or time.monotonic() > deadline:
             why = (f"exited with {process.returncode}" if not head.alive()
                    else f"did not answer the Jobs API at {head.address} within {timeout:.0f} s")
@@ -166,3 +181,33 @@ def start_head(num_cpus: int = NUM_CPUS, timeout: float = START_TIMEOUT_SECONDS)
         time.sleep(0.2)  # polling an HTTP endpoint of another process: no event to wait on
     head.started_seconds = time.monotonic() - started
     return head
+
+
+# ------------------------------------------------------------------------------------------------ pytest plugin
+
+# Why the session's head is unavailable (for the loud line in the terminal summary); empty when it ran.
+_SKIP_REASON: list[str] = []
+
+
+@pytest.fixture(scope="session")
+def ray_head() -> Iterator[RayHead]:
+    """One private local Ray head for the whole run (started on first use, stopped at the end of the run)."""
+    if _SKIP_REASON:
+        pytest.skip(_SKIP_REASON[0])
+    try:
+        head = start_head()
+    except RayUnavailable as exc:
+        _SKIP_REASON.append(f"Ray: {exc}")
+        pytest.skip(_SKIP_REASON[0])
+    try:
+        yield head
+    finally:
+        left = head.stop()
+        assert not left, f"Ray processes outlived the head's SIGTERM and were killed: {left}"
+
+
+def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
+    """Say loudly when the Ray tests could not run."""
+    for reason in dict.fromkeys(_SKIP_REASON):
+        terminalreporter.write_sep("!", "RAY TESTS SKIPPED", red=True, bold=True)
+        terminalreporter.write_line(reason, red=True, bold=True)

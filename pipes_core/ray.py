@@ -1,0 +1,511 @@
+"""``PipesRayJobClient``: run a command as a Ray job (Ray Jobs API) in a Pipes session.
+
+Needs the ``ray`` extra (``pip install 'pipes-sdk[ray]'``, which brings ``ray[default]``); ``ray`` is imported
+only when a client first talks to a cluster.
+
+How a run goes:
+
+* the command becomes the job's entrypoint (a list is shell-quoted, a string is used as is). The bootstrap
+  params go into ``runtime_env["env_vars"]`` (merged over the user's own), or with ``bootstrap="cli"`` are
+  appended to the entrypoint as ``--dagster-pipes-context ... --dagster-pipes-messages ...``. The rest of
+  ``runtime_env`` and the entrypoint resources (``entrypoint_num_cpus`` ...) are passed through;
+* the job gets a submission id (``pipes-<12 hex digits>`` unless the run names one); it is logged when the job
+  is submitted (logger ``pipes_core``), and it is in ``invocation.description`` and every error ("the Ray job
+  pipes-... at http://...");
+* messages come by default over the job's log stream (``{"stdio": "stdout"}``: the external process prints
+  them on its stdout, which Ray writes to the job's log together with its stderr and Ray's own lines). The
+  :class:`PipesStdioMessageReader` hands every line that is not a message on as output, so Ray's lines and the
+  job's output are forwarded (to this process's stdout) and never taken for messages. Any other message reader
+  (a blob store, a shared file) can be passed instead; the log is then only forwarded;
+* completion comes from the job status. ``SUCCEEDED`` is exit code 0; ``FAILED`` raises with the driver's exit
+  code and Ray's own message for the job (e.g. a runtime_env that could not be set up); ``STOPPED`` by someone
+  else raises as a killed job;
+* timeout, Ctrl-C (with ``forward_termination``) or SIGTERM: ``stop_job`` (Ray sends the driver SIGTERM, then
+  SIGKILL after ``RAY_JOB_STOP_WAIT_TIME_S``, 3 s by default), wait until the job is terminal, drain the log,
+  raise as :class:`pipes_core.PipesSubprocessClient` does.
+
+The end of the log, without a fixed wait: Ray's log stream (``tail_job_logs``) closes only some seconds after
+the job ends. Once the job status is terminal, the job's log file is complete, so the client stops the stream
+and fetches the log once (``get_job_logs``), handing on only what the stream had not delivered yet: nothing is
+lost or repeated and the run ends as soon as the job does. (The cost: a job's whole log is transferred a second
+time at its end; the stream, which delivers at most 10 lines per read, is often behind for a busy job anyway.)
+The same fetch covers a stream that breaks mid-job.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import shlex
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from typing import Any
+
+from pipes_ext._errors import PipesTransportError, PipesUsageError
+
+from ._client import (
+    BOOTSTRAP_ENV,
+    PipesClient,
+    PipesClientCompletedInvocation,
+    PipesExitStatus,
+    PipesLaunchedProcess,
+    PipesLaunchRequest,
+    client_logger,
+    signal_name,
+)
+from ._errors import PipesExecutionError
+from ._injectors import PipesContextInjector
+from ._readers import PipesMessageReader
+from ._results import PipesEvent
+from ._run_context import PipesRunContext
+from ._stdio import PipesOutputTarget, PipesStdioMessageReader
+
+__all__ = [
+    "PipesRayJobClient",
+    "PipesRayJob",
+    "RAY_EXTRA",
+    "RAY_STATUS_POLL_SECONDS",
+    "RAY_LOG_DRAIN_SECONDS",
+    "RAY_STATUS_FAILURE_SECONDS",
+    "RAY_SUBMIT_RETRY_SECONDS",
+]
+
+# What to install when ray is missing.
+RAY_EXTRA = "pipes-sdk[ray]"
+# How often the job status is asked for while the job runs: one small HTTP request to the dashboard each time;
+# this is also the most a run can outlast its job.
+RAY_STATUS_POLL_SECONDS = 0.1
+# Once the job has ended, how long the default stdio reader waits for the log to be complete (one fetch of the
+# job's log; a bound for a slow cluster, not a wait: the drain returns as soon as the log is in).
+RAY_LOG_DRAIN_SECONDS = 60.0
+# How long the job status may stay unreadable (the dashboard restarting, the network failing) before the run
+# gives up on the cluster.
+RAY_STATUS_FAILURE_SECONDS = 30.0
+# How much of Ray's own message for a failed job goes into the error (Ray already caps it at 20,000 chars).
+RAY_MESSAGE_CHARS = 2000
+# A cluster that has just started may answer the Jobs API before its job agent is up ("No available agent to
+# submit job, please try again later"): the submission is retried for this long, as Ray asks.
+RAY_SUBMIT_RETRY_SECONDS = 60.0
+_NO_AGENT = "No available agent"
+# The prefix of the submission ids the client makes up.
+SUBMISSION_ID_PREFIX = "pipes-"
+
+_TERMINAL = ("SUCCEEDED", "FAILED", "STOPPED")
+
+
+def _import_job_submission() -> Any:
+    try:
+        from ray import job_submission
+    except ImportError as exc:
+        raise PipesUsageError(
+            f"PipesRayJobClient needs the Ray Jobs SDK: pip install '{RAY_EXTRA}' (ray[default]); {exc}"
+        ) from exc
+    return job_submission
+
+
+def _normalise_address(address: str) -> str:
+    """The Jobs API is HTTP(S): ``host:port`` means ``http://host:port`` (Ray would take a bare ``host:port`` for
+    the GCS address and wait ~40 s for it); ``ray://`` is the Ray Client, not the Jobs API."""
+    address = address.strip().rstrip("/")
+    if not address:
+        raise PipesUsageError("the Ray address is empty")
+    if address.startswith("ray://"):
+        raise PipesUsageError(
+            f"{address!r} is a Ray Client address; PipesRayJobClient needs the Jobs API (dashboard) address, "
+            "e.g. http://127.0.0.1:8265"
+        )
+    if "://" not in address:
+        address = "http://" + address
+    return address
+
+
+def _status_name(status: Any) -> str:
+    return str(getattr(status, "value", status))
+
+
+def _first_line(text: str) -> str:
+    """The first line of Ray's message, without the log excerpt it appends (the output tail has the log)."""
+    line = text.strip().splitlines()[0] if text.strip() else ""
+    return line.split(", last available logs", 1)[0]
+
+
+def _submit(client: Any, **kwargs: Any) -> Any:
+    """``submit_job``, retried while the cluster says its job agent is not up yet (see RAY_SUBMIT_RETRY_SECONDS)."""
+    deadline = time.monotonic() + RAY_SUBMIT_RETRY_SECONDS
+    pause = threading.Event()
+    delay = 0.2
+    while True:
+        try:
+            return client.submit_job(**kwargs)
+        except RuntimeError as exc:
+            if _NO_AGENT not in str(exc) or time.monotonic() + delay > deadline:
+                raise
+            client_logger.info("[pipes] the Ray cluster's job agent is not up yet; submitting again in %.1f s", delay)
+        pause.wait(delay)  # the cluster asked to try again later: nothing to wait on but time
+        delay = min(delay * 2, 5.0)
+
+
+class _RayLogStream:
+    """The job's log as an iterable of byte chunks, for the stdio reader's thread (see the module doc).
+
+    Iterating runs a private event loop in the calling thread that drives ``tail_job_logs``; :meth:`job_ended`
+    (from the thread that saw the terminal status) stops the stream at once, then the rest of the log is fetched
+    and yielded. :meth:`close` (any thread) abandons it: the loop is closed by the iterating thread, nothing is
+    left running.
+    """
+
+    def __init__(self, client: Any, submission_id: str) -> None:
+        self._client = client
+        self._submission_id = submission_id
+        self._lock = threading.Lock()
+        self._ended = threading.Event()
+        self._abandoned = False
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._task: asyncio.Future[Any] | None = None
+        self.stream_error: BaseException | None = None
+        self.chars_streamed = 0
+        self.chars_fetched = 0
+
+    def job_ended(self) -> None:
+        self._stop_stream()
+        self._ended.set()
+
+    def close(self) -> None:
+        with self._lock:
+            self._abandoned = True
+        self._stop_stream()
+        self._ended.set()
+
+    def _stop_stream(self) -> None:
+        with self._lock:
+            if self._task is not None and self._loop is not None and not self._loop.is_closed():
+                self._loop.call_soon_threadsafe(self._task.cancel)
+
+    def __iter__(self) -> Iterator[bytes]:
+        delivered = 0
+        for text in self._stream():
+            delivered += len(text)
+            yield text.encode("utf-8")
+        self.chars_streamed = delivered
+        self._ended.wait()
+        with self._lock:
+            if self._abandoned:
+                return
+        rest = self._fetch_rest(delivered)
+        self.chars_fetched = len(rest)
+        if rest:
+            yield rest.encode("utf-8")
+
+    def _fetch_rest(self, delivered: int) -> str:
+        try:
+            logs: str = self._client.get_job_logs(self._submission_id)
+        except Exception as exc:
+            raise PipesTransportError(
+                f"fetching the end of the log of the Ray job {self._submission_id} failed: {exc}"
+            ) from exc
+        return logs[delivered:]
+
+    def _stream(self) -> Iterator[str]:
+        loop = asyncio.new_event_loop()
+        agen = None
+        try:
+            agen = self._client.tail_job_logs(self._submission_id)
+            while True:
+                with self._lock:
+                    if self._ended.is_set() or self._abandoned:
+                        return
+                    task = loop.create_task(agen.__anext__())
+                    self._loop, self._task = loop, task
+                try:
+                    chunk = loop.run_until_complete(task)
+                except (StopAsyncIteration, asyncio.CancelledError):
+                    return
+                finally:
+                    with self._lock:
+                        self._task = None
+                if chunk:
+                    yield chunk
+        except Exception as exc:  # the stream broke: the fetch at the end recovers what it missed
+            self.stream_error = exc
+            client_logger.debug("[pipes] the log stream of the Ray job %s broke: %s", self._submission_id, exc)
+        finally:
+            with self._lock:
+                self._loop = self._task = None
+            try:
+                if agen is not None:
+                    loop.run_until_complete(agen.aclose())
+                loop.run_until_complete(loop.shutdown_asyncgens())
+                loop.run_until_complete(loop.shutdown_default_executor())
+            except Exception:  # closing a broken connection: nothing more to read from it
+                pass
+            finally:
+                loop.close()
+
+
+class PipesRayJob(PipesLaunchedProcess):
+    """One submitted Ray job, as the lifecycle drives it (passed to ``on_launched``).
+
+    Attributes:
+        submission_id: the job's submission id.
+        address: the Jobs API address it was submitted to.
+        client: the ``JobSubmissionClient`` used.
+    """
+
+    poll_interval_seconds = RAY_STATUS_POLL_SECONDS
+
+    def __init__(self, client: Any, address: str, submission_id: str, log: _RayLogStream, log_stream: str) -> None:
+        self.client = client
+        self.address = address
+        self.submission_id = submission_id
+        self.description = f"the Ray job {submission_id} at {address}"
+        self._log = log
+        if log_stream == "stderr":
+            self.stderr = log
+        else:
+            self.stdout = log
+        self._status: str | None = None
+        self._unreadable_since: float | None = None
+        self._stop_requested = False
+
+    def poll(self) -> bool:
+        if self._status in _TERMINAL:
+            return True
+        try:
+            status = _status_name(self.client.get_job_status(self.submission_id))
+        except Exception as exc:
+            now = time.monotonic()
+            if self._unreadable_since is None:
+                self._unreadable_since = now
+            if now - self._unreadable_since > RAY_STATUS_FAILURE_SECONDS:
+                raise PipesTransportError(
+                    f"the status of {self.description} could not be read for {RAY_STATUS_FAILURE_SECONDS:.0f} s: "
+                    f"{type(exc).__name__}: {exc}"
+                ) from exc
+            return False
+        self._unreadable_since = None
+        self._status = status
+        if status in _TERMINAL:
+            self._log.job_ended()
+            return True
+        return False
+
+    def exit_status(self) -> PipesExitStatus:
+        info = self.client.get_job_info(self.submission_id)
+        status = _status_name(info.status)
+        code = getattr(info, "driver_exit_code", None)
+        message = (getattr(info, "message", None) or "").strip()
+        error_type = getattr(info, "error_type", None)
+        if status == "SUCCEEDED":
+            return PipesExitStatus(0 if code is None else code)
+        if status == "STOPPED":
+            who = "by this client" if self._stop_requested else "from outside (stop_job)"
+            return PipesExitStatus(code, killed=True, description=f"was stopped {who} (Ray job state STOPPED)")
+        if code is not None and code < 0:
+            return PipesExitStatus(code, killed=True, description=f"was killed by {signal_name(-code)}")
+        kind = f" ({_status_name(error_type)})" if error_type else ""
+        if code is not None:  # the driver ran: its output, in the error's output tail, says the rest
+            said = _first_line(message)
+        else:  # the driver never ran (e.g. the runtime_env could not be set up): Ray's message is all there is
+            said = message if len(message) <= RAY_MESSAGE_CHARS else (
+                message[: RAY_MESSAGE_CHARS // 4] + "\n[...]\n" + message[-RAY_MESSAGE_CHARS * 3 // 4 :])
+        description = f"ended in Ray job state {status}{kind}" + (f": {said}" if said else "")
+        return PipesExitStatus(code, description=description)
+
+    def _stop(self) -> None:
+        self._stop_requested = True
+        try:
+            self.client.stop_job(self.submission_id)
+        except Exception as exc:  # already gone, or the cluster is unreachable: the wait that follows says
+            client_logger.warning("[pipes] stopping %s failed: %s", self.description, exc)
+
+    def interrupt(self) -> None:
+        if self._status not in _TERMINAL:
+            self._stop()
+
+    def terminate(self) -> None:
+        if self._status not in _TERMINAL:
+            self._stop()
+
+    def kill(self) -> None:
+        if self._status not in _TERMINAL:
+            self._stop()
+
+    def close(self) -> None:
+        self._log.close()
+
+
+class PipesRayJobClient(PipesClient):
+    """Runs a command as a Ray job through the Ray Jobs API (see the module doc).
+
+    Args:
+        address: the Jobs API (dashboard) address, e.g. ``http://127.0.0.1:8265`` (``host:port`` means
+            ``http://host:port``); None lets Ray find it (``RAY_API_SERVER_ADDRESS`` / ``RAY_ADDRESS``).
+        client: a ``ray.job_submission.JobSubmissionClient`` to use instead (``address`` is then ignored).
+        runtime_env: the default ``runtime_env`` of every job (a run's own is merged over it, key by key).
+        context_injector: default: the context inline in an env var (``PipesEnvContextInjector``).
+        message_reader: default: messages on the job's log (:class:`PipesStdioMessageReader`).
+        bootstrap: ``"env"`` (``runtime_env["env_vars"]``) or ``"cli"`` (appended to the entrypoint).
+        forward_termination / forward_stdio / termination_timeout_seconds / strict: as for every
+            :class:`pipes_core.PipesClient`.
+
+    Nothing talks to the cluster before the first run.
+    """
+
+    def __init__(
+        self,
+        address: str | None = None,
+        *,
+        client: Any = None,
+        runtime_env: Mapping[str, Any] | None = None,
+        context_injector: PipesContextInjector | None = None,
+        message_reader: PipesMessageReader | None = None,
+        forward_termination: bool = True,
+        forward_stdio: bool = True,
+        termination_timeout_seconds: float = 20,
+        strict: bool = True,
+        bootstrap: str = BOOTSTRAP_ENV,
+    ) -> None:
+        super().__init__(
+            context_injector=context_injector, message_reader=message_reader,
+            forward_termination=forward_termination, forward_stdio=forward_stdio,
+            termination_timeout_seconds=termination_timeout_seconds, strict=strict, bootstrap=bootstrap,
+        )
+        if runtime_env is not None and not isinstance(runtime_env, Mapping):
+            raise PipesUsageError(f"runtime_env must be a mapping, got {type(runtime_env).__name__}")
+        self.address = None if address is None else _normalise_address(address)
+        self.runtime_env = dict(runtime_env or {})
+        self._client = client
+        self._client_lock = threading.Lock()
+
+    def default_message_reader(self) -> PipesMessageReader:
+        """Messages on the job's log stream; the drain waits for the fetch of the log's end (see module doc)."""
+        return PipesStdioMessageReader(drain_timeout_seconds=RAY_LOG_DRAIN_SECONDS)
+
+    def get_job_client(self) -> Any:
+        """The ``JobSubmissionClient`` (made on first use; raises :class:`PipesExecutionError` naming the address
+        when the cluster cannot be reached)."""
+        with self._client_lock:
+            if self._client is None:
+                job_submission = _import_job_submission()
+                where = self.address or "the address Ray finds (RAY_API_SERVER_ADDRESS / RAY_ADDRESS)"
+                try:
+                    self._client = job_submission.JobSubmissionClient(self.address)
+                except Exception as exc:
+                    raise PipesExecutionError(
+                        f"cannot reach the Ray cluster's Jobs API at {where}: {type(exc).__name__}: {exc}"
+                    ) from exc
+            return self._client
+
+    def _client_address(self, client: Any) -> str:
+        return str(getattr(client, "_address", None) or self.address or "the Ray cluster")
+
+    def run(  # type: ignore[override]  # the documented signature: context and extras, plus its own options
+        self,
+        *,
+        context: PipesRunContext | None = None,
+        command: str | Sequence[str],
+        extras: Mapping[str, Any] | None = None,
+        runtime_env: Mapping[str, Any] | None = None,
+        submission_id: str | None = None,
+        entrypoint_num_cpus: float | None = None,
+        entrypoint_num_gpus: float | None = None,
+        entrypoint_memory: int | None = None,
+        entrypoint_resources: Mapping[str, float] | None = None,
+        job_metadata: Mapping[str, str] | None = None,
+        submit_options: Mapping[str, Any] | None = None,
+        timeout_seconds: float | None = None,
+        strict: bool | None = None,
+        on_event: Callable[[PipesEvent], None] | None = None,
+        retain_messages: bool = True,
+        metadata: Mapping[str, Any] | None = None,
+        stdout: PipesOutputTarget | None = None,
+        on_launched: Callable[[PipesLaunchedProcess], None] | None = None,
+    ) -> PipesClientCompletedInvocation:
+        """Submit ``command`` as a Ray job in a Pipes session and wait for it.
+
+        Args:
+            command: the entrypoint: a shell string, or a list (shell-quoted).
+            runtime_env: merged over the client's ``runtime_env``; its ``env_vars`` are merged too, and the
+                bootstrap env vars go over both.
+            submission_id: the job's id (default ``pipes-<12 hex digits>``).
+            entrypoint_num_cpus / entrypoint_num_gpus / entrypoint_memory / entrypoint_resources: reserved for
+                the entrypoint, as in ``JobSubmissionClient.submit_job``.
+            job_metadata: Ray's own job metadata (strings).
+            submit_options: any other ``submit_job`` keyword argument, passed as is.
+            stdout: where the job's log (its output and Ray's lines) goes instead of this process's stdout.
+            timeout_seconds / strict / on_event / retain_messages / metadata / on_launched: as for every
+                :class:`pipes_core.PipesClient`; ``on_launched`` gets the :class:`PipesRayJob`.
+
+        Raises:
+            PipesExecutionError: the cluster cannot be reached (naming the address), the job was rejected (a bad
+                runtime_env: Ray's reason), failed (driver exit code and Ray's message), was stopped from outside,
+                never opened the channel or broke the protocol. :class:`PipesTimeoutError` and
+                :class:`PipesInterruptedError` after ``stop_job``. ``.invocation`` holds what was received.
+            PipesUsageError: a bad argument, or ray is not installed (naming the extra).
+        """
+        entrypoint = command if isinstance(command, str) else shlex.join(command)
+        if not entrypoint.strip():
+            raise PipesUsageError("command is empty")
+        env = self._runtime_env(runtime_env)
+        if submission_id is not None and not (isinstance(submission_id, str) and submission_id.strip()):
+            raise PipesUsageError(f"submission_id must be a non-empty string, got {submission_id!r}")
+        options: dict[str, Any] = dict(submit_options or {})
+        resources = None if entrypoint_resources is None else dict(entrypoint_resources)
+        for key, value in (("entrypoint_num_cpus", entrypoint_num_cpus), ("entrypoint_num_gpus", entrypoint_num_gpus),
+                           ("entrypoint_memory", entrypoint_memory), ("entrypoint_resources", resources),
+                           ("metadata", None if job_metadata is None else dict(job_metadata))):
+            if value is not None:
+                options[key] = value
+        clashing = {"entrypoint", "runtime_env", "submission_id", "job_id"} & set(options)
+        if clashing:
+            raise PipesUsageError(f"submit_options cannot set {', '.join(sorted(clashing))}: use the run's arguments")
+        client = self.get_job_client()
+        address = self._client_address(client)
+        job_id = submission_id or f"{SUBMISSION_ID_PREFIX}{uuid.uuid4().hex[:12]}"
+
+        def launch(request: PipesLaunchRequest) -> PipesLaunchedProcess:
+            job_env = dict(env)
+            env_vars = {**dict(job_env.get("env_vars") or {}), **request.bootstrap_env}
+            if env_vars:
+                job_env["env_vars"] = env_vars
+            full_entrypoint = entrypoint
+            if request.bootstrap_args:
+                full_entrypoint += " " + shlex.join(request.bootstrap_args)
+            try:
+                submitted = _submit(client, entrypoint=full_entrypoint, runtime_env=job_env or None,
+                                    submission_id=job_id, **options)
+            except Exception as exc:
+                raise PipesExecutionError(
+                    f"the Ray cluster at {address} rejected the job {job_id}: {type(exc).__name__}: {exc}",
+                    exit_code=None,
+                ) from exc
+            client_logger.info("[pipes] submitted the Ray job %s to %s", submitted, address)
+            reader = request.session.message_reader
+            log_stream = reader.stream if isinstance(reader, PipesStdioMessageReader) else "stdout"
+            return PipesRayJob(client, address, str(submitted), _RayLogStream(client, str(submitted)), log_stream)
+
+        return self.run_launcher(
+            launch, context=context, extras=extras, timeout_seconds=timeout_seconds, strict=strict,
+            on_event=on_event, retain_messages=retain_messages, metadata=metadata, stdout=stdout, stderr=stdout,
+            on_launched=on_launched,
+        )
+
+    def _runtime_env(self, runtime_env: Mapping[str, Any] | None) -> dict[str, Any]:
+        if runtime_env is not None and not isinstance(runtime_env, Mapping):
+            raise PipesUsageError(f"runtime_env must be a mapping, got {type(runtime_env).__name__}")
+        merged = {**self.runtime_env, **dict(runtime_env or {})}
+        env_vars: dict[str, Any] = {}
+        for source in (self.runtime_env, runtime_env or {}):
+            given = source.get("env_vars")
+            if given is None:
+                continue
+            if not isinstance(given, Mapping):
+                raise PipesUsageError(f"runtime_env['env_vars'] must be a mapping, got {type(given).__name__}")
+            env_vars.update(given)
+        bad = sorted(k for k, v in env_vars.items() if not isinstance(k, str) or not isinstance(v, str))
+        if bad:
+            raise PipesUsageError(f"runtime_env['env_vars'] must map strings to strings; not so for: {bad}")
+        if env_vars:
+            merged["env_vars"] = env_vars
+        return merged
