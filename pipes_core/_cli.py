@@ -4,6 +4,7 @@
               [--context-injector env|file|tempfile] [--message-reader file|tempfile|stdio] [--bootstrap env|cli]
               [--slurm [--sbatch-arg ARG]... [--shared-dir DIR] [--slurm-conf PATH]]
               [--docker IMAGE [--docker-arg ARG]...]
+              [--ray ADDRESS]
               [--json] [--no-strict] [--fail-on-check-error] [--timeout S]
               [--max-line-bytes N] -- COMMAND [ARG]...
 
@@ -122,6 +123,10 @@ def _build_parser() -> argparse.ArgumentParser:
     docker.add_argument("--docker-arg", action="append", default=[], metavar="ARG",
                         help="a docker run flag, e.g. --docker-arg=--network=none --docker-arg=-v=/d:/d:ro "
                              "(repeatable; see pipes_core.docker.DOCKER_RUN_FLAGS)")
+    ray = run.add_argument_group("Ray", "run the command as a Ray job (the Jobs API of a Ray cluster)")
+    ray.add_argument("--ray", metavar="ADDRESS",
+                     help="submit COMMAND as a Ray job to this Jobs API (dashboard) address, e.g. "
+                          "http://127.0.0.1:8265; messages over the job's log unless --message-reader is given")
     run.add_argument("--max-line-bytes", type=_positive_int, metavar="N", default=DEFAULT_MAX_LINE_BYTES,
                      help="skip and report message lines longer than N bytes (default 64 MiB)")
     run.add_argument("command", nargs=argparse.REMAINDER, help="-- COMMAND [ARG]...")
@@ -352,6 +357,8 @@ def _reader(args: argparse.Namespace) -> PipesMessageReader:
 def _client(args: argparse.Namespace) -> tuple[PipesClient, dict[str, Any]]:
     """The client for the run, and the options its ``run`` takes beyond the common ones."""
     strict = not args.no_strict
+    if args.ray is not None:
+        return _ray_client(args, strict)
     if args.docker is not None or args.docker_arg:
         return _docker_client(args, strict)
     if not args.slurm:
@@ -388,6 +395,22 @@ def _docker_client(args: argparse.Namespace, strict: bool) -> tuple[PipesClient,
         message_reader=None if args.message_reader is None else _reader(args), strict=strict,
         bootstrap=args.bootstrap)
     return client, {"image": args.docker, **options}
+
+
+def _ray_client(args: argparse.Namespace, strict: bool) -> tuple[PipesClient, dict[str, Any]]:
+    """``--ray ADDRESS``: the job may run on another node, so its channels are the client's defaults (the context
+    in an env var, messages over the job's log) unless given."""
+    if args.slurm or args.docker is not None:
+        raise _UsageError("--ray cannot be combined with --slurm or --docker")
+    from .ray import PipesRayJobClient
+
+    try:
+        client = PipesRayJobClient(
+            args.ray, context_injector=None if args.context_injector is None else _injector(args),
+            message_reader=None if args.message_reader is None else _reader(args), strict=strict)
+    except PipesUsageError as exc:
+        raise _UsageError(str(exc)) from exc
+    return client, {}
 
 
 def _run(args: argparse.Namespace, out: IO[str]) -> int:

@@ -228,7 +228,8 @@ class _RayLogStream:
                     yield chunk
         except Exception as exc:  # the stream broke: the fetch at the end recovers what it missed
             self.stream_error = exc
-            client_logger.debug("[pipes] the log stream of the Ray job %s broke: %s", self._submission_id, exc)
+            client_logger.warning("[pipes] the log stream of the Ray job %s broke (%s: %s); the rest of its log "
+                                  "is fetched when it ends", self._submission_id, type(exc).__name__, exc)
         finally:
             with self._lock:
                 self._loop = self._task = None

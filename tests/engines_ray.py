@@ -41,6 +41,10 @@ NUM_CPUS = 2
 class RayUnavailable(RuntimeError):
     """Ray cannot run here: not installed, or the head did not come up (the message says why)."""
 
+    def __init__(self, message: str, *, exited: bool = False) -> None:
+        super().__init__(message)
+        self.exited = exited  # the head started and exited (worth another try), rather than never answering
+
 
 def _ray_binary() -> str:
     candidate = Path(sys.executable).parent / "ray"
@@ -135,8 +139,23 @@ def _jobs_api_ready(address: str, agent_port: int) -> bool:
     return _answers(f"{address}/api/jobs/") and _answers(f"http://127.0.0.1:{agent_port}/api/job_agent/jobs/x")
 
 
+# Ray gives its raylet a fixed 30 s to register at start-up; on a heavily loaded machine that can fail, and a
+# second try usually does not.
+START_ATTEMPTS = 2
+
+
 def start_head(num_cpus: int = NUM_CPUS, timeout: float = START_TIMEOUT_SECONDS) -> RayHead:
     """Start a head and wait until its Jobs API answers. Raises :class:`RayUnavailable` with the reason."""
+    for attempt in range(1, START_ATTEMPTS + 1):
+        try:
+            return _start_head_once(num_cpus, timeout)
+        except RayUnavailable as exc:
+            if attempt == START_ATTEMPTS or not exc.exited:
+                raise
+    raise AssertionError("unreachable")
+
+
+def _start_head_once(num_cpus: int, timeout: float) -> RayHead:
     reason = unavailable_reason()
     if reason:
         raise RayUnavailable(reason)
@@ -176,8 +195,9 @@ def start_head(num_cpus: int = NUM_CPUS, timeout: float = START_TIMEOUT_SECONDS)
             why = (f"exited with {process.returncode}" if not head.alive()
                    else f"did not answer the Jobs API at {head.address} within {timeout:.0f} s")
             tail = head.log_tail()
+            exited = not head.alive()
             head.stop()
-            raise RayUnavailable(f"the Ray head {why}; its output ends with:\n{tail}")
+            raise RayUnavailable(f"the Ray head {why}; its output ends with:\n{tail}", exited=exited)
         time.sleep(0.2)  # polling an HTTP endpoint of another process: no event to wait on
     head.started_seconds = time.monotonic() - started
     return head
