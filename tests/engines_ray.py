@@ -139,9 +139,9 @@ def _jobs_api_ready(address: str, agent_port: int) -> bool:
     return _answers(f"{address}/api/jobs/") and _answers(f"http://127.0.0.1:{agent_port}/api/job_agent/jobs/x")
 
 
-# Ray gives its raylet a fixed 30 s to register at start-up; on a heavily loaded machine that can fail, and a
-# second try usually does not.
-START_ATTEMPTS = 2
+# Ray gives its raylet a fixed 30 s to register at start-up; on a heavily loaded machine that can fail, and
+# another try usually does not.
+START_ATTEMPTS = 3
 
 
 def start_head(num_cpus: int = NUM_CPUS, timeout: float = START_TIMEOUT_SECONDS) -> RayHead:
@@ -174,6 +174,7 @@ def _start_head_once(num_cpus: int, timeout: float) -> RayHead:
         "--min-worker-port=0", "--max-worker-port=0",  # 0: each worker gets a port from the OS
         f"--num-cpus={num_cpus}", "--disable-usage-stats", f"--temp-dir={temp_dir}",
         "--log-style=record", "--log-color=false",
+        "--include-log-monitor=false",  # streams workers' logs to drivers: jobs' logs are written without it
     ]
     env = {k: v for k, v in os.environ.items() if not k.startswith(("DAGSTER_PIPES_", "RAY_"))}
     env["RAY_USAGE_STATS_ENABLED"] = "0"

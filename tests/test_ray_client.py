@@ -325,3 +325,59 @@ def test_another_message_channel_with_the_log_only_forwarded(
     )
     assert invocation.get_custom_messages() == [{"via": "file"}]
     assert "output through the log\n" in output.text
+
+
+# ------------------------------------------------------------------------------------------------ command line
+
+
+def test_pipes_run_ray_prints_the_events_and_exits_with_the_jobs_code(
+    ray_head: RayHead, write_script: Callable[..., Path]
+) -> None:
+    import json
+    import subprocess
+
+    from tests.conftest import REPO_ROOT
+
+    script = write_script(
+        """
+        import sys
+        from pipes_ext import open_pipes
+        with open_pipes() as pipes:
+            pipes.report_asset_materialization(metadata={"n": 1})
+            pipes.report_custom_message({"from": "ray"})
+            print("job output")
+        sys.exit(4)
+        """
+    )
+    proc = subprocess.run(
+        [PY, "-m", "pipes_core", "run", "--asset", "r/a", "--json", "--ray", ray_head.address, "--", PY, str(script)],
+        cwd=REPO_ROOT, capture_output=True, text=True, timeout=JOB_DEADLINE_SECONDS,
+    )
+    assert proc.returncode == 4, proc.stderr[-2000:]
+    events = [json.loads(line) for line in proc.stdout.splitlines()]
+    kinds = [e["event"] for e in events]
+    assert "materialization" in kinds and "custom_message" in kinds and kinds[-1] == "summary"
+    assert events[-1]["exit_code"] == 4 and "Ray job pipes-" in events[-1]["error"]
+    assert "job output" in proc.stderr and "Traceback" not in proc.stderr
+
+
+# ------------------------------------------------------------------------------------------------ interop
+
+
+@pytest.mark.interop
+def test_a_dagster_pipes_script_runs_under_our_ray_client(ray_head: RayHead, write_script: Callable[..., Path]) -> None:
+    script = write_script(
+        """
+        from dagster_pipes import open_dagster_pipes
+        with open_dagster_pipes() as pipes:
+            pipes.log.info("from dagster_pipes")
+            pipes.report_asset_materialization(metadata={"rows": 3})
+            pipes.report_custom_message({"ok": True})
+        """
+    )
+    invocation = PipesRayJobClient(ray_head.address).run(
+        context=PipesRunContext(asset_keys=["interop"]), command=[PY, str(script)], stdout=Output()
+    )
+    assert invocation.get_custom_messages() == [{"ok": True}]
+    [result] = invocation.get_results()
+    assert result.asset_key == "interop" and result.metadata["rows"].value == 3
