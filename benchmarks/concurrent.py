@@ -1,6 +1,7 @@
 """``python -m benchmarks.concurrent [--sessions N] [--sleep S] [--messages M] [--only VARIANT ...]``
 
-N concurrent sessions, each child opening, sleeping S seconds, sending M custom messages and closing, run three
+N concurrent sessions, each child opening, waiting until all have opened, sleeping S seconds, sending M custom
+messages and closing, run three
 ways side by side in one run, each in a fresh process of its own so its threads and memory are its own:
 
 * ``async``: our :class:`PipesAsyncSubprocessClient`, N tasks in one event loop;
@@ -10,7 +11,7 @@ ways side by side in one run, each in a fresh process of its own so its threads 
 
 Reported per variant: messages delivered in order per session, the orchestrator's peak thread count, its memory
 growth per concurrent session (RSS once every child has opened, minus the RSS before the first launch), its CPU
-while every child sleeps (from the moment the last ``opened`` arrived to the first message after the sleep), and
+while every child sleeps (from the barrier's release to the first message after the sleep), and
 the total wall time against the slowest single session. The child is the same small ``pipes_ext`` script for all
 three (``python -S``). Not a test: nothing here asserts on time.
 """
@@ -31,11 +32,15 @@ from pathlib import Path
 from typing import Any
 
 REPO = Path(__file__).resolve().parent.parent
+# The child opens, waits at a barrier until every child has opened (opening a FIFO for reading blocks, at no CPU
+# cost, until the orchestrator opens its other end), sleeps, sends its messages and closes. Without the barrier
+# the sleeps would not overlap: starting 500 Python processes takes longer than 2 s on 2 CPUs.
 CHILD = """
-import sys, time
+import os, sys, time
 from pipes_ext import open_pipes
-sleep, count = float(sys.argv[1]), int(sys.argv[2])
+barrier, sleep, count = sys.argv[1], float(sys.argv[2]), int(sys.argv[3])
 with open_pipes() as pipes:
+    os.close(os.open(barrier, os.O_RDONLY))
     time.sleep(sleep)
     for i in range(count):
         pipes.report_custom_message({"seq": i})
@@ -73,8 +78,15 @@ class Probe:
         with self.lock:
             self.opened += 1
             if self.opened == self.sessions:
-                self.all_opened_at = (time.monotonic(), _cpu_seconds(), _rss_bytes())
                 self.all_opened.set()
+
+    def release(self, barrier: str, stop: threading.Event) -> None:
+        """Once every child has opened: measure, then open the barrier (every child then sleeps)."""
+        while not self.all_opened.wait(0.05):
+            if stop.is_set():
+                return
+        self.all_opened_at = (time.monotonic(), _cpu_seconds(), _rss_bytes())
+        os.close(os.open(barrier, os.O_WRONLY))
 
     def on_message(self, session: int, seq: int) -> None:
         with self.lock:
@@ -84,7 +96,7 @@ class Probe:
 
     def sample_threads(self, stop: threading.Event) -> None:
         while not stop.wait(0.05):
-            self.peak_threads = max(self.peak_threads, threading.active_count() - 1)  # not counting this sampler
+            self.peak_threads = max(self.peak_threads, threading.active_count() - 2)  # not this one, nor release
 
 
 def _event_callback(probe: Probe, index: int) -> Callable[[Any], None]:
@@ -98,8 +110,8 @@ def _event_callback(probe: Probe, index: int) -> Callable[[Any], None]:
     return on_event
 
 
-def _child_command(script: str, sleep: float, messages: int) -> list[str]:
-    return [sys.executable, "-S", script, str(sleep), str(messages)]
+def _child_command(script: str, barrier: str, sleep: float, messages: int) -> list[str]:
+    return [sys.executable, "-S", script, barrier, str(sleep), str(messages)]
 
 
 def _child_env() -> dict[str, str]:
@@ -201,7 +213,9 @@ def measure(variant: str, sessions: int, sleep: float, messages: int) -> dict[st
     with tempfile.TemporaryDirectory() as tmp:
         script = os.path.join(tmp, "child.py")
         Path(script).write_text(CHILD, encoding="utf-8")
-        command = _child_command(script, sleep, messages)
+        barrier = os.path.join(tmp, "barrier")
+        os.mkfifo(barrier)
+        command = _child_command(script, barrier, sleep, messages)
         if variant == "dagster":  # import the framework before the baseline, as the others import ours
             import dagster  # noqa: F401
         import pipes_core
@@ -210,14 +224,17 @@ def measure(variant: str, sessions: int, sleep: float, messages: int) -> dict[st
         probe = Probe(sessions)
         stop = threading.Event()
         sampler = threading.Thread(target=probe.sample_threads, args=(stop,), daemon=True)
+        releaser = threading.Thread(target=probe.release, args=(barrier, stop), daemon=True)
         sampler.start()
-        threads_before = threading.active_count() - 1
+        releaser.start()
+        threads_before = threading.active_count() - 2
         rss_before = _rss_bytes()
         started = time.monotonic()
         RUNNERS[variant](probe, command)
         wall = time.monotonic() - started
         stop.set()
         sampler.join()
+        releaser.join()
     in_order = sum(seen == list(range(messages)) for seen in probe.seen.values())
     result: dict[str, Any] = {
         "variant": variant,

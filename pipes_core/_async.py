@@ -54,7 +54,7 @@ from ._client import (
 )
 from ._errors import PipesExecutionError
 from ._handler import PipesMessageHandler
-from ._injectors import PipesContextInjector, PipesEnvContextInjector
+from ._injectors import PipesContextInjector, PipesEnvContextInjector, PipesTempFileContextInjector
 from ._readers import (
     IDLE_WAKE_SECONDS,
     MESSAGES_FILE_NAME,
@@ -449,10 +449,14 @@ async def _entered_on_executor(manager: AbstractContextManager[Any]) -> AsyncIte
         await _in_executor(manager.__exit__, None, None, None)
 
 
+# Injectors whose enter and exit cost at most a small local file write: run on the loop itself.
+_LOCAL_INJECTORS = (PipesEnvContextInjector, PipesTempFileContextInjector)
+
+
 @asynccontextmanager
 async def _injected(injector: PipesContextInjector, context_data: Any) -> AsyncIterator[Any]:
     manager = injector.inject_context(context_data)
-    if isinstance(injector, PipesEnvContextInjector):  # no I/O: no hop to the executor
+    if type(injector) in _LOCAL_INJECTORS:  # no I/O, or one small local file: no hop to the executor
         with manager as params:
             yield params
         return
