@@ -35,9 +35,10 @@ import subprocess
 import sys
 import tempfile
 import time
+import weakref
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from contextlib import AbstractContextManager, asynccontextmanager
-from typing import Any, cast
+from typing import Any, ClassVar, cast
 
 from pipes_ext._errors import PipesError, PipesTransportError, PipesUsageError
 from pipes_ext._protocol import STREAM_STDERR, STREAM_STDOUT
@@ -76,7 +77,7 @@ from ._stdio import (
 )
 from ._stdio import _LineSplitter as _StdioSplitter
 from ._subprocess import PipesSubprocessClient
-from ._watch import POLL_MAX_SECONDS, POLL_MIN_SECONDS, open_inotify
+from ._watch import POLL_MAX_SECONDS, POLL_MIN_SECONDS, InotifyGroup
 
 __all__ = [
     "PipesAsyncMessageReader",
@@ -128,48 +129,116 @@ class PipesAsyncMessageReader:
         return f"Messages were expected through {self.describe()}."
 
 
+# With inotify, an idle async file reader's safety-net re-read backs off from IDLE_WAKE_SECONDS to this. inotify
+# sees every write made through this kernel; the re-read only covers a missed event, so an idle session can wait
+# longer, and hundreds of idle sessions in one loop then cost about a hundred wake-ups a second, not a thousand.
+ASYNC_IDLE_WAKE_MAX_SECONDS = 5.0
+
+
+class _LoopInotify:
+    """The one inotify group of an event loop, shared by its async file readers (see :class:`InotifyGroup`): its
+    descriptor is registered with the loop, and an event wakes the readers of that file. Closed when its last
+    watch goes; kept per loop (never shared between loops)."""
+
+    _by_loop: ClassVar[weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _LoopInotify]] = weakref.WeakKeyDictionary()
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, group: InotifyGroup) -> None:
+        self.loop = loop
+        self.group = group
+        self.wakers: dict[int, set[_AsyncFileWaker]] = {}
+        loop.add_reader(group.fd, self._on_ready)
+
+    @classmethod
+    def watch(cls, path: str, waker: _AsyncFileWaker) -> tuple[_LoopInotify, int] | None:
+        """Watch ``path`` for ``waker``; None where inotify is not available (the caller polls)."""
+        loop = asyncio.get_running_loop()
+        shared = cls._by_loop.get(loop)
+        if shared is None:
+            group = InotifyGroup()
+            if not group.open():
+                return None
+            shared = cls._by_loop[loop] = cls(loop, group)
+        wd = shared.group.add(path)
+        if wd < 0:
+            shared._release_if_unused()
+            return None
+        shared.wakers.setdefault(wd, set()).add(waker)
+        return shared, wd
+
+    def unwatch(self, wd: int, waker: _AsyncFileWaker) -> None:
+        wakers = self.wakers.get(wd)
+        if wakers is not None:
+            wakers.discard(waker)
+            if not wakers:
+                del self.wakers[wd]
+                self.group.remove(wd)
+        self._release_if_unused()
+
+    def _release_if_unused(self) -> None:
+        if not self.wakers and self.group.fd >= 0:
+            self.loop.remove_reader(self.group.fd)
+            self.group.close()
+            self._by_loop.pop(self.loop, None)
+
+    def _on_ready(self) -> None:
+        for wd in self.group.read_events():
+            for waker in list(self.wakers.get(wd, ())):
+                waker.wake()
+
+
 class _AsyncFileWaker:
-    """Wakes a waiting tailer when its file is written (inotify descriptor on the loop) or after a timeout."""
+    """Wakes a waiting follower when its file is written (the loop's shared inotify group) or after a timeout (a
+    loop timer: no task, no thread)."""
 
     def __init__(self, path: str, use_inotify: bool) -> None:
         self.path = path
-        self._event = asyncio.Event()
-        self._fd = open_inotify(path) if use_inotify else -1
+        self._loop = asyncio.get_running_loop()
+        self._waiter: asyncio.Future[None] | None = None
+        self._woken = False
+        self._watch = _LoopInotify.watch(path, self) if use_inotify else None
         self._poll = POLL_MIN_SECONDS
-        if self._fd >= 0:
-            asyncio.get_running_loop().add_reader(self._fd, self._on_ready)
+        self._idle = IDLE_WAKE_SECONDS
 
     @property
     def uses_inotify(self) -> bool:
-        return self._fd >= 0
-
-    def _on_ready(self) -> None:
-        try:
-            while os.read(self._fd, 65536):
-                pass
-        except BlockingIOError:
-            pass
-        self._event.set()
+        return self._watch is not None
 
     def data_seen(self) -> None:
         self._poll = POLL_MIN_SECONDS
+        self._idle = IDLE_WAKE_SECONDS
 
-    async def wait(self, timeout: float) -> None:
-        if self._fd < 0:  # the polling fallback backs off while idle, as the sync watcher does
-            timeout = min(timeout, self._poll)
+    async def wait(self) -> None:
+        """Until the file is written, :meth:`wake` is called, or the current idle interval passes."""
+        if self._woken:
+            self._woken = False
+            return
+        if self._watch is not None:
+            timeout = self._idle
+            self._idle = min(self._idle * 2, ASYNC_IDLE_WAKE_MAX_SECONDS)
+        else:  # the polling fallback backs off while idle, as the sync watcher does
+            timeout = self._poll
             self._poll = min(self._poll * 2, POLL_MAX_SECONDS)
-        with contextlib.suppress(asyncio.TimeoutError):
-            await asyncio.wait_for(self._event.wait(), timeout)
-        self._event.clear()
+        waiter = self._waiter = self._loop.create_future()
+        timer = self._loop.call_later(timeout, self.wake)
+        try:
+            await waiter
+        finally:
+            timer.cancel()
+            self._waiter = None
+            self._woken = False
 
     def wake(self) -> None:
-        self._event.set()
+        waiter = self._waiter
+        if waiter is None:
+            self._woken = True  # the next wait() returns at once
+        elif not waiter.done():
+            waiter.set_result(None)
 
     def close(self) -> None:
-        if self._fd >= 0:
-            asyncio.get_running_loop().remove_reader(self._fd)
-            fd, self._fd = self._fd, -1
-            os.close(fd)
+        if self._watch is not None:
+            shared, wd = self._watch
+            self._watch = None
+            shared.unwatch(wd, self)
 
 
 class PipesAsyncFileMessageReader(PipesAsyncMessageReader):
@@ -228,7 +297,7 @@ class PipesAsyncFileMessageReader(PipesAsyncMessageReader):
                     break
                 if got_data:
                     waker.data_seen()
-                await waker.wait(IDLE_WAKE_SECONDS)
+                await waker.wait()
             follower.end()
         finally:
             finish_waiter.cancel()

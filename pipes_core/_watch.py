@@ -12,10 +12,11 @@ from __future__ import annotations
 import ctypes
 import os
 import select
+import struct
 import sys
 import threading
 
-__all__ = ["FileWatcher", "open_inotify", "POLL_MIN_SECONDS", "POLL_MAX_SECONDS"]
+__all__ = ["FileWatcher", "InotifyGroup", "open_inotify", "POLL_MIN_SECONDS", "POLL_MAX_SECONDS"]
 
 # Polling fallback: 1 ms right after data arrived, doubling while idle up to 50 ms. Latency stays low while a
 # process is chatty and an idle reader wakes 20 times a second at most.
@@ -51,18 +52,66 @@ def _find_libc() -> ctypes.CDLL | None:
 
 
 def open_inotify(path: str) -> int:
-    """A non-blocking inotify descriptor watching ``path`` for writes, or -1 where inotify is not available. Shared by
-    :class:`FileWatcher` and the asyncio file reader (which registers the descriptor with its loop)."""
-    libc = _load_libc()
-    if libc is None:
+    """A non-blocking inotify descriptor watching ``path`` for writes (a group of one), or -1 where inotify is not
+    available (or the user's instance limit is reached)."""
+    group = InotifyGroup()
+    if not group.open():
         return -1
-    fd = libc.inotify_init1(_IN_NONBLOCK | _IN_CLOEXEC)
-    if fd < 0:
+    if group.add(path) < 0:
+        group.close()
         return -1
-    if libc.inotify_add_watch(fd, os.fsencode(path), _IN_MODIFY | _IN_CLOSE_WRITE) < 0:
-        os.close(fd)
-        return -1
-    return int(fd)
+    return group.fd
+
+
+class InotifyGroup:
+    """One inotify descriptor watching many files: the kernel allows few inotify instances per user
+    (``fs.inotify.max_user_instances``, 128 by default) but many watches, so hundreds of readers in one event loop
+    share one group. No I/O in the constructor; :meth:`open` sets it up. Not thread-safe (one loop uses it)."""
+
+    def __init__(self) -> None:
+        self.fd = -1
+        self._libc: ctypes.CDLL | None = None
+
+    def open(self) -> bool:
+        """Create the descriptor (non-blocking); False where inotify is not available."""
+        libc = _load_libc()
+        if libc is None:
+            return False
+        fd = libc.inotify_init1(_IN_NONBLOCK | _IN_CLOEXEC)
+        if fd < 0:
+            return False
+        self.fd, self._libc = int(fd), libc
+        return True
+
+    def add(self, path: str) -> int:
+        """Watch ``path`` for writes; its watch descriptor (the same for the same file), or -1 on failure."""
+        assert self._libc is not None, "open() first"
+        return int(self._libc.inotify_add_watch(self.fd, os.fsencode(path), _IN_MODIFY | _IN_CLOSE_WRITE))
+
+    def remove(self, wd: int) -> None:
+        if self._libc is not None and self.fd >= 0:
+            self._libc.inotify_rm_watch(self.fd, wd)  # fails harmlessly for a file already gone
+
+    def read_events(self) -> set[int]:
+        """The watch descriptors with events since the last call (without blocking)."""
+        wds: set[int] = set()
+        while True:
+            try:
+                data = os.read(self.fd, 65536)
+            except BlockingIOError:
+                return wds
+            if not data:
+                return wds
+            offset = 0
+            while offset + 16 <= len(data):  # struct inotify_event: int wd; uint32 mask, cookie, len; name[len]
+                wd, _mask, _cookie, length = struct.unpack_from("iIII", data, offset)
+                wds.add(wd)
+                offset += 16 + length
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            fd, self.fd = self.fd, -1
+            os.close(fd)
 
 
 class FileWatcher:

@@ -120,17 +120,29 @@ def fd_count() -> int:
     return len(os.listdir("/proc/self/fd"))
 
 
+def inotify_fds() -> int:
+    count = 0
+    for fd in os.listdir("/proc/self/fd"):
+        try:
+            count += os.readlink(f"/proc/self/fd/{fd}") == "anon_inode:inotify"
+        except OSError:
+            pass
+    return count
+
+
 # ---------------------------------------------------------------------------------------------- many sessions
 
 
 def test_many_sessions_in_one_loop_deliver_every_message_in_order(
     tmp_path: Path, temp_dir: Path, run_async: Callable[..., Any], no_new_children: None
 ) -> None:
-    sessions, count = 40, 200
+    # More sessions than the default per-user limit of inotify instances (128): the loop's readers share one.
+    sessions, count = 140, 100
     command = child(tmp_path, COUNTING)
     threads_before = threading.active_count()
     fds_before = fd_count()
     peak_threads = [0]
+    peak_inotify = [0]
 
     async def one(index: int) -> list[int]:
         seen: list[int] = []
@@ -138,6 +150,8 @@ def test_many_sessions_in_one_loop_deliver_every_message_in_order(
         def on_event(event: PipesEvent) -> None:
             if isinstance(event, PipesCustomMessageEvent):
                 seen.append(event.payload["seq"])
+            else:
+                peak_inotify[0] = max(peak_inotify[0], inotify_fds())
             peak_threads[0] = max(peak_threads[0], threading.active_count())
 
         client = PipesAsyncSubprocessClient(
@@ -161,6 +175,7 @@ def test_many_sessions_in_one_loop_deliver_every_message_in_order(
     assert peak_threads[0] - threads_before <= min(32, (os.cpu_count() or 1) + 4)
     assert threading.active_count() == threads_before
     assert fd_count() == fds_before
+    assert peak_inotify[0] == 1  # one inotify descriptor for the whole loop
 
 
 def test_the_async_session_is_the_sync_session_api(tmp_path: Path, run_async: Callable[..., Any]) -> None:
