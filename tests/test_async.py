@@ -248,18 +248,21 @@ def test_cancelling_while_the_child_runs_stops_its_group_and_drains(
     pids: list[int] = []
 
     async def main() -> BaseException:
-        started = asyncio.Event()
+        started, got_pid = asyncio.Event(), asyncio.Event()
 
         def on_event(event: PipesEvent) -> None:
             if isinstance(event, PipesCustomMessageEvent):
                 started.set()
 
+        def on_stdout(data: bytes) -> None:  # the child's pid, printed right after its message
+            pids.append(int(data))
+            got_pid.set()
+
         client = PipesAsyncSubprocessClient(message_reader=PipesAsyncTempFileMessageReader(dir=str(temp_dir)),
                                             termination_timeout_seconds=5,
                                             forward_stdio=True)
-        task = asyncio.ensure_future(client.run(command=command, on_event=on_event,
-                                                stdout=lambda data: pids.append(int(data))))
-        await asyncio.wait_for(started.wait(), 30)
+        task = asyncio.ensure_future(client.run(command=command, on_event=on_event, stdout=on_stdout))
+        await asyncio.wait_for(asyncio.gather(started.wait(), got_pid.wait()), 30)
         task.cancel()
         try:
             await task
