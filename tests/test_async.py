@@ -175,7 +175,9 @@ def test_many_sessions_in_one_loop_deliver_every_message_in_order(
     assert peak_threads[0] - threads_before <= min(32, (os.cpu_count() or 1) + 4)
     assert threading.active_count() == threads_before
     assert fd_count() == fds_before
-    assert peak_inotify[0] == 1  # one inotify descriptor for the whole loop
+    # One inotify descriptor for the whole loop at most (none when the user's instances, shared with every other
+    # process of the same user on the machine, are all taken: the readers then poll, and still lose nothing).
+    assert peak_inotify[0] <= 1
 
 
 def test_the_async_session_is_the_sync_session_api(tmp_path: Path, run_async: Callable[..., Any]) -> None:
