@@ -23,6 +23,7 @@ from pipes_ext._protocol import (
     METADATA_RAW_VALUE,
     METADATA_TYPE,
     METADATA_TYPE_INFER,
+    check_json_depth,
     encode_param,
 )
 from pipes_ext._types import PipesContextData, PipesExtras, PipesParams
@@ -345,6 +346,7 @@ class SessionSetup:
             raise PipesUsageError("extras must be a mapping (a JSON object)")
         self.context = context
         self.context_data = context.to_context_data(extras)
+        check_json_depth(self.context_data, "the context data (extras included)")  # the process would refuse it
         self.created_at = _now()
         self.log_readers = log_readers = PipesLogReaderGroup(getattr(message_reader, "log_readers", ()))
         if log_readers.log_readers:

@@ -35,6 +35,7 @@ __all__ = [
     "MAX_JSON_DEPTH",
     "JSON_WHITESPACE",
     "json_too_deep",
+    "check_json_depth",
     "loads_json_document",
     "PIPES_PROTOCOL_VERSION_FIELD",
     "MESSAGE_METHOD_FIELD",
@@ -176,6 +177,20 @@ def loads_json_document(text: str | bytes, what: str, *, not_json: str = "is not
         raise PipesProtocolError(f"{what} is nested deeper than {MAX_JSON_DEPTH} levels (MAX_JSON_DEPTH)",
                                  _Kind.TOO_DEEP)
     return value
+
+
+def check_json_depth(value: object, what: str) -> None:
+    """Refuse to send ``value`` when it nests deeper than :data:`MAX_JSON_DEPTH`, raising
+    :class:`PipesUsageError` naming ``what``: the peer would refuse it. A value json cannot serialise is left to
+    the code that serialises it."""
+    try:
+        text = json.dumps(value)
+    except (TypeError, ValueError):
+        return
+    except RecursionError:
+        text = ""
+    if not text or _line_too_deep(text, value, MAX_JSON_DEPTH):
+        raise PipesUsageError(f"{what} is nested deeper than {MAX_JSON_DEPTH} levels (MAX_JSON_DEPTH)")
 
 
 def _too_deep_usage(method: str) -> str:

@@ -663,3 +663,26 @@ def test_include_stdio_that_is_not_a_boolean_warns_and_does_not_capture(tmp_path
 def test_orchestrator_reader_refuses_a_non_boolean_include_stdio(tmp_path: Path) -> None:
     with pytest.raises(PipesUsageError, match="include_stdio_in_messages must be a boolean"):
         PipesFileMessageReader(tmp_path / "m", include_stdio_in_messages="false")  # type: ignore[arg-type]
+
+
+def test_session_refuses_extras_the_process_would_refuse(tmp_path: Path) -> None:
+    # The context data nests one level above extras: extras may nest MAX_JSON_DEPTH - 1 levels.
+    with pytest.raises(PipesUsageError, match=f"context data \\(extras included\\) is nested deeper than "
+                                              f"{MAX_JSON_DEPTH}"):
+        with open_pipes_session(None, PipesEnvContextInjector(), PipesFileMessageReader(tmp_path / "m"),
+                                extras={"x": _deep(MAX_JSON_DEPTH - 1)}):
+            pass
+    assert not (tmp_path / "m").exists()  # refused before anything was created
+    with open_pipes_session(None, PipesEnvContextInjector(), PipesFileMessageReader(tmp_path / "m"),
+                            extras={"x": _deep(MAX_JSON_DEPTH - 3)}) as session:
+        assert decode_param(session.get_bootstrap_env_vars()["DAGSTER_PIPES_CONTEXT"])["data"]["extras"] == {
+            "x": _deep(MAX_JSON_DEPTH - 3)}
+
+
+def test_pipes_run_refuses_extras_nested_too_deep_in_one_line() -> None:
+    for extras in ('{"a": ' + _nested(MAX_JSON_DEPTH) + "}", _nested(60_000)):
+        proc = subprocess.run([PYTHON, "-m", "pipes_core", "run", "--extras", extras, "--", "true"],
+                              capture_output=True, text=True, timeout=60)
+        assert proc.returncode == 2, proc.stderr
+        assert "nested" in proc.stderr and "Traceback" not in proc.stderr
+        assert len(proc.stderr.strip().splitlines()) == 1
