@@ -30,3 +30,13 @@ def test_quick_benchmark_run_reports_every_benchmark_for_both_sides(tmp_path: Pa
     throughput = report["results"]["throughput"]["metrics"][0]
     assert throughput["limit"] and throughput["ours_over_limit"] > 0
     assert "ours/ref" in proc.stdout and "## blob" in proc.stdout
+
+
+def test_quick_lines_benchmark_run_reports_its_figures(tmp_path: Path) -> None:
+    out = tmp_path / "lines.json"
+    proc = subprocess.run([sys.executable, "-m", "benchmarks.lines", "--quick", "--json", str(out)], cwd=REPO_ROOT,
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads(out.read_text())
+    assert report["handler_msgs_per_s"] > 0 and report["long_line_peak_x"] > 0
+    assert report["skip_peak_x"] is not None and "msg/s" in proc.stdout
