@@ -460,7 +460,14 @@ class _SlurmJob(PipesLaunchedProcess):
         Returns None when the answer is not available (yet); raises once queries fail past the grace period."""
         with self._lock:
             self._last_query = time.monotonic()
-            shown = self.commands.call([self.commands.scontrol, "show", "job", self.job_id])
+            try:
+                shown = self.commands.call([self.commands.scontrol, "show", "job", self.job_id])
+            except OSError as exc:  # nothing to wait for: scontrol will not appear within a grace period
+                raise PipesSlurmError(
+                    f"cannot learn the state of {self.description}: {self.commands.scontrol!r} cannot run ({exc}); "
+                    f"the job may still be running (scancel {self.job_id})",
+                    kind=SLURM_ERROR_QUERY, stderr=str(exc), job_id=self.job_id,
+                ) from exc
             info: SlurmJobInfo | None = None
             problem = ""
             if shown.returncode == 0 and "JobState=" in shown.stdout:

@@ -194,3 +194,18 @@ def test_the_file_reader_sees_another_writer_with_inotify_off(tmp_path: Path, us
                 writer.flush()
             assert got_all.wait(30)  # arrived while the session runs, not only in the final drain
     assert seen == list(range(500))
+
+
+def test_a_missing_scontrol_is_a_query_error_at_once(tmp_path: Path) -> None:
+    from pipes_core.slurm import PipesSlurmMessageReader
+
+    commands = SlurmCommands(scontrol=str(tmp_path / "no-scontrol"))
+    with open_pipes_session(PipesRunContext(), PipesTempFileContextInjector(), PipesSlurmMessageReader(tmp_path)) as s:
+        job = _SlurmJob(commands, "7", "nothing", session=s, output_paths={"stdout": None, "stderr": None},
+                        own_dir=None, poll_min_seconds=0.01, poll_max_seconds=0.01, pending_warning_seconds=None,
+                        on_job_state=None)
+        with pytest.raises(PipesSlurmError) as caught:
+            job.query()
+        job.close()
+    assert caught.value.kind == SLURM_ERROR_QUERY and "no-scontrol" in str(caught.value)
+    assert "scancel 7" in str(caught.value)
