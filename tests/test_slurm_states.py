@@ -186,7 +186,8 @@ def test_the_file_reader_sees_another_writer_with_inotify_off(tmp_path: Path, us
 
     with open_pipes_session(PipesRunContext(), PipesTempFileContextInjector(),
                             PipesFileMessageReader(path, use_inotify=use_inotify), on_event=on_event):
-        assert _inotify_fds() == before + (1 if use_inotify else 0)
+        if not use_inotify:  # (with inotify, readers share one inotify descriptor that may already exist)
+            assert _inotify_fds() == before
         with open(path, "a", encoding="utf-8") as writer:
             for i in range(500):
                 writer.write(json.dumps({"__dagster_pipes_version": "0.1", "method": "report_custom_message",
