@@ -25,7 +25,7 @@ _Kind = PipesProtocolErrorKind
 TYPE_CHECKING = False
 
 if TYPE_CHECKING:
-    from collections.abc import Mapping, Sequence
+    from collections.abc import Callable, Mapping, Sequence
     from typing import Any
 
 __all__ = [
@@ -70,6 +70,20 @@ __all__ = [
     "METHOD_REPORT_CUSTOM_MESSAGE",
     "METHOD_LOG_EXTERNAL_STREAM",
     "METHODS",
+    "PARAM_PAYLOAD",
+    "PARAM_EXTRAS",
+    "PARAM_EXCEPTION",
+    "PARAM_MESSAGE",
+    "PARAM_LEVEL",
+    "PARAM_ASSET_KEY",
+    "PARAM_DATA_VERSION",
+    "PARAM_METADATA",
+    "PARAM_CHECK_NAME",
+    "PARAM_PASSED",
+    "PARAM_SEVERITY",
+    "PARAM_STREAM",
+    "PARAM_TEXT",
+    "DEFAULT_LOG_LEVEL",
     "SEVERITY_WARN",
     "SEVERITY_ERROR",
     "SEVERITIES",
@@ -101,6 +115,9 @@ __all__ = [
     "dumps_custom_message",
     "parse_message_line",
     "load_message_line",
+    "MessageParamSpec",
+    "MethodSpec",
+    "METHOD_SPECS",
     "validate_message",
 ]
 
@@ -348,6 +365,23 @@ METHODS = (
 )
 
 _METHOD_SET = frozenset(METHODS)
+
+# The params of the messages (see METHOD_SPECS for which method carries which).
+PARAM_PAYLOAD = "payload"
+PARAM_EXTRAS = "extras"
+PARAM_EXCEPTION = "exception"
+PARAM_MESSAGE = "message"
+PARAM_LEVEL = "level"
+PARAM_ASSET_KEY = "asset_key"
+PARAM_DATA_VERSION = "data_version"
+PARAM_METADATA = "metadata"
+PARAM_CHECK_NAME = "check_name"
+PARAM_PASSED = "passed"
+PARAM_SEVERITY = "severity"
+PARAM_STREAM = "stream"
+PARAM_TEXT = "text"
+# The level of a log message that names none.
+DEFAULT_LOG_LEVEL = "INFO"
 
 SEVERITY_WARN = "WARN"
 SEVERITY_ERROR = "ERROR"
@@ -912,15 +946,6 @@ def load_message_line(line: str | bytes) -> Any:
 _scan_once = json.JSONDecoder().scan_once  # type: ignore[attr-defined]  # set in JSONDecoder.__init__
 
 
-def _require(method: str, params: Mapping[str, Any], key: str, check: Any, expected: str) -> None:
-    if key not in params:
-        raise PipesProtocolError(f'{method}: missing param "{key}" ({expected})', _Kind.BAD_PARAMS)
-    if not check(params[key]):
-        raise PipesProtocolError(
-            f'{method}: param "{key}" must be {expected}, got {_json_type_name(params[key])}', _Kind.BAD_PARAMS
-        )
-
-
 def _is_str(v: object) -> bool:
     return isinstance(v, str)
 
@@ -933,8 +958,16 @@ def _is_opt_dict(v: object) -> bool:
     return v is None or isinstance(v, dict)
 
 
+def _is_dict(v: object) -> bool:
+    return isinstance(v, dict)
+
+
 def _is_bool(v: object) -> bool:
     return isinstance(v, bool)
+
+
+def _is_stream(v: object) -> bool:
+    return v in STREAMS
 
 
 def _check_wire_metadata(method: str, metadata: dict[str, Any] | None) -> None:
@@ -948,8 +981,134 @@ def _check_wire_metadata(method: str, metadata: dict[str, Any] | None) -> None:
             raise PipesProtocolError(f'{method}: metadata entry "{label}": {problem}', _Kind.BAD_METADATA)
 
 
+def _check_level(method: str, level: object) -> None:
+    if normalize_log_level(level) is None:
+        raise PipesProtocolError(
+            f"{method}: unknown level {_short_repr(level)} (expected one of {', '.join(LOG_LEVELS)})", _Kind.BAD_PARAMS
+        )
+
+
+def _check_severity(method: str, severity: object) -> None:
+    if severity not in SEVERITIES:
+        raise PipesProtocolError(
+            f"{method}: unknown severity {_short_repr(severity)} (expected {' or '.join(SEVERITIES)})",
+            _Kind.BAD_PARAMS,
+        )
+
+
+def _check_exception(method: str, exception: object) -> None:
+    if exception is not None:
+        problem = validate_exception(exception)
+        if problem:
+            # The kind lets a reader salvage the valid parts (see salvage_exception) instead of dropping the
+            # remote error with the message.
+            raise PipesProtocolError(f"{method}: {problem}", _Kind.BAD_EXCEPTION)
+
+
+_REQUIRED = object()  # MessageParamSpec.default of a param that must be present
+_ABSENT = object()
+
+
+class MessageParamSpec:
+    """One param of a message method, as the orchestrator validates it.
+
+    Args:
+        name: the param's key.
+        expected: what its value must be, in words ("a string"); None: any JSON value.
+        is_valid: the type test behind ``expected`` (None: any value).
+        default: required when not given (absent is an error); else a factory of the value an absent param
+            gets, or None (an absent param stays absent).
+        null_is_absent: a null value counts as absent (it gets the default).
+        check: a further check ``check(method, value)`` raising :class:`PipesProtocolError` (metadata entries,
+            level and severity names, the exception's shape).
+    """
+
+    __slots__ = ("check", "default", "expected", "is_valid", "name", "null_is_absent")
+
+    def __init__(self, name: str, expected: str | None = None, is_valid: Callable[[object], bool] | None = None,
+                 *, default: object = _REQUIRED, null_is_absent: bool = False,
+                 check: Callable[[str, Any], None] | None = None) -> None:
+        self.name = name
+        self.expected = expected
+        self.is_valid = is_valid
+        self.default = default
+        self.null_is_absent = null_is_absent
+        self.check = check
+
+    @property
+    def required(self) -> bool:
+        return self.default is _REQUIRED
+
+
+class MethodSpec:
+    """A message method and its params, in the order they are validated."""
+
+    __slots__ = ("_plain", "_rows", "name", "params")
+
+    def __init__(self, name: str, *params: MessageParamSpec) -> None:
+        self.name = name
+        self.params = params
+        # The same, unpacked once for validate_message's loop; and, when every param is required and of any
+        # value (the high-volume custom message), just their names: a membership test each.
+        self._rows = tuple((p.name, p.default, p.null_is_absent, p.is_valid, p.check, p.expected) for p in params)
+        plain = all(p.required and p.is_valid is None and p.check is None for p in params)
+        self._plain = tuple(p.name for p in params) if plain else None
+
+
+def _none() -> None:
+    return None
+
+
+def _error_severity() -> str:
+    return SEVERITY_ERROR
+
+
+# The one table of what each method carries: validation is driven by it. A new method is its constant in
+# METHODS and its row here; the orchestrator then dispatches it (pipes_core._handler) and encodes its event
+# (pipes_core._json); tests check that the three tables name the same methods.
+METHOD_SPECS: dict[str, MethodSpec] = {
+    spec.name: spec
+    for spec in (
+        # the high-volume method first
+        MethodSpec(METHOD_REPORT_CUSTOM_MESSAGE, MessageParamSpec(PARAM_PAYLOAD)),
+        MethodSpec(
+            METHOD_OPENED,
+            MessageParamSpec(PARAM_EXTRAS, "an object", _is_dict, default=dict, null_is_absent=True),
+        ),
+        MethodSpec(METHOD_CLOSED, MessageParamSpec(PARAM_EXCEPTION, default=None, check=_check_exception)),
+        MethodSpec(
+            METHOD_LOG,
+            MessageParamSpec(PARAM_MESSAGE, "a string", _is_str),
+            MessageParamSpec(PARAM_LEVEL, default=None, check=_check_level),  # absent: DEFAULT_LOG_LEVEL
+        ),
+        MethodSpec(
+            METHOD_REPORT_ASSET_MATERIALIZATION,
+            MessageParamSpec(PARAM_ASSET_KEY, "a string", _is_str),
+            MessageParamSpec(PARAM_DATA_VERSION, "null or a string", _is_opt_str, default=_none),
+            MessageParamSpec(PARAM_METADATA, "null or an object", _is_opt_dict, default=_none,
+                             check=_check_wire_metadata),
+        ),
+        MethodSpec(
+            METHOD_REPORT_ASSET_CHECK,
+            MessageParamSpec(PARAM_ASSET_KEY, "a string", _is_str),
+            MessageParamSpec(PARAM_CHECK_NAME, "a string", _is_str),
+            MessageParamSpec(PARAM_PASSED, "a boolean", _is_bool),
+            MessageParamSpec(PARAM_SEVERITY, default=_error_severity, check=_check_severity),
+            MessageParamSpec(PARAM_METADATA, "null or an object", _is_opt_dict, default=_none,
+                             check=_check_wire_metadata),
+        ),
+        MethodSpec(
+            METHOD_LOG_EXTERNAL_STREAM,
+            MessageParamSpec(PARAM_STREAM, '"stdout" or "stderr"', _is_stream),
+            MessageParamSpec(PARAM_TEXT, "a string", _is_str),
+            MessageParamSpec(PARAM_EXTRAS, default=dict, null_is_absent=True),
+        ),
+    )
+}
+
+
 def validate_message(obj: object) -> dict[str, Any]:
-    """Check a decoded message and return it with ``params`` normalised to a dict.
+    """Check a decoded message against :data:`METHOD_SPECS` and return it with ``params`` normalised to a dict.
 
     Required params must be present with the right type; optional ones get their default; extra keys are kept
     and tolerated (forward compatibility). Raises :class:`PipesProtocolError` naming the method and the param.
@@ -963,7 +1122,8 @@ def validate_message(obj: object) -> dict[str, Any]:
     method = obj.get(MESSAGE_METHOD_FIELD)
     if not isinstance(method, str):
         raise PipesProtocolError(f'message "{MESSAGE_METHOD_FIELD}" must be a string', _Kind.BAD_METHOD)
-    if method not in _METHOD_SET:
+    spec = METHOD_SPECS.get(method)
+    if spec is None:
         raise PipesProtocolError(
             f"unknown message method {_short_repr(method)} (known: {', '.join(METHODS)})", _Kind.UNKNOWN_METHOD
         )
@@ -972,54 +1132,31 @@ def validate_message(obj: object) -> dict[str, Any]:
         params = {}
     elif not isinstance(params, dict):
         raise PipesProtocolError(f'{method}: "params" must be an object or null', _Kind.BAD_PARAMS)
-    if method == METHOD_REPORT_CUSTOM_MESSAGE:  # the high-volume method first
-        if "payload" not in params:
-            raise PipesProtocolError('report_custom_message: missing param "payload"', _Kind.BAD_PARAMS)
-    elif method == METHOD_OPENED:
-        if params.get("extras") is None:
-            params["extras"] = {}
-        elif not isinstance(params["extras"], dict):
-            raise PipesProtocolError('opened: param "extras" must be an object', _Kind.BAD_PARAMS)
-    elif method == METHOD_CLOSED:
-        exc = params.get("exception")
-        if exc is not None:
-            problem = validate_exception(exc)
-            if problem:
-                # The kind lets a reader salvage the valid parts (see salvage_exception) instead of dropping
-                # the remote error with the message.
-                obj[MESSAGE_PARAMS_FIELD] = params
-                raise PipesProtocolError(f"closed: {problem}", _Kind.BAD_EXCEPTION)
-    elif method == METHOD_LOG:
-        _require(method, params, "message", _is_str, "a string")
-        level = params.get("level", "INFO")
-        if normalize_log_level(level) is None:
+    plain = spec._plain
+    if plain is not None:
+        for name in plain:
+            if name not in params:
+                raise PipesProtocolError(f'{method}: missing param "{name}"', _Kind.BAD_PARAMS)
+        obj[MESSAGE_PARAMS_FIELD] = params
+        return obj
+    for name, default, null_is_absent, is_valid, check, expected in spec._rows:
+        value = params.get(name, _ABSENT)
+        if value is _ABSENT or (value is None and null_is_absent):
+            if default is _REQUIRED:
+                detail = f" ({expected})" if expected else ""
+                raise PipesProtocolError(f'{method}: missing param "{name}"{detail}', _Kind.BAD_PARAMS)
+            if default is None:
+                continue
+            value = params[name] = default()  # type: ignore[operator]  # a factory here
+        if is_valid is not None and not is_valid(value):
             raise PipesProtocolError(
-                f"log: unknown level {_short_repr(level)} (expected one of {', '.join(LOG_LEVELS)})", _Kind.BAD_PARAMS
+                f'{method}: param "{name}" must be {expected}, got {_json_type_name(value)}', _Kind.BAD_PARAMS
             )
-    elif method == METHOD_REPORT_ASSET_MATERIALIZATION:
-        _require(method, params, "asset_key", _is_str, "a string")
-        params.setdefault("data_version", None)
-        params.setdefault("metadata", None)
-        _require(method, params, "data_version", _is_opt_str, "null or a string")
-        _require(method, params, "metadata", _is_opt_dict, "null or an object")
-        _check_wire_metadata(method, params["metadata"])
-    elif method == METHOD_REPORT_ASSET_CHECK:
-        _require(method, params, "asset_key", _is_str, "a string")
-        _require(method, params, "check_name", _is_str, "a string")
-        _require(method, params, "passed", _is_bool, "a boolean")
-        params.setdefault("severity", SEVERITY_ERROR)
-        if params["severity"] not in SEVERITIES:
-            raise PipesProtocolError(
-                f"report_asset_check: unknown severity {_short_repr(params['severity'])} (expected WARN or ERROR)",
-                _Kind.BAD_PARAMS,
-            )
-        params.setdefault("metadata", None)
-        _require(method, params, "metadata", _is_opt_dict, "null or an object")
-        _check_wire_metadata(method, params["metadata"])
-    elif method == METHOD_LOG_EXTERNAL_STREAM:
-        _require(method, params, "stream", lambda v: v in STREAMS, '"stdout" or "stderr"')
-        _require(method, params, "text", _is_str, "a string")
-        if params.get("extras") is None:
-            params["extras"] = {}
+        if check is not None:
+            try:
+                check(method, value)
+            except PipesProtocolError:
+                obj[MESSAGE_PARAMS_FIELD] = params  # the normalised params, for a reader that salvages them
+                raise
     obj[MESSAGE_PARAMS_FIELD] = params
     return obj
