@@ -33,15 +33,30 @@ from typing import TYPE_CHECKING, Any
 
 from pipes_ext._errors import PipesProtocolError, PipesProtocolErrorKind
 from pipes_ext._protocol import (
+    DEFAULT_LOG_LEVEL,
     JSON_WHITESPACE,
     LOG_LEVELS,
     MESSAGE_PARAMS_FIELD,
+    METHOD_CLOSED,
     METHOD_LOG,
     METHOD_LOG_EXTERNAL_STREAM,
     METHOD_OPENED,
     METHOD_REPORT_ASSET_CHECK,
     METHOD_REPORT_ASSET_MATERIALIZATION,
     METHOD_REPORT_CUSTOM_MESSAGE,
+    PARAM_ASSET_KEY,
+    PARAM_CHECK_NAME,
+    PARAM_DATA_VERSION,
+    PARAM_EXCEPTION,
+    PARAM_EXTRAS,
+    PARAM_LEVEL,
+    PARAM_MESSAGE,
+    PARAM_METADATA,
+    PARAM_PASSED,
+    PARAM_PAYLOAD,
+    PARAM_SEVERITY,
+    PARAM_STREAM,
+    PARAM_TEXT,
     PIPES_PROTOCOL_VERSION,
     PIPES_PROTOCOL_VERSION_FIELD,
     STREAM_STDOUT,
@@ -118,6 +133,10 @@ def _write_external_stream(stream: str, text: str) -> None:
     target.flush()
 
 
+# A method's handler: (params, message, line, source) -> its event, or None when it reported an issue instead.
+_MethodHandler = Callable[[dict[str, Any], dict[str, Any], "str | bytes | None", str], "PipesEvent | None"]
+
+
 class PipesMessageHandler:
     """Receives lines or decoded messages from a reader, for one session.
 
@@ -171,6 +190,17 @@ class PipesMessageHandler:
         self.callback_errors: list[BaseException] = []
         self._materialized: set[str] = set()
         self._versions_reported: set[object] = set()
+        # One row per method of METHOD_SPECS: the method's handler returns its event, or None once it has
+        # reported an issue instead.
+        self._methods: dict[str, _MethodHandler] = {
+            METHOD_REPORT_CUSTOM_MESSAGE: self._on_custom_message,
+            METHOD_LOG: self._on_log,
+            METHOD_REPORT_ASSET_MATERIALIZATION: self._on_materialization,
+            METHOD_REPORT_ASSET_CHECK: self._on_check,
+            METHOD_LOG_EXTERNAL_STREAM: self._on_external_stream,
+            METHOD_OPENED: self._on_opened,
+            METHOD_CLOSED: self._on_closed,
+        }
 
     # ------------------------------------------------------------------ input
 
@@ -351,67 +381,88 @@ class PipesMessageHandler:
             self._issue_for(message, line, source, f"message carries protocol version {_repr_excerpt(version)}, "
                             f'not "{PIPES_PROTOCOL_VERSION}"; it was handled as a "{PIPES_PROTOCOL_VERSION}" '
                             "message (reported once per version value)", _Kind.BAD_VERSION, handled=True)
-        event: PipesEvent
-        if method == METHOD_REPORT_CUSTOM_MESSAGE:
-            if self._retain:
-                self.custom_messages.append(params["payload"])
-            event = PipesCustomMessageEvent(params["payload"])
-        elif method == METHOD_LOG:
-            level = normalize_log_level(params.get("level", "INFO")) or "INFO"
-            event = PipesLogEvent(level, params["message"])
-            if self._retain:
-                self.logs.append(event)
-            self.logger.log(LOG_LEVELS[level], params["message"])
-        elif method == METHOD_REPORT_ASSET_MATERIALIZATION:
-            key = params["asset_key"]
-            if self._selected is not None and key not in self._selected:
-                self._issue_for(message, line, source, f"materialization of asset {key!r}, which is not selected "
-                                f"(selected: {sorted(self._selected)})", _Kind.UNSELECTED_ASSET)
-                return
-            with self._lock:
-                duplicate = key in self._materialized
-                self._materialized.add(key)
-            if duplicate:
-                self._issue_for(message, line, source, f"asset {key!r} was materialized more than once",
-                                _Kind.DUPLICATE_MATERIALIZATION)
-                return
-            event = MaterializeResult(key, metadata_from_wire(params["metadata"]), params["data_version"])
-            if self._retain:
-                self.results.append(event)
-        elif method == METHOD_REPORT_ASSET_CHECK:
-            key = params["asset_key"]
-            if self._selected is not None and key not in self._selected:
-                self._issue_for(message, line, source, f"check {params['check_name']!r} on asset {key!r}, which "
-                                f"is not selected (selected: {sorted(self._selected)})", _Kind.UNSELECTED_ASSET)
-                return
-            event = AssetCheckResult(
-                key, params["check_name"], params["passed"], params["severity"], metadata_from_wire(params["metadata"])
-            )
-            if self._retain:
-                self.results.append(event)
-        elif method == METHOD_LOG_EXTERNAL_STREAM:
-            event = PipesExternalStreamEvent(params["stream"], params["text"], params["extras"])
-            try:
-                self._external_stream(event.stream, event.text)
-            except Exception:
-                self.logger.exception("[pipes] external stream handler raised")
-        elif method == METHOD_OPENED:
-            if self.opened_count:
-                self._issue_for(message, line, source, "opened received a second time; not handled (the first "
-                                "opened counts)", _Kind.SECOND_OPENED)
-                return
-            self.opened_count += 1
-            self.opened_extras = params["extras"]
-            self.logger.debug("[pipes] external process opened the channel")
-            event = PipesOpenedEvent(params["extras"])
-        else:  # closed
-            self.closed_count += 1
-            exc = params.get("exception")
-            remote = PipesRemoteException.from_wire(exc) if exc else None
-            if remote is not None and self.exception is None:
-                self.exception = remote
-            event = PipesClosedEvent(remote)
-        self._emit(event)
+        event = self._methods[method](params, message, line, source)
+        if event is not None:
+            self._emit(event)
+
+    # ------------------------------------------------------------------ one handler per method (see _methods)
+
+    def _on_custom_message(self, params: dict[str, Any], message: dict[str, Any], line: str | bytes | None,
+                           source: str) -> PipesEvent | None:
+        payload = params[PARAM_PAYLOAD]
+        if self._retain:
+            self.custom_messages.append(payload)
+        return PipesCustomMessageEvent(payload)
+
+    def _on_log(self, params: dict[str, Any], message: dict[str, Any], line: str | bytes | None,
+                source: str) -> PipesEvent | None:
+        level = normalize_log_level(params.get(PARAM_LEVEL, DEFAULT_LOG_LEVEL)) or DEFAULT_LOG_LEVEL
+        event = PipesLogEvent(level, params[PARAM_MESSAGE])
+        if self._retain:
+            self.logs.append(event)
+        self.logger.log(LOG_LEVELS[level], params[PARAM_MESSAGE])
+        return event
+
+    def _on_materialization(self, params: dict[str, Any], message: dict[str, Any], line: str | bytes | None,
+                            source: str) -> PipesEvent | None:
+        key = params[PARAM_ASSET_KEY]
+        if self._selected is not None and key not in self._selected:
+            self._issue_for(message, line, source, f"materialization of asset {key!r}, which is not selected "
+                            f"(selected: {sorted(self._selected)})", _Kind.UNSELECTED_ASSET)
+            return None
+        with self._lock:
+            duplicate = key in self._materialized
+            self._materialized.add(key)
+        if duplicate:
+            self._issue_for(message, line, source, f"asset {key!r} was materialized more than once",
+                            _Kind.DUPLICATE_MATERIALIZATION)
+            return None
+        event = MaterializeResult(key, metadata_from_wire(params[PARAM_METADATA]), params[PARAM_DATA_VERSION])
+        if self._retain:
+            self.results.append(event)
+        return event
+
+    def _on_check(self, params: dict[str, Any], message: dict[str, Any], line: str | bytes | None,
+                  source: str) -> PipesEvent | None:
+        key = params[PARAM_ASSET_KEY]
+        if self._selected is not None and key not in self._selected:
+            self._issue_for(message, line, source, f"check {params[PARAM_CHECK_NAME]!r} on asset {key!r}, which "
+                            f"is not selected (selected: {sorted(self._selected)})", _Kind.UNSELECTED_ASSET)
+            return None
+        event = AssetCheckResult(key, params[PARAM_CHECK_NAME], params[PARAM_PASSED], params[PARAM_SEVERITY],
+                                 metadata_from_wire(params[PARAM_METADATA]))
+        if self._retain:
+            self.results.append(event)
+        return event
+
+    def _on_external_stream(self, params: dict[str, Any], message: dict[str, Any], line: str | bytes | None,
+                            source: str) -> PipesEvent | None:
+        event = PipesExternalStreamEvent(params[PARAM_STREAM], params[PARAM_TEXT], params[PARAM_EXTRAS])
+        try:
+            self._external_stream(event.stream, event.text)
+        except Exception:
+            self.logger.exception("[pipes] external stream handler raised")
+        return event
+
+    def _on_opened(self, params: dict[str, Any], message: dict[str, Any], line: str | bytes | None,
+                   source: str) -> PipesEvent | None:
+        if self.opened_count:
+            self._issue_for(message, line, source, "opened received a second time; not handled (the first "
+                            "opened counts)", _Kind.SECOND_OPENED)
+            return None
+        self.opened_count += 1
+        self.opened_extras = params[PARAM_EXTRAS]
+        self.logger.debug("[pipes] external process opened the channel")
+        return PipesOpenedEvent(params[PARAM_EXTRAS])
+
+    def _on_closed(self, params: dict[str, Any], message: dict[str, Any], line: str | bytes | None,
+                   source: str) -> PipesEvent | None:
+        self.closed_count += 1
+        exc = params.get(PARAM_EXCEPTION)
+        remote = PipesRemoteException.from_wire(exc) if exc else None
+        if remote is not None and self.exception is None:
+            self.exception = remote
+        return PipesClosedEvent(remote)
 
     def _report_version(self, version: object) -> bool:
         """Whether a message carrying ``version`` (not the protocol's) gets an issue: once per value."""

@@ -306,3 +306,14 @@ def test_the_command_line_adds_its_null_handler_once(tmp_path: Path) -> None:
     finally:
         external.handlers[:] = before
         external.propagate = propagate
+
+
+def test_the_method_tables_name_the_same_methods() -> None:
+    """A method is known in three tables (validation, dispatch, JSON encoding): they must agree."""
+    from pipes_core._json import EVENT_NAMES
+    from pipes_ext._protocol import METHOD_SPECS, METHODS
+
+    handler, _ = make_handler()
+    assert list(METHOD_SPECS) == [m for m in METHOD_SPECS if m in METHODS] and set(METHOD_SPECS) == set(METHODS)
+    assert set(handler._methods) == set(METHODS)
+    assert {method for _, method in EVENT_NAMES.values()} - {"protocol_issue"} == set(METHODS)
