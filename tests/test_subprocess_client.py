@@ -370,6 +370,10 @@ def test_cwd(write_script: WriteScript, tmp_path: Path) -> None:
 # ---------------------------------------------------------------------------------------------- timeout
 
 
+# A timeout long enough for a child to start Python, open the channel and install its signal handlers.
+CHILD_READY_SECONDS = 5.0
+
+
 def test_timeout_terminates_politely(write_script: WriteScript) -> None:
     script = write_script("""
         import signal, time
@@ -380,16 +384,18 @@ def test_timeout_terminates_politely(write_script: WriteScript) -> None:
             time.sleep(30)
     """)
     started = time.monotonic()
-    with pytest.raises(PipesTimeoutError, match=r"ran past its timeout of 0\.5 s") as info:
+    # The timeout leaves the child time to start and install its handler however loaded the machine (a signal
+    # that arrives before would test the interpreter's start-up, not the escalation).
+    with pytest.raises(PipesTimeoutError, match=r"ran past its timeout of 5\.0 s") as info:
         PipesSubprocessClient(termination_timeout_seconds=5).run(command=[PYTHON, str(script)],
-                                                                 timeout_seconds=0.5)
+                                                                 timeout_seconds=CHILD_READY_SECONDS)
     elapsed = time.monotonic() - started
     assert isinstance(info.value, PipesExecutionError)
     # SIGINT reached the child: it reported KeyboardInterrupt on its way out.
     assert info.value.remote_exception is not None
     assert info.value.remote_exception.name == "KeyboardInterrupt"
     assert info.value.invocation.get_custom_messages() == ["started"]
-    assert elapsed < 20
+    assert elapsed < 20 + CHILD_READY_SECONDS
 
 
 def test_timeout_escalates_to_sigkill(write_script: WriteScript) -> None:
@@ -405,12 +411,12 @@ def test_timeout_escalates_to_sigkill(write_script: WriteScript) -> None:
     started = time.monotonic()
     with pytest.raises(PipesTimeoutError) as info:
         PipesSubprocessClient(termination_timeout_seconds=0.5).run(command=[PYTHON, str(script)],
-                                                                   timeout_seconds=0.5)
+                                                                   timeout_seconds=CHILD_READY_SECONDS)
     elapsed = time.monotonic() - started
     assert info.value.exit_code == -signal.SIGKILL
     assert info.value.invocation.get_custom_messages() == ["stubborn"]
-    print(f"\n[timeout] 0.5 s timeout + SIGINT(0.5 s) + SIGTERM(0.5 s) + SIGKILL took {elapsed:.2f} s")
-    assert elapsed < 20
+    print(f"\n[timeout] {CHILD_READY_SECONDS} s timeout + SIGINT + SIGTERM (0.5 s each) + SIGKILL: {elapsed:.2f} s")
+    assert elapsed < 20 + CHILD_READY_SECONDS
 
 
 # ---------------------------------------------------------------------------------------------- output
