@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import os
 import shlex
 import shutil
@@ -54,7 +55,7 @@ from ._client import (
     _Tail,
 )
 from ._errors import PipesExecutionError
-from ._handler import PipesMessageHandler
+from ._handler import PipesMessageHandler, command_logger
 from ._injectors import PipesContextInjector, PipesEnvContextInjector, PipesTempFileContextInjector
 from ._readers import (
     IDLE_WAKE_SECONDS,
@@ -702,8 +703,10 @@ class PipesAsyncSubprocessClient:
         metadata: Mapping[str, Any] | None = None,
         stdout: PipesOutputTarget | None = None,
         stderr: PipesOutputTarget | None = None,
-        logger: Any = None,
+        logger: logging.Logger | logging.LoggerAdapter[Any] | None = None,
         external_stream_handler: Callable[[str, str], None] | None = None,
+        fail_on_check_error: bool = False,
+        raise_on_event_error: bool = True,
     ) -> PipesClientCompletedInvocation:
         """Run ``command`` in a Pipes session on the running loop; see :meth:`PipesSubprocessClient.run`.
 
@@ -724,7 +727,8 @@ class PipesAsyncSubprocessClient:
         run = _AsyncRun()
         try:
             async with open_pipes_session_async(context, injector, reader, extras, on_event=on_event,
-                                                retain_messages=retain_messages, logger=logger,
+                                                retain_messages=retain_messages,
+                                                logger=command_logger(logger, argv),
                                                 external_stream_handler=external_stream_handler,
                                                 warn_unclosed=False) as session:  # the verdict says it
                 run.session = session
@@ -761,7 +765,8 @@ class PipesAsyncSubprocessClient:
                 run.error.invocation = invocation
             raise run.error
         config.check(invocation, strict=strict, timed_out=run.timed_out, timeout_seconds=timeout_seconds,
-                     channel_error=run.channel_error)
+                     channel_error=run.channel_error, fail_on_check_error=fail_on_check_error,
+                     raise_on_event_error=raise_on_event_error)
         return invocation
 
     async def _launch_and_wait(self, argv: list[str], extra_env: dict[str, str], cwd: str | None,

@@ -77,7 +77,7 @@ from pipes_ext._protocol import STREAM_STDERR, STREAM_STDOUT
 from ._errors import PipesExecutionError, PipesInterruptedError, PipesTimeoutError
 from ._injectors import PipesContextInjector, PipesEnvContextInjector
 from ._readers import PipesMessageReader
-from ._results import AssetCheckResult, MaterializeResult, PipesEvent, PipesExecutionResult
+from ._results import AssetCheckResult, MaterializeResult, PipesEvent, PipesExecutionResult, PipesLogEvent
 from ._run_context import PipesRunContext
 from ._session import PipesSession, open_pipes_session
 from ._stdio import PipesByteSource, PipesOutputTarget, PipesStdioMessageReader, _chunks, as_output_writer
@@ -319,6 +319,10 @@ class PipesClientCompletedInvocation:
     def get_custom_messages(self) -> list[Any]:
         return self.session.get_custom_messages()
 
+    def get_logs(self) -> list[PipesLogEvent]:
+        """The process's ``log`` messages, in arrival order (as ``pipes run`` prints them)."""
+        return self.session.get_logs()
+
 
 # ---------------------------------------------------------------------------------------------- output
 
@@ -406,7 +410,7 @@ class _Run:
     tails: list[_Tail] = field(default_factory=list)
     pumps: list[_Pump] = field(default_factory=list)
     description: str = "the external process"
-    log: logging.Logger = client_logger
+    log: logging.Logger | logging.LoggerAdapter[Any] = client_logger
 
 
 # ---------------------------------------------------------------------------------------------- the client
@@ -487,9 +491,11 @@ class PipesClient(ABC):
         stdout: PipesOutputTarget | None = None,
         stderr: PipesOutputTarget | None = None,
         on_launched: Callable[[PipesLaunchedProcess], None] | None = None,
-        logger: logging.Logger | None = None,
+        logger: logging.Logger | logging.LoggerAdapter[Any] | None = None,
         external_stream_handler: Callable[[str, str], None] | None = None,
         on_message: Callable[[dict[str, Any]], None] | None = None,
+        fail_on_check_error: bool = False,
+        raise_on_event_error: bool = True,
     ) -> PipesClientCompletedInvocation:
         """The one lifecycle (module doc): session, launch, output, wait, escalation, drain, verdict.
 
@@ -507,6 +513,7 @@ class PipesClient(ABC):
                 thread).
             logger / external_stream_handler / on_message: passed to :func:`open_pipes_session`; the client's
                 own warnings go to ``logger`` too (default: ``pipes_core``).
+            fail_on_check_error / raise_on_event_error: see :meth:`check`.
 
         Raises:
             PipesExecutionError: the process could not start, failed, was killed, never opened the channel or
@@ -521,7 +528,7 @@ class PipesClient(ABC):
         strict = self.strict if strict is None else strict
         injector, reader = self._channels()
         started = time.monotonic()
-        run = _Run(log=logger or client_logger)
+        run = _Run(log=client_logger if logger is None or getattr(logger, "wraps_default", False) else logger)
         try:
             with open_pipes_session(context, injector, reader, extras, on_event=on_event,
                                     retain_messages=retain_messages, logger=logger,
@@ -568,7 +575,8 @@ class PipesClient(ABC):
                 run.error.invocation = invocation
             raise run.error
         self.check(invocation, strict=strict, timed_out=run.timed_out, terminated=run.terminated,
-                   timeout_seconds=timeout_seconds, channel_error=run.channel_error, logger=run.log)
+                   timeout_seconds=timeout_seconds, channel_error=run.channel_error, logger=run.log,
+                   fail_on_check_error=fail_on_check_error, raise_on_event_error=raise_on_event_error)
         return invocation
 
     def _request(self, session: PipesSession, reader: PipesMessageReader, stdout: PipesOutputTarget | None,
@@ -660,7 +668,7 @@ class PipesClient(ABC):
 
     # ------------------------------------------------------------------ waiting and termination
 
-    def _stop(self, process: PipesLaunchedProcess, log: logging.Logger) -> None:
+    def _stop(self, process: PipesLaunchedProcess, log: logging.Logger | logging.LoggerAdapter[Any]) -> None:
         """interrupt, wait, terminate, wait, kill, wait; then kill again to sweep leftovers.
 
         A second interruption while waiting (Ctrl-C twice) skips the rest of the grace: the process is killed
@@ -696,14 +704,19 @@ class PipesClient(ABC):
         terminated: bool = False,
         timeout_seconds: float | None = None,
         channel_error: Exception | None = None,
-        logger: logging.Logger | None = None,
+        logger: logging.Logger | logging.LoggerAdapter[Any] | None = None,
+        fail_on_check_error: bool = False,
+        raise_on_event_error: bool = True,
     ) -> None:
         """Judge a finished run; raises on failure, every error carrying ``invocation``. In this order:
 
         ran past its timeout (:class:`PipesTimeoutError`); the orchestrator got SIGTERM
         (:class:`PipesInterruptedError`); the message channel failed (:class:`PipesTransportError`); killed;
         non-zero exit; no exit status; exited 0 but reported an exception; strict: never opened; strict:
-        protocol issues. Opened but no ``closed``: a warning, and ``invocation.missing_closed``.
+        protocol issues; ``raise_on_event_error`` (default on): the ``on_event`` callback raised (the first
+        exception chained as ``__cause__``; with it off, callback exceptions are only logged); with
+        ``fail_on_check_error``, a check of severity ERROR failed (as ``pipes run --fail-on-check-error``).
+        Opened but no ``closed``: a warning, and ``invocation.missing_closed``.
         """
         session = invocation.session
         status = invocation.exit_status or PipesExitStatus(None)
@@ -761,6 +774,21 @@ class PipesClient(ABC):
         if strict and session.issue_count:
             issues = "\n".join(f"  - {issue}" for issue in session.protocol_issues[:ERROR_ISSUES_LISTED])
             fail(PipesExecutionError, f"{subject} broke the Pipes protocol {session.issue_count} time(s):\n{issues}")
+        handler = session.message_handler
+        callback_errors = handler.callback_errors
+        if raise_on_event_error and callback_errors:
+            first = callback_errors[0]
+            callback_error = PipesExecutionError(
+                f"the on_event callback raised {len(callback_errors)} time(s) during the run of {subject}; first: "
+                f"{first if isinstance(first, str) else f'{type(first).__name__}: {first}'} "
+                "(pass raise_on_event_error=False to only log it)",
+                exit_code=code, remote_exception=remote, invocation=invocation, output_tail=tail)
+            if isinstance(first, BaseException):
+                raise callback_error from first
+            raise callback_error
+        if fail_on_check_error and handler.failed_error_check_count:
+            fail(PipesExecutionError, f"{subject} reported {handler.failed_error_check_count} failed check(s) of "
+                 "severity ERROR (fail_on_check_error)")
         if invocation.missing_closed:
             (logger or client_logger).warning(
                 "[pipes] %s opened the channel but never sent closed; buffered messages may be missing", subject

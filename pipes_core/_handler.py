@@ -26,9 +26,10 @@ from __future__ import annotations
 import codecs
 import logging
 import reprlib
+import shlex
 import sys
 import threading
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 from pipes_ext._errors import PipesProtocolError, PipesProtocolErrorKind
@@ -59,6 +60,7 @@ from pipes_ext._protocol import (
     PARAM_TEXT,
     PIPES_PROTOCOL_VERSION,
     PIPES_PROTOCOL_VERSION_FIELD,
+    SEVERITY_ERROR,
     STREAM_STDOUT,
     load_message_line,
     normalize_log_level,
@@ -85,10 +87,90 @@ from ._run_context import PipesRunContext
 if TYPE_CHECKING:
     from ._readers import PipesMessageReader
 
-__all__ = ["PipesMessageHandler", "DEFAULT_LOGGER_NAME", "MAX_RETAINED_ISSUES", "MAX_REPORTED_VERSIONS"]
+__all__ = [
+    "PipesMessageHandler",
+    "PipesRunLogger",
+    "DEFAULT_LOGGER_NAME",
+    "MAX_RETAINED_ISSUES",
+    "MAX_REPORTED_VERSIONS",
+    "LOG_EXTRA_RUN_ID",
+    "LOG_EXTRA_COMMAND",
+    "command_logger",
+    "PipesHandlerSnapshot",
+]
 
 # Records of the external process's `log` messages go to this logger unless another one is given.
 DEFAULT_LOGGER_NAME = "pipes_core.external"
+# `extra` fields put on every record logged for a run, so that records of concurrent runs can be told apart
+# (and a handler can route them): the run id, and (from the clients) the command as the user gave it.
+LOG_EXTRA_RUN_ID = "pipes_run_id"
+LOG_EXTRA_COMMAND = "pipes_command"
+
+
+class PipesRunLogger(logging.LoggerAdapter):  # type: ignore[type-arg]  # generic only in the stubs
+    """A logger adapter adding ``extra`` fields (the run's id, its command) to every record of one run.
+
+    It wraps a :class:`logging.Logger` or a :class:`logging.LoggerAdapter` (e.g. an orchestrator's per-task
+    adapter): the wrapped adapters' own ``process`` runs first, and these fields are added to whatever ``extra``
+    they produced (a stock adapter replaces ``extra``; the fields are kept all the same). Fields already on the
+    call win over these.
+    """
+
+    def __init__(self, logger: logging.Logger | logging.LoggerAdapter[Any], extra: Mapping[str, Any]) -> None:
+        super().__init__(logger, dict(extra))
+        self.wraps_default = False  # wraps the default logger, not one the user gave
+
+    def process(self, msg: Any, kwargs: Any) -> tuple[Any, Any]:
+        kwargs["extra"] = {**(self.extra or {}), **(kwargs.get("extra") or {})}
+        return msg, kwargs
+
+    def log(self, level: int, msg: Any, *args: Any, **kwargs: Any) -> None:
+        if not self.isEnabledFor(level):
+            return
+        msg, kwargs = self.process(msg, kwargs)
+        fields = dict(kwargs["extra"])
+        target: Any = self.logger
+        while isinstance(target, logging.LoggerAdapter):
+            msg, kwargs = target.process(msg, kwargs)  # type: ignore[assignment]  # stubs: MutableMapping
+            for key, value in (kwargs.get("extra") or {}).items():
+                fields.setdefault(key, value)
+            target = target.logger
+        kwargs["extra"] = {**(kwargs.get("extra") or {}), **fields}
+        target.log(level, msg, *args, **kwargs)
+
+
+def command_logger(logger: logging.Logger | logging.LoggerAdapter[Any] | None,
+                   argv: Sequence[str]) -> PipesRunLogger:
+    """``logger`` (default ``pipes_core.external``) adding the command (``shlex``-joined) to every record."""
+    wrapped = PipesRunLogger(logger or logging.getLogger(DEFAULT_LOGGER_NAME), {LOG_EXTRA_COMMAND: shlex.join(argv)})
+    wrapped.wraps_default = logger is None  # the client's own warnings then keep going to ``pipes_core``
+    return wrapped
+
+
+class PipesHandlerSnapshot:
+    """What a :class:`PipesMessageHandler` received, as plain data (no lock, no reader, no callbacks): it
+    answers the same read attributes, so a :class:`~pipes_core.PipesSession` over it answers the same read
+    methods. Pickling a session (or an invocation, or an error carrying one) stores this instead of the live
+    handler."""
+
+    def __init__(self, handler: Any) -> None:  # a PipesMessageHandler or a snapshot
+        self.opened_count: int = handler.opened_count
+        self.closed_count: int = handler.closed_count
+        self.opened_extras: dict[str, Any] = dict(handler.opened_extras)
+        self.exception: PipesRemoteException | None = handler.exception
+        self.results: list[MaterializeResult | AssetCheckResult] = list(handler.results)
+        self.custom_messages: list[Any] = list(handler.custom_messages)
+        self.logs: list[PipesLogEvent] = list(handler.logs)
+        self.issues: list[PipesProtocolIssue] = list(handler.issues)
+        self.issue_count: int = handler.issue_count
+        self.message_count: int = handler.message_count
+        self.materialized_keys: frozenset[str] = (
+            frozenset(handler._materialized) if isinstance(handler, PipesMessageHandler) else handler.materialized_keys)
+        # Callback exceptions are live objects (tracebacks, arbitrary types): kept as text.
+        self.callback_errors: list[str] = [e if isinstance(e, str) else f"{type(e).__name__}: {e}"
+                                           for e in handler.callback_errors]
+        self.failed_error_check_count: int = handler.failed_error_check_count
+        self.logger = logging.getLogger(DEFAULT_LOGGER_NAME)
 # A peer that sends only garbage must not grow memory without bound: issues past this count are logged and
 # counted, not kept.
 MAX_RETAINED_ISSUES = 1000
@@ -163,7 +245,7 @@ class PipesMessageHandler:
         *,
         on_event: Callable[[PipesEvent], None] | None = None,
         retain_messages: bool = True,
-        logger: logging.Logger | None = None,
+        logger: logging.Logger | logging.LoggerAdapter[Any] | None = None,
         external_stream_handler: Callable[[str, str], None] | None = None,
         on_message: Callable[[dict[str, Any]], None] | None = None,
     ) -> None:
@@ -174,7 +256,9 @@ class PipesMessageHandler:
         self._selected = None if context_data.get("asset_keys") is None else set(context_data["asset_keys"])
         self._on_event = on_event
         self._retain = retain_messages
-        self.logger = logger or logging.getLogger(DEFAULT_LOGGER_NAME)
+        # Every record of this run carries its run id (see LOG_EXTRA_RUN_ID).
+        self.logger: logging.LoggerAdapter[Any] = PipesRunLogger(
+            logger or logging.getLogger(DEFAULT_LOGGER_NAME), {LOG_EXTRA_RUN_ID: context_data.get("run_id")})
         self._external_stream = external_stream_handler or _write_external_stream
         self._lock = threading.Lock()
         self.opened_count = 0
@@ -188,6 +272,7 @@ class PipesMessageHandler:
         self.issue_count = 0
         self.message_count = 0
         self.callback_errors: list[BaseException] = []
+        self.failed_error_check_count = 0  # checks with passed=False and severity ERROR (counted, not kept)
         self._materialized: set[str] = set()
         self._versions_reported: set[object] = set()
         # One row per method of METHOD_SPECS: the method's handler returns its event, or None once it has
@@ -327,6 +412,11 @@ class PipesMessageHandler:
         self.logger.error("[pipes] protocol issue: %s", issue)
         self._emit(issue)
 
+    def snapshot(self) -> PipesHandlerSnapshot:
+        """What was received so far, as detached plain data (see :class:`PipesHandlerSnapshot`)."""
+        with self._lock:  # (the snapshot reads _materialized itself: this lock is not reentrant)
+            return PipesHandlerSnapshot(self)
+
     @property
     def materialized_keys(self) -> frozenset[str]:
         """The asset keys materialized so far (counted even with ``retain_messages=False``)."""
@@ -431,6 +521,8 @@ class PipesMessageHandler:
             return None
         event = AssetCheckResult(key, params[PARAM_CHECK_NAME], params[PARAM_PASSED], params[PARAM_SEVERITY],
                                  metadata_from_wire(params[PARAM_METADATA]))
+        if not event.passed and event.severity == SEVERITY_ERROR:
+            self.failed_error_check_count += 1
         if self._retain:
             self.results.append(event)
         return event

@@ -31,6 +31,19 @@ __all__ = [
 ]
 
 
+class _JsonEvent:
+    """Gives an event ``to_dict()``: its JSON object as ``pipes run --json`` prints it (one encoder,
+    :func:`pipes_core._json.event_to_json`)."""
+
+    __slots__ = ()
+
+    def to_dict(self) -> dict[str, Any]:
+        """The JSON-ready dict of this event, as printed by ``pipes run --json`` (``{"event": ..., ...}``)."""
+        from ._json import event_to_json  # the encoders import this module
+
+        return event_to_json(self)  # type: ignore[arg-type]  # every subclass is a PipesEvent
+
+
 @dataclass(frozen=True)
 class MetadataValue:
     """One metadata entry: its concrete type (``__infer__`` resolved) and its raw JSON value."""
@@ -56,7 +69,7 @@ def metadata_from_wire(metadata: dict[str, Any] | None) -> dict[str, MetadataVal
 
 
 @dataclass(frozen=True)
-class MaterializeResult:
+class MaterializeResult(_JsonEvent):
     """An asset materialization, reported by the external process or implied by the run's selection."""
 
     asset_key: str
@@ -70,7 +83,7 @@ class MaterializeResult:
 
 
 @dataclass(frozen=True)
-class AssetCheckResult:
+class AssetCheckResult(_JsonEvent):
     """The result of an asset check."""
 
     asset_key: str
@@ -128,28 +141,28 @@ class PipesRemoteException:
 
 
 @dataclass(frozen=True)
-class PipesOpenedEvent:
+class PipesOpenedEvent(_JsonEvent):
     extras: dict[str, Any]
 
 
 @dataclass(frozen=True)
-class PipesClosedEvent:
+class PipesClosedEvent(_JsonEvent):
     exception: PipesRemoteException | None
 
 
 @dataclass(frozen=True)
-class PipesLogEvent:
+class PipesLogEvent(_JsonEvent):
     level: str
     message: str
 
 
 @dataclass(frozen=True)
-class PipesCustomMessageEvent:
+class PipesCustomMessageEvent(_JsonEvent):
     payload: Any
 
 
 @dataclass(frozen=True)
-class PipesExternalStreamEvent:
+class PipesExternalStreamEvent(_JsonEvent):
     stream: str
     text: str
     extras: dict[str, Any]
@@ -162,7 +175,7 @@ ISSUE_EXCERPT_BYTES = 1024
 
 
 @dataclass(frozen=True)
-class PipesProtocolIssue:
+class PipesProtocolIssue(_JsonEvent):
     """Something read from the channel that broke the protocol.
 
     Attributes:

@@ -116,6 +116,24 @@ class PipesSession:
         self._implicit_done = False
         self._implicit_keys: set[str] = set()
 
+    # ------------------------------------------------------------------ pickling
+
+    def __getstate__(self) -> dict[str, Any]:
+        """A pickled session is a detached snapshot: the handler's plain data (see
+        :class:`PipesHandlerSnapshot`), not the live handler, injector, reader, or lock. It answers the same
+        read methods (results, custom messages, logs, issues, opened/closed, exception)."""
+        state = dict(self.__dict__)
+        handler = state["message_handler"]
+        state["message_handler"] = handler.snapshot() if isinstance(handler, PipesMessageHandler) else handler
+        state["context_injector"] = PipesContextInjector()
+        state["message_reader"] = PipesMessageReader()
+        del state["_results_lock"]
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self._results_lock = threading.Lock()
+
     # Short names, kept for existing callers (one object each: these are the documented fields).
     @property
     def handler(self) -> PipesMessageHandler:
@@ -265,7 +283,7 @@ def open_pipes_session(
     *,
     on_event: Callable[[PipesEvent], None] | None = None,
     retain_messages: bool = True,
-    logger: logging.Logger | None = None,
+    logger: logging.Logger | logging.LoggerAdapter[Any] | None = None,
     external_stream_handler: Callable[[str, str], None] | None = None,
     on_message: Callable[[dict[str, Any]], None] | None = None,
     warn_unclosed: bool = True,
@@ -334,7 +352,7 @@ class SessionSetup:
         *,
         on_event: Callable[[PipesEvent], None] | None,
         retain_messages: bool,
-        logger: logging.Logger | None,
+        logger: logging.Logger | logging.LoggerAdapter[Any] | None,
         external_stream_handler: Callable[[str, str], None] | None,
         on_message: Callable[[dict[str, Any]], None] | None,
     ) -> None:

@@ -44,6 +44,7 @@ from ._client import (
     PipesLaunchRequest,
 )
 from ._errors import PipesExecutionError, PipesUsageError
+from ._handler import command_logger
 from ._injectors import PipesContextInjector, PipesTempFileContextInjector
 from ._readers import PipesMessageReader, PipesTempFileMessageReader
 from ._results import PipesEvent
@@ -177,8 +178,10 @@ class PipesSubprocessClient(PipesClient):
         stderr: PipesOutputTarget | None = None,
         on_launched: Callable[[PipesLaunchedProcess], None] | None = None,
         stdin: int | IO[Any] | None = None,
-        logger: logging.Logger | None = None,
+        logger: logging.Logger | logging.LoggerAdapter[Any] | None = None,
         external_stream_handler: Callable[[str, str], None] | None = None,
+        fail_on_check_error: bool = False,
+        raise_on_event_error: bool = True,
         on_message: Callable[[dict[str, Any]], None] | None = None,
     ) -> PipesClientCompletedInvocation:
         """Run ``command`` (a list, or a string split with :func:`shlex.split`) in a Pipes session.
@@ -188,6 +191,16 @@ class PipesSubprocessClient(PipesClient):
         is handed to the child, anything else (a callable, a file object without one) is fed through a pipe.
         ``stdin`` is passed to :class:`subprocess.Popen` (e.g. ``subprocess.DEVNULL``). ``on_launched``,
         ``logger``, ``external_stream_handler`` and ``on_message``: see :meth:`PipesClient.run_launcher`.
+
+        ``logger`` (a :class:`logging.Logger` or :class:`logging.LoggerAdapter`, e.g. an orchestrator's per-task
+        logger) receives this run's ``log`` messages and protocol issues instead of ``pipes_core.external``;
+        every record carries ``pipes_run_id`` and ``pipes_command`` as ``extra`` fields.
+        ``external_stream_handler`` receives the captured stdout/stderr text sent by the process as
+        ``(stream, text)``.
+
+        ``fail_on_check_error``: a failed check of severity ERROR fails the run (as ``pipes run
+        --fail-on-check-error``). An exception raised by ``on_event`` fails the run, chained, unless
+        ``raise_on_event_error=False`` (then it is only logged).
 
         Raises:
             PipesExecutionError: see the module docstring; ``.invocation`` holds what was received.
@@ -209,8 +222,9 @@ class PipesSubprocessClient(PipesClient):
         return self.run_launcher(
             launch, context=context, extras=extras, timeout_seconds=timeout_seconds, strict=strict,
             on_event=on_event, retain_messages=retain_messages, metadata=metadata, stdout=stdout, stderr=stderr,
-            on_launched=on_launched, logger=logger, external_stream_handler=external_stream_handler,
-            on_message=on_message,
+            on_launched=on_launched, external_stream_handler=external_stream_handler,
+            logger=command_logger(logger, argv), on_message=on_message, fail_on_check_error=fail_on_check_error,
+            raise_on_event_error=raise_on_event_error,
         )
 
     def _start(self, argv: list[str], env: dict[str, str], cwd: str | None, stdin: int | IO[Any] | None,
