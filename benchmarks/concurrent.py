@@ -36,8 +36,9 @@ REPO = Path(__file__).resolve().parent.parent
 # cost, until the orchestrator opens its other end), sleeps, sends its messages and closes. Without the barrier
 # the sleeps would not overlap: starting 500 Python processes takes longer than 2 s on 2 CPUs.
 CHILD = """
-import os, sys, time
+import os, signal, sys, time
 from pipes_ext import open_pipes
+signal.alarm(600)  # if the orchestrator dies, a child blocked at the barrier does not wait forever
 barrier, sleep, count = sys.argv[1], float(sys.argv[2]), int(sys.argv[3])
 with open_pipes() as pipes:
     os.close(os.open(barrier, os.O_RDONLY))
