@@ -48,6 +48,9 @@ from ._errors import (
     PipesUsageError,
     PipesWarning,
 )
+from ._errors import (
+    PipesError as DagsterPipesError,
+)
 from ._handler import PipesMessageHandler
 from ._injectors import (
     PipesContextInjector,
@@ -132,6 +135,7 @@ __all__ = [
     "PipesMessage",
     # errors
     "PipesError",
+    "DagsterPipesError",
     "PipesProtocolError",
     "PipesProtocolErrorKind",
     "PipesUsageError",

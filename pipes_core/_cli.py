@@ -291,7 +291,7 @@ class _Printer:
         elif isinstance(event, AssetCheckResult):
             verdict = self.paint("passed", "green") if event.passed else self.paint("FAILED", "red")
             self.line(f"{tag} check {_safe(event.asset_key)}:{_safe(event.check_name)} {verdict} "
-                      f"[{_safe(event.severity)}]")
+                      f"(severity {_safe(event.severity)})")
         elif isinstance(event, PipesCustomMessageEvent):
             self.line(f"{tag} message {_safe(_strict_json(event.payload))}")
         elif isinstance(event, PipesExternalStreamEvent):

@@ -36,7 +36,7 @@ def test_human_mode_prints_each_event_and_a_summary() -> None:
     assert lines[0] == "[pipes] opened"
     assert any("INFO" in line and "hello from the external process" in line for line in lines)
     assert any(line.startswith("[pipes] materialized examples/hello data_version=14") for line in lines)
-    assert "[pipes] check examples/hello:rows_positive passed [ERROR]" in lines
+    assert "[pipes] check examples/hello:rows_positive passed (severity ERROR)" in lines
     assert '[pipes] message {"squares": [0, 1, 4, 9]}' in lines
     assert "[pipes] closed" in lines
     assert "status    succeeded" in out

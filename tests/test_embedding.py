@@ -304,3 +304,10 @@ def test_an_on_event_exception_fails_the_run_unless_turned_off(write_script: Wri
     assert invocation.exit_code == 0
     with pytest.raises(PipesExecutionError, match="on_event callback raised"):
         asyncio.run(PipesAsyncSubprocessClient().run(command=[PYTHON, str(script), "warn"], on_event=on_event))
+
+
+def test_dagster_pipes_error_alias_is_importable() -> None:
+    from pipes_core import DagsterPipesError, PipesError
+
+    assert DagsterPipesError is PipesError
+    assert issubclass(PipesExecutionError, DagsterPipesError)
