@@ -1,7 +1,7 @@
 """Waiting for a file to grow without burning CPU: inotify on Linux, adaptive polling elsewhere.
 
 :class:`FileWatcher` offers ``wait(timeout)`` (returns when the file was written, when :meth:`wake` was
-called, or after ``timeout``) and ``wake()``. On Linux it blocks in ``select`` on an inotify descriptor and a
+called, or after ``timeout``) and ``wake()``. On Linux it blocks in ``poll`` on an inotify descriptor and a
 self-pipe, so a write wakes the reader within microseconds and an idle reader costs nothing. Where inotify is
 not available it falls back to polling on an :class:`threading.Event`, starting fast after activity and
 backing off while idle.
@@ -150,8 +150,12 @@ class FileWatcher:
     def wait(self, timeout: float) -> None:
         """Block until the file is written, :meth:`wake` is called, or ``timeout`` seconds pass."""
         if self._inotify_fd >= 0:
-            ready, _, _ = select.select([self._inotify_fd, self._wake_r], [], [], timeout)
-            for fd in ready:
+            # poll(), not select(): a descriptor numbered past FD_SETSIZE (1024), in a process with many open
+            # files, would make select() fail.
+            poller = select.poll()
+            poller.register(self._inotify_fd, select.POLLIN)
+            poller.register(self._wake_r, select.POLLIN)
+            for fd, _events in poller.poll(max(0.0, timeout) * 1000):
                 try:
                     while os.read(fd, 65536):
                         pass

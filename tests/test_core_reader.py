@@ -329,3 +329,28 @@ def test_throughput_100k_messages_in_order(write_script: Callable[[str], Path]) 
           f"({total:.2f} s incl. child start-up), {count / streaming:,.0f} msgs/s from first message to "
           "drained")
     assert total < 60
+
+
+def test_the_file_reader_works_with_descriptors_past_fd_setsize(tmp_path: Path) -> None:
+    """select() fails on a descriptor numbered 1024 or more; the reader's watcher must not use it."""
+    import resource
+
+    from pipes_core import PipesRunContext, PipesTempFileContextInjector, PipesTempFileMessageReader, open_pipes_session
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard != resource.RLIM_INFINITY and hard < 1200:
+        pytest.skip(f"the hard limit on open files ({hard}) is too low to open 1,100 descriptors")
+    resource.setrlimit(resource.RLIMIT_NOFILE, (max(soft, 1200), hard))
+    spare = [os.open(os.devnull, os.O_RDONLY) for _ in range(1100)]  # the reader's own descriptors come after
+    try:
+        script = tmp_path / "child.py"
+        script.write_text("from pipes_ext import open_pipes\nwith open_pipes() as p:\n    p.report_custom_message(1)\n")
+        with open_pipes_session(PipesRunContext(), PipesTempFileContextInjector(),
+                                PipesTempFileMessageReader()) as session:
+            subprocess.run([sys.executable, str(script)], env={**os.environ, **session.get_bootstrap_env_vars()},
+                           check=True)
+        assert session.get_custom_messages() == [1] and session.closed
+    finally:
+        for fd in spare:
+            os.close(fd)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
