@@ -77,7 +77,7 @@ from ._stdio import (
     as_output_writer,
 )
 from ._stdio import _LineSplitter as _StdioSplitter
-from ._subprocess import PipesSubprocessClient
+from ._subprocess import PipesSubprocessClient, command_name
 from ._watch import POLL_MAX_SECONDS, POLL_MIN_SECONDS, InotifyGroup
 
 __all__ = [
@@ -790,7 +790,7 @@ class PipesAsyncSubprocessClient:
             )
         except OSError as exc:
             raise PipesExecutionError(f"cannot start the external process {argv[0]!r}: {exc}") from exc
-        child = _AsyncChild(process, argv[0], config.forward_termination)
+        child = _AsyncChild(process, command_name(argv), config.forward_termination)
         run.description = child.description
         pumps: list[asyncio.Task[None]] = []
         try:

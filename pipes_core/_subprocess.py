@@ -60,6 +60,21 @@ __all__ = [
 ]
 
 
+_INTERPRETERS = ("python", "python3", "pypy", "pypy3", "node", "ruby", "perl", "bash", "sh", "Rscript", "java")
+
+
+def command_name(argv: Sequence[str]) -> str:
+    """The command as a person recognises it, for messages: the script run by an interpreter
+    (``python etl.py`` -> ``etl.py``; ``python -m pkg.job`` -> ``-m pkg.job``), else the program."""
+    program = os.path.basename(argv[0])
+    if len(argv) > 1 and (program in _INTERPRETERS or program.startswith("python")):
+        if argv[1] in ("-m", "-c") and len(argv) > 2:
+            return f"{argv[1]} {argv[2]}" if argv[1] == "-m" else f"{program} -c"
+        if not argv[1].startswith("-"):
+            return argv[1]
+    return argv[0]
+
+
 class _LocalProcess(PipesLaunchedProcess):
     """A :class:`subprocess.Popen` child; signals go to its whole process group when it has its own."""
 
@@ -243,4 +258,4 @@ class PipesSubprocessClient(PipesClient):
             )
         except OSError as exc:
             raise PipesExecutionError(f"cannot start the external process {argv[0]!r}: {exc}") from exc
-        return _LocalProcess(process, argv[0], self.forward_termination)
+        return _LocalProcess(process, command_name(argv), self.forward_termination)

@@ -26,6 +26,7 @@ from pipes_core import (
 )
 from pipes_core._async import PipesAsyncSubprocessClient
 from pipes_core._json import event_to_json
+from pipes_core._subprocess import command_name
 
 PYTHON = sys.executable
 WriteScript = Callable[..., Path]
@@ -311,3 +312,27 @@ def test_dagster_pipes_error_alias_is_importable() -> None:
 
     assert DagsterPipesError is PipesError
     assert issubclass(PipesExecutionError, DagsterPipesError)
+
+
+def test_the_failure_names_the_script_not_the_interpreter(write_script: WriteScript) -> None:
+    script = write_script(RESULTS_CHILD, "load_orders.py")
+    with pytest.raises(PipesExecutionError) as info:
+        PipesSubprocessClient(forward_stdio=False).run(command=[PYTHON, str(script), "fail"])
+    headline = str(info.value).splitlines()[0]
+    assert headline.startswith(f"the external process {str(script)!r} failed with exit code 1")
+    assert repr(PYTHON) not in headline
+    with pytest.raises(PipesExecutionError) as async_info:
+        asyncio.run(PipesAsyncSubprocessClient(forward_stdio=False).run(command=[PYTHON, str(script), "fail"]))
+    assert str(async_info.value).splitlines()[0].startswith(f"the external process {str(script)!r} failed")
+
+
+@pytest.mark.parametrize(("argv", "name"), [
+    (["python3", "etl.py", "--day", "1"], "etl.py"),
+    (["/usr/bin/python3.11", "-m", "pkg.job"], "-m pkg.job"),
+    (["python", "-c", "print(1)"], "python -c"),
+    (["python", "-u", "x.py"], "python"),
+    (["./run.sh", "a"], "./run.sh"),
+    (["bash", "job.sh"], "job.sh"),
+])
+def test_command_name(argv: list[str], name: str) -> None:
+    assert command_name(argv) == name
