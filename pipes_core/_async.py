@@ -51,8 +51,10 @@ from ._client import (
     TERM_GRACE_SECONDS,
     PipesClientCompletedInvocation,
     PipesExitStatus,
+    _Run,
     _sink,
     _Tail,
+    client_logger,
 )
 from ._errors import PipesExecutionError
 from ._handler import PipesMessageHandler, command_logger
@@ -724,11 +726,13 @@ class PipesAsyncSubprocessClient:
         strict = config.strict if strict is None else strict
         injector, reader = self._channels()
         started = time.monotonic()
-        run = _AsyncRun()
+        run_logger = command_logger(logger, argv)
+        run = _Run(log=client_logger if run_logger is None or getattr(run_logger, "wraps_default", False)
+                   else run_logger)
         try:
             async with open_pipes_session_async(context, injector, reader, extras, on_event=on_event,
                                                 retain_messages=retain_messages,
-                                                logger=command_logger(logger, argv),
+                                                logger=run_logger,
                                                 external_stream_handler=external_stream_handler,
                                                 warn_unclosed=False) as session:  # the verdict says it
                 run.session = session
@@ -736,41 +740,23 @@ class PipesAsyncSubprocessClient:
                     await self._launch_and_wait(argv, {**config.env, **(env or {})}, cwd or config.cwd, session,
                                                 reader, run, timeout_seconds, stdout, stderr)
                 except asyncio.CancelledError as exc:
-                    run.cancelled = exc  # drain first (leaving the session), then re-raise
+                    run.interrupt = exc  # an interruption: drain first (leaving the session), then re-raise
                 except BaseException as exc:
                     run.error = exc
         except asyncio.CancelledError as exc:  # cancelled while the channel drained (the drain was finished)
             if run.session is None:
                 raise
-            run.cancelled = run.cancelled or exc
+            run.interrupt = run.interrupt or exc
         except Exception as exc:  # the channel failed while draining (a store's SDK, the messages file)
             if run.session is None:
                 raise
             run.channel_error = exc
-        assert run.session is not None
-        invocation = PipesClientCompletedInvocation(
-            run.session,
-            exit_code=None if run.status is None else run.status.exit_code,
-            exit_status=run.status,
-            duration_seconds=time.monotonic() - started,
-            output_tail="".join(tail.text() for tail in run.tails),
-            metadata=metadata,
-            description=run.description,
-        )
-        if run.cancelled is not None:
-            run.cancelled.invocation = invocation  # type: ignore[attr-defined]  # documented: what arrived
-            raise run.cancelled
-        if run.error is not None:
-            if isinstance(run.error, PipesError):
-                run.error.invocation = invocation
-            raise run.error
-        config.check(invocation, strict=strict, timed_out=run.timed_out, timeout_seconds=timeout_seconds,
-                     channel_error=run.channel_error, fail_on_check_error=fail_on_check_error,
-                     raise_on_event_error=raise_on_event_error)
-        return invocation
+        return config.conclude(run, started=started, metadata=metadata, strict=strict,
+                               timeout_seconds=timeout_seconds, fail_on_check_error=fail_on_check_error,
+                               raise_on_event_error=raise_on_event_error)
 
     async def _launch_and_wait(self, argv: list[str], extra_env: dict[str, str], cwd: str | None,
-                               session: PipesSession, reader: PipesAsyncMessageReader, run: _AsyncRun,
+                               session: PipesSession, reader: PipesAsyncMessageReader, run: _Run,
                                timeout_seconds: float | None, stdout: PipesOutputTarget | None,
                                stderr: PipesOutputTarget | None) -> None:
         config = self.config
@@ -793,13 +779,14 @@ class PipesAsyncSubprocessClient:
         child = _AsyncChild(process, command_name(argv), config.forward_termination)
         run.description = child.description
         pumps: list[asyncio.Task[None]] = []
+        transports: list[asyncio.BaseTransport] = []
         try:
             for stream, pipe, target in ((STREAM_STDOUT, process.stdout, stdout),
                                          (STREAM_STDERR, process.stderr, stderr)):
                 if pipe is None:
                     continue
                 source, transport = await _stream_reader(pipe)
-                run.transports.append(transport)
+                transports.append(transport)
                 tail = _Tail()
                 run.tails.append(tail)
                 destination: Callable[[bytes], None] | None = None
@@ -841,7 +828,7 @@ class PipesAsyncSubprocessClient:
                     for task in waiting.result()[1]:
                         task.cancel()
             child.close()
-            for transport in run.transports:  # read to their end, or given up on after the drain deadline
+            for transport in transports:  # read to their end, or given up on after the drain deadline
                 transport.close()
             run.status = (PipesExitStatus.from_returncode(process.returncode) if process.returncode is not None
                           else PipesExitStatus(None, description="was left running"))
@@ -857,18 +844,3 @@ class PipesAsyncSubprocessClient:
             child.signal(signal.SIGKILL)
             await child.wait(KILL_WAIT_SECONDS)
         child.signal(signal.SIGKILL)  # what outlived it in its process group is not left behind
-
-
-class _AsyncRun:
-    """The state of one async run, filled in as it goes."""
-
-    def __init__(self) -> None:
-        self.session: PipesSession | None = None
-        self.status: PipesExitStatus | None = None
-        self.timed_out = False
-        self.cancelled: asyncio.CancelledError | None = None
-        self.error: BaseException | None = None
-        self.channel_error: Exception | None = None
-        self.tails: list[_Tail] = []
-        self.transports: list[asyncio.BaseTransport] = []
-        self.description = "the external process"

@@ -404,7 +404,8 @@ class _Run:
     status: PipesExitStatus | None = None
     timed_out: bool = False
     terminated: bool = False  # SIGTERM to the orchestrator
-    interrupt: BaseException | None = None  # KeyboardInterrupt, re-raised after the verdict's invocation
+    interrupt: BaseException | None = None  # KeyboardInterrupt (a cancellation in the asyncio twin), re-raised
+    # after the verdict's invocation
     error: BaseException | None = None  # launch failure or a bug: raised as is (with the invocation)
     channel_error: Exception | None = None  # the message channel failed while draining
     tails: list[_Tail] = field(default_factory=list)
@@ -557,6 +558,14 @@ class PipesClient(ABC):
                     run.process.close()
                 except Exception:
                     run.log.exception("[pipes] releasing %s failed", run.description)
+        return self.conclude(run, started=started, metadata=metadata, strict=strict, timeout_seconds=timeout_seconds,
+                             fail_on_check_error=fail_on_check_error, raise_on_event_error=raise_on_event_error)
+
+    def conclude(self, run: _Run, *, started: float, metadata: Mapping[str, Any] | None, strict: bool,
+                 timeout_seconds: float | None, fail_on_check_error: bool,
+                 raise_on_event_error: bool) -> PipesClientCompletedInvocation:
+        """After the drain: the invocation, then the interruption re-raised or the launch error raised (both
+        carrying it), else the verdict. Shared with the asyncio client (whose cancellation is ``run.interrupt``)."""
         assert run.session is not None  # the session opened, else we raised above
         invocation = PipesClientCompletedInvocation(
             run.session,
