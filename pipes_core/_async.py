@@ -266,7 +266,7 @@ class PipesAsyncFileMessageReader(PipesAsyncMessageReader):
         self.bytes_read = 0
 
     @asynccontextmanager
-    async def _tail(self, path: str, handler: PipesMessageHandler) -> AsyncIterator[dict[str, Any]]:
+    async def _following(self, path: str, handler: PipesMessageHandler) -> AsyncIterator[dict[str, Any]]:
         with self._sync.messages_file(path) as fd:
             follower = _FileFollower(path, handler, fd, self._sync.max_line_bytes)
             finish = asyncio.Event()
@@ -309,7 +309,7 @@ class PipesAsyncFileMessageReader(PipesAsyncMessageReader):
 
     @asynccontextmanager
     async def aread_messages(self, handler: PipesMessageHandler) -> AsyncIterator[dict[str, Any]]:
-        async with self._tail(self._sync.path, handler) as params:
+        async with self._following(self._sync.path, handler) as params:
             yield params
 
     def describe(self) -> str:
@@ -336,7 +336,7 @@ class PipesAsyncTempFileMessageReader(PipesAsyncFileMessageReader):
     async def aread_messages(self, handler: PipesMessageHandler) -> AsyncIterator[dict[str, Any]]:
         tmp = tempfile.mkdtemp(prefix="pipes-messages-", dir=self.dir)
         try:
-            async with self._tail(os.path.join(tmp, MESSAGES_FILE_NAME), handler) as params:
+            async with self._following(os.path.join(tmp, MESSAGES_FILE_NAME), handler) as params:
                 yield params
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
@@ -459,27 +459,27 @@ class PipesAsyncBlobStoreMessageReader(PipesAsyncMessageReader):
     @asynccontextmanager
     async def aread_messages(self, handler: PipesMessageHandler) -> AsyncIterator[dict[str, Any]]:
         async with _entered_on_executor(self.reader.get_params()) as params:
-            tailer = self.reader.tailer(params, handler)
+            follower = self.reader.follower(params, handler)
             finish = asyncio.Event()
-            task = asyncio.get_running_loop().create_task(self._follow(tailer, finish))
+            task = asyncio.get_running_loop().create_task(self._follow(follower, finish))
             try:
                 yield dict(params)
             finally:
                 finish.set()
                 await _finish_shielded(task)
-                self.reader.ended(tailer)
+                self.reader.ended(follower)
 
-    async def _follow(self, tailer: Any, finish: asyncio.Event) -> None:
+    async def _follow(self, follower: Any, finish: asyncio.Event) -> None:
         try:
             while True:
-                step = await _in_executor(tailer.poll, finish.is_set())
+                step = await _in_executor(follower.poll, finish.is_set())
                 if step == POLL_DONE:
                     return
                 if step == POLL_WAIT:
                     with contextlib.suppress(asyncio.TimeoutError):
                         await asyncio.wait_for(finish.wait(), self.reader.interval)
         except Exception as exc:
-            tailer.fail(exc)
+            follower.fail(exc)
 
     def describe(self) -> str:
         return self.reader.describe()

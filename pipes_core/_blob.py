@@ -93,13 +93,13 @@ class PipesBlobStoreContextInjector(PipesContextInjector):
         return f"{type(self).__name__}"
 
 
-# What one poll of the store says to do next (see _ChunkTailer.poll).
+# What one poll of the store says to do next (see _ChunkFollower.poll).
 POLL_DONE = "done"
 POLL_AGAIN = "again"
 POLL_WAIT = "wait"
 
 
-class _ChunkTailer:
+class _ChunkFollower:
     """The reader's thread: follows ``<prefix>/1.json``, ``2.json``, ... into a handler."""
 
     def __init__(self, reader: PipesBlobStoreMessageReader, store: PipesBlobStore, params: PipesParams,
@@ -337,24 +337,24 @@ class PipesBlobStoreMessageReader(PipesMessageReader):
     @contextmanager
     def read_messages(self, handler: PipesMessageHandler) -> Iterator[dict[str, Any]]:
         with self.get_params() as params:
-            tailer = self.tailer(params, handler)
-            tailer.start()
+            follower = self.follower(params, handler)
+            follower.start()
             try:
                 yield dict(params)
             finally:
-                tailer.finish()
-                self.ended(tailer)
+                follower.finish()
+                self.ended(follower)
 
-    def tailer(self, params: PipesParams, handler: PipesMessageHandler) -> _ChunkTailer:
+    def follower(self, params: PipesParams, handler: PipesMessageHandler) -> _ChunkFollower:
         """The chunk follower of one session (driven by a thread here, by the loop in the asyncio twin)."""
         store = self._session_store(params) or _HookStore(self, params)
-        return _ChunkTailer(self, store, params, handler)
+        return _ChunkFollower(self, store, params, handler)
 
-    def ended(self, tailer: _ChunkTailer) -> None:
+    def ended(self, follower: _ChunkFollower) -> None:
         """After the final drain: keep the figures, raise what stopped the reading."""
-        self.last_stats = {"chunks": tailer.chunks_read, "requests": tailer.requests}
-        if tailer.error is not None:
-            raise tailer.error
+        self.last_stats = {"chunks": follower.chunks_read, "requests": follower.requests}
+        if follower.error is not None:
+            raise follower.error
 
     def describe(self) -> str:
         return type(self).__name__

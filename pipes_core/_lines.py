@@ -1,6 +1,6 @@
 """Cutting a byte stream into message lines, with a bound on a line's size.
 
-:class:`LineSplitter` is fed blocks of bytes as a reader gets them (a file it tails, a pipe) and hands complete
+:class:`LineSplitter` is fed blocks of bytes as a reader gets them (a file it follows, a pipe) and hands complete
 lines to a :class:`~pipes_core.PipesMessageHandler`. Blocks of many short lines go to the handler whole (one
 decode per block: the fast path). A line that spans blocks is gathered in one growing buffer, decoded once and
 the buffer dropped before the line is parsed, so a long line under the limit costs about its size in bytes plus

@@ -8,7 +8,7 @@ session ends, reads what is left and stops them. If ``opened`` never came (the p
 speak the protocol, which is exactly when its log matters), each log reader is run once at the end, so its
 output is still forwarded.
 
-Shipped: :class:`PipesFileLogReader` (tails a path; the file may appear late, be rotated or truncated) and
+Shipped: :class:`PipesFileLogReader` (follows a path; the file may appear late, be rotated or truncated) and
 :class:`PipesBlobStoreLogReader` (follows a log object in S3, GCS, Azure or any
 :class:`~pipes_ext._blob.PipesBlobStore`). Both are :class:`PipesChunkedLogReader` objects: one background thread
 that asks :meth:`PipesChunkedLogReader.read_chunk` for new bytes every ``interval`` seconds; a new kind of log
@@ -248,7 +248,7 @@ class PipesChunkedLogReader(PipesLogReader):
 
 
 class PipesFileLogReader(PipesChunkedLogReader):
-    """Tails a file the external process (or its launcher) writes, e.g. a Slurm job's output file.
+    """Follows a file the external process (or its launcher) writes, e.g. a Slurm job's output file.
 
     The file may not exist yet when the session opens (it is waited for), may be rotated (renamed away and
     a new one created at the path: the old one is read to its end, then the new one from its start) or

@@ -6,7 +6,7 @@ the channel to the last byte, then stops. What a session needs lives inside that
 serve many sessions in turn (a reader may keep figures of the last session it read for inspection, as the blob
 reader's ``last_stats``).
 
-The file reader tails newline-delimited JSON. It reads bytes and cuts them at newlines itself
+The file reader follows a growing file of newline-delimited JSON. It reads bytes and cuts them at newlines itself
 (:class:`~pipes_core._lines.LineSplitter`), so a line still being written waits for its end; a final line with
 no newline once the process has ended (the writer was killed mid-write) is reported as an issue, not parsed;
 a line longer than ``max_line_bytes`` is skipped as it streams and reported with its size. Every bad line
@@ -147,7 +147,7 @@ class _FileFollower:
         os.close(self.fd)
 
 
-class _FileTailer:
+class _FileFollowThread:
     """The background thread of a file reader: follows one file into a handler until told to finish."""
 
     def __init__(
@@ -160,7 +160,7 @@ class _FileTailer:
         max_line_bytes: int = DEFAULT_MAX_LINE_BYTES,
     ) -> None:
         self.path = path
-        self._fd = fd  # an open, readable descriptor of the file (owned by the tailer), or None: open path
+        self._fd = fd  # an open, readable descriptor of the file (owned by this thread), or None: open path
         self.handler = handler
         self.max_line_bytes = max_line_bytes
         self.watcher = FileWatcher(path, use_inotify=use_inotify)
@@ -188,12 +188,12 @@ class _FileTailer:
 
     def _run(self) -> None:
         try:
-            self._tail()
+            self._follow()
         finally:
             self._drained.set()
             self.watcher.close()
 
-    def _tail(self) -> None:
+    def _follow(self) -> None:
         if self._fd is not None:
             fd = self._fd
         else:
@@ -279,24 +279,24 @@ class PipesFileMessageReader(PipesMessageReader):
                 created.remove()
 
     @contextmanager
-    def _tail(self, path: str, handler: PipesMessageHandler) -> Iterator[dict[str, Any]]:
-        """Create the file, tail it while the block runs, drain it at the end."""
+    def _following(self, path: str, handler: PipesMessageHandler) -> Iterator[dict[str, Any]]:
+        """Create the file, follow it while the block runs, drain it at the end."""
         with self.messages_file(path) as fd:
             try:
-                tailer = _FileTailer(path, handler, fd=fd, use_inotify=self.use_inotify,
-                                     max_line_bytes=self.max_line_bytes)
-                tailer.start()  # from here the tailer's thread owns fd
+                thread = _FileFollowThread(path, handler, fd=fd, use_inotify=self.use_inotify,
+                                          max_line_bytes=self.max_line_bytes)
+                thread.start()  # from here that thread owns fd
             except BaseException:
                 os.close(fd)
                 raise
             try:
                 yield self.messages_params(path)
             finally:
-                tailer.finish()
+                thread.finish()
 
     @contextmanager
     def read_messages(self, handler: PipesMessageHandler) -> Iterator[dict[str, Any]]:
-        with self._tail(self.path, handler) as params:
+        with self._following(self.path, handler) as params:
             yield params
 
     def describe(self) -> str:
@@ -323,7 +323,7 @@ class PipesTempFileMessageReader(PipesFileMessageReader):
     def read_messages(self, handler: PipesMessageHandler) -> Iterator[dict[str, Any]]:
         tmp = tempfile.mkdtemp(prefix="pipes-messages-", dir=self.dir)
         try:
-            with self._tail(os.path.join(tmp, MESSAGES_FILE_NAME), handler) as params:
+            with self._following(os.path.join(tmp, MESSAGES_FILE_NAME), handler) as params:
                 yield params
         finally:
             shutil.rmtree(tmp, ignore_errors=True)

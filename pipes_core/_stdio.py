@@ -1,7 +1,7 @@
 """``PipesStdioMessageReader``: messages interleaved with a process's own output on one stream of lines.
 
 The external side's ``stdio`` channel (``{"stdio": "stdout"}``) writes each message as one JSON line on its
-stdout (or stderr). Whatever carries those lines to us (a pipe, a container's log stream, a job's log tail)
+stdout (or stderr). Whatever carries those lines to us (a pipe, a container's log stream, a job's log stream)
 also carries the process's own output. This reader cuts that stream into lines: a line whose first
 non-blank byte is ``{`` and which contains ``"__dagster_pipes_version"`` is a message and goes to the
 handler; every other line is the process's output and is forwarded, in order, to where the caller says

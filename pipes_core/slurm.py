@@ -33,7 +33,7 @@ Channels
     reader works, e.g. ``PipesStdioMessageReader()`` reads the messages from the job's stdout file.
 
 Output
-    The job's stdout and stderr files are tailed while it runs and forwarded to this process's
+    The job's stdout and stderr files are followed while it runs and forwarded to this process's
     stdout/stderr (or ``stdout``/``stderr``), and drained to their end once it has ended; with
     ``forward_stdio=False`` only their last bytes are kept, for error messages. Files in the client's private
     directory are removed after the run; files the user named are left alone.
@@ -364,7 +364,7 @@ def slurm_exit_status(info: SlurmJobInfo) -> PipesExitStatus:
 
 
 class _JobOutput:
-    """One of the job's output files, tailed as an iterable of byte chunks until the job has ended and the file
+    """One of the job's output files, followed as an iterable of byte chunks until the job has ended and the file
     has been read to its end. The path may be known only after the first state query (a user's ``--output``)."""
 
     def __init__(self, job: _SlurmJob, stream: str) -> None:
@@ -621,7 +621,7 @@ class _SlurmJob(PipesLaunchedProcess):
 
     def close(self) -> None:
         self.closing.set()
-        self.ended_event.set()  # any output tail still waiting stops
+        self.ended_event.set()  # any output follower still waiting stops
         if self._own_dir is not None:
             shutil.rmtree(self._own_dir, ignore_errors=True)
 

@@ -10,7 +10,7 @@ Channels chosen by :class:`PipesDefaultMessageWriter`, by the first key present 
   or interleave between threads, and a message has been handed to the OS when the call returns: a SIGKILL
   right after loses nothing.
 * ``stdio``: ``sys.stdout`` or ``sys.stderr``, flushed after every message.
-* ``buffered_stdio``: kept in memory and written at close (for log tails that only keep the end).
+* ``buffered_stdio``: kept in memory and written at close (for log collectors that keep only the end of the output).
 """
 
 from __future__ import annotations

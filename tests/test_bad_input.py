@@ -428,7 +428,7 @@ def test_50mb_custom_payload_is_delivered_intact(write_script: WriteScript) -> N
         blob = random.Random(20240105).randbytes(25_000_000).hex()  # 50 MB of text, not one repeated byte
         with open_pipes() as pipes:
             pipes.report_custom_message("before")
-            pipes.report_custom_message({"blob": blob, "tail": "end 😀"})
+            pipes.report_custom_message({"blob": blob, "end": "end 😀"})
             pipes.report_custom_message("after")
         """
     )
@@ -437,7 +437,7 @@ def test_50mb_custom_payload_is_delivered_intact(write_script: WriteScript) -> N
     before, big, after = invocation.get_custom_messages()
     assert (before, after) == ("before", "after")
     assert len(big["blob"]) == 50_000_000
-    assert big == {"blob": expected_blob, "tail": "end 😀"}
+    assert big == {"blob": expected_blob, "end": "end 😀"}
     assert invocation.session.protocol_issues == []
     assert invocation.exit_code == 0
 

@@ -1,4 +1,4 @@
-"""The file message reader: tailing NDJSON with inotify wake-ups, partial and bad lines, draining, speed.
+"""The file message reader: following NDJSON with inotify wake-ups, partial and bad lines, draining, speed.
 
 Performance tests assert only generous safety bounds; they print what they measured (run with ``-s``).
 """

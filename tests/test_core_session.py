@@ -1,7 +1,7 @@
 """open_pipes_session, PipesSession and PipesRunContext: context data, bootstrap params, results and events.
 
 The external side runs in this process (``open_pipes`` with a mapping params loader built from the session's
-bootstrap env vars), writing to the real messages file that the real reader tails.
+bootstrap env vars), writing to the real messages file that the real reader follows.
 """
 
 from __future__ import annotations

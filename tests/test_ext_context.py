@@ -240,7 +240,7 @@ def test_cli_loader_accepts_both_flag_forms_among_other_args() -> None:
         context_encoded,
         "--other=1",
         f"--dagster-pipes-messages={encode_param(messages_params)}",
-        "tail",
+        "trailing",
     ]
     loader = PipesCliArgsParamsLoader(argv)
     assert loader.is_pipes_process()
@@ -550,8 +550,8 @@ def test_stdio_writer_flushes_each_message(write_script: Callable[..., Path]) ->
         for stream in (proc.stdout, proc.stderr):
             if stream is not None:
                 stream.close()
-    tail = [parse_message_line(line) for line in rest.splitlines()]
-    assert [m["method"] for m in tail] == ["report_custom_message", "closed"]
+    after = [parse_message_line(line) for line in rest.splitlines()]
+    assert [m["method"] for m in after] == ["report_custom_message", "closed"]
 
 
 def test_stdio_writer_channel_flushes_in_process() -> None:

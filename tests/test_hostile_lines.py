@@ -387,8 +387,8 @@ def test_long_line_is_skipped_as_it_streams(tmp_path: Path) -> None:
 
 
 def test_long_final_line_without_newline_is_reported_with_its_size(tmp_path: Path) -> None:
-    tail = b"w" * 3_000
-    session, events = _feed(tmp_path, OPENED + BEFORE + tail, max_line_bytes=1_000)
+    unterminated = b"w" * 3_000
+    session, events = _feed(tmp_path, OPENED + BEFORE + unterminated, max_line_bytes=1_000)
     issue = events[-1]
     assert isinstance(issue, PipesProtocolIssue) and issue.kind is Kind.LINE_TOO_LONG
     assert issue.size == 3_000 and "no newline" in issue.reason

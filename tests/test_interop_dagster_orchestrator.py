@@ -424,7 +424,7 @@ from pipes_ext import PipesCliArgsParamsLoader, open_pipes
 
 with open_pipes(params_loader=PipesCliArgsParamsLoader()) as pipes:
     pipes.log.warning("via cli")
-    pipes.report_asset_materialization(metadata={"argv_tail": sys.argv[-2:]}, data_version="dv-cli")
+    pipes.report_asset_materialization(metadata={"argv_end": sys.argv[-2:]}, data_version="dv-cli")
     pipes.report_asset_check("cli_check", passed=False, severity="WARN", metadata={"n": 1})
     pipes.report_custom_message({"extras": pipes.extras, "asset_key": pipes.asset_key})
 """
@@ -462,7 +462,7 @@ def test_dagster_open_pipes_session_with_cli_args(
 
     [materialization] = result.asset_materializations_for_node("cli_asset")
     assert materialization.asset_key == dg.AssetKey(["cli_asset"])
-    assert materialization.metadata == {"argv_tail": dg.MetadataValue.json(["--user-flag", "kept"])}
+    assert materialization.metadata == {"argv_end": dg.MetadataValue.json(["--user-flag", "kept"])}
     assert materialization.tags is not None
     assert materialization.tags["dagster/data_version"] == "dv-cli"
     [evaluation] = result.get_asset_check_evaluations()

@@ -471,7 +471,7 @@ from dagster_pipes import PipesCliArgsParamsLoader, open_dagster_pipes
 
 with open_dagster_pipes(params_loader=PipesCliArgsParamsLoader()) as context:
     context.log.info("via cli")
-    context.report_asset_materialization(metadata={"argv_tail": sys.argv[-2:]}, data_version="dv-cli")
+    context.report_asset_materialization(metadata={"argv_end": sys.argv[-2:]}, data_version="dv-cli")
     context.report_asset_check("cli_check", passed=True, severity="WARN")
     context.report_custom_message({"extras": dict(context.extras), "run_id": context.run_id})
 """
@@ -494,7 +494,7 @@ def test_dagster_pipes_child_cli_args_under_open_pipes_session(
     assert session.opened and session.closed
     assert session.get_results() == [
         MaterializeResult(
-            "grp/asset", {"argv_tail": MetadataValue("json", ["--user-flag", "kept"])}, "dv-cli"
+            "grp/asset", {"argv_end": MetadataValue("json", ["--user-flag", "kept"])}, "dv-cli"
         ),
         AssetCheckResult("grp/asset", "cli_check", True, "WARN", {}),
     ]

@@ -342,7 +342,7 @@ def test_file_log_reader_late_file_rotation_truncation(tmp_path: Path, mode: str
 
 
 def test_file_log_reader_on_a_process_whose_output_goes_to_a_file(tmp_path: Path) -> None:
-    """The Slurm shape: the launcher sends the process's stdout and stderr to a file we tail."""
+    """The Slurm shape: the launcher sends the process's stdout and stderr to a file we follow."""
     script = tmp_path / "job.py"
     script.write_text(
         "import sys\n"

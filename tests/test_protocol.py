@@ -911,7 +911,7 @@ def _run_stream(path: Path, mode: str) -> tuple[_Collector, list[PipesProtocolIs
                     if line.strip():
                         delivered += 1
                         collector.wait_for(delivered)  # delivered while the session is still open
-            elif mode == "partial_tail":
+            elif mode == "partial_last_line":
                 os.write(fd, STREAM + PARTIAL)
                 collector.wait_for(len(EXPECTED_EVENTS))
                 time.sleep(0.05)
@@ -924,10 +924,10 @@ def _run_stream(path: Path, mode: str) -> tuple[_Collector, list[PipesProtocolIs
     return collector, session.protocol_issues
 
 
-@pytest.mark.parametrize("mode", ["whole", "byte_by_byte", "partial_tail"])
+@pytest.mark.parametrize("mode", ["whole", "byte_by_byte", "partial_last_line"])
 def test_file_reader_delivers_the_same_messages_however_the_bytes_arrive(tmp_path: Path, mode: str) -> None:
     collector, issues = _run_stream(tmp_path / "messages", mode)
-    if mode == "partial_tail":
+    if mode == "partial_last_line":
         assert collector.events[:-1] == EXPECTED_EVENTS
         assert len(issues) == 1
         issue = collector.events[-1]

@@ -129,15 +129,15 @@ def test_text_chunks_and_file_objects_are_sources() -> None:
     assert normalise(read(io.BufferedReader(io.BytesIO(STREAM)))[0]) == EXPECTED  # type: ignore[arg-type]
 
 
-@pytest.mark.parametrize("tail,expected", [
+@pytest.mark.parametrize("last,expected", [
     (message(9), [("message", 9)]),  # a complete message without its newline is accepted
     (message(9)[:-5], [("issue", "truncated final line")]),  # cut mid-message: an issue, not parsed
     (b"no newline at the end", [("out", b"no newline at the end")]),  # output forwarded as is
     (b"   ", [("out", b"   ")]),
     (b"glued" + message(9), [("out", b"glued"), ("message", 9)]),
 ])
-def test_a_last_line_without_newline(tail: bytes, expected: list[tuple[str, Any]]) -> None:
-    for chunks in ([b"first\n" + tail], [b"first\n", tail], [b"first\n" + tail[:3], tail[3:]]):
+def test_a_last_line_without_newline(last: bytes, expected: list[tuple[str, Any]]) -> None:
+    for chunks in ([b"first\n" + last], [b"first\n", last], [b"first\n" + last[:3], last[3:]]):
         record, _, _ = read(chunks)
         if expected == [("out", expected[0][1])]:
             assert record == [("out", b"first\n" + expected[0][1])]
