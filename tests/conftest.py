@@ -14,7 +14,7 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 PYTHON = sys.executable
 
 # Engine fixtures (session-scoped, each skipping with its reason when the engine cannot run here).
-pytest_plugins = ["tests.engines_slurm", "tests.engines_docker", "tests.engines_ray"]
+pytest_plugins = ["tests.engines_slurm", "tests.engines_docker", "tests.engines_ray", "tests.engines_prefect"]
 
 
 @pytest.fixture(autouse=True)

@@ -1,0 +1,53 @@
+"""Two external scripts run concurrently through pipes_core in a plain ThreadPoolExecutor.
+
+Each run logs to its own logger (``logger=``), so their lines can be told apart; every record also carries
+``pipes_run_id`` and ``pipes_command``. Results are collected as plain dicts (``to_dict()``, the objects
+``pipes run --json`` prints); a failed run raises ``PipesExecutionError`` from ``future.result()``, carrying the
+remote exception. ``scripts/refunds.py`` raises on purpose, so this exits with status 1:
+    python examples/concurrent_futures_runs.py
+See docs/recipes/concurrent-futures.md.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+from pipes_core import PipesClientCompletedInvocation, PipesExecutionError, PipesRunContext, PipesSubprocessClient
+
+SCRIPTS = Path(__file__).resolve().parent / "scripts"
+STEPS = {"orders.py": ["warehouse/orders", "warehouse/customers"], "refunds.py": ["warehouse/refunds"]}
+
+
+def run_script(script: str, asset_keys: list[str]) -> PipesClientCompletedInvocation:
+    return PipesSubprocessClient().run(
+        command=[sys.executable, str(SCRIPTS / script)],
+        context=PipesRunContext(asset_keys=asset_keys),
+        logger=logging.getLogger(f"steps.{Path(script).stem}"),  # one logger per run
+    )
+
+
+def main() -> int:
+    logging.basicConfig(level=logging.INFO, format="%(name)s %(levelname)s %(message)s")  # INFO: the scripts' logs
+    with ThreadPoolExecutor(max_workers=len(STEPS)) as pool:
+        futures = {script: pool.submit(run_script, script, keys) for script, keys in STEPS.items()}
+    failed = 0
+    for script, future in futures.items():
+        try:
+            invocation = future.result()
+        except PipesExecutionError as error:
+            failed += 1
+            remote = error.remote_exception
+            print(f"{script}: FAILED: {remote or error}")  # the remote exception, or why the run failed
+            continue
+        for result in invocation.get_results():
+            print(f"{script}: {json.dumps(result.to_dict())}")
+        print(f"{script}: custom messages {json.dumps(invocation.get_custom_messages())}")
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,36 @@
+"""The concurrent.futures example (examples/concurrent_futures_runs.py), run as a user runs it."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+EXAMPLE = REPO_ROOT / "examples" / "concurrent_futures_runs.py"
+PYTHON = sys.executable
+TIMEOUT_SECONDS = 120  # a bound that only catches hangs; the example takes about a second
+
+
+def test_concurrent_futures_example_collects_results_errors_and_per_run_logs(tmp_path: Path) -> None:
+    done = subprocess.run([PYTHON, str(EXAMPLE)], cwd=tmp_path, capture_output=True, text=True,
+                          timeout=TIMEOUT_SECONDS)
+    output = f"stdout:\n{done.stdout}\nstderr:\n{done.stderr}"
+    assert done.returncode == 1, output  # scripts/refunds.py raises on purpose
+    lines = done.stdout.splitlines()
+    orders = [json.loads(line.removeprefix("orders.py: ")) for line in lines
+              if line.startswith("orders.py: {")]
+    assert [(r["event"], r["asset_key"]) for r in orders] == [
+        ("materialization", "warehouse/orders"), ("check", "warehouse/orders"),
+        ("materialization", "warehouse/customers"), ("check", "warehouse/customers"),
+    ]
+    assert orders[3]["passed"] is False and orders[3]["severity"] == "WARN"
+    assert 'orders.py: custom messages [{"orders": 5, "customers": 3}]' in lines
+    assert "refunds.py: FAILED: ValueError: the refunds feed is empty for 2024-06-01" in lines
+    # Each run's external logs went to its own logger (shown at INFO, as configured by the example).
+    logs = done.stderr.splitlines()
+    assert "steps.orders INFO loading orders" in logs
+    assert "steps.orders INFO loaded 5 orders of 3 customers" in logs
+    assert "steps.refunds INFO loading refunds" in logs
+    assert not any(line.startswith("steps.orders") and "refunds" in line for line in logs)
