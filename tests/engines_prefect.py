@@ -74,6 +74,15 @@ def _private_env(home: Path) -> dict[str, str]:
     return env
 
 
+def _server_env(home: Path) -> dict[str, str]:
+    """The server runs none of this project's code: it is not measured by the suite's coverage (which would only
+    slow its start-up)."""
+    env = _private_env(home)
+    for name in ("COVERAGE_PROCESS_CONFIG", "COVERAGE_PROCESS_START"):
+        env.pop(name, None)
+    return env
+
+
 class PrefectServer:
     """A running local server: ``api_url`` is its API on 127.0.0.1."""
 
@@ -174,7 +183,7 @@ def _start_once(timeout: float) -> PrefectServer:
     started = time.monotonic()
     try:
         process = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                   env=_private_env(temp_dir / "server-home"), start_new_session=True)
+                                   env=_server_env(temp_dir / "server-home"), start_new_session=True)
     except OSError as exc:
         shutil.rmtree(temp_dir, ignore_errors=True)
         raise PrefectUnavailable(f"cannot run {argv[0]!r}: {exc}") from exc
