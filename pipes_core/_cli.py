@@ -1,5 +1,6 @@
 """The ``pipes`` command line: wrap any command in a Pipes session.
 
+    pipes --version
     pipes run [--asset KEY]... [--partition KEY] [--extras JSON | --extras-file PATH]
               [--context-injector env|file|tempfile] [--message-reader file|tempfile|stdio] [--bootstrap env|cli]
               [--slurm [--sbatch-arg ARG]... [--shared-dir DIR] [--slurm-conf PATH]]
@@ -10,7 +11,11 @@
 
 Human mode prints each event as it arrives (colour on a terminal, plain when piped) and a summary. ``--json``
 prints one JSON object per event on stdout (the child's own stdout is sent to stderr so it cannot mix in),
-strict JSON only (non-finite floats become the strings "NaN", "Infinity", "-Infinity"). In human mode every
+strict JSON only (non-finite floats become the strings "NaN", "Infinity", "-Infinity"). Every JSON object
+carries ``time`` (when the orchestrator handled it: ISO 8601, UTC, milliseconds) and ``run_id``, so the lines of
+concurrent runs can be told apart and ordered; ``opened`` also carries ``context``, the context document that
+was injected (asset keys, partition, run id, job name, the ``--extras`` given, ...), while its ``extras`` stays
+what the process itself sent in ``opened`` (usually nothing). In human mode every
 string taken from the child's messages has its control characters escaped and its continuation lines indented,
 so a child cannot drive the terminal or forge a line of ours; its own stdout/stderr pass through raw.
 
@@ -36,9 +41,17 @@ import sys
 import threading
 import time
 from collections.abc import Sequence
+from datetime import datetime, timezone
+from importlib import metadata
 from typing import IO, Any, NoReturn
 
-from pipes_ext._protocol import MAX_DECODED_PARAM_BYTES, SEVERITY_ERROR, escape_asset_key, parse_asset_key
+from pipes_ext._protocol import (
+    MAX_DECODED_PARAM_BYTES,
+    PIPES_PROTOCOL_VERSION,
+    SEVERITY_ERROR,
+    escape_asset_key,
+    parse_asset_key,
+)
 
 from ._channels import PipesChannelOptions, make_context_injector, make_message_reader
 from ._client import BOOTSTRAPS, PipesClient
@@ -70,6 +83,8 @@ EXIT_SESSION_FAILED = 1
 EXIT_TIMEOUT = 124
 EXIT_INTERRUPTED = 130
 
+DISTRIBUTION = "pipes-sdk"  # the package whose version ``pipes --version`` prints
+
 
 class _UsageError(Exception):
     pass
@@ -82,6 +97,7 @@ class _Parser(argparse.ArgumentParser):
 
 def _build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="pipes", description="Run a command as a Pipes external process.")
+    parser.add_argument("--version", action="store_true", help="print the version and exit")
     sub = parser.add_subparsers(dest="subcommand")
     run = sub.add_parser("run", help="run COMMAND in a Pipes session and report what it sends")
     run.add_argument("--asset", action="append", default=[], metavar="KEY",
@@ -240,13 +256,34 @@ _COLOURS = {"red": "31", "green": "32", "yellow": "33", "blue": "34", "dim": "2"
 _LEVEL_COLOURS = {"DEBUG": "dim", "INFO": "blue", "WARNING": "yellow", "ERROR": "red", "CRITICAL": "red"}
 
 
-class _Printer:
-    """Prints events as they arrive and keeps the counts for the summary."""
+def version_text() -> str:
+    """``pipes --version``: this package's version, the protocol it speaks and the Python running it."""
+    try:
+        version = metadata.version(DISTRIBUTION)
+    except metadata.PackageNotFoundError:  # run from a source tree that was never installed
+        version = "unknown (not installed)"
+    python = ".".join(str(part) for part in sys.version_info[:3])
+    return f"pipes {version} (Pipes protocol {PIPES_PROTOCOL_VERSION}, Python {python})"
 
-    def __init__(self, out: IO[str], as_json: bool, colour: bool) -> None:
+
+def _now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+class _Printer:
+    """Prints events as they arrive and keeps the counts for the summary.
+
+    In JSON mode every object starts with ``event``, ``time`` and ``run_id``; ``opened`` also gets the injected
+    ``context`` document.
+    """
+
+    def __init__(self, out: IO[str], as_json: bool, colour: bool, run_id: str = "",
+                 context: dict[str, Any] | None = None) -> None:
         self.out = out
         self.as_json = as_json
         self.colour = colour
+        self.run_id = run_id
+        self.context = context
         self.lock = threading.Lock()
         self.counts = {"materializations": 0, "checks_passed": 0, "checks_failed": 0, "failed_error_checks": 0,
                        "custom_messages": 0, "logs": 0, "protocol_issues": 0}
@@ -256,7 +293,8 @@ class _Printer:
         return f"\033[{_COLOURS[colour]}m{text}\033[0m" if self.colour else text
 
     def emit(self, record: dict[str, Any]) -> None:
-        text = _strict_json(record)
+        stamped = {"event": record["event"], "time": _now(), "run_id": self.run_id, **record}
+        text = _strict_json(stamped)
         with self.lock:
             self.out.write(text + "\n")
             self.out.flush()
@@ -269,7 +307,10 @@ class _Printer:
     def __call__(self, event: PipesEvent) -> None:
         self._count(event)
         if self.as_json:
-            self.emit(event_to_json(event))
+            record = event_to_json(event)
+            if isinstance(event, PipesOpenedEvent) and self.context is not None:
+                record["context"] = self.context
+            self.emit(record)
             return
         tag = self.paint("[pipes]", "dim")
         if isinstance(event, PipesOpenedEvent):
@@ -424,9 +465,13 @@ def _run(args: argparse.Namespace, out: IO[str]) -> int:
     timeout = _timeout(args.timeout)
     context = PipesRunContext(asset_keys=assets or None, partition_key=args.partition, job_name=args.job_name,
                               **({"run_id": args.run_id} if args.run_id else {}))
+    try:
+        injected = context.to_context_data(extras)
+    except PipesUsageError as exc:
+        raise _UsageError(str(exc)) from exc
     client, options = _client(args)
     colour = not args.json and out.isatty() and os.environ.get("NO_COLOR") is None
-    printer = _Printer(out, args.json, colour)
+    printer = _Printer(out, args.json, colour, run_id=context.run_id, context=injected)
     if args.slurm:
         options["on_job_state"] = printer.job_state
     external = logging.getLogger(DEFAULT_LOGGER_NAME)  # events are printed by us, not by logging
@@ -519,8 +564,11 @@ def main(argv: Sequence[str] | None = None, out: IO[str] | None = None) -> int:
     parser = _build_parser()
     try:
         args = parser.parse_args(argv)
+        if args.version:
+            out.write(version_text() + "\n")
+            return 0
         if args.subcommand != "run":
-            raise _UsageError("usage: pipes run [OPTIONS] -- COMMAND [ARG]...")
+            raise _UsageError("usage: pipes run [OPTIONS] -- COMMAND [ARG]...  (or pipes --version)")
         return _run(args, out)
     except _UsageError as exc:
         sys.stderr.write(f"pipes: error: {_safe(str(exc))}\n")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import sys
 import textwrap
@@ -11,6 +12,19 @@ from pathlib import Path
 import pytest
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+def raw_cli_json_events(stdout: str) -> list[dict[str, object]]:
+    """The objects ``pipes run --json`` printed, one per line."""
+    return [json.loads(line) for line in stdout.splitlines() if line.strip()]
+
+
+def cli_json_events(stdout: str) -> list[dict[str, object]]:
+    """The objects ``pipes run --json`` printed, without the ``time`` and ``run_id`` that each must carry."""
+    events = raw_cli_json_events(stdout)
+    for event in events:
+        assert isinstance(event.pop("time"), str) and isinstance(event.pop("run_id"), str), event
+    return events
 PYTHON = sys.executable
 
 # Engine fixtures (session-scoped, each skipping with its reason when the engine cannot run here).

@@ -3,7 +3,6 @@ and `--bootstrap cli` end to end with real processes."""
 
 from __future__ import annotations
 
-import json
 import subprocess
 import sys
 from collections.abc import Callable
@@ -28,7 +27,7 @@ from pipes_core._channels import (
     make_context_injector,
     make_message_reader,
 )
-from tests.conftest import REPO_ROOT
+from tests.conftest import REPO_ROOT, cli_json_events
 
 PIPES = [sys.executable, "-m", "pipes_core"]
 
@@ -109,7 +108,7 @@ def test_pipes_run_stdio_json(write_script: Callable[..., Path], bootstrap: str)
     done = run_pipes("run", "--json", "--asset", "a", "--message-reader", "stdio", "--bootstrap", bootstrap,
                      "--", sys.executable, str(script))
     assert done.returncode == 0, done.stderr
-    events = [json.loads(line) for line in done.stdout.splitlines()]  # stdout is JSON only
+    events = cli_json_events(done.stdout)  # stdout is JSON only
     kinds = [e["event"] for e in events]
     assert kinds[0] == "opened" and "materialization" in kinds and kinds[-1] == "summary"
     assert {"event": "custom_message", "payload": {"cli": bootstrap == "cli"}} in events

@@ -2,18 +2,18 @@
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import subprocess
 import sys
 import time
 from collections.abc import Callable
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
 import pytest
 
-from tests.conftest import REPO_ROOT
+from tests.conftest import REPO_ROOT, cli_json_events, raw_cli_json_events
 
 PIPES = [sys.executable, "-m", "pipes_core"]
 EXAMPLE = str(REPO_ROOT / "examples" / "hello_pipes.py")
@@ -23,8 +23,8 @@ def run_pipes(*args: str, timeout: float = 60) -> subprocess.CompletedProcess[st
     return subprocess.run([*PIPES, *args], capture_output=True, text=True, timeout=timeout, cwd=REPO_ROOT)
 
 
-def json_events(stdout: str) -> list[dict[str, object]]:
-    return [json.loads(line) for line in stdout.splitlines() if line.strip()]
+json_events = cli_json_events
+raw_json_events = raw_cli_json_events
 
 
 def test_human_mode_prints_each_event_and_a_summary() -> None:
@@ -264,3 +264,63 @@ def test_ctrl_c_terminates_child_and_reports(write_script: Callable[..., Path], 
     assert events[-1]["error"] == "interrupted"
     with pytest.raises(ProcessLookupError):
         os.kill(child_pid, 0)
+
+
+def test_json_events_carry_time_run_id_and_the_injected_context() -> None:
+    """Every object says when it was handled and of which run; ``opened`` shows the context given (the issue:
+    ``"extras": {}`` was printed although ``--extras`` was given), apart from what the process sent."""
+    before = datetime.now(timezone.utc)
+    proc = run_pipes("run", "--json", "--run-id", "run-42", "--job-name", "nightly", "--asset", "examples/hello",
+                     "--partition", "2026-11-29", "--extras", '{"rows": 2, "tag": "x"}', "--",
+                     sys.executable, EXAMPLE)
+    after = datetime.now(timezone.utc)
+    assert proc.returncode == 0, proc.stderr
+    events = raw_json_events(proc.stdout)
+    assert all(list(e)[:3] == ["event", "time", "run_id"] for e in events)
+    assert {e["run_id"] for e in events} == {"run-42"}
+    times = [datetime.fromisoformat(str(e["time"]).replace("Z", "+00:00")) for e in events]
+    assert all(before - timedelta(seconds=1) <= t <= after + timedelta(seconds=1) for t in times)
+    assert times == sorted(times)
+    assert all(str(e["time"]).endswith("Z") and len(str(e["time"])) == len("2026-11-29T09:44:28.485Z")
+               for e in events)
+    opened = events[0]
+    assert opened["event"] == "opened"
+    assert opened["extras"] == {}  # what the process itself sent in `opened`
+    context = opened["context"]
+    assert isinstance(context, dict)
+    assert context["extras"] == {"rows": 2, "tag": "x"}
+    assert context["asset_keys"] == ["examples/hello"]
+    assert context["partition_key"] == "2026-11-29"
+    assert context["run_id"] == "run-42" and context["job_name"] == "nightly"
+    assert all("context" not in e for e in events[1:])
+
+
+def test_concurrent_runs_json_lines_can_be_told_apart() -> None:
+    """Two runs writing to one stream: each line names its run (a new UUID per run when --run-id is absent)."""
+    procs = [subprocess.Popen([*PIPES, "run", "--json", "--asset", "examples/hello", "--", sys.executable, EXAMPLE],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO_ROOT)
+             for _ in range(2)]
+    outputs = [proc.communicate(timeout=60)[0] for proc in procs]
+    assert [proc.returncode for proc in procs] == [0, 0]
+    run_ids = [{e["run_id"] for e in raw_json_events(out)} for out in outputs]
+    assert all(len(ids) == 1 for ids in run_ids)
+    assert run_ids[0] != run_ids[1]
+    assert all(len(str(next(iter(ids)))) == 36 for ids in run_ids)  # a UUID
+
+
+def test_version_prints_package_protocol_and_python() -> None:
+    proc = run_pipes("--version")
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stderr == ""
+    from importlib.metadata import version
+    expected = (f"pipes {version('pipes-sdk')} (Pipes protocol 0.1, "
+                f"Python {'.'.join(map(str, sys.version_info[:3]))})")
+    assert proc.stdout.strip() == expected
+
+
+def test_no_subcommand_is_a_usage_error_that_mentions_version() -> None:
+    proc = run_pipes()
+    assert proc.returncode == 2
+    assert proc.stdout == ""
+    assert "pipes run [OPTIONS] -- COMMAND" in proc.stderr and "pipes --version" in proc.stderr
+    assert "Traceback" not in proc.stderr

@@ -17,7 +17,7 @@ import pytest
 
 from pipes_core import PipesUsageError
 from pipes_core.docker import RUN_ID_LABEL, run_options_from_docker_args
-from tests.conftest import REPO_ROOT
+from tests.conftest import REPO_ROOT, cli_json_events
 from tests.engines_docker import DockerEngine
 
 PIPES = [sys.executable, "-m", "pipes_core"]
@@ -45,7 +45,7 @@ def child(code: str = CHILD) -> list[str]:
 
 
 def events(stdout: str) -> list[dict[str, object]]:
-    return [json.loads(line) for line in stdout.splitlines() if line.strip()]
+    return cli_json_events(stdout)
 
 
 def leftovers(engine: DockerEngine, run_id: str) -> list[object]:

@@ -48,6 +48,7 @@ from pipes_ext import (
     open_pipes,
 )
 from pipes_ext._protocol import MAX_JSON_DEPTH, decode_param, dumps_message, parse_message_line
+from tests.conftest import cli_json_events
 
 Kind = PipesProtocolErrorKind
 WriteScript = Callable[..., Path]
@@ -486,7 +487,7 @@ def test_pipes_run_summarises_after_hostile_lines(write_script: WriteScript) -> 
                            "--", PYTHON, str(script)], capture_output=True, text=True, timeout=120)
     assert "Traceback" not in proc.stderr
     assert proc.returncode == 0, proc.stderr
-    records = [json.loads(line) for line in proc.stdout.splitlines()]
+    records = cli_json_events(proc.stdout)
     issues = [r for r in records if r["event"] == "protocol_issue"]
     assert [i["kind"] for i in issues] == ["too_deep", "bad_metadata", "not_json"]
     assert all(i["size"] > 0 and i["handled"] is False for i in issues)
@@ -504,7 +505,7 @@ def test_pipes_run_max_line_bytes(write_script: WriteScript) -> None:
     proc = subprocess.run([PYTHON, "-m", "pipes_core", "run", "--json", "--no-strict", "--max-line-bytes", "2000",
                            "--", PYTHON, str(script)], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
-    records = [json.loads(line) for line in proc.stdout.splitlines()]
+    records = cli_json_events(proc.stdout)
     [issue] = [r for r in records if r["event"] == "protocol_issue"]
     assert issue["kind"] == "line_too_long" and issue["size"] > 5000
     assert [r["payload"] for r in records if r["event"] == "custom_message"] == ["short"]

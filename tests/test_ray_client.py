@@ -333,10 +333,9 @@ def test_another_message_channel_with_the_log_only_forwarded(
 def test_pipes_run_ray_prints_the_events_and_exits_with_the_jobs_code(
     ray_head: RayHead, write_script: Callable[..., Path]
 ) -> None:
-    import json
     import subprocess
 
-    from tests.conftest import REPO_ROOT
+    from tests.conftest import REPO_ROOT, cli_json_events
 
     script = write_script(
         """
@@ -354,7 +353,7 @@ def test_pipes_run_ray_prints_the_events_and_exits_with_the_jobs_code(
         cwd=REPO_ROOT, capture_output=True, text=True, timeout=JOB_DEADLINE_SECONDS,
     )
     assert proc.returncode == 4, proc.stderr[-2000:]
-    events = [json.loads(line) for line in proc.stdout.splitlines()]
+    events = cli_json_events(proc.stdout)
     kinds = [e["event"] for e in events]
     assert "materialization" in kinds and "custom_message" in kinds and kinds[-1] == "summary"
     assert events[-1]["exit_code"] == 4 and "Ray job pipes-" in events[-1]["error"]

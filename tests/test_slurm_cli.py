@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 import subprocess
 import sys
@@ -10,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import REPO_ROOT
+from tests.conftest import REPO_ROOT, cli_json_events
 from tests.engines_slurm import SlurmCluster
 
 PIPES = [sys.executable, "-m", "pipes_core"]
@@ -39,7 +38,7 @@ def test_json_mode_with_sbatch_args_and_the_conf_given_on_the_command_line(slurm
                      f"--sbatch-arg=--partition={slurm_cluster.partition}", "--json", "--asset", "examples/hello",
                      "--extras", '{"rows": 1}', "--", sys.executable, EXAMPLE)
     assert proc.returncode == 0, proc.stdout + proc.stderr
-    events = [json.loads(line) for line in proc.stdout.splitlines()]
+    events = cli_json_events(proc.stdout)
     kinds = [e["event"] for e in events]
     assert kinds[0] == "slurm_job" and events[0]["state"] == "PENDING"
     assert {"opened", "materialization", "check", "custom_message", "closed"} <= set(kinds)
