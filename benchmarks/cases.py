@@ -3,6 +3,7 @@ with raw samples; ``__main__`` summarises them. Children are real processes star
 
 from __future__ import annotations
 
+import json
 import os
 import resource
 import statistics
@@ -246,12 +247,18 @@ def latency(*, quick: bool, repeat: int) -> dict[str, Any]:
 
 def _bootstrap_env(tmp: str) -> dict[str, str]:
     from pipes_ext import encode_param
+    from pipes_ext._protocol import (
+        CONTEXT_ASSET_KEYS,
+        CONTEXT_CODE_VERSION_BY_ASSET_KEY,
+        CONTEXT_PROVENANCE_BY_ASSET_KEY,
+        empty_context_data,
+    )
 
     context = os.path.join(tmp, "context.json")
+    data = {**empty_context_data("r"), CONTEXT_ASSET_KEYS: ["a"], CONTEXT_CODE_VERSION_BY_ASSET_KEY: {"a": None},
+            CONTEXT_PROVENANCE_BY_ASSET_KEY: {"a": None}}
     with open(context, "w", encoding="utf-8") as f:
-        f.write('{"asset_keys": ["a"], "code_version_by_asset_key": {"a": null}, "provenance_by_asset_key": '
-                '{"a": null}, "partition_key": null, "partition_key_range": null, "partition_time_window": null, '
-                '"run_id": "r", "job_name": null, "retry_number": 0, "extras": {}}')
+        json.dump(data, f)
     messages = os.path.join(tmp, "messages")
     return {"DAGSTER_PIPES_CONTEXT": encode_param({"path": context}),
             "DAGSTER_PIPES_MESSAGES": encode_param({"path": messages})}

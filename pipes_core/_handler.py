@@ -34,6 +34,8 @@ from typing import TYPE_CHECKING, Any
 
 from pipes_ext._errors import PipesProtocolError, PipesProtocolErrorKind
 from pipes_ext._protocol import (
+    CONTEXT_ASSET_KEYS,
+    CONTEXT_RUN_ID,
     DEFAULT_LOG_LEVEL,
     JSON_WHITESPACE,
     LOG_LEVELS,
@@ -253,12 +255,13 @@ class PipesMessageHandler:
             context_data = context_data.to_context_data()
         self.message_reader = message_reader
         self._on_message = on_message
-        self._selected = None if context_data.get("asset_keys") is None else set(context_data["asset_keys"])
+        self._selected = (None if context_data.get(CONTEXT_ASSET_KEYS) is None
+                          else set(context_data[CONTEXT_ASSET_KEYS]))
         self._on_event = on_event
         self._retain = retain_messages
         # Every record of this run carries its run id (see LOG_EXTRA_RUN_ID).
         self.logger: logging.LoggerAdapter[Any] = PipesRunLogger(
-            logger or logging.getLogger(DEFAULT_LOGGER_NAME), {LOG_EXTRA_RUN_ID: context_data.get("run_id")})
+            logger or logging.getLogger(DEFAULT_LOGGER_NAME), {LOG_EXTRA_RUN_ID: context_data.get(CONTEXT_RUN_ID)})
         self._external_stream = external_stream_handler or _write_external_stream
         self._lock = threading.Lock()
         self.opened_count = 0
@@ -370,8 +373,8 @@ class PipesMessageHandler:
                 raise
             # A malformed exception in closed: keep its valid parts rather than lose the remote error.
             params = obj[MESSAGE_PARAMS_FIELD]
-            salvaged, problems = salvage_exception(params["exception"])
-            params["exception"] = salvaged
+            salvaged, problems = salvage_exception(params[PARAM_EXCEPTION])
+            params[PARAM_EXCEPTION] = salvaged
             message = obj
             if not self.closed_count:
                 self._issue_for(message, line, source, "closed: " + "; ".join(problems) + " (the exception's valid "

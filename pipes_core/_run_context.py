@@ -9,7 +9,22 @@ from datetime import datetime
 from typing import Any
 
 from pipes_ext._errors import PipesUsageError
-from pipes_ext._protocol import escape_asset_key, parse_asset_key
+from pipes_ext._protocol import (
+    CONTEXT_ASSET_KEYS,
+    CONTEXT_CODE_VERSION_BY_ASSET_KEY,
+    CONTEXT_EXTRAS,
+    CONTEXT_JOB_NAME,
+    CONTEXT_PARTITION_KEY,
+    CONTEXT_PARTITION_KEY_RANGE,
+    CONTEXT_PARTITION_TIME_WINDOW,
+    CONTEXT_PROVENANCE_BY_ASSET_KEY,
+    CONTEXT_RETRY_NUMBER,
+    CONTEXT_RUN_ID,
+    RANGE_END,
+    RANGE_START,
+    escape_asset_key,
+    parse_asset_key,
+)
 
 __all__ = ["PipesRunContext", "AssetKeyLike", "normalize_asset_key"]
 
@@ -31,6 +46,10 @@ def normalize_asset_key(key: AssetKeyLike) -> str:
 
 def _window_bound(value: str | datetime) -> str:
     return value.isoformat() if isinstance(value, datetime) else str(value)
+
+
+def _range(start: str, end: str) -> dict[str, str]:
+    return {RANGE_START: start, RANGE_END: end}
 
 
 def _new_run_id() -> str:
@@ -94,16 +113,16 @@ class PipesRunContext:
         if not isinstance(self.retry_number, int) or self.retry_number < 0:
             raise PipesUsageError("retry_number must be a non-negative integer")
         return {
-            "asset_keys": keys,
-            "code_version_by_asset_key": code_versions,
-            "provenance_by_asset_key": provenance,
-            "partition_key": self.partition_key,
-            "partition_key_range": None if key_range is None else {"start": key_range[0], "end": key_range[1]},
-            "partition_time_window": None
+            CONTEXT_ASSET_KEYS: keys,
+            CONTEXT_CODE_VERSION_BY_ASSET_KEY: code_versions,
+            CONTEXT_PROVENANCE_BY_ASSET_KEY: provenance,
+            CONTEXT_PARTITION_KEY: self.partition_key,
+            CONTEXT_PARTITION_KEY_RANGE: None if key_range is None else _range(key_range[0], key_range[1]),
+            CONTEXT_PARTITION_TIME_WINDOW: None
             if window is None
-            else {"start": _window_bound(window[0]), "end": _window_bound(window[1])},
-            "run_id": self.run_id,
-            "job_name": self.job_name,
-            "retry_number": self.retry_number,
-            "extras": dict(extras or {}),
+            else _range(_window_bound(window[0]), _window_bound(window[1])),
+            CONTEXT_RUN_ID: self.run_id,
+            CONTEXT_JOB_NAME: self.job_name,
+            CONTEXT_RETRY_NUMBER: self.retry_number,
+            CONTEXT_EXTRAS: dict(extras or {}),
         }

@@ -16,6 +16,7 @@ from datetime import datetime, timezone
 from typing import Any, cast
 
 from pipes_ext._protocol import (
+    CONTEXT_ASSET_KEYS,
     DAGSTER_PIPES_CONTEXT_CLI_ARGUMENT,
     DAGSTER_PIPES_CONTEXT_ENV_VAR,
     DAGSTER_PIPES_MESSAGES_CLI_ARGUMENT,
@@ -218,7 +219,7 @@ class PipesSession:
         return list(self.message_handler.results)
 
     def _implicit_materializations(self, reported: frozenset[str]) -> list[PipesExecutionResult]:
-        selected = self.context_data.get("asset_keys") or []
+        selected = self.context_data.get(CONTEXT_ASSET_KEYS) or []
         return [MaterializeResult(key, implicit=True) for key in selected if key not in reported]
 
     def get_all_results(

@@ -41,7 +41,7 @@ import threading
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, NoReturn
 
-from pipes_ext._protocol import PARAM_PATH
+from pipes_ext._protocol import CONTEXT_RUN_ID, PARAM_PATH
 
 from ._client import (
     BOOTSTRAP_ENV,
@@ -411,7 +411,7 @@ class PipesDockerClient(PipesClient):
         where = describe_docker_host(None if own_client else client)
         create = dict(options)
         create["environment"] = {**environment, **request.bootstrap_env}
-        create["labels"] = {RUN_ID_LABEL: str(request.session.context_data.get("run_id", "")),
+        create["labels"] = {RUN_ID_LABEL: str(request.session.context_data.get(CONTEXT_RUN_ID, "")),
                             **dict(create.get("labels") or {})}
         if self.mount_channel_files:
             create["volumes"] = _with_channel_mounts(create.get("volumes"), request)

@@ -51,7 +51,15 @@ import sys
 import warnings
 
 from ._errors import PipesWarning
-from ._protocol import METHOD_LOG_EXTERNAL_STREAM, STREAM_STDERR, STREAM_STDOUT, dumps_message
+from ._protocol import (
+    METHOD_LOG_EXTERNAL_STREAM,
+    PARAM_EXTRAS,
+    PARAM_STREAM,
+    PARAM_TEXT,
+    STREAM_STDERR,
+    STREAM_STDOUT,
+    dumps_message,
+)
 
 # `typing` is not imported at run time: it costs start-up time and every annotation here is a string.
 TYPE_CHECKING = False
@@ -228,7 +236,7 @@ class _Reader:
     def _send(self, stream: str, text: str) -> None:
         try:
             for start in range(0, len(text), self.max_chars):
-                params = {"stream": stream, "text": text[start : start + self.max_chars], "extras": {}}
+                params = {PARAM_STREAM: stream, PARAM_TEXT: text[start : start + self.max_chars], PARAM_EXTRAS: {}}
                 _write_all(self.out_fd, (dumps_message(METHOD_LOG_EXTERNAL_STREAM, params) + "\n").encode())
         except OSError:  # the channel is gone (e.g. the parent's forwarding thread): keep copying output
             self._stop_sending()

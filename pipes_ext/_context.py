@@ -20,6 +20,16 @@ from ._context_loaders import PipesContextLoader, PipesDefaultContextLoader
 from ._errors import PipesUsageError, PipesWarning
 from ._params import PipesEnvVarParamsLoader, PipesParamsLoader
 from ._protocol import (
+    CONTEXT_ASSET_KEYS,
+    CONTEXT_CODE_VERSION_BY_ASSET_KEY,
+    CONTEXT_EXTRAS,
+    CONTEXT_JOB_NAME,
+    CONTEXT_PARTITION_KEY,
+    CONTEXT_PARTITION_KEY_RANGE,
+    CONTEXT_PARTITION_TIME_WINDOW,
+    CONTEXT_PROVENANCE_BY_ASSET_KEY,
+    CONTEXT_RETRY_NUMBER,
+    CONTEXT_RUN_ID,
     LOG_LEVELS,
     METHOD_CLOSED,
     METHOD_LOG,
@@ -28,7 +38,19 @@ from ._protocol import (
     METHOD_REPORT_ASSET_CHECK,
     METHOD_REPORT_ASSET_MATERIALIZATION,
     METHOD_REPORT_CUSTOM_MESSAGE,
+    PARAM_ASSET_KEY,
+    PARAM_CHECK_NAME,
+    PARAM_DATA_VERSION,
+    PARAM_EXCEPTION,
+    PARAM_EXTRAS,
     PARAM_INCLUDE_STDIO_IN_MESSAGES,
+    PARAM_LEVEL,
+    PARAM_MESSAGE,
+    PARAM_METADATA,
+    PARAM_PASSED,
+    PARAM_SEVERITY,
+    PARAM_STREAM,
+    PARAM_TEXT,
     SEVERITIES,
     SEVERITY_ERROR,
     STREAMS,
@@ -134,7 +156,7 @@ class PipesContext:
     def open(self) -> PipesContext:
         """Send ``opened``. Called by :func:`open_pipes`; a second call does nothing."""
         if not self._opened:
-            self._send(METHOD_OPENED, {"extras": self._opened_extras})
+            self._send(METHOD_OPENED, {PARAM_EXTRAS: self._opened_extras})
             self._opened = True
             self._pid = os.getpid()
             PipesContext._current.append(self)
@@ -175,7 +197,7 @@ class PipesContext:
             try:
                 params: dict[str, Any] = {}
                 if exc is not None:
-                    params["exception"] = serialize_exception(exc)
+                    params[PARAM_EXCEPTION] = serialize_exception(exc)
                 self._channel.write_line(dumps_message(METHOD_CLOSED, params))
             finally:
                 self._channel.close()
@@ -202,11 +224,11 @@ class PipesContext:
 
     @property
     def is_asset_step(self) -> bool:
-        return self._data["asset_keys"] is not None
+        return self._data[CONTEXT_ASSET_KEYS] is not None
 
     @property
     def asset_keys(self) -> list[str]:
-        keys = self._data["asset_keys"]
+        keys = self._data[CONTEXT_ASSET_KEYS]
         if keys is None:
             raise PipesUsageError("asset_keys: this step has no assets in scope (it is not an asset step)")
         return list(keys)
@@ -220,7 +242,7 @@ class PipesContext:
 
     @property
     def provenance_by_asset_key(self) -> dict[str, Any]:
-        by_key = self._data["provenance_by_asset_key"]
+        by_key = self._data[CONTEXT_PROVENANCE_BY_ASSET_KEY]
         if by_key is None:
             raise PipesUsageError("provenance_by_asset_key: this step has no assets in scope")
         return dict(by_key)
@@ -231,7 +253,7 @@ class PipesContext:
 
     @property
     def code_version_by_asset_key(self) -> dict[str, str | None]:
-        by_key = self._data["code_version_by_asset_key"]
+        by_key = self._data[CONTEXT_CODE_VERSION_BY_ASSET_KEY]
         if by_key is None:
             raise PipesUsageError("code_version_by_asset_key: this step has no assets in scope")
         return dict(by_key)
@@ -242,18 +264,18 @@ class PipesContext:
 
     @property
     def is_partition_step(self) -> bool:
-        return self._data["partition_key_range"] is not None or self._data["partition_key"] is not None
+        return self._data[CONTEXT_PARTITION_KEY_RANGE] is not None or self._data[CONTEXT_PARTITION_KEY] is not None
 
     @property
     def partition_key(self) -> str:
-        key = self._data["partition_key"]
+        key = self._data[CONTEXT_PARTITION_KEY]
         if key is None:
             raise PipesUsageError("partition_key: this step does not target a single partition")
         return str(key)
 
     @property
     def partition_key_range(self) -> dict[str, str]:
-        key_range = self._data["partition_key_range"]
+        key_range = self._data[CONTEXT_PARTITION_KEY_RANGE]
         if key_range is None:
             raise PipesUsageError("partition_key_range: this step is not partitioned")
         return dict(key_range)
@@ -262,29 +284,29 @@ class PipesContext:
     def partition_time_window(self) -> dict[str, str] | None:
         if not self.is_partition_step:
             raise PipesUsageError("partition_time_window: this step is not partitioned")
-        window = self._data["partition_time_window"]
+        window = self._data[CONTEXT_PARTITION_TIME_WINDOW]
         return None if window is None else dict(window)
 
     @property
     def run_id(self) -> str:
-        return str(self._data["run_id"])
+        return str(self._data[CONTEXT_RUN_ID])
 
     @property
     def job_name(self) -> str | None:
-        name = self._data["job_name"]
+        name = self._data[CONTEXT_JOB_NAME]
         return None if name is None else str(name)
 
     @property
     def retry_number(self) -> int:
-        return int(self._data["retry_number"])
+        return int(self._data[CONTEXT_RETRY_NUMBER])
 
     @property
     def extras(self) -> dict[str, Any]:
-        return dict(self._data["extras"])
+        return dict(self._data[CONTEXT_EXTRAS])
 
     def get_extra(self, key: str) -> Any:
         """The extra named ``key``; raises :class:`PipesUsageError` naming the known extras when missing."""
-        extras = self._data["extras"]
+        extras = self._data[CONTEXT_EXTRAS]
         if key not in extras:
             raise PipesUsageError(
                 f"extra {key!r} is undefined; extras must be provided by the orchestrator (known: {sorted(extras)})"
@@ -302,7 +324,7 @@ class PipesContext:
         self._channel.write_line(dumps_message(method, params))
 
     def _resolve_asset_key(self, method: str, asset_key: str | Sequence[str] | None) -> str:
-        keys = self._data["asset_keys"]
+        keys = self._data[CONTEXT_ASSET_KEYS]
         if asset_key is None:
             if not keys:
                 raise PipesUsageError(f"{method}: no asset_key given and this step has no asset in scope")
@@ -333,7 +355,7 @@ class PipesContext:
             raise PipesUsageError(f"{method}: asset {key!r} was already materialized in this run")
         if data_version is not None and not isinstance(data_version, str):
             raise PipesUsageError(f"{method}: data_version must be a string or None")
-        params = {"asset_key": key, "data_version": data_version, "metadata": normalize_metadata(metadata)}
+        params = {PARAM_ASSET_KEY: key, PARAM_DATA_VERSION: data_version, PARAM_METADATA: normalize_metadata(metadata)}
         self._send(method, params)
         self._materialized.add(key)
 
@@ -355,11 +377,11 @@ class PipesContext:
         if severity not in SEVERITIES:
             raise PipesUsageError(f"{method}: severity must be one of {SEVERITIES}, got {severity!r}")
         params = {
-            "asset_key": key,
-            "check_name": check_name,
-            "passed": passed,
-            "metadata": normalize_metadata(metadata),
-            "severity": severity,
+            PARAM_ASSET_KEY: key,
+            PARAM_CHECK_NAME: check_name,
+            PARAM_PASSED: passed,
+            PARAM_METADATA: normalize_metadata(metadata),
+            PARAM_SEVERITY: severity,
         }
         self._send(method, params)
 
@@ -374,10 +396,11 @@ class PipesContext:
             raise PipesUsageError(f"{METHOD_LOG_EXTERNAL_STREAM}: stream must be one of {STREAMS}, got {stream!r}")
         if not isinstance(text, str):
             raise PipesUsageError(f"{METHOD_LOG_EXTERNAL_STREAM}: text must be a string")
-        self._send(METHOD_LOG_EXTERNAL_STREAM, {"stream": stream, "text": text, "extras": dict(extras or {})})
+        params = {PARAM_STREAM: stream, PARAM_TEXT: text, PARAM_EXTRAS: dict(extras or {})}
+        self._send(METHOD_LOG_EXTERNAL_STREAM, params)
 
     def _log(self, level_name: str, message: str) -> None:
-        self._send(METHOD_LOG, {"message": message, "level": level_name})
+        self._send(METHOD_LOG, {PARAM_MESSAGE: message, PARAM_LEVEL: level_name})
 
     @property
     def log(self) -> logging.Logger:

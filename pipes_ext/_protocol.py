@@ -26,7 +26,7 @@ TYPE_CHECKING = False
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Mapping, Sequence
-    from typing import Any
+    from typing import Any, Final
 
 __all__ = [
     # versions and envelope
@@ -90,7 +90,19 @@ __all__ = [
     "LOG_LEVELS",
     "normalize_log_level",
     # context data
+    "CONTEXT_ASSET_KEYS",
+    "CONTEXT_CODE_VERSION_BY_ASSET_KEY",
+    "CONTEXT_PROVENANCE_BY_ASSET_KEY",
+    "CONTEXT_PARTITION_KEY",
+    "CONTEXT_PARTITION_KEY_RANGE",
+    "CONTEXT_PARTITION_TIME_WINDOW",
+    "CONTEXT_RUN_ID",
+    "CONTEXT_JOB_NAME",
+    "CONTEXT_RETRY_NUMBER",
+    "CONTEXT_EXTRAS",
     "CONTEXT_DATA_KEYS",
+    "RANGE_START",
+    "RANGE_END",
     "empty_context_data",
     "validate_context_data",
     # asset keys
@@ -406,33 +418,48 @@ def normalize_log_level(level: object) -> str | None:
 # Context data
 # --------------------------------------------------------------------------------------------------------------
 
+# The keys of the context-data document (see ``_types.PipesContextData``, whose field names must match). ``Final``:
+# a type checker reads them as literals, so they index that TypedDict.
+CONTEXT_ASSET_KEYS: Final = "asset_keys"
+CONTEXT_CODE_VERSION_BY_ASSET_KEY: Final = "code_version_by_asset_key"
+CONTEXT_PROVENANCE_BY_ASSET_KEY: Final = "provenance_by_asset_key"
+CONTEXT_PARTITION_KEY: Final = "partition_key"
+CONTEXT_PARTITION_KEY_RANGE: Final = "partition_key_range"
+CONTEXT_PARTITION_TIME_WINDOW: Final = "partition_time_window"
+CONTEXT_RUN_ID: Final = "run_id"
+CONTEXT_JOB_NAME: Final = "job_name"
+CONTEXT_RETRY_NUMBER: Final = "retry_number"
+CONTEXT_EXTRAS: Final = "extras"
 CONTEXT_DATA_KEYS = (
-    "asset_keys",
-    "code_version_by_asset_key",
-    "provenance_by_asset_key",
-    "partition_key",
-    "partition_key_range",
-    "partition_time_window",
-    "run_id",
-    "job_name",
-    "retry_number",
-    "extras",
+    CONTEXT_ASSET_KEYS,
+    CONTEXT_CODE_VERSION_BY_ASSET_KEY,
+    CONTEXT_PROVENANCE_BY_ASSET_KEY,
+    CONTEXT_PARTITION_KEY,
+    CONTEXT_PARTITION_KEY_RANGE,
+    CONTEXT_PARTITION_TIME_WINDOW,
+    CONTEXT_RUN_ID,
+    CONTEXT_JOB_NAME,
+    CONTEXT_RETRY_NUMBER,
+    CONTEXT_EXTRAS,
 )
+# The two keys of a partition key range and of a partition time window.
+RANGE_START = "start"
+RANGE_END = "end"
 
 
 def empty_context_data(run_id: str = "") -> dict[str, Any]:
     """Context data with every key present and nothing selected (used outside an orchestrated run)."""
     return {
-        "asset_keys": None,
-        "code_version_by_asset_key": None,
-        "provenance_by_asset_key": None,
-        "partition_key": None,
-        "partition_key_range": None,
-        "partition_time_window": None,
-        "run_id": run_id,
-        "job_name": None,
-        "retry_number": 0,
-        "extras": {},
+        CONTEXT_ASSET_KEYS: None,
+        CONTEXT_CODE_VERSION_BY_ASSET_KEY: None,
+        CONTEXT_PROVENANCE_BY_ASSET_KEY: None,
+        CONTEXT_PARTITION_KEY: None,
+        CONTEXT_PARTITION_KEY_RANGE: None,
+        CONTEXT_PARTITION_TIME_WINDOW: None,
+        CONTEXT_RUN_ID: run_id,
+        CONTEXT_JOB_NAME: None,
+        CONTEXT_RETRY_NUMBER: 0,
+        CONTEXT_EXTRAS: {},
     }
 
 
@@ -440,10 +467,16 @@ def _check_optional_range(data: Mapping[str, Any], key: str) -> None:
     value = data.get(key)
     if value is None:
         return
-    if not (isinstance(value, dict) and isinstance(value.get("start"), str) and isinstance(value.get("end"), str)):
+    if not (isinstance(value, dict) and isinstance(value.get(RANGE_START), str)
+            and isinstance(value.get(RANGE_END), str)):
         raise PipesProtocolError(
-            f'context data "{key}" must be null or {{"start": str, "end": str}}', _Kind.BAD_CONTEXT
+            f'context data "{key}" must be null or {{"{RANGE_START}": str, "{RANGE_END}": str}}', _Kind.BAD_CONTEXT
         )
+
+
+def _check_optional_string(data: Mapping[str, Any], key: str) -> None:
+    if data[key] is not None and not isinstance(data[key], str):
+        raise PipesProtocolError(f'context data "{key}" must be null or a string', _Kind.BAD_CONTEXT)
 
 
 def validate_context_data(data: object) -> dict[str, Any]:
@@ -456,29 +489,28 @@ def validate_context_data(data: object) -> dict[str, Any]:
         raise PipesProtocolError(f"context data must be a JSON object, got {_json_type_name(data)}", _Kind.BAD_CONTEXT)
     out = empty_context_data()
     out.update(data)
-    asset_keys = out["asset_keys"]
+    asset_keys = out[CONTEXT_ASSET_KEYS]
     if asset_keys is not None and not (
         isinstance(asset_keys, list) and all(isinstance(k, str) for k in asset_keys)
     ):
-        raise PipesProtocolError('context data "asset_keys" must be null or a list of strings', _Kind.BAD_CONTEXT)
-    for key in ("code_version_by_asset_key", "provenance_by_asset_key"):
+        raise PipesProtocolError(f'context data "{CONTEXT_ASSET_KEYS}" must be null or a list of strings',
+                                 _Kind.BAD_CONTEXT)
+    for key in (CONTEXT_CODE_VERSION_BY_ASSET_KEY, CONTEXT_PROVENANCE_BY_ASSET_KEY):
         if out[key] is not None and not isinstance(out[key], dict):
             raise PipesProtocolError(f'context data "{key}" must be null or an object', _Kind.BAD_CONTEXT)
-    if out["partition_key"] is not None and not isinstance(out["partition_key"], str):
-        raise PipesProtocolError('context data "partition_key" must be null or a string', _Kind.BAD_CONTEXT)
-    _check_optional_range(out, "partition_key_range")
-    _check_optional_range(out, "partition_time_window")
-    if not isinstance(out["run_id"], str):
-        raise PipesProtocolError('context data "run_id" must be a string', _Kind.BAD_CONTEXT)
-    if out["job_name"] is not None and not isinstance(out["job_name"], str):
-        raise PipesProtocolError('context data "job_name" must be null or a string', _Kind.BAD_CONTEXT)
-    retry = out["retry_number"]
+    _check_optional_string(out, CONTEXT_PARTITION_KEY)
+    _check_optional_range(out, CONTEXT_PARTITION_KEY_RANGE)
+    _check_optional_range(out, CONTEXT_PARTITION_TIME_WINDOW)
+    if not isinstance(out[CONTEXT_RUN_ID], str):
+        raise PipesProtocolError(f'context data "{CONTEXT_RUN_ID}" must be a string', _Kind.BAD_CONTEXT)
+    _check_optional_string(out, CONTEXT_JOB_NAME)
+    retry = out[CONTEXT_RETRY_NUMBER]
     if not isinstance(retry, int) or isinstance(retry, bool):
-        raise PipesProtocolError('context data "retry_number" must be an integer', _Kind.BAD_CONTEXT)
-    if out["extras"] is None:
-        out["extras"] = {}
-    if not isinstance(out["extras"], dict):
-        raise PipesProtocolError('context data "extras" must be an object', _Kind.BAD_CONTEXT)
+        raise PipesProtocolError(f'context data "{CONTEXT_RETRY_NUMBER}" must be an integer', _Kind.BAD_CONTEXT)
+    if out[CONTEXT_EXTRAS] is None:
+        out[CONTEXT_EXTRAS] = {}
+    if not isinstance(out[CONTEXT_EXTRAS], dict):
+        raise PipesProtocolError(f'context data "{CONTEXT_EXTRAS}" must be an object', _Kind.BAD_CONTEXT)
     return out
 
 

@@ -825,6 +825,21 @@ def test_validate_context_data_rejects(data: Any, reason: str) -> None:
     assert reason in str(info.value)
 
 
+def test_context_data_keys_are_named_once_and_match_the_typed_dicts() -> None:
+    import pipes_ext._protocol as protocol
+    from pipes_ext._types import PipesContextData, PipesPartitionKeyRange, PipesTimeWindow
+
+    # The TypedDict's field names are necessarily literals: they must be the named keys, in the same order.
+    assert tuple(PipesContextData.__annotations__) == CONTEXT_DATA_KEYS
+    assert len(set(CONTEXT_DATA_KEYS)) == len(CONTEXT_DATA_KEYS)
+    named = {value for name, value in vars(protocol).items()
+             if name.startswith("CONTEXT_") and name != "CONTEXT_DATA_KEYS"}
+    assert named == set(CONTEXT_DATA_KEYS)
+    assert set(empty_context_data()) == set(CONTEXT_DATA_KEYS)
+    for range_type in (PipesPartitionKeyRange, PipesTimeWindow):
+        assert tuple(range_type.__annotations__) == (protocol.RANGE_START, protocol.RANGE_END)
+
+
 @pytest.mark.interop
 def test_validate_context_data_accepts_what_dagster_pipes_types_declare() -> None:
     dagster_pipes = pytest.importorskip("dagster_pipes")
