@@ -1,11 +1,12 @@
-"""Two external scripts run concurrently through pipes_core in a plain ThreadPoolExecutor.
+"""Two external scripts run concurrently through pipes_core in a plain ThreadPoolExecutor (or ProcessPoolExecutor).
 
 Each run logs to its own logger (``logger=``), so their lines can be told apart; every record also carries
 ``pipes_run_id`` and ``pipes_command``. Results are collected as plain dicts (``to_dict()``, the objects
 ``pipes run --json`` prints); a failed run raises ``PipesExecutionError`` from ``future.result()``, carrying the
-remote exception. ``scripts/refunds.py`` raises on purpose, so this exits with status 1:
-    python examples/concurrent_futures_runs.py
-See docs/recipes/concurrent-futures.md.
+remote exception. With ``--processes`` the runs happen in worker processes, and what they return or raise comes
+back pickled. ``scripts/refunds.py`` raises on purpose, so this exits with status 1:
+    python examples/concurrent_futures_runs.py [--processes]
+See docs/recipes/concurrent-futures.md and docs/recipes/process-pools.md.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from __future__ import annotations
 import json
 import logging
 import sys
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 from pathlib import Path
 
 from pipes_core import PipesClientCompletedInvocation, PipesExecutionError, PipesRunContext, PipesSubprocessClient
@@ -30,9 +31,15 @@ def run_script(script: str, asset_keys: list[str]) -> PipesClientCompletedInvoca
     )
 
 
-def main() -> int:
+def configure_logging() -> None:
     logging.basicConfig(level=logging.INFO, format="%(name)s %(levelname)s %(message)s")  # INFO: the scripts' logs
-    with ThreadPoolExecutor(max_workers=len(STEPS)) as pool:
+
+
+def main(argv: list[str]) -> int:
+    configure_logging()
+    pool_class = ProcessPoolExecutor if "--processes" in argv else ThreadPoolExecutor
+    # initializer: a worker process configures its own logging (a spawned one inherits none)
+    with pool_class(max_workers=len(STEPS), initializer=configure_logging) as pool:
         futures = {script: pool.submit(run_script, script, keys) for script, keys in STEPS.items()}
     failed = 0
     for script, future in futures.items():
@@ -50,4 +57,4 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(main(sys.argv[1:]))

@@ -1,4 +1,5 @@
-"""The concurrent.futures example (examples/concurrent_futures_runs.py), run as a user runs it."""
+"""The concurrent.futures example (examples/concurrent_futures_runs.py), run as a user runs it: with threads, and
+with worker processes (``--processes``: the invocation and the error come back pickled)."""
 
 from __future__ import annotations
 
@@ -7,14 +8,18 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 REPO_ROOT = Path(__file__).resolve().parent.parent
 EXAMPLE = REPO_ROOT / "examples" / "concurrent_futures_runs.py"
 PYTHON = sys.executable
 TIMEOUT_SECONDS = 120  # a bound that only catches hangs; the example takes about a second
 
 
-def test_concurrent_futures_example_collects_results_errors_and_per_run_logs(tmp_path: Path) -> None:
-    done = subprocess.run([PYTHON, str(EXAMPLE)], cwd=tmp_path, capture_output=True, text=True,
+@pytest.mark.parametrize("pool", ["threads", "processes"])
+def test_concurrent_futures_example_collects_results_errors_and_per_run_logs(tmp_path: Path, pool: str) -> None:
+    args = ["--processes"] if pool == "processes" else []
+    done = subprocess.run([PYTHON, str(EXAMPLE), *args], cwd=tmp_path, capture_output=True, text=True,
                           timeout=TIMEOUT_SECONDS)
     output = f"stdout:\n{done.stdout}\nstderr:\n{done.stderr}"
     assert done.returncode == 1, output  # scripts/refunds.py raises on purpose
@@ -27,6 +32,7 @@ def test_concurrent_futures_example_collects_results_errors_and_per_run_logs(tmp
     ]
     assert orders[3]["passed"] is False and orders[3]["severity"] == "WARN"
     assert 'orders.py: custom messages [{"orders": 5, "customers": 3}]' in lines
+    # The remote exception, from the PipesExecutionError (pickled back from the worker process with --processes).
     assert "refunds.py: FAILED: ValueError: the refunds feed is empty for 2024-06-01" in lines
     # Each run's external logs went to its own logger (shown at INFO, as configured by the example).
     logs = done.stderr.splitlines()
