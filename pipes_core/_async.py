@@ -552,6 +552,7 @@ async def open_pipes_session_async(
     external_stream_handler: Callable[[str, str], None] | None = None,
     on_message: Callable[[dict[str, Any]], None] | None = None,
     warn_unclosed: bool = True,
+    warn_unopened: bool = True,
 ) -> AsyncIterator[PipesSession]:
     """The asyncio twin of :func:`open_pipes_session` (same arguments, same :class:`PipesSession`): ``async with``
     it, launch the process inside the block; leaving the block drains the channel without blocking the loop.
@@ -576,7 +577,7 @@ async def open_pipes_session_async(
         if setup.log_readers.log_readers:
             await asyncio.shield(_in_executor(lambda: setup.log_readers.stop(run_unstarted=launched)))
     assert session is not None  # the block ran, else the error was raised above
-    end_session(session, warn_unclosed)
+    end_session(session, warn_unclosed, warn_unopened)
 
 
 # ---------------------------------------------------------------------------------------------- the client
@@ -734,7 +735,8 @@ class PipesAsyncSubprocessClient:
                                                 retain_messages=retain_messages,
                                                 logger=run_logger,
                                                 external_stream_handler=external_stream_handler,
-                                                warn_unclosed=False) as session:  # the verdict says it
+                                                warn_unclosed=False,  # the verdict says these
+                                                warn_unopened=False) as session:
                 run.session = session
                 try:
                     await self._launch_and_wait(argv, {**config.env, **(env or {})}, cwd or config.cwd, session,
@@ -787,7 +789,7 @@ class PipesAsyncSubprocessClient:
                     continue
                 source, transport = await _stream_reader(pipe)
                 transports.append(transport)
-                tail = _Tail()
+                tail = _Tail(stream)
                 run.tails.append(tail)
                 destination: Callable[[bytes], None] | None = None
                 if config.forward_stdio:

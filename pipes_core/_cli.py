@@ -36,7 +36,6 @@ import json
 import logging
 import math
 import os
-import re
 import sys
 import threading
 import time
@@ -54,7 +53,7 @@ from pipes_ext._protocol import (
 )
 
 from ._channels import PipesChannelOptions, make_context_injector, make_message_reader
-from ._client import BOOTSTRAPS, PipesClient
+from ._client import BOOTSTRAPS, PipesClient, escape_controls
 from ._errors import PipesError, PipesExecutionError, PipesInterruptedError, PipesTimeoutError, PipesUsageError
 from ._handler import DEFAULT_LOGGER_NAME
 from ._injectors import PipesContextInjector, PipesEnvContextInjector
@@ -74,6 +73,7 @@ from ._results import (
 )
 from ._run_context import PipesRunContext
 from ._session import PipesSession
+from ._stdio import as_output_writer
 from ._subprocess import PipesClientCompletedInvocation, PipesSubprocessClient
 
 __all__ = ["main", "event_to_json"]
@@ -214,20 +214,10 @@ def _timeout(text: str | None) -> float | None:
 # Continuation lines of text from the child are indented by this much, so none can pass for a line of ours
 # (ours start at column 0).
 _CONTINUATION = "    "
-# Characters a child could use to move the cursor, clear the screen, set the window title, reorder text or
-# start a line of its own: C0 and C1 controls (tab and newline excepted; newlines are handled by indenting),
-# DEL, Unicode line/paragraph separators and bidirectional overrides.
-_UNSAFE = re.compile("[\x00-\x08\x0b-\x1f\x7f-\x9f\u2028\u2029\u200e\u200f\u202a-\u202e\u2066-\u2069]")
-
-
-def _escape_char(match: re.Match[str]) -> str:
-    code = ord(match.group())
-    return f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}"
-
-
 def _safe(text: str) -> str:
-    """Text from the child, made safe to print on a terminal: controls escaped, continuation lines indented."""
-    return ("\n" + _CONTINUATION).join(_UNSAFE.sub(_escape_char, line) for line in text.split("\n"))
+    """Text from the child, made safe to print on a terminal: controls escaped (so it cannot move the cursor,
+    clear the screen or reorder text), continuation lines indented (so it cannot start a line of its own)."""
+    return ("\n" + _CONTINUATION).join(escape_controls(line) for line in text.split("\n"))
 
 
 def _finite(value: Any) -> Any:
@@ -483,6 +473,8 @@ def _run(args: argparse.Namespace, out: IO[str]) -> int:
     session: PipesSession | None = None
     error: str | None = None
     try:
+        if args.ray is None:  # read while forwarded, so that a crash is summed up by its last stderr line
+            options.setdefault("stderr", as_output_writer(sys.stderr))  # (a Ray job has one log, as stdout)
         invocation = client.run(context=context, command=command, extras=extras, timeout_seconds=timeout,
                                 on_event=printer, retain_messages=False,
                                 stdout=sys.stderr if args.json else None, **options)

@@ -60,6 +60,7 @@ Hook interface (what a launcher writes)
 from __future__ import annotations
 
 import logging
+import re
 import signal
 import sys
 import threading
@@ -77,9 +78,16 @@ from pipes_ext._protocol import STREAM_STDERR, STREAM_STDOUT
 from ._errors import PipesExecutionError, PipesInterruptedError, PipesTimeoutError
 from ._injectors import PipesContextInjector, PipesEnvContextInjector
 from ._readers import PipesMessageReader
-from ._results import AssetCheckResult, MaterializeResult, PipesEvent, PipesExecutionResult, PipesLogEvent
+from ._results import (
+    AssetCheckResult,
+    MaterializeResult,
+    PipesEvent,
+    PipesExecutionResult,
+    PipesLogEvent,
+    PipesRemoteException,
+)
 from ._run_context import PipesRunContext
-from ._session import PipesSession, open_pipes_session
+from ._session import PipesSession, never_opened_hint, open_pipes_session
 from ._stdio import PipesByteSource, PipesOutputTarget, PipesStdioMessageReader, _chunks, as_output_writer
 
 __all__ = [
@@ -117,6 +125,9 @@ OUTPUT_TAIL_BYTES = 64 * 1024
 OUTPUT_DRAIN_SECONDS = 5.0
 # How much of the output tail an error message quotes.
 ERROR_TAIL_CHARS = 4000
+# How much of one line from the process (its last stderr line) an error message quotes: a headline stays one
+# readable line in a terminal summary.
+ERROR_LINE_CHARS = 300
 # How many protocol issues an error message lists.
 ERROR_ISSUES_LISTED = 10
 
@@ -243,7 +254,11 @@ class PipesClientCompletedInvocation:
         duration_seconds: from the session's opening to the verdict.
         output_tail: the last bytes of the output the lifecycle read (stdout then stderr), when it read any.
         metadata: merged into every result by :meth:`get_results`.
-        description: the process's description ("the external process 'python'").
+        description: the process's description ("the external process 'etl.py'").
+        last_stderr_line: the last non-blank line the process wrote to stderr (trailing whitespace removed), when
+            the lifecycle read its stderr (``forward_stdio=False``, a ``stderr=`` that is not a real file, or a
+            launcher streaming its logs); "" otherwise. Failure messages quote it when the process reported no
+            exception.
     """
 
     def __init__(
@@ -256,6 +271,7 @@ class PipesClientCompletedInvocation:
         metadata: Mapping[str, Any] | None = None,
         exit_status: PipesExitStatus | None = None,
         description: str = "the external process",
+        last_stderr_line: str = "",
     ) -> None:
         self.session = session
         self.exit_code = exit_code
@@ -264,6 +280,7 @@ class PipesClientCompletedInvocation:
         self.output_tail = output_tail
         self.metadata = dict(metadata or {})
         self.description = description
+        self.last_stderr_line = last_stderr_line
 
     @property
     def missing_closed(self) -> bool:
@@ -328,9 +345,10 @@ class PipesClientCompletedInvocation:
 
 
 class _Tail:
-    """The last ``limit`` bytes written to it."""
+    """The last ``limit`` bytes written to it, of one output ``stream`` (stdout or stderr)."""
 
-    def __init__(self, limit: int = OUTPUT_TAIL_BYTES) -> None:
+    def __init__(self, stream: str, limit: int = OUTPUT_TAIL_BYTES) -> None:
+        self.stream = stream
         self._chunks: deque[bytes] = deque()
         self._size = 0
         self._limit = limit
@@ -535,7 +553,8 @@ class PipesClient(ABC):
                                     retain_messages=retain_messages, logger=logger,
                                     external_stream_handler=external_stream_handler,
                                     on_message=on_message,
-                                    warn_unclosed=False) as session:  # said once, below, naming the process
+                                    warn_unclosed=False,  # said once by the verdict, naming the process
+                                    warn_unopened=False) as session:
                 run.session = session
                 try:
                     self._launch_and_wait(launch, session, reader, run, timeout_seconds, stdout, stderr,
@@ -572,9 +591,10 @@ class PipesClient(ABC):
             exit_code=None if run.status is None else run.status.exit_code,
             exit_status=run.status,
             duration_seconds=time.monotonic() - started,
-            output_tail="".join(tail.text() for tail in run.tails),
+            output_tail=_joined_tails(run.tails),
             metadata=metadata,
             description=run.description,
+            last_stderr_line=_last_line("".join(t.text() for t in run.tails if t.stream == STREAM_STDERR)),
         )
         if run.interrupt is not None:
             run.interrupt.invocation = invocation  # type: ignore[attr-defined]  # documented: what arrived
@@ -658,7 +678,7 @@ class PipesClient(ABC):
                         f"the stdio message reader reads the process's {stream}, but {process.description} "
                         "provides no such stream")
                 continue
-            tail = _Tail()
+            tail = _Tail(stream)
             run.tails.append(tail)
             destination: Callable[[bytes], None] | None = None
             if self.forward_stdio:
@@ -733,13 +753,12 @@ class PipesClient(ABC):
         remote = session.exception
         tail = invocation.output_tail
         subject = invocation.description
-        details = ""
-        if remote is not None:
-            details = "\n\nThe external process reported:\n" + remote.format()
-        if tail:
-            details += "\n\nLast output of the external process:\n" + tail[-ERROR_TAIL_CHARS:]
 
-        def fail(cls: type[PipesExecutionError], message: str) -> None:
+        def fail(cls: type[PipesExecutionError], message: str, *, says_remote: bool = False,
+                 says_line: bool = False) -> None:
+            """Raise ``cls``: ``message``, then what it did not already say (each fact once)."""
+            details = _failure_details(remote, tail, invocation.last_stderr_line if says_line else "",
+                                       says_remote=says_remote)
             raise cls(message + details, exit_code=code, remote_exception=remote, invocation=invocation,
                       output_tail=tail)
 
@@ -751,35 +770,50 @@ class PipesClient(ABC):
         if channel_error is not None:
             error = PipesTransportError(
                 f"the message channel failed ({type(channel_error).__name__}: {channel_error}); {subject} "
-                f"{_ending(status)}; what arrived before the failure is in .invocation" + details
+                f"{_ending(status)}; what arrived before the failure is in .invocation"
+                + _failure_details(remote, tail, "", says_remote=False)
             )
             error.invocation = invocation
             raise error from channel_error
-        if status.killed:
-            fail(PipesExecutionError, f"{subject} {status.description or 'was killed'}")
+        if status.killed or code:
+            # Why it failed, once: the exception it reported, else its last stderr line (a crash on import, a
+            # shell's "command not found"). Before opening the channel (strict: a Pipes process was expected),
+            # that is said: the channel was never the problem.
+            crashed = strict and not session.opened
+            if status.killed:
+                how = f"{subject} {status.description or 'was killed'}"
+            elif crashed:
+                how = f"{subject} crashed (exit code {code}"
+                how += f", {status.description})" if status.description else ")"
+            else:
+                how = f"{subject} failed with exit code {code}"
+                how += f" ({status.description})" if status.description else ""
+            if crashed:
+                how += " before opening the Pipes channel"
+            line = invocation.last_stderr_line
+            if remote is not None:
+                fail(PipesExecutionError, f"{how}{'; it reported' if status.killed else ' with'} {remote}",
+                     says_remote=True)
+            if line:
+                fail(PipesExecutionError, f"{how}; its last stderr line: {excerpt_line(line)}", says_line=True)
+            fail(PipesExecutionError, how)
         if code is None:
             fail(PipesExecutionError, f"{subject} {status.description or 'ended without an exit status'}")
-        if code:
-            what = ""
-            if remote is not None:
-                # A Python peer's message already starts with its type ("ValueError: ..."): don't repeat it.
-                text = str(remote)
-                named = not remote.name or text.startswith(remote.name)
-                what = f" with {text}" if named else f" with {remote.name}: {text}"
-            how = f" ({status.description})" if status.description else ""
-            fail(PipesExecutionError, f"{subject} failed with exit code {code}{how}{what}")
         if remote is not None:
-            fail(PipesExecutionError, f"{subject} exited 0 but reported an exception")
-        if strict and not session.opened:
-            where = ("the --dagster-pipes-context / --dagster-pipes-messages arguments reach it"
-                     if self.bootstrap == BOOTSTRAP_CLI else "DAGSTER_PIPES_CONTEXT / DAGSTER_PIPES_MESSAGES reach it")
-            fail(
-                PipesExecutionError,
-                f"{subject} never opened the Pipes channel. "
-                f"{session.context_injector.no_messages_debug_text()} "
-                f"{session.message_reader.no_messages_debug_text()} Check that it calls open_pipes() (or "
-                f"open_dagster_pipes()) and that {where}; pass strict=False for a command that is not Pipes-aware.",
-            )
+            fail(PipesExecutionError, f"{subject} exited 0 but reported an exception: {remote}", says_remote=True)
+        if not session.opened:
+            hint = never_opened_hint(session)
+            if strict:
+                where = ("the --dagster-pipes-context / --dagster-pipes-messages arguments reach it"
+                         if self.bootstrap == BOOTSTRAP_CLI else
+                         "DAGSTER_PIPES_CONTEXT / DAGSTER_PIPES_MESSAGES reach it")
+                fail(
+                    PipesExecutionError,
+                    f"{subject} exited 0 but never opened the Pipes channel. {hint} Check that it calls "
+                    f"open_pipes() (or open_dagster_pipes()) and that {where}; pass strict=False for a command "
+                    "that is not Pipes-aware.",
+                )
+            session.message_handler.logger.warning("[pipes] %s never opened the Pipes channel. %s", subject, hint)
         if strict and session.issue_count:
             issues = "\n".join(f"  - {issue}" for issue in session.protocol_issues[:ERROR_ISSUES_LISTED])
             fail(PipesExecutionError, f"{subject} broke the Pipes protocol {session.issue_count} time(s):\n{issues}")
@@ -810,6 +844,166 @@ def _ending(status: PipesExitStatus) -> str:
     if status.exit_code is None:
         return "ended without an exit status"
     return f"exited with code {status.exit_code}"
+
+
+# Characters that could drive a terminal or forge a line when text from the process is quoted in a message: C0
+# and C1 controls (tab excepted), DEL, Unicode line/paragraph separators and bidirectional overrides.
+_UNSAFE_CHARACTERS = re.compile("[\x00-\x08\x0a-\x1f\x7f-\x9f\u2028\u2029\u200e\u200f\u202a-\u202e\u2066-\u2069]")
+
+
+def escape_controls(text: str, *, keep_newlines: bool = False) -> str:
+    """``text`` with every control character escaped (``\\x1b``, ``\\u202e``); newlines too unless
+    ``keep_newlines``. The one escaping of text from the process in messages and in ``pipes run`` output."""
+
+    def escape(match: re.Match[str]) -> str:
+        char = match.group()
+        if keep_newlines and char == "\n":
+            return char
+        code = ord(char)
+        return f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}"
+
+    return _UNSAFE_CHARACTERS.sub(escape, text)
+
+
+def excerpt_line(line: str, limit: int = ERROR_LINE_CHARS) -> str:
+    """A line from the process as a message quotes it: control characters escaped, at most ``limit``
+    characters of it (its start, which names what went wrong), saying how long it was when cut."""
+    if len(line) > limit:
+        return f"{escape_controls(line[:limit])}... ({len(line)} characters)"
+    return escape_controls(line)
+
+
+def _last_line(text: str) -> str:
+    """The last non-blank line of ``text`` (a progress bar's ``\\r`` ends a line too), trailing whitespace
+    removed; "" when there is none."""
+    for line in reversed(re.split(r"\r\n|\r|\n", text)):
+        if line.strip():
+            return line.rstrip()
+    return ""
+
+
+def _joined_tails(tails: list[_Tail]) -> str:
+    """The streams' tails one after the other, each starting on a line of its own."""
+    texts = [text for text in (tail.text() for tail in tails) if text]
+    return "".join(text if text.endswith("\n") or i == len(texts) - 1 else text + "\n"
+                   for i, text in enumerate(texts))
+
+
+def _failure_details(remote: PipesRemoteException | None, tail: str, stated_line: str, *,
+                     says_remote: bool) -> str:
+    """What a failure message adds under its headline, each fact once: the reported traceback (without its
+    last line when the headline ``says_remote``), then the output tail without what was already said: a
+    printout of that same traceback, and the ``stated_line`` the headline quoted."""
+    details = ""
+    if remote is not None:
+        reported = remote.format(last_summary=not says_remote)
+        if reported.strip():
+            details = "\n\nThe external process reported:\n" + reported.rstrip("\n")
+    if not tail:
+        return details
+    lines = tail.replace("\r\n", "\n").split("\n")
+    left_out = []
+    if remote is not None:
+        kept = _without_printed_traceback(lines, remote)
+        if len(kept) < len(lines):
+            left_out.append("the traceback above")
+            lines = kept
+    if stated_line:
+        for index in range(len(lines) - 1, -1, -1):
+            if lines[index].strip():
+                if lines[index].rstrip() == stated_line:
+                    del lines[index]
+                    left_out.append("the line quoted above")
+                break
+    shown = "\n".join(lines)
+    if not shown.strip():
+        return details
+    title = "Last output of the external process"
+    if left_out:
+        title += f" (without {' and '.join(left_out)})"
+    return details + f"\n\n{title}:\n" + shown.strip("\n")[-ERROR_TAIL_CHARS:]
+
+
+_TRACEBACK_HEADER = "Traceback (most recent call last):"
+_CHAIN_SEPARATORS = frozenset({
+    "The above exception was the direct cause of the following exception:",
+    "During handling of the above exception, another exception occurred:",
+})
+
+
+def _without_printed_traceback(lines: list[str], remote: PipesRemoteException) -> list[str]:
+    """``lines`` of output without the interpreter's printout of ``remote`` (a Python process prints the
+    traceback it reported when the exception leaves it).
+
+    A printout ends with ``remote``'s message lines and runs back over frame lines (indented), its
+    ``Traceback (most recent call last):`` header, and the chain before it (separators, the chained exceptions'
+    messages and frames). It may have more frames than were reported (the exception went on up the stack after
+    it was reported), and may start before the tail does (its first line cut). A line that is none of these
+    ends it: the process's other output is kept.
+    """
+    end_block = [line.rstrip() for line in remote.message.rstrip("\n").split("\n")]
+    if not end_block or not end_block[-1]:
+        return lines
+    known = {line.rstrip() for line in remote.format().split("\n") if line.strip()}
+    known.update(line.rstrip() for line in _chain_messages(remote) for line in line.split("\n"))
+    stripped = [line.rstrip() for line in lines]
+    kept = list(lines)
+    size = len(end_block)
+    index = len(stripped) - size
+    while index >= 0:
+        if stripped[index:index + size] != end_block:
+            index -= 1
+            continue
+        start = _printout_start(stripped, index, known)
+        if start is None:
+            index -= 1
+            continue
+        del kept[start:index + size]
+        del stripped[start:index + size]
+        index = start - size
+    return kept
+
+
+def _chain_messages(remote: PipesRemoteException) -> list[str]:
+    messages = [remote.message]
+    for link in (remote.cause, remote.context):
+        if link is not None:
+            messages += _chain_messages(link)
+    return messages
+
+
+def _printout_start(lines: list[str], end: int, known: set[str]) -> int | None:
+    """Where the traceback printout whose last exception's message starts at ``lines[end]`` starts, or None
+    when the lines before it are not a traceback printout."""
+    j = end - 1
+    header: int | None = None  # the earliest "Traceback (most recent call last):" of the printout so far
+    while True:
+        while j >= 0 and lines[j].startswith("  "):  # frames: "  File ...", "    code", "    ^^^^"
+            j -= 1
+        if j < 0 or (j == 0 and lines[0] != _TRACEBACK_HEADER and _is_cut_traceback_line(lines[0], known)):
+            return 0  # the printout starts before the tail does
+        if lines[j] != _TRACEBACK_HEADER:
+            # Not a printout; or, inside one, a chained exception that has no traceback of its own.
+            return None if header is None else j + 1
+        header = j
+        # The chain before it: "", a separator, "", then the previous exception's message lines and frames.
+        if j >= 4 and lines[j - 1] == "" and lines[j - 2] in _CHAIN_SEPARATORS and lines[j - 3] == "":
+            k = j - 4
+            while k >= 0 and lines[k] in known and not lines[k].startswith("  ") and lines[k] != _TRACEBACK_HEADER:
+                k -= 1
+            if k < j - 4:
+                j = k
+                continue
+        return header
+
+
+def _is_cut_traceback_line(line: str, known: set[str]) -> bool:
+    """Could ``line``, the first of a tail that may start in the middle of a line, be the end of a line of a
+    traceback printout?"""
+    text = line.strip()
+    if not text:
+        return False
+    return ('", line ' in line or set(text) <= set("^~") or any(item.endswith(line) for item in known))
 
 
 def _has_fileno(target: PipesOutputTarget | None) -> bool:

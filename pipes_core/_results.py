@@ -102,7 +102,20 @@ PipesExecutionResult = MaterializeResult | AssetCheckResult
 
 @dataclass(frozen=True)
 class PipesRemoteException:
-    """An exception reported by the external process in its ``closed`` message."""
+    """An exception reported by the external process in its ``closed`` message.
+
+    ``str()`` is its summary, its type said once: a Python peer's ``message`` already starts with the type,
+    qualified or not (``"ValueError: bad"``, ``"pipes_ext._errors.PipesUsageError: bad"``); the ``name`` of a
+    peer whose message does not is put in front (``"DivideByZero: cannot divide"``).
+
+    Attributes:
+        name: the exception's type name as the process gave it (``"ValueError"``), or None.
+        message: its message as the process formatted it (a Python peer: ``"ValueError: bad\\n"``).
+        stack: the traceback's frames, outermost first, each a formatted ``str`` (as
+            :func:`traceback.format_tb` gives them); empty when the process sent none.
+        cause: the exception it was raised from (``raise ... from``), or None.
+        context: the exception being handled when it was raised (when there is no ``cause``), or None.
+    """
 
     name: str | None
     message: str
@@ -120,8 +133,10 @@ class PipesRemoteException:
             context=cls.from_wire(data["context"]) if data.get("context") else None,
         )
 
-    def format(self) -> str:
-        """A traceback-like text of the whole chain, oldest exception first, as Python prints it."""
+    def format(self, *, last_summary: bool = True) -> str:
+        """A traceback-like text of the whole chain, oldest exception first, as Python prints it; each
+        exception's type said once (see the class doc). ``last_summary=False`` leaves out the summary of this
+        (the last) exception, for a text whose headline already states it."""
         parts: list[str] = []
         if self.cause is not None:
             parts += [self.cause.format(), "\nThe above exception was the direct cause of the following exception:\n\n"]
@@ -133,11 +148,27 @@ class PipesRemoteException:
         if self.stack:
             parts.append("Traceback (most recent call last):\n")
             parts.extend(self.stack)
-        parts.append(self.message if self.message.endswith("\n") else self.message + "\n")
+        if last_summary:
+            summary = self._summary(strip=False)
+            parts.append(summary if summary.endswith("\n") else summary + "\n")
         return "".join(parts)
 
+    def _summary(self, *, strip: bool) -> str:
+        message = self.message.strip() if strip else self.message
+        if not self.name or _names_type(message, self.name):
+            return message
+        return f"{self.name}: {message.lstrip()}" if message.strip() else self.name
+
     def __str__(self) -> str:
-        return self.message.strip()
+        return self._summary(strip=True)
+
+
+def _names_type(message: str, name: str) -> bool:
+    """Does ``message`` start with the type ``name``, qualified or not, as Python's
+    :func:`traceback.format_exception_only` writes it (``"ValueError: x"``, ``"pkg.mod.Error: x"``, ``"Error"``)?"""
+    first = message.lstrip().split("\n", 1)[0]
+    head = first.split(":", 1)[0].strip() if ":" in first else first.strip()
+    return head == name or head.endswith("." + name)
 
 
 @dataclass(frozen=True)

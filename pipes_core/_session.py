@@ -288,6 +288,7 @@ def open_pipes_session(
     external_stream_handler: Callable[[str, str], None] | None = None,
     on_message: Callable[[dict[str, Any]], None] | None = None,
     warn_unclosed: bool = True,
+    warn_unopened: bool = True,
 ) -> Iterator[PipesSession]:
     """Open a Pipes session for one external process.
 
@@ -307,6 +308,8 @@ def open_pipes_session(
         warn_unclosed: log a warning when the process opened the channel but never sent ``closed``; a client
             that reports it itself (:class:`PipesClient`, as ``missing_closed``) passes False, so that it is
             said once per run.
+        warn_unopened: log a warning when the process never opened the channel; a client that judges it itself
+            (from how the process ended: it crashed, or it exited 0 without opening) passes False.
 
     The message reader's ``log_readers`` are started when ``opened`` arrives and stopped (after a last read)
     when the session ends; if ``opened`` never came they run once at the end.
@@ -338,7 +341,7 @@ def open_pipes_session(
         # After the channel is drained: the process has ended, so its logs are complete.
         setup.log_readers.stop(run_unstarted=launched)
     assert session is not None  # the block ran, else the error was raised above
-    end_session(session, warn_unclosed)
+    end_session(session, warn_unclosed, warn_unopened)
 
 
 class SessionSetup:
@@ -404,20 +407,24 @@ def attach_session(error: BaseException, session: PipesSession | None) -> None:
         error.session = session  # type: ignore[attr-defined]  # what was received is not lost with the error
 
 
-def end_session(session: PipesSession, warn_unclosed: bool = True) -> None:
-    """After the channel was drained: mark the session finished and warn about a process that never opened
-    the channel or (with ``warn_unclosed``) never closed it."""
+def end_session(session: PipesSession, warn_unclosed: bool = True, warn_unopened: bool = True) -> None:
+    """After the channel was drained: mark the session finished and warn about a process that (with
+    ``warn_unopened``) never opened the channel or (with ``warn_unclosed``) never closed it."""
     handler = session.message_handler
-    context_injector, message_reader = session.context_injector, session.message_reader
     session.finished = True
     if not session.opened:
-        handler.logger.warning(
-            "[pipes] the external process never opened the Pipes channel. %s %s",
-            context_injector.no_messages_debug_text(),
-            message_reader.no_messages_debug_text(),
-        )
+        if warn_unopened:
+            handler.logger.warning("[pipes] the external process never opened the Pipes channel. %s",
+                                   never_opened_hint(session))
     elif not session.closed and warn_unclosed:
         handler.logger.warning(
             "[pipes] the external process opened the channel but never sent closed; buffered messages may be "
             "missing."
         )
+
+
+def never_opened_hint(session: PipesSession) -> str:
+    """What to check when a process exited without opening the channel: how the context was injected and where
+    messages were expected."""
+    return (f"{session.context_injector.no_messages_debug_text()} "
+            f"{session.message_reader.no_messages_debug_text()}")
