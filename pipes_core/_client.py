@@ -247,14 +247,17 @@ class PipesClientCompletedInvocation:
     """What a run produced: the session's results plus how the process ended.
 
     Attributes:
-        session: the :class:`PipesSession` (results, messages, issues, opened/closed).
-        exit_code: the exit code (negative: killed by that signal), or None (never started, left running,
-            unknown).
+        session: the :class:`PipesSession` (results, messages, issues, opened/closed); after pickling, a detached
+            snapshot answering the same read methods.
+        exit_code: the exit code (an ``int``; negative -N: killed by signal N), or None (never started, left
+            running, unknown).
         exit_status: the full :class:`PipesExitStatus`, or None when the process never started.
-        duration_seconds: from the session's opening to the verdict.
-        output_tail: the last bytes of the output the lifecycle read (stdout then stderr), when it read any.
-        metadata: merged into every result by :meth:`get_results`.
-        description: the process's description ("the external process 'etl.py'").
+        duration_seconds: from the session's opening to the verdict, in seconds (a ``float``).
+        output_tail: the last output the lifecycle read (a ``str``, UTF-8 decoded with replacement; at most
+            :data:`OUTPUT_TAIL_BYTES` per stream, stdout then stderr), when it read any; "" otherwise.
+        metadata: the run's ``metadata=``, merged into every result by :meth:`get_results` (a ``dict``).
+        description: the process's description, the subject of messages about it (a ``str``: "the external
+            process 'etl.py'", "the container 3f2a... (image x)").
         last_stderr_line: the last non-blank line the process wrote to stderr (trailing whitespace removed), when
             the lifecycle read its stderr (``forward_stdio=False``, a ``stderr=`` that is not a real file, or a
             launcher streaming its logs); "" otherwise. Failure messages quote it when the process reported no

@@ -46,7 +46,14 @@ class _JsonEvent:
 
 @dataclass(frozen=True)
 class MetadataValue:
-    """One metadata entry: its concrete type (``__infer__`` resolved) and its raw JSON value."""
+    """One metadata entry of a result, as the process sent it.
+
+    Attributes:
+        type: its metadata type (a ``str``: ``"text"``, ``"int"``, ``"float"``, ``"json"``, ``"url"``,
+            ``"timestamp"``...), ``"__infer__"`` already resolved from the value.
+        value: its raw JSON value (``str``, ``int``, ``float``, ``bool``, ``None``, ``list`` or ``dict``); a
+            ``"float"`` or ``"timestamp"`` entry's value is a ``float`` (a timestamp: seconds since the epoch).
+    """
 
     type: str
     value: Any
@@ -70,7 +77,17 @@ def metadata_from_wire(metadata: dict[str, Any] | None) -> dict[str, MetadataVal
 
 @dataclass(frozen=True)
 class MaterializeResult(_JsonEvent):
-    """An asset materialization, reported by the external process or implied by the run's selection."""
+    """An asset materialization, reported by the external process or implied by the run's selection.
+
+    Attributes:
+        asset_key: the asset's key, in the protocol's escaped string form (``"a/b\\/c"``; see
+            ``asset_key_path`` for the components).
+        metadata: the reported metadata, by label (``dict[str, MetadataValue]``); with the run's ``metadata=``
+            merged in when read from an invocation.
+        data_version: the data version the process reported (a ``str``), or None.
+        implicit: True when the process did not report it: the asset was selected for the run and the process
+            finished without reporting it (see ``implicit_materializations``); False when reported.
+    """
 
     asset_key: str
     metadata: dict[str, MetadataValue] = field(default_factory=dict)
@@ -84,7 +101,16 @@ class MaterializeResult(_JsonEvent):
 
 @dataclass(frozen=True)
 class AssetCheckResult(_JsonEvent):
-    """The result of an asset check."""
+    """The result of an asset check, as the external process reported it.
+
+    Attributes:
+        asset_key: the checked asset's key, in the protocol's escaped string form (``"a/b\\/c"``).
+        check_name: the check's name (a ``str``).
+        passed: whether the check passed (a ``bool``).
+        severity: how much a failure matters: ``"ERROR"`` (the default) or ``"WARN"``; a failed ``ERROR`` check
+            fails the run with ``fail_on_check_error``.
+        metadata: the reported metadata, by label (``dict[str, MetadataValue]``).
+    """
 
     asset_key: str
     check_name: str
@@ -173,27 +199,65 @@ def _names_type(message: str, name: str) -> bool:
 
 @dataclass(frozen=True)
 class PipesOpenedEvent(_JsonEvent):
+    """The external process opened the Pipes channel (its ``opened`` message): it is running and Pipes-aware.
+
+    Attributes:
+        extras: what the process sent with ``opened`` (a JSON object as a ``dict``; empty from most peers). Not
+            the run's ``extras=``, which went the other way, in the context.
+    """
+
     extras: dict[str, Any]
 
 
 @dataclass(frozen=True)
 class PipesClosedEvent(_JsonEvent):
+    """The external process closed the Pipes channel (its ``closed`` message); nothing more will be handled.
+
+    Attributes:
+        exception: the exception it reported leaving the Pipes block (a :class:`PipesRemoteException`, with its
+            chain), or None when it closed normally.
+    """
+
     exception: PipesRemoteException | None
 
 
 @dataclass(frozen=True)
 class PipesLogEvent(_JsonEvent):
+    """A ``log`` message of the external process (also logged to the run's logger at that level).
+
+    Attributes:
+        level: its level name as sent (a ``str``): ``"DEBUG"``, ``"INFO"``, ``"WARNING"`` (or ``"WARN"``),
+            ``"ERROR"``, ``"CRITICAL"`` (or ``"FATAL"``).
+        message: its text (a ``str``, possibly of several lines).
+    """
+
     level: str
     message: str
 
 
 @dataclass(frozen=True)
 class PipesCustomMessageEvent(_JsonEvent):
+    """A custom message of the external process (``report_custom_message``).
+
+    Attributes:
+        payload: what it sent, any JSON value (``dict``, ``list``, ``str``, ``int``, ``float``, ``bool`` or
+            ``None``), as decoded.
+    """
+
     payload: Any
 
 
 @dataclass(frozen=True)
 class PipesExternalStreamEvent(_JsonEvent):
+    """Output the external process captured and sent as a message (``log_external_stream``, e.g. its own
+    stdout/stderr with ``include_stdio_in_messages``); also passed to the ``external_stream_handler``.
+
+    Attributes:
+        stream: which stream it came from, as the process named it (``"stdout"``, ``"stderr"``).
+        text: the captured text (a ``str``; a chunk, not necessarily whole lines).
+        extras: what the process sent with it (a JSON object as a ``dict``; often empty).
+    """
+
     stream: str
     text: str
     extras: dict[str, Any]

@@ -265,7 +265,8 @@ def test_a_child_killed_before_opening_says_so(write_script: WriteScript) -> Non
 def test_not_strict_a_failing_command_is_not_said_to_have_crashed_before_opening(write_script: WriteScript) -> None:
     script = write_script("import sys\nsys.stderr.write('disk full\\n')\nsys.exit(4)\n")
     error = failure([PYTHON, str(script)], forward_stdio=False, strict=False)
-    assert str(error) == f"the external process {str(script)!r} failed with exit code 4; its last stderr line: disk full"
+    assert str(error) == (
+        f"the external process {str(script)!r} failed with exit code 4; its last stderr line: disk full")
 
 
 def test_a_failure_after_opening_without_a_report_quotes_the_last_line(write_script: WriteScript) -> None:
