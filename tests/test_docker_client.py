@@ -222,7 +222,9 @@ def test_a_command_missing_from_the_image_is_named(docker_engine: DockerEngine) 
     assert containers_of(docker_engine, context.run_id) == []
     # With one (the default), the init process reports it and exits 127.
     client = PipesDockerClient(client=docker_engine.client)
-    with pytest.raises(PipesExecutionError, match=r"failed with exit code 127(.|\n)*exec no-such-binary failed"):
+    # It crashed before opening the channel: said so, with its last stderr line (the init process's).
+    with pytest.raises(PipesExecutionError, match=r"crashed \(exit code 127\) before opening the Pipes channel; "
+                                                  r"its last stderr line: .*exec no-such-binary failed"):
         client.run(image=docker_engine.images.test, command=["no-such-binary"], network="none", stderr=Collect())
 
 
