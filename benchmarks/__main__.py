@@ -8,32 +8,12 @@ times on shared machines are noisy; the ratios are what to read. Not a test: not
 from __future__ import annotations
 
 import argparse
-import json
-import platform
-import statistics
 import sys
 from collections.abc import Callable
 from typing import Any
 
 from . import cases
-
-
-def _fmt(value: float, unit: str) -> str:
-    if unit == "s":
-        return f"{value * 1000:.2f} ms" if value < 1 else f"{value:.3f} s"
-    if unit == "msg/s":
-        return f"{value:,.0f} msg/s"
-    if unit == "MB":
-        return f"{value:.1f} MB"
-    if unit == "%":
-        return f"{value:.2f} %"
-    if unit in ("chunks", "requests"):
-        return f"{value:,.0f}"
-    return f"{value:.4g} {unit}"
-
-
-def _summary(samples: list[float]) -> dict[str, float]:
-    return {"median": statistics.median(samples), "min": min(samples), "max": max(samples)}
+from ._report import print_header, print_report, write_json
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -47,38 +27,12 @@ def main(argv: list[str] | None = None) -> int:
     selected: list[tuple[str, Callable[..., dict[str, Any]]]] = [
         (name, fn) for name, fn in cases.ALL if not args.only or name in args.only
     ]
-    machine = {"python": sys.version.split()[0], "platform": platform.platform(), "cpus": cases.cpu_count()}
-    print(f"# Pipes benchmarks: ours vs reference ({'quick' if args.quick else 'full'}, {repeat} repetitions)")
-    print(f"# machine: {machine['platform']}, {machine['cpus']} CPUs, Python {machine['python']}")
-    report: dict[str, Any] = {"machine": machine, "quick": args.quick, "repeat": repeat, "results": {}}
+    report = print_header("Pipes benchmarks: ours vs reference", quick=args.quick, repeat=repeat)
     for name, fn in selected:
         result = fn(quick=args.quick, repeat=repeat)
         report["results"][name] = result
-        print(f"\n## {name}: {result['description']}")
-        for metric in result["metrics"]:
-            unit = metric["unit"]
-            line = f"  {metric['name']:<28}"
-            for side in ("ours", "reference", "limit"):
-                if metric.get(side):
-                    s = _summary(metric[side])
-                    metric[f"{side}_summary"] = s
-                    line += (f" {side}: {_fmt(s['median'], unit)} "
-                             f"[{_fmt(s['min'], unit)} .. {_fmt(s['max'], unit)}]")
-            if metric.get("ours") and metric.get("reference"):
-                reference = statistics.median(metric["reference"])
-                ratio = statistics.median(metric["ours"]) / reference if reference else None
-                metric["ratio_ours_over_reference"] = ratio
-                line += f"  ratio ours/ref: {ratio:.2f}" if ratio is not None else "  ratio ours/ref: n/a (ref 0)"
-            if metric.get("ours") and metric.get("limit"):
-                frac = statistics.median(metric["ours"]) / statistics.median(metric["limit"])
-                metric["ours_over_limit"] = frac
-                line += f"  ours/limit: {frac:.0%}"
-            print(line)
-        for note in result.get("notes", []):
-            print(f"  note: {note}")
-    if args.json:
-        with open(args.json, "w", encoding="utf-8") as f:
-            json.dump(report, f, indent=2)
+        print_report(name, result)
+    write_json(args.json, report)
     return 0
 
 

@@ -66,10 +66,6 @@ with open_pipes() as pipes:
 """
 
 
-def cpu_count() -> int:
-    return os.cpu_count() or 1
-
-
 def _script(directory: str, name: str, source: str) -> str:
     path = os.path.join(directory, name)
     with open(path, "w", encoding="utf-8") as f:

@@ -31,6 +31,8 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
+from ._report import machine_info, write_json
+
 REPO = Path(__file__).resolve().parent.parent
 # The child opens, waits at a barrier until every child has opened (opening a FIFO for reading blocks, at no CPU
 # cost, until the orchestrator opens its other end), sleeps, sends its messages and closes. Without the barrier
@@ -275,8 +277,9 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(measure(args.variant, args.sessions, args.sleep, args.messages)))
         return 0
     results = []
+    machine = machine_info()
     print(f"# {args.sessions} concurrent sessions: child opens, sleeps {args.sleep:g} s, sends {args.messages} "
-          f"messages, closes; {os.cpu_count()} CPUs, Python {sys.version.split()[0]}")
+          f"messages, closes; {machine['cpus']} CPUs, Python {machine['python']}")
     for variant in args.only or VARIANTS:
         proc = subprocess.run([sys.executable, "-m", "benchmarks.concurrent", "--variant", variant, "--sessions",
                                str(args.sessions), "--sleep", str(args.sleep), "--messages", str(args.messages)],
@@ -287,8 +290,7 @@ def main(argv: list[str] | None = None) -> int:
             result = json.loads(proc.stdout.strip().splitlines()[-1])
         results.append(result)
         print(json.dumps(result))
-    if args.json:
-        Path(args.json).write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")
+    write_json(args.json, results)
     return 0
 
 

@@ -25,10 +25,8 @@ from __future__ import annotations
 import argparse
 import contextlib
 import io
-import json
 import logging
 import os
-import platform
 import shutil
 import statistics
 import subprocess
@@ -38,6 +36,8 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
+
+from ._report import print_header, print_report, write_json
 
 ONE_MESSAGE = """
 from pipes_ext import open_pipes
@@ -332,8 +332,6 @@ def docker_benchmark(*, quick: bool, repeat: int, docker_host: str | None = None
 
 
 def main(argv: list[str] | None = None) -> int:
-    from .__main__ import _fmt, _summary
-
     parser = argparse.ArgumentParser(prog="python -m benchmarks.docker", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="small sizes, one repetition")
@@ -343,36 +341,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--image", help="with --docker-host: an image with python3 and pipes_ext")
     args = parser.parse_args(argv)
     repeat = args.repeat or (1 if args.quick else 7)
-    print(f"# Docker benchmark ({'quick' if args.quick else 'full'}, {repeat} repetitions)")
-    print(f"# machine: {platform.platform()}, {os.cpu_count()} CPUs, Python {sys.version.split()[0]}")
+    report = print_header("Docker benchmark", quick=args.quick, repeat=repeat)
     result = docker_benchmark(quick=args.quick, repeat=repeat, docker_host=args.docker_host, image=args.image)
-    print(f"\n## docker: {result['description']}")
-    for metric in result["metrics"]:
-        unit = metric["unit"]
-        line = f"  {metric['name']:<62}"
-        for side in ("ours", "reference", "limit"):
-            if metric.get(side):
-                s = _summary(metric[side])
-                metric[f"{side}_summary"] = s
-                line += f" {side}: {_fmt(s['median'], unit)} [{_fmt(s['min'], unit)} .. {_fmt(s['max'], unit)}]"
-        if metric.get("ours") and metric.get("reference"):
-            reference = statistics.median(metric["reference"])
-            ratio = statistics.median(metric["ours"]) / reference if reference else None
-            metric["ratio_ours_over_reference"] = ratio
-            line += f"  ours/ref: {ratio:.2f}" if ratio is not None else ""
-        if metric.get("ours") and metric.get("limit"):
-            frac = statistics.median(metric["ours"]) / statistics.median(metric["limit"])
-            metric["ours_over_limit"] = frac
-            line += f"  ours/limit: {frac:.2f}"
-        print(line)
-    for note in result["notes"]:
-        print(f"  note: {note}")
-    if args.json:
-        report = {"machine": {"platform": platform.platform(), "cpus": os.cpu_count(),
-                              "python": sys.version.split()[0]}, "quick": args.quick, "repeat": repeat,
-                  "results": {"docker": result}}
-        with open(args.json, "w", encoding="utf-8") as f:
-            json.dump(report, f, indent=2)
+    report["results"]["docker"] = result
+    print_report("docker", result, name_width=62)
+    write_json(args.json, report)
     return 0
 
 

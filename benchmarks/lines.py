@@ -23,6 +23,8 @@ import time
 import tracemalloc
 from typing import Any
 
+from ._report import write_json
+
 
 def _custom_line(payload: Any) -> bytes:
     message = {"__dagster_pipes_version": "0.1", "method": "report_custom_message", "params": {"payload": payload}}
@@ -102,9 +104,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"peak while handling one {size >> 20} MiB line (string payload): {peak:.2f}x the line")
     print("peak while skipping it with max_line_bytes=1 MiB: "
           + ("n/a (no max_line_bytes)" if skipped is None else f"{skipped:.3f}x the line"))
-    if args.json:
-        with open(args.json, "w", encoding="utf-8") as f:
-            json.dump(report, f, indent=2)
+    write_json(args.json, report)
     return 0
 
 

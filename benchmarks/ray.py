@@ -15,10 +15,7 @@ Not a test: nothing here asserts on time. Prints the figures and the machine.
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import platform
-import statistics
 import sys
 import tempfile
 import textwrap
@@ -28,6 +25,8 @@ from typing import Any
 from pipes_core import PipesCustomMessageEvent, PipesEvent
 from pipes_core.ray import RAY_STATUS_POLL_SECONDS, PipesRayJobClient
 from tests.engines_ray import start_head
+
+from ._report import machine_info, summarise, write_json
 
 TRIVIAL = """
 from pipes_ext import open_pipes
@@ -73,10 +72,6 @@ def _ours(client: PipesRayJobClient, command: list[str]) -> float:
     return time.monotonic() - started
 
 
-def _summary(samples: list[float]) -> dict[str, float]:
-    return {"median": statistics.median(samples), "min": min(samples), "max": max(samples)}
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.ray", description=__doc__)
     parser.add_argument("--repeat", type=int, default=5, help="jobs per side for the overhead (default 5)")
@@ -86,8 +81,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     from ray.job_submission import JobSubmissionClient
 
-    machine = {"python": sys.version.split()[0], "platform": platform.platform(), "cpus": os.cpu_count(),
-               "load_average_at_start": os.getloadavg()}
+    machine = {**machine_info(), "load_average_at_start": os.getloadavg()}
     print(f"machine: {machine}")
     head = start_head()
     report: dict[str, Any] = {"machine": machine, "head_start_seconds": head.started_seconds}
@@ -103,7 +97,7 @@ def main(argv: list[str] | None = None) -> int:
             for _ in range(args.repeat):
                 bare_times.append(_bare(bare_client, entrypoint))
                 our_times.append(_ours(ours, [sys.executable, trivial]))
-            bare, mine = _summary(bare_times), _summary(our_times)
+            bare, mine = summarise(bare_times), summarise(our_times)
             report["overhead"] = {"bare_seconds": bare, "ours_seconds": mine,
                                   "ratio_median": mine["median"] / bare["median"]}
             print(f"per-job wall time (submit and wait), {args.repeat} jobs each, alternating:")
@@ -122,7 +116,7 @@ def main(argv: list[str] | None = None) -> int:
 
             paced = _script(directory, "paced.py", PACED.format(count=args.latency_messages, pause=0.25))
             ours.run(command=[sys.executable, paced], on_event=on_event, stdout=lambda data: None)
-            latency = _summary(arrivals)
+            latency = summarise(arrivals)
             report["latency_seconds"] = latency
             print(f"delivery latency job -> on_event, {len(arrivals)} messages 0.25 s apart: median "
                   f"{latency['median']:.3f} s (min {latency['min']:.3f}, max {latency['max']:.3f})")
@@ -145,9 +139,7 @@ def main(argv: list[str] | None = None) -> int:
                   f"wall {wall:.3f} s")
     finally:
         head.stop()
-    if args.json:
-        with open(args.json, "w", encoding="utf-8") as f:
-            json.dump(report, f, indent=2)
+    write_json(args.json, report)
     return 0
 
 

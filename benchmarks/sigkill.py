@@ -20,7 +20,6 @@ this script runs a longer one and prints ``runs``, ``acknowledged``, ``lost`` pe
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import os
 import random
@@ -30,6 +29,8 @@ import tempfile
 import textwrap
 import threading
 from typing import Any
+
+from ._report import write_json
 
 PYTHON = sys.executable
 
@@ -178,9 +179,7 @@ def main(argv: list[str] | None = None) -> int:
     for r in results:
         real = f", lost on the real stdout/stderr {r['lost_real']}" if r["mode"] == "capture" else ""
         print(f"{r['mode']:<8} runs {r['runs']}, acknowledged {r['acknowledged']:,}, lost {r['lost']}{real}")
-    if args.json:
-        with open(args.json, "w", encoding="utf-8") as f:
-            json.dump(results, f, indent=2)
+    write_json(args.json, results)
     return 1 if any(r["lost"] or r["lost_real"] for r in results) else 0
 
 

@@ -21,9 +21,7 @@ Not a test: nothing here asserts on time.
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import platform
 import shlex
 import shutil
 import statistics
@@ -36,6 +34,8 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
+
+from ._report import print_header, print_report, write_json
 
 PYTHON = sys.executable
 
@@ -218,8 +218,6 @@ def slurm(*, quick: bool, repeat: int, slurm_conf: str | None = None) -> dict[st
 
 
 def main(argv: list[str] | None = None) -> int:
-    from .__main__ import _fmt, _summary
-
     parser = argparse.ArgumentParser(prog="python -m benchmarks.slurm", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="small sizes, one repetition")
@@ -228,35 +226,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--slurm-conf", metavar="PATH", help="use this running cluster instead of starting one")
     args = parser.parse_args(argv)
     repeat = args.repeat or (1 if args.quick else 5)
-    print(f"# Slurm benchmark ({'quick' if args.quick else 'full'}, {repeat} repetitions)")
-    print(f"# machine: {platform.platform()}, {os.cpu_count()} CPUs, Python {sys.version.split()[0]}")
+    report = print_header("Slurm benchmark", quick=args.quick, repeat=repeat)
     result = slurm(quick=args.quick, repeat=repeat, slurm_conf=args.slurm_conf)
-    print(f"\n## slurm: {result['description']}")
-    for metric in result["metrics"]:
-        unit = metric["unit"]
-        line = f"  {metric['name']:<36}"
-        for side in ("ours", "reference", "limit"):
-            if metric.get(side):
-                s = _summary(metric[side])
-                metric[f"{side}_summary"] = s
-                line += f" {side}: {_fmt(s['median'], unit)} [{_fmt(s['min'], unit)} .. {_fmt(s['max'], unit)}]"
-        if metric.get("ours") and metric.get("reference"):
-            ratio = statistics.median(metric["ours"]) / statistics.median(metric["reference"])
-            metric["ratio_ours_over_reference"] = ratio
-            line += f"  ours/ref: {ratio:.2f}"
-        if metric.get("ours") and metric.get("limit"):
-            frac = statistics.median(metric["ours"]) / statistics.median(metric["limit"])
-            metric["ours_over_limit"] = frac
-            line += f"  ours/limit: {frac:.2f}"
-        print(line)
-    for note in result["notes"]:
-        print(f"  note: {note}")
-    if args.json:
-        report = {"machine": {"platform": platform.platform(), "cpus": os.cpu_count(),
-                              "python": sys.version.split()[0]}, "quick": args.quick, "repeat": repeat,
-                  "results": {"slurm": result}}
-        with open(args.json, "w", encoding="utf-8") as f:
-            json.dump(report, f, indent=2)
+    report["results"]["slurm"] = result
+    print_report("slurm", result, name_width=36)
+    write_json(args.json, report)
     return 0
 
 
