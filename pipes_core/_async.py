@@ -54,10 +54,10 @@ from ._client import (
     _Run,
     _sink,
     _Tail,
-    client_logger,
+    run_loggers,
 )
 from ._errors import PipesExecutionError
-from ._handler import PipesMessageHandler, command_logger
+from ._handler import PipesMessageHandler
 from ._injectors import PipesContextInjector, PipesEnvContextInjector, PipesTempFileContextInjector
 from ._readers import (
     IDLE_WAKE_SECONDS,
@@ -727,9 +727,8 @@ class PipesAsyncSubprocessClient:
         strict = config.strict if strict is None else strict
         injector, reader = self._channels()
         started = time.monotonic()
-        run_logger = command_logger(logger, argv)
-        run = _Run(log=client_logger if run_logger is None or getattr(run_logger, "wraps_default", False)
-                   else run_logger)
+        run_logger, own_logger = run_loggers(logger, argv)
+        run = _Run(log=own_logger)
         try:
             async with open_pipes_session_async(context, injector, reader, extras, on_event=on_event,
                                                 retain_messages=retain_messages,

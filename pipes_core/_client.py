@@ -26,7 +26,10 @@ Hook interface (what a launcher writes)
 ---------------------------------------
 * A subclass of :class:`PipesClient` with a ``run(*, context=None, extras=None, <own options>,
   timeout_seconds=None, strict=None, on_event=None, retain_messages=True, metadata=None, stdout=None,
-  stderr=None)`` that returns ``self.run_launcher(launch, context=context, extras=extras, ...)``.
+  stderr=None, on_launched=None, logger=None, external_stream_handler=None, fail_on_check_error=False,
+  raise_on_event_error=True, on_message=None)`` that returns ``self.run_launcher(launch, context=context,
+  extras=extras, ..., command=<the command as the user gave it>)``: the lifecycle does the rest (the per-run
+  logger and its ``pipes_run_id`` / ``pipes_command`` fields included); the launcher only forwards.
 * Optionally :meth:`PipesClient.default_context_injector` / :meth:`PipesClient.default_message_reader`: the
   channels used when the user passes none (the base: env context + stdio messages, which need nothing shared
   with the process; the subprocess client: temp files; Slurm: env + a messages file).
@@ -67,7 +70,7 @@ import threading
 import time
 from abc import ABC, abstractmethod
 from collections import deque
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from types import FrameType
 from typing import Any, ClassVar
@@ -76,6 +79,7 @@ from pipes_ext._errors import PipesError, PipesTransportError, PipesUsageError
 from pipes_ext._protocol import STREAM_STDERR, STREAM_STDOUT
 
 from ._errors import PipesExecutionError, PipesInterruptedError, PipesTimeoutError
+from ._handler import DEFAULT_LOGGER_NAME, command_logger
 from ._injectors import PipesContextInjector, PipesEnvContextInjector
 from ._readers import PipesMessageReader
 from ._results import (
@@ -518,6 +522,7 @@ class PipesClient(ABC):
         on_message: Callable[[dict[str, Any]], None] | None = None,
         fail_on_check_error: bool = False,
         raise_on_event_error: bool = True,
+        command: str | Sequence[str] | None = None,
     ) -> PipesClientCompletedInvocation:
         """The one lifecycle (module doc): session, launch, output, wait, escalation, drain, verdict.
 
@@ -533,8 +538,15 @@ class PipesClient(ABC):
                 (a ``write(bytes)`` callable or a file object).
             on_launched: called with the launched process right after ``launch`` (e.g. to stop it from another
                 thread).
-            logger / external_stream_handler / on_message: passed to :func:`open_pipes_session`; the client's
-                own warnings go to ``logger`` too (default: ``pipes_core``).
+            logger: where this run's ``log`` messages and protocol issues go (a :class:`logging.Logger` or
+                :class:`logging.LoggerAdapter`, e.g. an orchestrator's per-task logger; default
+                ``pipes_core.external``), every record carrying ``pipes_run_id`` and ``pipes_command`` as
+                ``extra`` fields; the client's own warnings about the run go there too (default: ``pipes_core``).
+            command: the command as the user gave it (a list, or a shell string kept as is), for
+                ``pipes_command``; None: the field is not set.
+            external_stream_handler / on_message: passed to :func:`open_pipes_session`
+                (``external_stream_handler`` receives the text the process sends with ``log_external_stream`` as
+                ``(stream, text)``, instead of this process's stdout/stderr).
             fail_on_check_error / raise_on_event_error: see :meth:`check`.
 
         Raises:
@@ -550,10 +562,11 @@ class PipesClient(ABC):
         strict = self.strict if strict is None else strict
         injector, reader = self._channels()
         started = time.monotonic()
-        run = _Run(log=client_logger if logger is None or getattr(logger, "wraps_default", False) else logger)
+        session_logger, own_logger = run_loggers(logger, command)
+        run = _Run(log=own_logger)
         try:
             with open_pipes_session(context, injector, reader, extras, on_event=on_event,
-                                    retain_messages=retain_messages, logger=logger,
+                                    retain_messages=retain_messages, logger=session_logger,
                                     external_stream_handler=external_stream_handler,
                                     on_message=on_message,
                                     warn_unclosed=False,  # said once by the verdict, naming the process
@@ -839,6 +852,18 @@ class PipesClient(ABC):
             (logger or client_logger).warning(
                 "[pipes] %s opened the channel but never sent closed; buffered messages may be missing", subject
             )
+
+
+def run_loggers(logger: logging.Logger | logging.LoggerAdapter[Any] | None, command: str | Sequence[str] | None,
+                ) -> tuple[logging.Logger | logging.LoggerAdapter[Any], logging.Logger | logging.LoggerAdapter[Any]]:
+    """The two loggers of one run: the session's (the user's ``logger``, default ``pipes_core.external``, adding
+    ``pipes_command`` to every record; the session adds ``pipes_run_id``) and the client's own, for its warnings
+    about the run (the same one when the user gave a logger, else ``pipes_core``)."""
+    if command is None:
+        session_logger: logging.Logger | logging.LoggerAdapter[Any] = logger or logging.getLogger(DEFAULT_LOGGER_NAME)
+        return session_logger, client_logger if logger is None else session_logger
+    wrapped = command_logger(logger, command)
+    return wrapped, client_logger if logger is None else wrapped
 
 
 def _ending(status: PipesExitStatus) -> str:

@@ -120,7 +120,6 @@ class PipesRunLogger(logging.LoggerAdapter):  # type: ignore[type-arg]  # generi
 
     def __init__(self, logger: logging.Logger | logging.LoggerAdapter[Any], extra: Mapping[str, Any]) -> None:
         super().__init__(logger, dict(extra))
-        self.wraps_default = False  # wraps the default logger, not one the user gave
 
     def process(self, msg: Any, kwargs: Any) -> tuple[Any, Any]:
         kwargs["extra"] = {**(self.extra or {}), **(kwargs.get("extra") or {})}
@@ -142,11 +141,11 @@ class PipesRunLogger(logging.LoggerAdapter):  # type: ignore[type-arg]  # generi
 
 
 def command_logger(logger: logging.Logger | logging.LoggerAdapter[Any] | None,
-                   argv: Sequence[str]) -> PipesRunLogger:
-    """``logger`` (default ``pipes_core.external``) adding the command (``shlex``-joined) to every record."""
-    wrapped = PipesRunLogger(logger or logging.getLogger(DEFAULT_LOGGER_NAME), {LOG_EXTRA_COMMAND: shlex.join(argv)})
-    wrapped.wraps_default = logger is None  # the client's own warnings then keep going to ``pipes_core``
-    return wrapped
+                   argv: str | Sequence[str]) -> PipesRunLogger:
+    """``logger`` (default ``pipes_core.external``) adding the command to every record: a list ``shlex``-joined,
+    a shell string as is."""
+    command = argv if isinstance(argv, str) else shlex.join(argv)
+    return PipesRunLogger(logger or logging.getLogger(DEFAULT_LOGGER_NAME), {LOG_EXTRA_COMMAND: command})
 
 
 class PipesHandlerSnapshot:

@@ -44,7 +44,6 @@ from ._client import (
     PipesLaunchRequest,
 )
 from ._errors import PipesExecutionError, PipesUsageError
-from ._handler import command_logger
 from ._injectors import PipesContextInjector, PipesTempFileContextInjector
 from ._readers import PipesMessageReader, PipesTempFileMessageReader
 from ._results import PipesEvent
@@ -238,7 +237,7 @@ class PipesSubprocessClient(PipesClient):
             launch, context=context, extras=extras, timeout_seconds=timeout_seconds, strict=strict,
             on_event=on_event, retain_messages=retain_messages, metadata=metadata, stdout=stdout, stderr=stderr,
             on_launched=on_launched, external_stream_handler=external_stream_handler,
-            logger=command_logger(logger, argv), on_message=on_message, fail_on_check_error=fail_on_check_error,
+            logger=logger, command=argv, on_message=on_message, fail_on_check_error=fail_on_check_error,
             raise_on_event_error=raise_on_event_error,
         )
 

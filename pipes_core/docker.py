@@ -34,6 +34,7 @@ missing, the container cannot be created or started (the daemon's message), it e
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import shlex
 import signal
@@ -332,6 +333,11 @@ class PipesDockerClient(PipesClient):
         stdout: PipesOutputTarget | None = None,
         stderr: PipesOutputTarget | None = None,
         on_launched: Callable[[PipesLaunchedProcess], None] | None = None,
+        logger: logging.Logger | logging.LoggerAdapter[Any] | None = None,
+        external_stream_handler: Callable[[str, str], None] | None = None,
+        fail_on_check_error: bool = False,
+        raise_on_event_error: bool = True,
+        on_message: Callable[[dict[str, Any]], None] | None = None,
     ) -> PipesClientCompletedInvocation:
         """Run ``image`` (with ``command``: a list, or a string split with :func:`shlex.split`; default the
         image's own) as a Pipes external process in a new container, and return what it reported.
@@ -339,6 +345,13 @@ class PipesDockerClient(PipesClient):
         Container options: ``volumes`` and ``mounts`` as ``containers.run`` takes them, ``network``
         (``network_mode``, e.g. ``"none"``), ``working_dir``, ``user``, ``mem_limit`` (bytes or ``"512m"``),
         ``cpus`` (e.g. ``1.5``), ``name``, and any other ``containers.create`` argument in ``container_kwargs``.
+
+        ``logger`` (a :class:`logging.Logger` or :class:`logging.LoggerAdapter`, e.g. an orchestrator's per-task
+        logger) receives this run's ``log`` messages and protocol issues instead of ``pipes_core.external``, each
+        record carrying ``pipes_run_id`` and ``pipes_command`` (the command, or the image's name when it runs its
+        own) as ``extra`` fields; ``external_stream_handler`` receives the text the process sends with
+        ``log_external_stream`` as ``(stream, text)``; ``fail_on_check_error``, ``raise_on_event_error`` and
+        ``on_message``: as for every client (see :meth:`pipes_core.PipesClient.run_launcher`).
 
         Raises:
             PipesExecutionError: the daemon cannot be reached, the image is missing, the container could not
@@ -376,7 +389,9 @@ class PipesDockerClient(PipesClient):
         return self.run_launcher(
             launch, context=context, extras=extras, timeout_seconds=timeout_seconds, strict=strict,
             on_event=on_event, retain_messages=retain_messages, metadata=metadata, stdout=stdout, stderr=stderr,
-            on_launched=on_launched,
+            on_launched=on_launched, command=image if argv is None else argv,
+            logger=logger, external_stream_handler=external_stream_handler, fail_on_check_error=fail_on_check_error,
+            raise_on_event_error=raise_on_event_error, on_message=on_message,
         )
 
     # ------------------------------------------------------------------ launching

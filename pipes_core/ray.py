@@ -35,6 +35,7 @@ The same fetch covers a stream that breaks mid-job.
 from __future__ import annotations
 
 import asyncio
+import logging
 import shlex
 import threading
 import time
@@ -422,6 +423,11 @@ class PipesRayJobClient(PipesClient):
         metadata: Mapping[str, Any] | None = None,
         stdout: PipesOutputTarget | None = None,
         on_launched: Callable[[PipesLaunchedProcess], None] | None = None,
+        logger: logging.Logger | logging.LoggerAdapter[Any] | None = None,
+        external_stream_handler: Callable[[str, str], None] | None = None,
+        fail_on_check_error: bool = False,
+        raise_on_event_error: bool = True,
+        on_message: Callable[[dict[str, Any]], None] | None = None,
     ) -> PipesClientCompletedInvocation:
         """Submit ``command`` as a Ray job in a Pipes session and wait for it.
 
@@ -437,6 +443,14 @@ class PipesRayJobClient(PipesClient):
             stdout: where the job's log (its output and Ray's lines) goes instead of this process's stdout.
             timeout_seconds / strict / on_event / retain_messages / metadata / on_launched: as for every
                 :class:`pipes_core.PipesClient`; ``on_launched`` gets the :class:`PipesRayJob`.
+            logger: receives this run's ``log`` messages and protocol issues instead of ``pipes_core.external``
+                (a :class:`logging.Logger` or :class:`logging.LoggerAdapter`, e.g. an orchestrator's per-task
+                logger), each record carrying ``pipes_run_id`` and ``pipes_command`` (the entrypoint) as
+                ``extra`` fields.
+            external_stream_handler: receives the text the process sends with ``log_external_stream`` as
+                ``(stream, text)``.
+            fail_on_check_error / raise_on_event_error / on_message: as for every client (see
+                :meth:`pipes_core.PipesClient.run_launcher`).
 
         Raises:
             PipesExecutionError: the cluster cannot be reached (naming the address), the job was rejected (a bad
@@ -489,7 +503,9 @@ class PipesRayJobClient(PipesClient):
         return self.run_launcher(
             launch, context=context, extras=extras, timeout_seconds=timeout_seconds, strict=strict,
             on_event=on_event, retain_messages=retain_messages, metadata=metadata, stdout=stdout, stderr=stdout,
-            on_launched=on_launched,
+            on_launched=on_launched, command=entrypoint,
+            logger=logger, external_stream_handler=external_stream_handler, fail_on_check_error=fail_on_check_error,
+            raise_on_event_error=raise_on_event_error, on_message=on_message,
         )
 
     def _runtime_env(self, runtime_env: Mapping[str, Any] | None) -> dict[str, Any]:

@@ -794,6 +794,11 @@ class PipesSlurmClient(PipesClient):
         stderr: PipesOutputTarget | None = None,
         on_launched: Callable[[PipesLaunchedProcess], None] | None = None,
         on_job_state: Callable[[SlurmJobInfo], None] | None = None,
+        logger: logging.Logger | logging.LoggerAdapter[Any] | None = None,
+        external_stream_handler: Callable[[str, str], None] | None = None,
+        fail_on_check_error: bool = False,
+        raise_on_event_error: bool = True,
+        on_message: Callable[[dict[str, Any]], None] | None = None,
     ) -> PipesClientCompletedInvocation:
         """Submit ``command`` (a list, or a string split with :func:`shlex.split`) or ``script`` (a batch script
         path, with ``script_args``) and follow the job to its end.
@@ -801,6 +806,13 @@ class PipesSlurmClient(PipesClient):
         ``sbatch_args`` are added after the client's. ``on_job_state`` receives a :class:`SlurmJobInfo` at each
         state change. The invocation's ``description`` names the job id; ``on_launched`` receives the job
         object (``.job_id``, ``.info``, ``.history``).
+
+        ``logger`` (a :class:`logging.Logger` or :class:`logging.LoggerAdapter`, e.g. an orchestrator's per-task
+        logger) receives this run's ``log`` messages and protocol issues instead of ``pipes_core.external``, each
+        record carrying ``pipes_run_id`` and ``pipes_command`` (the command, or the batch script's path and
+        arguments) as ``extra`` fields; ``external_stream_handler`` receives the text the process sends with
+        ``log_external_stream`` as ``(stream, text)``; ``fail_on_check_error``, ``raise_on_event_error`` and
+        ``on_message``: as for every client (see :meth:`pipes_core.PipesClient.run_launcher`).
 
         Raises:
             PipesSlurmError: sbatch missing, controller unreachable, submission refused (``kind``).
@@ -839,7 +851,9 @@ class PipesSlurmClient(PipesClient):
         return self.run_launcher(
             launch, context=context, extras=extras, timeout_seconds=timeout_seconds, strict=strict,
             on_event=on_event, retain_messages=retain_messages, metadata=metadata, stdout=stdout, stderr=stderr,
-            on_launched=on_launched,
+            on_launched=on_launched, command=argv if script_path is None else [script_path, *script_args],
+            logger=logger, external_stream_handler=external_stream_handler, fail_on_check_error=fail_on_check_error,
+            raise_on_event_error=raise_on_event_error, on_message=on_message,
         )
 
     # ------------------------------------------------------------------ submission
