@@ -756,12 +756,17 @@ class PipesClient(ABC):
         """Judge a finished run; raises on failure, every error carrying ``invocation``. In this order:
 
         ran past its timeout (:class:`PipesTimeoutError`); the orchestrator got SIGTERM
-        (:class:`PipesInterruptedError`); the message channel failed (:class:`PipesTransportError`); killed;
-        non-zero exit; no exit status; exited 0 but reported an exception; strict: never opened; strict:
-        protocol issues; ``raise_on_event_error`` (default on): the ``on_event`` callback raised (the first
-        exception chained as ``__cause__``; with it off, callback exceptions are only logged); with
+        (:class:`PipesInterruptedError`); the message channel failed (:class:`PipesTransportError`); killed or
+        non-zero exit (strict and never opened: said as a crash before opening the channel), with the reported
+        exception, else the last stderr line; no exit status; exited 0 but reported an exception; exited 0 and
+        never opened (strict: an error with what to check; else a warning on the run's logger); strict: protocol
+        issues; ``raise_on_event_error`` (default on): the ``on_event`` callback raised (the first exception
+        chained as ``__cause__``; with it off, callback exceptions are only logged); with
         ``fail_on_check_error``, a check of severity ERROR failed (as ``pipes run --fail-on-check-error``).
         Opened but no ``closed``: a warning, and ``invocation.missing_closed``.
+
+        Each message states each fact once (see :func:`_failure_details`): the headline says how it ended and
+        why; the details add the reported traceback and the output tail without what the headline said.
         """
         session = invocation.session
         status = invocation.exit_status or PipesExitStatus(None)
