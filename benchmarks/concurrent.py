@@ -84,12 +84,18 @@ class Probe:
                 self.all_opened.set()
 
     def release(self, barrier: str, stop: threading.Event) -> None:
-        """Once every child has opened: measure, then open the barrier (every child then sleeps)."""
+        """Once every child has opened: measure, then open the barrier (every child then sleeps). The write end
+        stays open until the run ends: a child that sent ``opened`` but has not yet reached the barrier's open
+        would otherwise block for good once the writer closed (a FIFO opened for reading with no writer waits)."""
         while not self.all_opened.wait(0.05):
             if stop.is_set():
                 return
         self.all_opened_at = (time.monotonic(), _cpu_seconds(), _rss_bytes())
-        os.close(os.open(barrier, os.O_WRONLY))
+        fd = os.open(barrier, os.O_WRONLY)
+        try:
+            stop.wait()
+        finally:
+            os.close(fd)
 
     def on_message(self, session: int, seq: int) -> None:
         with self.lock:
