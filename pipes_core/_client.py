@@ -132,6 +132,8 @@ ERROR_TAIL_CHARS = 4000
 # How much of one line from the process (its last stderr line) an error message quotes: a headline stays one
 # readable line in a terminal summary.
 ERROR_LINE_CHARS = 300
+# The source of an invocation's ``last_output_line`` when the launcher has one log for both streams.
+LOG_SOURCE = "log"
 # How many protocol issues an error message lists.
 ERROR_ISSUES_LISTED = 10
 
@@ -205,6 +207,9 @@ class PipesLaunchedProcess(ABC):
     stderr: PipesByteSource | None = None
     # How often the default wait() looks at poll(): engines that cannot block on the end poll this often.
     poll_interval_seconds: ClassVar[float] = 0.1
+    # True when its one output source (``stdout`` or ``stderr``) is a log carrying both streams (e.g. a Ray
+    # job's): a failure message then quotes that log's last line, as such.
+    one_log: ClassVar[bool] = False
 
     @abstractmethod
     def poll(self) -> bool:
@@ -262,10 +267,12 @@ class PipesClientCompletedInvocation:
         metadata: the run's ``metadata=``, merged into every result by :meth:`get_results` (a ``dict``).
         description: the process's description, the subject of messages about it (a ``str``: "the external
             process 'etl.py'", "the container 3f2a... (image x)").
-        last_stderr_line: the last non-blank line the process wrote to stderr (trailing whitespace removed), when
+        last_output_line: the last non-blank line the process wrote to stderr (trailing whitespace removed), when
             the lifecycle read its stderr (``forward_stdio=False``, a ``stderr=`` that is not a real file, or a
-            launcher streaming its logs); "" otherwise. Failure messages quote it when the process reported no
-            exception.
+            launcher streaming its logs), or the last line of its one log when the launcher has one log for both
+            streams (a Ray job); "" otherwise. Failure messages quote it when the process reported no exception.
+        last_output_line_source: where ``last_output_line`` was taken from: ``"stderr"``, or ``"log"`` (one log
+            carrying both streams).
     """
 
     def __init__(
@@ -278,7 +285,8 @@ class PipesClientCompletedInvocation:
         metadata: Mapping[str, Any] | None = None,
         exit_status: PipesExitStatus | None = None,
         description: str = "the external process",
-        last_stderr_line: str = "",
+        last_output_line: str = "",
+        last_output_line_source: str = STREAM_STDERR,
     ) -> None:
         self.session = session
         self.exit_code = exit_code
@@ -287,7 +295,8 @@ class PipesClientCompletedInvocation:
         self.output_tail = output_tail
         self.metadata = dict(metadata or {})
         self.description = description
-        self.last_stderr_line = last_stderr_line
+        self.last_output_line = last_output_line
+        self.last_output_line_source = last_output_line_source
 
     @property
     def missing_closed(self) -> bool:
@@ -610,7 +619,7 @@ class PipesClient(ABC):
             output_tail=_joined_tails(run.tails),
             metadata=metadata,
             description=run.description,
-            last_stderr_line=_last_line("".join(t.text() for t in run.tails if t.stream == STREAM_STDERR)),
+            **_last_output_line(run),
         )
         if run.interrupt is not None:
             run.interrupt.invocation = invocation  # type: ignore[attr-defined]  # documented: what arrived
@@ -778,7 +787,7 @@ class PipesClient(ABC):
         def fail(cls: type[PipesExecutionError], message: str, *, says_remote: bool = False,
                  says_line: bool = False) -> None:
             """Raise ``cls``: ``message``, then what it did not already say (each fact once)."""
-            details = _failure_details(remote, tail, invocation.last_stderr_line if says_line else "",
+            details = _failure_details(remote, tail, invocation.last_output_line if says_line else "",
                                        says_remote=says_remote)
             raise cls(message + details, exit_code=code, remote_exception=remote, invocation=invocation,
                       output_tail=tail)
@@ -811,12 +820,13 @@ class PipesClient(ABC):
                 how += f" ({status.description})" if status.description else ""
             if crashed:
                 how += " before opening the Pipes channel"
-            line = invocation.last_stderr_line
+            line = invocation.last_output_line
             if remote is not None:
                 fail(PipesExecutionError, f"{how}{'; it reported' if status.killed else ' with'} {remote}",
                      says_remote=True)
             if line:
-                fail(PipesExecutionError, f"{how}; its last stderr line: {excerpt_line(line)}", says_line=True)
+                fail(PipesExecutionError, f"{how}; its last {invocation.last_output_line_source} line: "
+                     f"{excerpt_line(line)}", says_line=True)
             fail(PipesExecutionError, how)
         if code is None:
             fail(PipesExecutionError, f"{subject} {status.description or 'ended without an exit status'}")
@@ -913,6 +923,17 @@ def _last_line(text: str) -> str:
         if line.strip():
             return line.rstrip()
     return ""
+
+
+def _last_output_line(run: _Run) -> dict[str, str]:
+    """The invocation's ``last_output_line`` and its source: from the one log of a launcher that has one for both
+    streams (:attr:`PipesLaunchedProcess.one_log`), else from the stderr the lifecycle read."""
+    if run.process is not None and run.process.one_log:
+        return {"last_output_line": _last_line("".join(tail.text() for tail in run.tails)),
+                "last_output_line_source": LOG_SOURCE}
+    stderr = [tail for tail in run.tails if tail.stream == STREAM_STDERR]
+    return {"last_output_line": _last_line("".join(tail.text() for tail in stderr)),
+            "last_output_line_source": STREAM_STDERR}
 
 
 def _joined_tails(tails: list[_Tail]) -> str:

@@ -255,6 +255,7 @@ class PipesRayJob(PipesLaunchedProcess):
     """
 
     poll_interval_seconds = RAY_STATUS_POLL_SECONDS
+    one_log = True  # Ray writes the driver's stdout and stderr, and its own lines, to one log
 
     def __init__(self, client: Any, address: str, submission_id: str, log: _RayLogStream, log_stream: str) -> None:
         self.client = client

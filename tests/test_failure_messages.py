@@ -17,6 +17,7 @@ import pytest
 from pipes_core import PipesAsyncSubprocessClient, PipesExecutionError, PipesSubprocessClient
 from pipes_core._results import PipesRemoteException
 from tests.conftest import REPO_ROOT
+from tests.engines_ray import RayHead
 
 PYTHON = sys.executable
 PIPES = [sys.executable, "-m", "pipes_core"]
@@ -210,7 +211,7 @@ def test_a_crash_on_import_is_said_with_its_last_stderr_line(
     assert "Last output of the external process (without the line quoted above):" in text
     assert "never opened" not in text
     assert error.exit_code == 1
-    assert error.invocation.last_stderr_line == CRASH_LAST_LINE
+    assert error.invocation.last_output_line == CRASH_LAST_LINE
     assert not [r for r in caplog.records if "never opened" in r.getMessage()]
 
 
@@ -314,6 +315,23 @@ def test_the_async_client_says_a_crash_the_same_way(write_script: WriteScript) -
     assert str(info.value).splitlines()[0] == (
         f"the external process {str(script)!r} crashed (exit code 1) before opening the Pipes channel; "
         f"its last stderr line: {CRASH_LAST_LINE}")
+
+
+def test_a_ray_job_that_crashed_is_said_with_the_last_line_of_its_log(ray_head: RayHead,
+                                                                    write_script: WriteScript) -> None:
+    from pipes_core.ray import PipesRayJobClient
+
+    script = write_script("print('starting', flush=True)\n" + CRASH_ON_IMPORT, "crash.py")
+    with pytest.raises(PipesExecutionError) as info:
+        PipesRayJobClient(ray_head.address).run(command=[PYTHON, str(script)], stdout=lambda data: None,
+                                                timeout_seconds=300)
+    text = str(info.value)
+    headline = text.splitlines()[0]
+    assert "crashed (exit code 1, ended in Ray job state FAILED" in headline
+    assert headline.endswith(f") before opening the Pipes channel; its last log line: {CRASH_LAST_LINE}")
+    assert text.count(CRASH_LAST_LINE) == 1
+    assert "starting" in text  # the rest of the log is still shown
+    assert info.value.invocation.last_output_line_source == "log"
 
 
 # ---------------------------------------------------------------------------------------------- the command line
