@@ -45,6 +45,8 @@ Hook interface (what a launcher writes)
     3f2a... (image x)", "the Ray job raysubmit_...";
   - ``stdout`` / ``stderr``: a :data:`PipesByteSource` (a binary file object, or an iterable of byte chunks
     such as a log stream) or None when the process writes straight to its destination (an inherited fd);
+    ``one_log = True`` (a class attribute) when its one source is a log carrying both streams (a Ray job's):
+    a failure message then quotes that log's last line rather than a stderr line;
   - ``poll() -> bool``: has it ended? (cheap, never blocks long);
   - ``wait(timeout) -> bool``: block up to ``timeout`` seconds (None: without limit) for the end; True when it
     has ended. The default polls ``poll()`` every ``poll_interval_seconds`` on an event; override it when
