@@ -1002,12 +1002,14 @@ def _without_printed_traceback(lines: list[str], remote: PipesRemoteException) -
         return lines
     known = {line.rstrip() for line in remote.format().split("\n") if line.strip()}
     known.update(line.rstrip() for line in _chain_messages(remote) for line in line.split("\n"))
+    # Output the process left without a newline runs into the header: "50%Traceback (most recent call last):".
+    lines = [part for line in lines for part in _split_header(line)]
     stripped = [line.rstrip() for line in lines]
     kept = list(lines)
     size = len(end_block)
     index = len(stripped) - size
     while index >= 0:
-        if stripped[index:index + size] != end_block:
+        if stripped[index] != end_block[0] or stripped[index:index + size] != end_block:
             index -= 1
             continue
         start = _printout_start(stripped, index, known)
@@ -1018,6 +1020,13 @@ def _without_printed_traceback(lines: list[str], remote: PipesRemoteException) -
         del stripped[start:index + size]
         index = start - size
     return kept
+
+
+def _split_header(line: str) -> list[str]:
+    head = line.rstrip()
+    if head.endswith(_TRACEBACK_HEADER) and head != _TRACEBACK_HEADER:
+        return [head[: -len(_TRACEBACK_HEADER)], _TRACEBACK_HEADER]
+    return [line]
 
 
 def _chain_messages(remote: PipesRemoteException) -> list[str]:
@@ -1034,10 +1043,15 @@ def _printout_start(lines: list[str], end: int, known: set[str]) -> int | None:
     j = end - 1
     header: int | None = None  # the earliest "Traceback (most recent call last):" of the printout so far
     while True:
+        frames_end = j
         while j >= 0 and lines[j].startswith("  "):  # frames: "  File ...", "    code", "    ^^^^"
             j -= 1
-        if j < 0 or (j == 0 and lines[0] != _TRACEBACK_HEADER and _is_cut_traceback_line(lines[0], known)):
+        if j < 0:
             return 0  # the printout starts before the tail does
+        if j == 0 and lines[0] != _TRACEBACK_HEADER and (j < frames_end or _is_cut_traceback_line(lines[0], known)):
+            # The tail's first line, cut: frames follow it with no header (a printout always has one), or it is
+            # the end of a line of the reported traceback.
+            return 0
         if lines[j] != _TRACEBACK_HEADER:
             # Not a printout; or, inside one, a chained exception that has no traceback of its own.
             return None if header is None else j + 1

@@ -375,3 +375,98 @@ def test_pipes_run_keeps_the_never_opened_hint_for_exit_zero(write_script: Write
     assert human.returncode == 1
     error_line = next(line for line in human.stdout.splitlines() if line.startswith("error"))
     assert "exited 0 but never opened the Pipes channel. The context was injected with" in error_line
+
+
+# ---------------------------------------------------------------------------------------------- the tail, unit by unit
+
+
+def _remote(message: str, stack: tuple[str, ...] = ('  File "job.py", line 3, in main\n    fail()\n',),
+            **links: PipesRemoteException) -> PipesRemoteException:
+    return PipesRemoteException(name=message.split(":")[0], message=message + "\n", stack=stack, **links)
+
+
+def _details(remote: PipesRemoteException | None, tail: str, line: str = "") -> str:
+    from pipes_core._client import _failure_details
+
+    return _failure_details(remote, tail, line, says_remote=remote is not None)
+
+
+PRINTOUT = (
+    "Traceback (most recent call last):\n"
+    '  File "job.py", line 9, in <module>\n'
+    "    main()\n"
+    '  File "job.py", line 3, in main\n'
+    "    fail()\n"
+    "ValueError: bad\n"
+)
+
+
+def test_tail_context_chain_and_a_cause_without_traceback_are_removed_whole() -> None:
+    inner = PipesRemoteException(name="KeyError", message="KeyError: 'k'\n", stack=())  # never raised: no frames
+    remote = _remote("ValueError: bad", context=inner)
+    tail = ("before\n" "KeyError: 'k'\n\nDuring handling of the above exception, another exception occurred:\n\n"
+            + PRINTOUT + "after\n")
+    details = _details(remote, tail)
+    assert "before\nafter" in details
+    assert details.count("KeyError: 'k'") == 1  # in the reported chain only
+    assert "During handling" in details and details.count("During handling") == 1
+
+
+def test_tail_printed_twice_is_removed_twice_and_other_lines_stay_in_order() -> None:
+    details = _details(_remote("ValueError: bad"), "one\n" + PRINTOUT + "two\n" + PRINTOUT + "three\n")
+    assert details.endswith("(without the traceback above):\none\ntwo\nthree")
+
+
+def test_tail_cut_in_the_middle_of_a_frame_line_is_removed() -> None:
+    cut = PRINTOUT[PRINTOUT.index("in <module>") + 3:]  # starts mid-line: "<module>\n    main()\n..."
+    assert "Last output" not in _details(_remote("ValueError: bad"), cut)
+    cut_in_code = PRINTOUT[PRINTOUT.index("ain()"):]
+    assert "Last output" not in _details(_remote("ValueError: bad"), cut_in_code)
+
+
+def test_tail_lines_that_only_look_like_the_message_are_kept() -> None:
+    remote = _remote("ValueError: bad")
+    # The message without a traceback before it (printed by the process itself) is not a printout.
+    assert "report: ValueError: bad" in _details(remote, "report: ValueError: bad\n")
+    # At the very start of the tail, the message alone is taken for the end of a printout cut just before it.
+    assert _details(remote, "ValueError: bad\nmore\n").endswith("(without the traceback above):\nmore")
+    # A message of another exception's printout is kept whole.
+    other = PRINTOUT.replace("ValueError: bad", "TypeError: other")
+    assert "TypeError: other" in _details(remote, other)
+
+
+def test_tail_output_without_a_newline_before_the_printout_is_kept() -> None:
+    details = _details(_remote("ValueError: bad"), "progress 50%" + PRINTOUT + "after\n")
+    assert details.endswith("(without the traceback above):\nprogress 50%\nafter")
+
+
+def test_tail_with_a_multi_line_message_is_removed() -> None:
+    remote = _remote("ValueError: first\nsecond line")
+    tail = PRINTOUT.replace("ValueError: bad\n", "ValueError: first\nsecond line\n")
+    assert "Last output" not in _details(remote, tail)
+
+
+def test_tail_of_garbage_is_shown_as_is_and_bounded() -> None:
+    garbage = "\x00\x1b[2J" + "z" * 100_000 + "\n" + "\r" * 50 + "\n\n" + "Traceback (most recent call last):\n" * 3
+    details = _details(_remote("ValueError: bad"), garbage)
+    assert details.count("\n") < 20 and len(details) < 5_000  # the tail's last 4,000 characters, at most
+    assert _details(None, "") == "" and _details(None, "\n\n  \n") == ""
+
+
+def test_the_quoted_line_is_left_out_of_the_tail_only_when_it_is_the_last_line() -> None:
+    assert _details(None, "a\nb\n", "b") == (
+        "\n\nLast output of the external process (without the line quoted above):\na")
+    assert _details(None, "a\nb\n", "a") == "\n\nLast output of the external process:\na\nb"
+
+
+def test_a_hostile_tail_is_judged_quickly() -> None:
+    # Every line looks like the end of a printout, or like a frame: the scan stays linear (a hang would show
+    # here; the bound only catches one).
+    import time
+
+    remote = _remote("ValueError: bad\n" * 50)
+    tail = ("ValueError: bad\n" * 60_000) + ("  x\n" * 30_000)
+    started = time.monotonic()
+    _details(remote, tail)
+    _details(_remote("ValueError: bad"), "  x\nValueError: bad\n" * 30_000)
+    assert time.monotonic() - started < 60
