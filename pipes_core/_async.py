@@ -710,6 +710,7 @@ class PipesAsyncSubprocessClient:
         external_stream_handler: Callable[[str, str], None] | None = None,
         fail_on_check_error: bool = False,
         raise_on_event_error: bool = True,
+        on_message: Callable[[dict[str, Any]], None] | None = None,
     ) -> PipesClientCompletedInvocation:
         """Run ``command`` in a Pipes session on the running loop; see :meth:`PipesSubprocessClient.run`.
 
@@ -734,6 +735,7 @@ class PipesAsyncSubprocessClient:
                                                 retain_messages=retain_messages,
                                                 logger=run_logger,
                                                 external_stream_handler=external_stream_handler,
+                                                on_message=on_message,
                                                 warn_unclosed=False,  # the verdict says these
                                                 warn_unopened=False) as session:
                 run.session = session

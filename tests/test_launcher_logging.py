@@ -127,3 +127,32 @@ def test_slurm_run_routes_logs_and_streams_per_run(slurm_cluster: SlurmCluster, 
     argv = [sys.executable, str(write_script(CHILD)), "slurm"]
     run_routed(client, routed, "run-slurm", command=argv)
     routed.check("slurm", "run-slurm", shlex.join(argv))
+
+
+def test_every_clients_run_takes_the_per_run_options() -> None:
+    """A new launcher that forgets to forward one of them fails here (no engine needed)."""
+    import inspect
+
+    from pipes_core import PipesAsyncSubprocessClient, PipesSubprocessClient
+    from pipes_core.docker import PipesDockerClient
+    from pipes_core.ray import PipesRayJobClient
+    from pipes_core.slurm import PipesSlurmClient
+
+    shared = {"logger", "external_stream_handler", "fail_on_check_error", "raise_on_event_error", "on_message",
+              "on_event", "retain_messages", "metadata", "timeout_seconds", "strict", "context", "extras"}
+    for client in (PipesSubprocessClient, PipesAsyncSubprocessClient, PipesDockerClient, PipesRayJobClient,
+                   PipesSlurmClient):
+        parameters = set(inspect.signature(client.run).parameters)
+        assert shared <= parameters, f"{client.__name__}.run lacks {sorted(shared - parameters)}"
+    assert shared <= set(inspect.signature(PipesClient.run_launcher).parameters)
+
+
+def test_the_async_client_passes_on_message(write_script: Callable[..., Path]) -> None:
+    import asyncio
+
+    from pipes_core import PipesAsyncSubprocessClient
+
+    script = write_script("from pipes_ext import open_pipes\nwith open_pipes() as p:\n    p.report_custom_message(1)\n")
+    seen: list[dict[str, Any]] = []
+    asyncio.run(PipesAsyncSubprocessClient().run(command=[sys.executable, str(script)], on_message=seen.append))
+    assert [message["method"] for message in seen] == ["opened", "report_custom_message", "closed"]
