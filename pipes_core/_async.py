@@ -76,9 +76,9 @@ from ._stdio import (
     STDIO_READ_BYTES,
     PipesOutputTarget,
     PipesStdioMessageReader,
+    _StdioLineSplitter,
     as_output_writer,
 )
-from ._stdio import _LineSplitter as _StdioSplitter
 from ._subprocess import PipesSubprocessClient, command_name
 from ._watch import POLL_MAX_SECONDS, POLL_MIN_SECONDS, InotifyGroup
 
@@ -403,7 +403,7 @@ class PipesAsyncStdioMessageReader(PipesAsyncMessageReader):
             raise PipesUsageError("consume() must be called inside aread_messages() (an open session)")
         writer = output or (as_output_writer(self._sync.output) if self._sync.output is not None else
                             as_output_writer(sys.stdout if self.stream == STREAM_STDOUT else sys.stderr))
-        splitter = _StdioSplitter(handler, writer, self.stream, self._sync.max_line_bytes)
+        splitter = _StdioLineSplitter(handler, writer, self.stream, self._sync.max_line_bytes)
         self._tasks.append(asyncio.get_running_loop().create_task(_pump(source, splitter.feed, splitter.finish)))
 
     def describe(self) -> str:

@@ -348,7 +348,7 @@ class PipesMessageHandler:
     ) -> None:
         """Report a line skipped unread because it is longer than ``max_line_bytes`` (``head``: its start)."""
         text, _ = excerpt(head)
-        end = "" if ended else "; it had no newline when the channel ended"
+        end = "" if ended else "; it had no newline: the stream ended inside it"
         self._record(PipesProtocolIssue(
             f"message line of {size} bytes is longer than max_line_bytes={max_line_bytes}; it was skipped "
             f"unread{end}",

@@ -1,13 +1,15 @@
-"""Cutting a byte stream into message lines, with a bound on a line's size.
+"""Cutting a byte stream into lines, with a bound on a line's size: the one splitter of every line reader.
 
-:class:`LineSplitter` is fed blocks of bytes as a reader gets them (a file it follows, a pipe) and hands complete
-lines to a :class:`~pipes_core.PipesMessageHandler`. Blocks of many short lines go to the handler whole (one
-decode per block: the fast path). A line that spans blocks is gathered in one growing buffer, decoded once and
-the buffer dropped before the line is parsed, so a long line under the limit costs about its size in bytes plus
-its text while it is decoded, then its text plus what it parses into. A line that grows past ``max_line_bytes``
-is skipped as it streams: its bytes are dropped as they arrive (only its first :data:`ISSUE_EXCERPT_BYTES`
-are kept for the issue), it is reported with its size once its newline comes (``LINE_TOO_LONG``), and the next
-line is read as usual.
+:class:`LineSplitter` is fed blocks of bytes as a reader gets them (a file it follows, a pipe, a log stream) and
+hands complete lines on. Blocks of many short lines go on whole (for messages: one decode per block, the fast
+path). A line that spans blocks is gathered in one growing buffer, decoded once and the buffer dropped before
+the line is parsed, so a long line under the limit costs about its size in bytes plus its text while it is
+decoded, then its text plus what it parses into. A line that grows past ``max_line_bytes`` is skipped as it
+streams: its bytes are dropped as they arrive (only its first :data:`ISSUE_EXCERPT_BYTES` are kept for the
+issue), it is reported with its size once its newline comes (``LINE_TOO_LONG``), and the next line is read as
+usual. The file reader uses it as it is (every line is a message); the stdio reader
+(:mod:`pipes_core._stdio`) subclasses it to tell messages from the process's output, which it forwards, an
+over-long output line included, as it streams.
 """
 
 from __future__ import annotations
@@ -36,7 +38,19 @@ def _is_blank(line: bytearray) -> bool:
 
 
 class LineSplitter:
-    """Cuts a stream of bytes into lines for ``handler``; see the module docstring.
+    """Cuts a stream of bytes into lines for ``handler``; see the module docstring. Not thread-safe: one splitter
+    per stream.
+
+    This class is the one place where a stream is cut into lines: where a line begun in one block ends in a
+    later one, where a line passes ``max_line_bytes`` and is skipped (or passed through) as it streams, what is
+    left at the end. What a line *is* is decided by the hooks, which the file reader uses as they are (every
+    line is a message) and the stdio reader overrides (a line is a message or the process's output):
+
+    * :meth:`_complete_lines`: a block of complete lines, each ending with its newline;
+    * :meth:`_line_ended`: one line gathered across blocks (at most ``max_line_bytes``, newline excluded);
+    * :meth:`_overflow`: a line grew past the limit: skip it (reported when it ends) or pass it through
+      (:meth:`_pass` then gets its bytes as they arrive, its newline included);
+    * :meth:`_last_line`: the stream ended inside a line, within the limit.
 
     Args:
         handler: receives the lines (``handle_lines``/``handle_line``) and the issues.
@@ -52,46 +66,45 @@ class LineSplitter:
         self.max_line_bytes = max_line_bytes
         self._pending = bytearray()  # the start of a line that has not ended yet
         self._skipping = False  # the current line is over the limit: its bytes are counted, not kept
+        self._passing = False  # the current line is over the limit and passed through as it streams
         self._skipped = 0
         self._skipped_head = b""
         self.lines_skipped = 0
+        self.bytes_read = 0
 
     def feed(self, block: bytes) -> None:
         """Take the next bytes of the stream; every line they complete is handled before this returns."""
+        self.bytes_read += len(block)
         cut = block.rfind(b"\n")
         if cut < 0:
             self._extend(block)
             return
         start = 0
-        if self._pending or self._skipping:  # the first newline ends the line begun in an earlier block
+        if self._pending or self._skipping or self._passing:  # the first newline ends a line begun earlier
             first = block.find(b"\n")
-            self._extend(memoryview(block)[:first])
-            self._end_line()
+            if self._passing:
+                self._passing = False
+                self._pass(block[: first + 1])
+            else:
+                self._extend(memoryview(block)[:first])
+                self._end_line()
             start = first + 1
-        if start < cut:
-            self.handler.handle_lines(block[start:cut], self.source, self.max_line_bytes)
+        if start <= cut:
+            self._complete_lines(block[start : cut + 1])
         if cut + 1 < len(block):
             self._extend(memoryview(block)[cut + 1 :])
 
     def finish(self) -> None:
-        """The stream has ended: a last line without its newline is reported, not parsed (its writer may have
-        been killed mid-write, and nothing says it is complete)."""
+        """The stream has ended: a last line without its newline goes to :meth:`_last_line` (or is reported as
+        too long, with ``ended=False``)."""
         if self._skipping:
-            self.handler.report_line_too_long(self._skipped_head, self._skipped, self.source, self.max_line_bytes,
-                                              ended=False)
-            self._reset_skip()
-        elif not _is_blank(self._pending):
-            from pipes_ext._errors import PipesProtocolErrorKind
-
-            self.handler.report_issue(
-                "truncated final line: the messages ended without a newline (was the writer killed mid-write?); "
-                "the partial line was not parsed",
-                bytes(self._pending[:ISSUE_EXCERPT_BYTES]),
-                self.source,
-                PipesProtocolErrorKind.TRUNCATED,
-                size=len(self._pending),
-            )
-        self._pending = bytearray()
+            self._report_skipped(ended=False)
+        elif self._passing:
+            self._passing = False
+        else:
+            buffer = self._pending
+            self._pending = bytearray()
+            self._last_line(buffer)
 
     @property
     def pending_bytes(self) -> int:
@@ -102,34 +115,83 @@ class LineSplitter:
         if self._skipping:
             self._skipped += len(data)
             return
+        if self._passing:
+            self._pass(bytes(data))
+            return
         if len(self._pending) + len(data) <= self.max_line_bytes:
             self._pending += data
             return
-        # Past the limit: keep the start for the issue, drop the rest now and every later byte of this line.
-        head = (bytes(self._pending) + bytes(data[:ISSUE_EXCERPT_BYTES]))[:ISSUE_EXCERPT_BYTES]
-        self._skipping = True
-        self._skipped = len(self._pending) + len(data)
-        self._skipped_head = head
+        # Past the limit: the line is skipped (its start kept for the issue) or passed through; either way the
+        # bytes held so far are dropped now, and so is every later byte of this line.
+        pending = self._pending
         self._pending = bytearray()
+        if not self._overflow(pending, data):
+            self._passing = True
+            return
+        self._skipping = True
+        self._skipped = len(pending) + len(data)
+        self._skipped_head = (bytes(pending[:ISSUE_EXCERPT_BYTES]) + bytes(data[:ISSUE_EXCERPT_BYTES]))[
+            :ISSUE_EXCERPT_BYTES
+        ]
 
     def _end_line(self) -> None:
         if self._skipping:
-            self.handler.report_line_too_long(self._skipped_head, self._skipped, self.source, self.max_line_bytes)
-            self._reset_skip()
+            self._report_skipped(ended=True)
+            return
+        if self._passing:
+            self._passing = False
+            self._pass(b"\n")
             return
         buffer = self._pending
         self._pending = bytearray()
+        self._line_ended(buffer)
+
+    def _report_skipped(self, *, ended: bool) -> None:
+        self.handler.report_line_too_long(self._skipped_head, self._skipped, self.source, self.max_line_bytes,
+                                          ended=ended)
+        self.lines_skipped += 1
+        self._skipping = False
+        self._skipped = 0
+        self._skipped_head = b""
+
+    # ------------------------------------------------------------------ hooks: what a line is (messages here)
+
+    def _complete_lines(self, block: bytes) -> None:
+        """A block of complete lines, each ending with a newline (the fast path: one decode per block)."""
+        self.handler.handle_lines(block, self.source, self.max_line_bytes)
+
+    def _line_ended(self, buffer: bytearray) -> None:
+        """One line gathered across blocks, newline excluded; the splitter keeps no reference to ``buffer``."""
         if _is_blank(buffer):
             return
         try:
             text: str | bytes = buffer.decode("utf-8")
         except UnicodeDecodeError:
             text = bytes(buffer)
-        del buffer  # the bytes go before the text is parsed: a long line costs its text, not text + bytes
+        buffer.clear()  # the bytes go before the text is parsed: a long line costs its text, not text + bytes
         self.handler.handle_line(text, self.source)
 
-    def _reset_skip(self) -> None:
-        self.lines_skipped += 1
-        self._skipping = False
-        self._skipped = 0
-        self._skipped_head = b""
+    def _overflow(self, pending: bytearray, data: bytes | memoryview) -> bool:
+        """The line that began with ``pending`` grew past ``max_line_bytes`` with ``data``: True to skip it (it is
+        reported with its size when it ends), False to pass it through (forward ``pending + data`` here; the
+        rest of the line then goes to :meth:`_pass`)."""
+        return True
+
+    def _pass(self, data: bytes) -> None:
+        """Bytes of a line passed through (see :meth:`_overflow`); the last call gets its newline."""
+
+    def _last_line(self, buffer: bytearray) -> None:
+        """The stream ended inside a line (``buffer``, possibly empty). A message line without its newline is
+        reported, not parsed: its writer may have been killed mid-write, and nothing says it is complete."""
+        if _is_blank(buffer):
+            return
+        from pipes_ext._errors import PipesProtocolErrorKind
+
+        self.handler.report_issue(
+            "truncated final line: the messages ended without a newline (was the writer killed mid-write?); "
+            "the partial line was not parsed",
+            bytes(buffer[:ISSUE_EXCERPT_BYTES]),
+            self.source,
+            PipesProtocolErrorKind.TRUNCATED,
+            size=len(buffer),
+        )

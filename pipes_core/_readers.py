@@ -106,7 +106,6 @@ class _FileFollower:
         self.handler = handler
         self.fd = fd
         self.splitter = LineSplitter(handler, path, max_line_bytes)
-        self.bytes_read = 0
         self._writers_deadline: float | None = None
 
     def read_available(self) -> bool:
@@ -117,8 +116,11 @@ class _FileFollower:
             if not block:
                 return got_data
             got_data = True
-            self.bytes_read += len(block)
             self.splitter.feed(block)
+
+    @property
+    def bytes_read(self) -> int:
+        return self.splitter.bytes_read
 
     def writers_gone(self) -> bool:
         """True when no stdio-capture reader of the external side still holds its shared ``flock`` on the file

@@ -45,7 +45,7 @@ from pipes_ext._protocol import (
 )
 
 from ._handler import PipesMessageHandler
-from ._lines import DEFAULT_MAX_LINE_BYTES  # one home for the line limit (and the excerpt size below)
+from ._lines import DEFAULT_MAX_LINE_BYTES, LineSplitter  # one home for lines, their limit and the excerpt size
 from ._readers import PipesMessageReader
 from ._results import ISSUE_EXCERPT_BYTES
 
@@ -141,68 +141,22 @@ def _split_glued(line: bytes) -> tuple[bytes, bytes]:
     return line[:at], line[at:]
 
 
-class _LineSplitter:
-    """Cuts chunks into lines: messages to the handler, other lines to ``output``. Not thread-safe: one
-    splitter per source."""
+class _StdioLineSplitter(LineSplitter):
+    """The stdio reader's :class:`~pipes_core._lines.LineSplitter`: the same cutting into lines, limit and end
+    of stream; each line is then a message (to the handler) or the process's output (to ``output``, in order,
+    bytes unchanged). An over-long message line is skipped and reported; an over-long output line is passed
+    through as it streams. Not thread-safe: one splitter per source."""
 
     def __init__(self, handler: PipesMessageHandler, output: Callable[[bytes], None] | None, source: str,
                  max_line_bytes: int) -> None:
-        self.handler = handler
+        super().__init__(handler, source, max_line_bytes)
         self.output = output
-        self.source = source
-        self.max_line_bytes = max_line_bytes
-        self._pending = bytearray()
-        self._skipping = False  # inside an over-long message line, dropped as it streams
-        self._skipped = 0
-        self._skip_head = b""
-        self._passing = False  # inside an over-long output line, forwarded as it streams
-        self.bytes_read = 0
 
     def _out(self, data: bytes) -> None:
         if data and self.output is not None:
             self.output(data)
 
-    def feed(self, chunk: bytes) -> None:
-        self.bytes_read += len(chunk)
-        if self._skipping or self._passing:
-            cut = chunk.find(b"\n")
-            if self._skipping:
-                if cut < 0:
-                    self._skipped += len(chunk)
-                    return
-                self._skipped += cut
-                self._end_skip(ended=True)
-            else:
-                if cut < 0:
-                    self._out(chunk)
-                    return
-                self._out(chunk[: cut + 1])
-                self._passing = False
-            chunk = chunk[cut + 1 :]
-            if not chunk:
-                return
-        last = chunk.rfind(b"\n")
-        if last < 0:
-            self._pending += chunk
-            if len(self._pending) > self.max_line_bytes:
-                self._overflow()
-            return
-        start = 0
-        if self._pending:
-            first = chunk.find(b"\n")
-            self._pending += chunk[: first + 1]
-            line = bytes(self._pending)
-            self._pending.clear()
-            self._block(line)
-            start = first + 1
-        if start <= last:
-            self._block(chunk[start : last + 1])
-        if last + 1 < len(chunk):
-            self._pending += chunk[last + 1 :]
-            if len(self._pending) > self.max_line_bytes:
-                self._overflow()
-
-    def _block(self, block: bytes) -> None:
+    def _complete_lines(self, block: bytes) -> None:
         """Complete lines, each ending with a newline."""
         if _MARKER not in block:  # the common case for plain output: one write
             self._out(block)
@@ -224,49 +178,36 @@ class _LineSplitter:
                 output = []
             body = line.rstrip(b"\r\n")
             if len(body) > self.max_line_bytes:
-                self._report_long(len(body), body[:ISSUE_EXCERPT_BYTES], ended=True)
+                self.handler.report_line_too_long(body[:ISSUE_EXCERPT_BYTES], len(body), self.source,
+                                                  self.max_line_bytes)
             else:
                 self.handler.handle_line(body, self.source)
         if output:
             self._out(b"".join(output))
 
-    def _overflow(self) -> None:
-        head = bytes(self._pending)
-        self._pending.clear()
+    def _line_ended(self, buffer: bytearray) -> None:
+        buffer += b"\n"
+        line = bytes(buffer)
+        buffer.clear()
+        self._complete_lines(line)
+
+    def _overflow(self, pending: bytearray, data: bytes | memoryview) -> bool:
+        head = bytes(pending) + bytes(data)
         if _is_message(head):
-            self._skipping = True
-            self._skipped = len(head)
-            self._skip_head = head[:ISSUE_EXCERPT_BYTES]
-        else:
-            self._passing = True
-            self._out(head)
+            return True
+        self._out(head)
+        return False
 
-    def _end_skip(self, *, ended: bool) -> None:
-        self._skipping = False
-        self._report_long(self._skipped, self._skip_head, ended=ended)
-        self._skip_head = b""
-        self._skipped = 0
+    def _pass(self, data: bytes) -> None:
+        self._out(data)
 
-    def _report_long(self, size: int, head: bytes, *, ended: bool) -> None:
-        where = "" if ended else " (the stream ended inside it)"
-        self.handler.report_issue(
-            f"message line of {size} bytes is longer than max_line_bytes={self.max_line_bytes}{where}; skipped",
-            head,
-            self.source,
-            PipesProtocolErrorKind.LINE_TOO_LONG,
-            size=size,
-        )
-
-    def finish(self) -> None:
-        """The source ended: handle a last line that has no newline."""
-        if self._skipping:
-            self._end_skip(ended=False)
+    def _last_line(self, buffer: bytearray) -> None:
+        """A last line without a newline: output is forwarded as is, a complete message is accepted (the stdio
+        channel's writer may end without a newline), anything else that looks like a message is reported."""
+        if not buffer:
             return
-        if self._passing or not self._pending:
-            self._passing = False
-            return
-        rest = bytes(self._pending)
-        self._pending.clear()
+        rest = bytes(buffer)
+        buffer.clear()
         if not _is_message(rest):
             prefix, rest = _split_glued(rest)
             self._out(prefix)
@@ -380,7 +321,7 @@ class PipesStdioMessageReader(PipesMessageReader):
         if handler is None:
             raise PipesUsageError("read_source()/consume() must be called inside read_messages() (an open session)")
         label = name or f"the process's {self.stream}"
-        splitter = _LineSplitter(handler, output or self._default_output(), self.stream, self.max_line_bytes)
+        splitter = _StdioLineSplitter(handler, output or self._default_output(), self.stream, self.max_line_bytes)
         try:
             for chunk in _chunks(source):
                 splitter.feed(chunk)

@@ -336,3 +336,21 @@ def test_reading_a_pipe_directly(write_script: Callable[..., Path]) -> None:
     assert reader.unfinished_sources == 0
     assert [r for r in record if r[0] == "message"] == [("message", i) for i in range(3)]
     assert b"".join(v for k, v in record if k == "out") == b"line 0\nline 1\nline 2\n"
+
+
+def test_the_stdio_and_file_readers_report_an_over_long_line_alike(tmp_path: Path) -> None:
+    """One splitter cuts both streams: an over-long message line gets the same issue, ended or cut by the end."""
+    from pipes_core import PipesFileMessageReader, PipesTempFileContextInjector, open_pipes_session
+
+    big = message("w" * 3000)
+    for ending in (b"\n", b""):  # with its newline, then cut by the end of the stream
+        stdio_record, _, _ = read([message(1) + b"\n" + big[:1500], big[1500:] + ending], max_line_bytes=1000)
+        path = tmp_path / f"messages-{len(ending)}"
+        with open_pipes_session(None, PipesTempFileContextInjector(dir=str(tmp_path)),
+                                PipesFileMessageReader(str(path), max_line_bytes=1000)) as session:
+            with open(path, "ab") as f:
+                f.write(message(1) + b"\n" + big + ending)
+        reasons = [issue.reason for issue in session.protocol_issues]
+        assert [k for k, _ in stdio_record] == ["message", "issue"]
+        assert reasons == [stdio_record[1][1]]
+        assert f"message line of {len(big)} bytes is longer than max_line_bytes=1000" in reasons[0]
