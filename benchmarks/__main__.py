@@ -7,23 +7,20 @@ times on shared machines are noisy; the ratios are what to read. Not a test: not
 
 from __future__ import annotations
 
-import argparse
 import sys
 from collections.abc import Callable
 from typing import Any
 
 from . import cases
-from ._report import print_header, print_report, write_json
+from ._report import benchmark_parser, print_header, print_report, repetitions, write_json
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__)
-    parser.add_argument("--quick", action="store_true", help="tiny sizes and one repetition (keeps it working)")
-    parser.add_argument("--json", metavar="FILE", help="write all figures as JSON")
+    parser = benchmark_parser("python -m benchmarks", __doc__, repeated="each side", default_repeat=5,
+                              quick="tiny sizes and one repetition (keeps it working)")
     parser.add_argument("--only", nargs="*", help="run only these benchmarks")
-    parser.add_argument("--repeat", type=int, help="repetitions per side (default 5, quick 1)")
     args = parser.parse_args(argv)
-    repeat = args.repeat or (1 if args.quick else 5)
+    repeat = repetitions(args, 5)
     selected: list[tuple[str, Callable[..., dict[str, Any]]]] = [
         (name, fn) for name, fn in cases.ALL if not args.only or name in args.only
     ]

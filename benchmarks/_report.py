@@ -7,6 +7,7 @@ them to each metric (``<side>_summary``, ``ratio_ours_over_reference``, ``ours_o
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import platform
@@ -20,6 +21,22 @@ SIDES = ("ours", "reference", "limit")
 def machine_info() -> dict[str, Any]:
     """What the figures were measured on."""
     return {"python": sys.version.split()[0], "platform": platform.platform(), "cpus": os.cpu_count() or 1}
+
+
+def benchmark_parser(prog: str, description: str | None, *, repeated: str, default_repeat: int,
+                     quick: str = "small sizes, one repetition") -> argparse.ArgumentParser:
+    """A parser with the options every side-by-side benchmark takes: ``--quick``, ``--repeat``, ``--json``."""
+    parser = argparse.ArgumentParser(prog=prog, description=description,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help=quick)
+    parser.add_argument("--repeat", type=int, help=f"repetitions of {repeated} (default {default_repeat}, quick 1)")
+    parser.add_argument("--json", metavar="FILE", help="write the figures as JSON")
+    return parser
+
+
+def repetitions(args: argparse.Namespace, default_repeat: int) -> int:
+    """``--repeat``, else 1 with ``--quick``, else ``default_repeat``."""
+    return int(args.repeat or (1 if args.quick else default_repeat))
 
 
 def print_header(title: str, *, quick: bool, repeat: int) -> dict[str, Any]:

@@ -22,7 +22,6 @@ Not a test: nothing here asserts on time.
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import io
 import logging
@@ -37,7 +36,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
-from ._report import print_header, print_report, write_json
+from ._report import benchmark_parser, print_header, print_report, repetitions, write_json
 
 ONE_MESSAGE = """
 from pipes_ext import open_pipes
@@ -332,15 +331,12 @@ def docker_benchmark(*, quick: bool, repeat: int, docker_host: str | None = None
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m benchmarks.docker", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="small sizes, one repetition")
-    parser.add_argument("--repeat", type=int, help="repetitions of the launch comparison (default 7, quick 1)")
-    parser.add_argument("--json", metavar="FILE", help="write the figures as JSON")
+    parser = benchmark_parser("python -m benchmarks.docker", __doc__, repeated="the launch comparison",
+                              default_repeat=7)
     parser.add_argument("--docker-host", metavar="URL", help="use this running daemon instead of starting one")
     parser.add_argument("--image", help="with --docker-host: an image with python3 and pipes_ext")
     args = parser.parse_args(argv)
-    repeat = args.repeat or (1 if args.quick else 7)
+    repeat = repetitions(args, 7)
     report = print_header("Docker benchmark", quick=args.quick, repeat=repeat)
     result = docker_benchmark(quick=args.quick, repeat=repeat, docker_host=args.docker_host, image=args.image)
     report["results"]["docker"] = result

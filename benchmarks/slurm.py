@@ -20,7 +20,6 @@ Not a test: nothing here asserts on time.
 
 from __future__ import annotations
 
-import argparse
 import os
 import shlex
 import shutil
@@ -35,7 +34,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from ._report import print_header, print_report, write_json
+from ._report import benchmark_parser, print_header, print_report, repetitions, write_json
 
 PYTHON = sys.executable
 
@@ -218,14 +217,11 @@ def slurm(*, quick: bool, repeat: int, slurm_conf: str | None = None) -> dict[st
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m benchmarks.slurm", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="small sizes, one repetition")
-    parser.add_argument("--repeat", type=int, help="repetitions of the per-job comparison (default 5, quick 1)")
-    parser.add_argument("--json", metavar="FILE", help="write the figures as JSON")
+    parser = benchmark_parser("python -m benchmarks.slurm", __doc__, repeated="the per-job comparison",
+                              default_repeat=5)
     parser.add_argument("--slurm-conf", metavar="PATH", help="use this running cluster instead of starting one")
     args = parser.parse_args(argv)
-    repeat = args.repeat or (1 if args.quick else 5)
+    repeat = repetitions(args, 5)
     report = print_header("Slurm benchmark", quick=args.quick, repeat=repeat)
     result = slurm(quick=args.quick, repeat=repeat, slurm_conf=args.slurm_conf)
     report["results"]["slurm"] = result
