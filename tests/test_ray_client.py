@@ -6,6 +6,7 @@ Every job runs this interpreter (the test venv, which has pipes_ext and dagster_
 from __future__ import annotations
 
 import _thread
+import gc
 import logging
 import os
 import sys
@@ -380,3 +381,41 @@ def test_a_dagster_pipes_script_runs_under_our_ray_client(ray_head: RayHead, wri
     assert invocation.get_custom_messages() == [{"ok": True}]
     [result] = invocation.get_results()
     assert result.asset_key == "interop" and result.metadata["rows"].value == 3
+
+
+def _open_sockets() -> set[str]:
+    found = set()
+    for fd in os.listdir("/proc/self/fd"):
+        try:
+            target = os.readlink(f"/proc/self/fd/{fd}")
+        except OSError:  # closed while listing
+            continue
+        if target.startswith("socket:"):
+            found.add(f"{fd}:{target}")
+    return found
+
+
+def test_the_log_stream_leaves_no_socket_open(ray_head: RayHead, write_script: Callable[..., Path]) -> None:
+    """Whether the job ends by itself or is stopped (timeout), Ray's log tail, stopped early, leaves no socket
+    open for a later garbage collection to warn about (seen as a ResourceWarning in an unrelated test)."""
+    script = write_script(
+        """
+        from pipes_ext import open_pipes
+        with open_pipes() as pipes:
+            pipes.report_custom_message("done")
+        """
+    )
+    client = PipesRayJobClient(ray_head.address)
+    client.run(command=[PY, str(script)])  # a first run: whatever Ray's client keeps for good is opened here
+    gc.collect()
+    gc.disable()  # a socket left open must still be open at the end, not closed by a collection on the way
+    try:
+        before = _open_sockets()
+        assert client.run(command=[PY, str(script)]).get_custom_messages() == ["done"]
+        with pytest.raises(PipesTimeoutError):
+            client.run(command=[PY, "-c", "import time; time.sleep(600)"], timeout_seconds=3, strict=False,
+                       stdout=Output())
+        left = _open_sockets() - before
+    finally:
+        gc.enable()
+    assert left == set()
