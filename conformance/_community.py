@@ -58,7 +58,7 @@ from pipes_core import (
 
 from ._capabilities import CapabilitiesError, load_toml
 from ._compare import first_difference, short
-from ._runner import READER_INTERVAL, Combo, Result
+from ._runner import READER_INTERVAL, Combo, Result, last_output_lines
 from ._servers import BlobServer, start_store, unavailable_reason
 
 __all__ = [
@@ -403,14 +403,8 @@ def _channels(run: CommunityRun, server: BlobServer | None) -> tuple[PipesContex
     return injector, reader
 
 
-def _tail(text: str, lines: int = 3, chars: int = 400) -> str:
-    kept = [line for line in text.strip().splitlines() if line.strip()][-lines:]
-    joined = " / ".join(kept)
-    return joined if len(joined) <= chars else "..." + joined[-chars:]
-
-
 def _exit_text(seen: Seen) -> str:
-    last = _tail(seen.output, 1, 200)
+    last = last_output_lines(seen.output, 1, 200)
     return f"exit code {seen.exit_code}" + (f"; last output line: {last}" if last else "")
 
 
@@ -473,7 +467,7 @@ def execute_run(run: CommunityRun, command: Sequence[str], server: BlobServer | 
     seen = Seen(events, exit_code, output)
     problem = problem or judge_run(run, seen)
     return Result(run.test.name, run.combo, "fail" if problem else "pass", problem or "",
-                  time.monotonic() - started, exit_code, _tail(output), variant=run.variant)
+                  time.monotonic() - started, exit_code, last_output_lines(output), variant=run.variant)
 
 
 def run_community(runs: Sequence[CommunityRun], command: Sequence[str], *, timeout: float, jobs: int,

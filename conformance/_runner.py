@@ -264,7 +264,9 @@ class Outcome:
     literal_first: str | None = None
 
 
-def _tail(text: str, lines: int = 3, chars: int = 400) -> str:
+def last_output_lines(text: str, lines: int = 3, chars: int = 400) -> str:
+    """The last non-blank ``lines`` of a run's output joined by " / ", at most ``chars`` characters (for a
+    result's one-line reason)."""
     kept = [line for line in text.strip().splitlines() if line.strip()][-lines:]
     joined = " / ".join(kept)
     return joined if len(joined) <= chars else "..." + joined[-chars:]
@@ -459,7 +461,7 @@ def run_one(case: Case, combo: Combo, command: Sequence[str], servers: dict[str,
     outcome = execute(case, combo, command, servers, timeout)
     problem = judge(case, outcome, timeout)
     return Result(case.name, combo, "fail" if problem else "pass", problem or "", time.monotonic() - started,
-                  outcome.returncode, _tail(outcome.stderr))
+                  outcome.returncode, last_output_lines(outcome.stderr))
 
 
 # ------------------------------------------------------------------------------------------------ the plan
