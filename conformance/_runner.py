@@ -36,6 +36,7 @@ from pipes_core import (
     event_to_json,
 )
 from pipes_core._channels import PipesChannelOptions, make_context_injector, make_message_reader
+from pipes_core._failures import last_line
 from pipes_ext._protocol import (
     DAGSTER_PIPES_CONTEXT_ENV_VAR,
     DAGSTER_PIPES_MESSAGES_ENV_VAR,
@@ -359,11 +360,6 @@ def _record(outcome: Outcome, exc: PipesError) -> None:
 # ------------------------------------------------------------------------------------------------ judging
 
 
-def _last_line(text: str) -> str:
-    lines = [line for line in text.strip().splitlines() if line.strip()]
-    return lines[-1].strip() if lines else ""
-
-
 def _check_exception(spec: ExceptionSpec, exc: dict[str, Any] | None) -> str | None:
     if exc is None:
         return f"closed carries no exception; expected one with message containing {spec.message!r}"
@@ -385,7 +381,7 @@ def _check_exception(spec: ExceptionSpec, exc: dict[str, Any] | None) -> str | N
 
 def _exit_text(outcome: Outcome) -> str:
     where = f"exit code {outcome.returncode}"
-    last = _last_line(outcome.stderr)
+    last = last_line(outcome.stderr).strip()
     return f"{where}; last stderr line: {short(last, 200)}" if last else where
 
 
@@ -419,7 +415,7 @@ def judge(case: Case, outcome: Outcome, timeout: float) -> str | None:
         closed = messages[closed_at[0]]
         exc = closed["exception"]
         if case.exception is None and exc is not None:
-            return f"closed carries an unexpected exception: {_last_line(exc['message']) or exc['name']}"
+            return f"closed carries an unexpected exception: {last_line(exc['message']).strip() or exc['name']}"
         if len(closed_at) > 1:
             return f"closed arrived {len(closed_at)} times"
         after = messages[closed_at[0] + 1:]

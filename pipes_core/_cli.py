@@ -53,8 +53,9 @@ from pipes_ext._protocol import (
 )
 
 from ._channels import PipesChannelOptions, make_context_injector, make_message_reader
-from ._client import BOOTSTRAPS, PipesClient, escape_controls
+from ._client import BOOTSTRAPS, PipesClient
 from ._errors import PipesError, PipesExecutionError, PipesInterruptedError, PipesTimeoutError, PipesUsageError
+from ._failures import escape_controls
 from ._handler import DEFAULT_LOGGER_NAME
 from ._injectors import PipesContextInjector, PipesEnvContextInjector
 from ._json import event_to_json

@@ -65,7 +65,6 @@ Hook interface (what a launcher writes)
 from __future__ import annotations
 
 import logging
-import re
 import signal
 import sys
 import threading
@@ -81,6 +80,7 @@ from pipes_ext._errors import PipesError, PipesTransportError, PipesUsageError
 from pipes_ext._protocol import STREAM_STDERR, STREAM_STDOUT
 
 from ._errors import PipesExecutionError, PipesInterruptedError, PipesTimeoutError
+from ._failures import excerpt_line, failure_details, last_line
 from ._handler import DEFAULT_LOGGER_NAME, command_logger
 from ._injectors import PipesContextInjector, PipesEnvContextInjector
 from ._readers import PipesMessageReader
@@ -90,7 +90,6 @@ from ._results import (
     PipesEvent,
     PipesExecutionResult,
     PipesLogEvent,
-    PipesRemoteException,
 )
 from ._run_context import PipesRunContext
 from ._session import PipesSession, never_opened_hint, open_pipes_session
@@ -129,11 +128,6 @@ OUTPUT_TAIL_BYTES = 64 * 1024
 # After the process has ended, how long to wait for its output streams to reach their end (a background
 # process it left behind may hold them open).
 OUTPUT_DRAIN_SECONDS = 5.0
-# How much of the output tail an error message quotes.
-ERROR_TAIL_CHARS = 4000
-# How much of one line from the process (its last stderr line) an error message quotes: a headline stays one
-# readable line in a terminal summary.
-ERROR_LINE_CHARS = 300
 # The source of an invocation's ``last_output_line`` when the launcher has one log for both streams.
 LOG_SOURCE = "log"
 # How many protocol issues an error message lists.
@@ -776,7 +770,7 @@ class PipesClient(ABC):
         ``fail_on_check_error``, a check of severity ERROR failed (as ``pipes run --fail-on-check-error``).
         Opened but no ``closed``: a warning, and ``invocation.missing_closed``.
 
-        Each message states each fact once (see :func:`_failure_details`): the headline says how it ended and
+        Each message states each fact once (see :func:`pipes_core._failures.failure_details`): the headline says how it ended and
         why; the details add the reported traceback and the output tail without what the headline said.
         """
         session = invocation.session
@@ -789,7 +783,7 @@ class PipesClient(ABC):
         def fail(cls: type[PipesExecutionError], message: str, *, says_remote: bool = False,
                  says_line: bool = False) -> None:
             """Raise ``cls``: ``message``, then what it did not already say (each fact once)."""
-            details = _failure_details(remote, tail, invocation.last_output_line if says_line else "",
+            details = failure_details(remote, tail, invocation.last_output_line if says_line else "",
                                        says_remote=says_remote)
             raise cls(message + details, exit_code=code, remote_exception=remote, invocation=invocation,
                       output_tail=tail)
@@ -803,7 +797,7 @@ class PipesClient(ABC):
             error = PipesTransportError(
                 f"the message channel failed ({type(channel_error).__name__}: {channel_error}); {subject} "
                 f"{_ending(status)}; what arrived before the failure is in .invocation"
-                + _failure_details(remote, tail, "", says_remote=False)
+                + failure_details(remote, tail, "", says_remote=False)
             )
             error.invocation = invocation
             raise error from channel_error
@@ -891,50 +885,14 @@ def _ending(status: PipesExitStatus) -> str:
     return f"exited with code {status.exit_code}"
 
 
-# Characters that could drive a terminal or forge a line when text from the process is quoted in a message: C0
-# and C1 controls (tab excepted), DEL, Unicode line/paragraph separators and bidirectional overrides.
-_UNSAFE_CHARACTERS = re.compile("[\x00-\x08\x0a-\x1f\x7f-\x9f\u2028\u2029\u200e\u200f\u202a-\u202e\u2066-\u2069]")
-
-
-def escape_controls(text: str, *, keep_newlines: bool = False) -> str:
-    """``text`` with every control character escaped (``\\x1b``, ``\\u202e``); newlines too unless
-    ``keep_newlines``. The one escaping of text from the process in messages and in ``pipes run`` output."""
-
-    def escape(match: re.Match[str]) -> str:
-        char = match.group()
-        if keep_newlines and char == "\n":
-            return char
-        code = ord(char)
-        return f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}"
-
-    return _UNSAFE_CHARACTERS.sub(escape, text)
-
-
-def excerpt_line(line: str, limit: int = ERROR_LINE_CHARS) -> str:
-    """A line from the process as a message quotes it: control characters escaped, at most ``limit``
-    characters of it (its start, which names what went wrong), saying how long it was when cut."""
-    if len(line) > limit:
-        return f"{escape_controls(line[:limit])}... ({len(line)} characters)"
-    return escape_controls(line)
-
-
-def _last_line(text: str) -> str:
-    """The last non-blank line of ``text`` (a progress bar's ``\\r`` ends a line too), trailing whitespace
-    removed; "" when there is none."""
-    for line in reversed(re.split(r"\r\n|\r|\n", text)):
-        if line.strip():
-            return line.rstrip()
-    return ""
-
-
 def _last_output_line(run: _Run) -> dict[str, str]:
     """The invocation's ``last_output_line`` and its source: from the one log of a launcher that has one for both
     streams (:attr:`PipesLaunchedProcess.one_log`), else from the stderr the lifecycle read."""
     if run.process is not None and run.process.one_log:
-        return {"last_output_line": _last_line("".join(tail.text() for tail in run.tails)),
+        return {"last_output_line": last_line("".join(tail.text() for tail in run.tails)),
                 "last_output_line_source": LOG_SOURCE}
     stderr = [tail for tail in run.tails if tail.stream == STREAM_STDERR]
-    return {"last_output_line": _last_line("".join(tail.text() for tail in stderr)),
+    return {"last_output_line": last_line("".join(tail.text() for tail in stderr)),
             "last_output_line_source": STREAM_STDERR}
 
 
@@ -943,137 +901,6 @@ def _joined_tails(tails: list[_Tail]) -> str:
     texts = [text for text in (tail.text() for tail in tails) if text]
     return "".join(text if text.endswith("\n") or i == len(texts) - 1 else text + "\n"
                    for i, text in enumerate(texts))
-
-
-def _failure_details(remote: PipesRemoteException | None, tail: str, stated_line: str, *,
-                     says_remote: bool) -> str:
-    """What a failure message adds under its headline, each fact once: the reported traceback (without its
-    last line when the headline ``says_remote``), then the output tail without what was already said: a
-    printout of that same traceback, and the ``stated_line`` the headline quoted."""
-    details = ""
-    if remote is not None:
-        reported = remote.format(last_summary=not says_remote)
-        if reported.strip():
-            details = "\n\nThe external process reported:\n" + reported.rstrip("\n")
-    if not tail:
-        return details
-    lines = tail.replace("\r\n", "\n").split("\n")
-    left_out = []
-    if remote is not None:
-        kept = _without_printed_traceback(lines, remote)
-        if len(kept) < len(lines):
-            left_out.append("the traceback above")
-            lines = kept
-    if stated_line:
-        for index in range(len(lines) - 1, -1, -1):
-            if lines[index].strip():
-                if lines[index].rstrip() == stated_line:
-                    del lines[index]
-                    left_out.append("the line quoted above")
-                break
-    shown = "\n".join(lines)
-    if not shown.strip():
-        return details
-    title = "Last output of the external process"
-    if left_out:
-        title += f" (without {' and '.join(left_out)})"
-    return details + f"\n\n{title}:\n" + shown.strip("\n")[-ERROR_TAIL_CHARS:]
-
-
-_TRACEBACK_HEADER = "Traceback (most recent call last):"
-_CHAIN_SEPARATORS = frozenset({
-    "The above exception was the direct cause of the following exception:",
-    "During handling of the above exception, another exception occurred:",
-})
-
-
-def _without_printed_traceback(lines: list[str], remote: PipesRemoteException) -> list[str]:
-    """``lines`` of output without the interpreter's printout of ``remote`` (a Python process prints the
-    traceback it reported when the exception leaves it).
-
-    A printout ends with ``remote``'s message lines and runs back over frame lines (indented), its
-    ``Traceback (most recent call last):`` header, and the chain before it (separators, the chained exceptions'
-    messages and frames). It may have more frames than were reported (the exception went on up the stack after
-    it was reported), and may start before the tail does (its first line cut). A line that is none of these
-    ends it: the process's other output is kept.
-    """
-    end_block = [line.rstrip() for line in remote.message.rstrip("\n").split("\n")]
-    if not end_block or not end_block[-1]:
-        return lines
-    known = {line.rstrip() for line in remote.format().split("\n") if line.strip()}
-    known.update(line.rstrip() for line in _chain_messages(remote) for line in line.split("\n"))
-    # Output the process left without a newline runs into the header: "50%Traceback (most recent call last):".
-    lines = [part for line in lines for part in _split_header(line)]
-    stripped = [line.rstrip() for line in lines]
-    kept = list(lines)
-    size = len(end_block)
-    index = len(stripped) - size
-    while index >= 0:
-        if stripped[index] != end_block[0] or stripped[index:index + size] != end_block:
-            index -= 1
-            continue
-        start = _printout_start(stripped, index, known)
-        if start is None:
-            index -= 1
-            continue
-        del kept[start:index + size]
-        del stripped[start:index + size]
-        index = start - size
-    return kept
-
-
-def _split_header(line: str) -> list[str]:
-    head = line.rstrip()
-    if head.endswith(_TRACEBACK_HEADER) and head != _TRACEBACK_HEADER:
-        return [head[: -len(_TRACEBACK_HEADER)], _TRACEBACK_HEADER]
-    return [line]
-
-
-def _chain_messages(remote: PipesRemoteException) -> list[str]:
-    messages = [remote.message]
-    for link in (remote.cause, remote.context):
-        if link is not None:
-            messages += _chain_messages(link)
-    return messages
-
-
-def _printout_start(lines: list[str], end: int, known: set[str]) -> int | None:
-    """Where the traceback printout whose last exception's message starts at ``lines[end]`` starts, or None
-    when the lines before it are not a traceback printout."""
-    j = end - 1
-    header: int | None = None  # the earliest "Traceback (most recent call last):" of the printout so far
-    while True:
-        frames_end = j
-        while j >= 0 and lines[j].startswith("  "):  # frames: "  File ...", "    code", "    ^^^^"
-            j -= 1
-        if j < 0:
-            return 0  # the printout starts before the tail does
-        if j == 0 and lines[0] != _TRACEBACK_HEADER and (j < frames_end or _is_cut_traceback_line(lines[0], known)):
-            # The tail's first line, cut: frames follow it with no header (a printout always has one), or it is
-            # the end of a line of the reported traceback.
-            return 0
-        if lines[j] != _TRACEBACK_HEADER:
-            # Not a printout; or, inside one, a chained exception that has no traceback of its own.
-            return None if header is None else j + 1
-        header = j
-        # The chain before it: "", a separator, "", then the previous exception's message lines and frames.
-        if j >= 4 and lines[j - 1] == "" and lines[j - 2] in _CHAIN_SEPARATORS and lines[j - 3] == "":
-            k = j - 4
-            while k >= 0 and lines[k] in known and not lines[k].startswith("  ") and lines[k] != _TRACEBACK_HEADER:
-                k -= 1
-            if k < j - 4:
-                j = k
-                continue
-        return header
-
-
-def _is_cut_traceback_line(line: str, known: set[str]) -> bool:
-    """Could ``line``, the first of a tail that may start in the middle of a line, be the end of a line of a
-    traceback printout?"""
-    text = line.strip()
-    if not text:
-        return False
-    return ('", line ' in line or set(text) <= set("^~") or any(item.endswith(line) for item in known))
 
 
 def _has_fileno(target: PipesOutputTarget | None) -> bool:

@@ -386,9 +386,9 @@ def _remote(message: str, stack: tuple[str, ...] = ('  File "job.py", line 3, in
 
 
 def _details(remote: PipesRemoteException | None, tail: str, line: str = "") -> str:
-    from pipes_core._client import _failure_details
+    from pipes_core._failures import failure_details
 
-    return _failure_details(remote, tail, line, says_remote=remote is not None)
+    return failure_details(remote, tail, line, says_remote=remote is not None)
 
 
 PRINTOUT = (
