@@ -39,6 +39,8 @@ from typing import Any
 
 import pytest
 
+from tests.engine_skips import EngineSkips
+
 REPO_ROOT = Path(__file__).resolve().parent.parent
 CACHE_DIR = REPO_ROOT / ".ci" / "cache"
 # Bump when the base image's recipe changes (it is part of the cache key).
@@ -500,8 +502,7 @@ def socket_path(host: str) -> str:
 
 # ---------------------------------------------------------------------------------------------- the fixture
 
-# Why the Docker tests were skipped in this test run (printed loudly at the end).
-_SKIP_REASONS: list[str] = []
+SKIPS = EngineSkips("Docker")
 
 
 @dataclass
@@ -541,11 +542,11 @@ def start_engine() -> DockerEngine:
 @pytest.fixture(scope="session")
 def docker_engine() -> Iterator[DockerEngine]:
     """A private dockerd with the test image built; Docker tests skip (loudly) when Docker cannot run here."""
+    SKIPS.skip_if_known()
     try:
         engine = start_engine()
     except DockerUnavailable as exc:
-        _SKIP_REASONS.append(str(exc))
-        pytest.skip(f"Docker unavailable: {exc}")
+        SKIPS.skip(f"Docker unavailable: {exc}")
     try:
         yield engine
     finally:
@@ -554,6 +555,4 @@ def docker_engine() -> Iterator[DockerEngine]:
 
 def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
     """Say loudly when the Docker tests could not run."""
-    for reason in dict.fromkeys(_SKIP_REASONS):
-        terminalreporter.write_sep("!", "DOCKER TESTS SKIPPED", red=True, bold=True)
-        terminalreporter.write_line(reason, red=True, bold=True)
+    SKIPS.report(terminalreporter)

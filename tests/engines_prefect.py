@@ -35,6 +35,7 @@ from typing import IO
 import pytest
 
 from conformance._servers import free_port
+from tests.engine_skips import EngineSkips
 from tests.engines_ray import _session_pids
 
 # A cold server (database migrations included) answers in about 5-15 s on a 2-CPU machine; several test runs at
@@ -209,21 +210,18 @@ def _start_once(timeout: float) -> PrefectServer:
 
 # ------------------------------------------------------------------------------------------------ pytest plugin
 
-# Why the session's server is unavailable (for the loud line in the terminal summary); empty when it ran.
-_SKIP_REASON: list[str] = []
+SKIPS = EngineSkips("Prefect")
 _STARTED: list[float] = []
 
 
 @pytest.fixture(scope="session")
 def prefect_server() -> Iterator[PrefectServer]:
     """One private local Prefect server for the whole run (started on first use, stopped at the end of the run)."""
-    if _SKIP_REASON:
-        pytest.skip(_SKIP_REASON[0])
+    SKIPS.skip_if_known()
     try:
         server = start_server()
     except PrefectUnavailable as exc:
-        _SKIP_REASON.append(f"Prefect: {exc}")
-        pytest.skip(_SKIP_REASON[0])
+        SKIPS.skip(f"Prefect: {exc}")
     _STARTED.append(server.started_seconds)
     try:
         yield server
@@ -234,8 +232,6 @@ def prefect_server() -> Iterator[PrefectServer]:
 
 def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
     """Say loudly when the Prefect tests could not run, and how long the server took to start when they did."""
-    for reason in dict.fromkeys(_SKIP_REASON):
-        terminalreporter.write_sep("!", "PREFECT TESTS SKIPPED", red=True, bold=True)
-        terminalreporter.write_line(reason, red=True, bold=True)
+    SKIPS.report(terminalreporter)
     for seconds in _STARTED:
         terminalreporter.write_line(f"Prefect server: started in {seconds:.1f} s")

@@ -29,6 +29,7 @@ from pathlib import Path
 import pytest
 
 from conformance._servers import free_port
+from tests.engine_skips import EngineSkips
 
 # A cold head answers the Jobs API about 5 s after start on a quiet 2-CPU machine; several test runs at once
 # on a shared machine are much slower.
@@ -206,20 +207,17 @@ def _start_head_once(num_cpus: int, timeout: float) -> RayHead:
 
 # ------------------------------------------------------------------------------------------------ pytest plugin
 
-# Why the session's head is unavailable (for the loud line in the terminal summary); empty when it ran.
-_SKIP_REASON: list[str] = []
+SKIPS = EngineSkips("Ray")
 
 
 @pytest.fixture(scope="session")
 def ray_head() -> Iterator[RayHead]:
     """One private local Ray head for the whole run (started on first use, stopped at the end of the run)."""
-    if _SKIP_REASON:
-        pytest.skip(_SKIP_REASON[0])
+    SKIPS.skip_if_known()
     try:
         head = start_head()
     except RayUnavailable as exc:
-        _SKIP_REASON.append(f"Ray: {exc}")
-        pytest.skip(_SKIP_REASON[0])
+        SKIPS.skip(f"Ray: {exc}")
     try:
         yield head
     finally:
@@ -229,6 +227,4 @@ def ray_head() -> Iterator[RayHead]:
 
 def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
     """Say loudly when the Ray tests could not run."""
-    for reason in dict.fromkeys(_SKIP_REASON):
-        terminalreporter.write_sep("!", "RAY TESTS SKIPPED", red=True, bold=True)
-        terminalreporter.write_line(reason, red=True, bold=True)
+    SKIPS.report(terminalreporter)

@@ -28,6 +28,7 @@ from pathlib import Path
 import pytest
 
 from conformance._servers import free_port
+from tests.engine_skips import EngineSkips
 
 __all__ = [
     "SlurmCluster",
@@ -48,8 +49,7 @@ STOP_TIMEOUT_SECONDS = 10.0
 MEMORY_SHARE = 0.8
 PARTITION = "debug"
 
-# Why the session's cluster is unavailable (for the loud line in the terminal summary); None when it ran.
-_SKIP_REASON: list[str] = []
+SKIPS = EngineSkips("Slurm")
 
 
 class SlurmStartError(RuntimeError):
@@ -248,15 +248,13 @@ def slurm_cluster() -> Iterator[SlurmCluster]:
     """The session's private Slurm cluster; skips with the reason when it cannot run here."""
     reason = slurm_unavailable_reason()
     if reason is not None:
-        _SKIP_REASON.append(reason)
-        pytest.skip(reason)
+        SKIPS.skip(reason)
     root = Path(tempfile.mkdtemp(prefix="pipes-slurm-"))
     try:
         try:
             cluster = start_slurm_cluster(root)
         except (SlurmStartError, OSError) as exc:
-            _SKIP_REASON.append(f"the private Slurm cluster did not start: {exc}")
-            pytest.skip(_SKIP_REASON[-1])
+            SKIPS.skip(f"the private Slurm cluster did not start: {exc}")
         try:
             yield cluster
         finally:
@@ -268,6 +266,4 @@ def slurm_cluster() -> Iterator[SlurmCluster]:
 
 def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
     """Say loudly when the Slurm tests could not run."""
-    for reason in dict.fromkeys(_SKIP_REASON):
-        terminalreporter.write_sep("!", "SLURM TESTS SKIPPED", red=True, bold=True)
-        terminalreporter.write_line(reason, red=True, bold=True)
+    SKIPS.report(terminalreporter)

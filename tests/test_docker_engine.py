@@ -10,8 +10,8 @@ import pytest
 
 from pipes_core import PipesEnvContextInjector, PipesFileMessageReader, PipesRunContext, open_pipes_session
 from tests.engines_docker import (
-    _SKIP_REASONS,
     IMAGE_CODE_DIR,
+    SKIPS,
     DockerDaemon,
     DockerEngine,
     _children,
@@ -72,8 +72,7 @@ def test_the_image_keeps_pipes_ext_on_its_python_path(docker_engine: DockerEngin
 def test_a_stopped_daemon_leaves_no_process_mount_or_file_behind() -> None:
     reason = unavailable_reason()
     if reason is not None:
-        _SKIP_REASONS.append(reason)
-        pytest.skip(f"Docker unavailable: {reason}")
+        SKIPS.skip(f"Docker unavailable: {reason}")
     daemon = DockerDaemon.start()
     pid = daemon.process.pid
     family = _children(pid)
