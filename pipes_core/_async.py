@@ -783,13 +783,21 @@ class PipesAsyncSubprocessClient:
         run.description = child.description
         pumps: list[asyncio.Task[None]] = []
         transports: list[asyncio.BaseTransport] = []
-        try:
+        connected: list[tuple[str, asyncio.StreamReader, PipesOutputTarget | None]] = []
+
+        async def connect() -> None:  # every pipe gets its transport, which owns and closes it
             for stream, pipe, target in ((STREAM_STDOUT, process.stdout, stdout),
                                          (STREAM_STDERR, process.stderr, stderr)):
-                if pipe is None:
-                    continue
-                source, transport = await _stream_reader(pipe)
-                transports.append(transport)
+                if pipe is not None:
+                    source, transport = await _stream_reader(pipe)
+                    transports.append(transport)
+                    connected.append((stream, source, target))
+
+        try:
+            # Shielded: a cancellation in the middle would leave a pipe that no transport owns (open until a
+            # garbage collection closes its descriptor, by then perhaps someone else's).
+            await _finish_shielded(asyncio.ensure_future(connect()))
+            for stream, source, target in connected:
                 tail = _Tail(stream)
                 run.tails.append(tail)
                 destination: Callable[[bytes], None] | None = None

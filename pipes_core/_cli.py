@@ -74,7 +74,6 @@ from ._results import (
 )
 from ._run_context import PipesRunContext
 from ._session import PipesSession
-from ._stdio import as_output_writer
 from ._subprocess import PipesClientCompletedInvocation, PipesSubprocessClient
 
 __all__ = ["main", "event_to_json"]
@@ -474,8 +473,6 @@ def _run(args: argparse.Namespace, out: IO[str]) -> int:
     session: PipesSession | None = None
     error: str | None = None
     try:
-        if args.ray is None:  # read while forwarded, so that a crash is summed up by its last stderr line
-            options.setdefault("stderr", as_output_writer(sys.stderr))  # (a Ray job has one log, as stdout)
         invocation = client.run(context=context, command=command, extras=extras, timeout_seconds=timeout,
                                 on_event=printer, retain_messages=False,
                                 stdout=sys.stderr if args.json else None, **options)

@@ -10,7 +10,8 @@ the run to :meth:`PipesClient.run_launcher`, which is written once and does the 
 3. forward its output: the stream that carries the stdio message channel goes to the
    :class:`PipesStdioMessageReader`, whose other lines are the process's output; any other stream it
    provides is forwarded as is (to this process's stdout/stderr, or where the run says; with
-   ``forward_stdio=False`` only its last :data:`OUTPUT_TAIL_BYTES` are kept, for error messages);
+   ``forward_stdio=False`` only its last :data:`OUTPUT_TAIL_BYTES` are kept, for error messages); a local
+   process's stderr forwarded to ours is read and passed on (not inherited), so that its last line is known;
 4. wait for it, up to ``timeout_seconds``; meanwhile SIGTERM to this process (main thread only) becomes an
    interruption;
 5. on timeout, Ctrl-C or SIGTERM (Ctrl-C only with ``forward_termination``): ``interrupt()``, wait
@@ -638,7 +639,10 @@ class PipesClient(ABC):
             bootstrap_env={} if cli else session.get_bootstrap_env_vars(),
             bootstrap_args=session.get_bootstrap_argv() if cli else [],
             stdout_needed=stdio == STREAM_STDOUT or not self.forward_stdio or not _has_fileno(stdout),
-            stderr_needed=stdio == STREAM_STDERR or not self.forward_stdio or not _has_fileno(stderr),
+            # stderr forwarded to ours is read and passed on rather than inherited, so that a failure can quote
+            # its last line (a crash on import says why in the error, not only on a terminal nobody watches).
+            stderr_needed=stdio == STREAM_STDERR or not self.forward_stdio or stderr is None
+            or not _has_fileno(stderr),
         )
 
     def _launch_and_wait(
@@ -770,8 +774,9 @@ class PipesClient(ABC):
         ``fail_on_check_error``, a check of severity ERROR failed (as ``pipes run --fail-on-check-error``).
         Opened but no ``closed``: a warning, and ``invocation.missing_closed``.
 
-        Each message states each fact once (see :func:`pipes_core._failures.failure_details`): the headline says how it ended and
-        why; the details add the reported traceback and the output tail without what the headline said.
+        Each message states each fact once (see :func:`pipes_core._failures.failure_details`): the headline says
+        how it ended and why; the details add the reported traceback and the output tail without what the
+        headline said.
         """
         session = invocation.session
         status = invocation.exit_status or PipesExitStatus(None)

@@ -132,8 +132,9 @@ class PipesSubprocessClient(PipesClient):
         message_reader: default :class:`PipesTempFileMessageReader`; :class:`PipesStdioMessageReader` reads the
             child's stdout.
         forward_termination: on interruption, terminate the child's process group (see module doc).
-        forward_stdio: let the child write to this process's stdout/stderr; with False they are read
-            concurrently and the last :data:`OUTPUT_TAIL_BYTES` kept for error messages.
+        forward_stdio: let the child write to this process's stdout/stderr (its stdout inherited; its stderr read
+            through a pipe and passed on, its last :data:`OUTPUT_TAIL_BYTES` kept so that a failure can quote its
+            last line); with False both are read concurrently and only their last bytes kept.
         termination_timeout_seconds: how long the child gets after SIGINT before SIGTERM.
         strict: raise when the process never opens the channel or breaks the protocol.
         bootstrap: ``"env"`` (default) or ``"cli"`` (the bootstrap params appended to the command as

@@ -152,7 +152,8 @@ def test_defaults_env_and_stdio_and_output_forwarded(child: str) -> None:
                             stdout=out.extend)
     request = client.requests[0]
     assert set(request.bootstrap_env) == {"DAGSTER_PIPES_CONTEXT", "DAGSTER_PIPES_MESSAGES"}
-    assert request.bootstrap_args == [] and request.stdout_needed and not request.stderr_needed
+    assert request.bootstrap_args == [] and request.stdout_needed
+    assert request.stderr_needed  # forwarded to ours through the lifecycle, which keeps its last line
     assert isinstance(invocation.session.message_reader, PipesStdioMessageReader)
     assert invocation.exit_code == 0 and invocation.session.closed
     assert [r.asset_key for r in invocation.get_results()] == ["a"]

@@ -215,14 +215,35 @@ def test_a_crash_on_import_is_said_with_its_last_stderr_line(
     assert not [r for r in caplog.records if "never opened" in r.getMessage()]
 
 
-def test_a_crash_with_forwarded_stderr_is_said_without_a_line(
-    write_script: WriteScript, caplog: pytest.LogCaptureFixture
+def test_a_crash_with_stderr_forwarded_to_ours_quotes_its_line_and_still_shows_it(
+    write_script: WriteScript, caplog: pytest.LogCaptureFixture, capfd: pytest.CaptureFixture[str]
 ) -> None:
+    """The default (forward_stdio, no stderr=): the child's stderr is read and passed on to ours, so the error
+    says why it crashed, and the traceback still appears on our stderr as it would have."""
     script = write_script(CRASH_ON_IMPORT, "crash.py")
     caplog.set_level(logging.DEBUG)
-    error = failure([PYTHON, str(script)])  # stderr goes straight to ours: no line was read
-    assert str(error) == f"the external process {str(script)!r} crashed (exit code 1) before opening the Pipes channel"
+    error = failure([PYTHON, str(script)])
+    assert str(error).splitlines()[0] == (
+        f"the external process {str(script)!r} crashed (exit code 1) before opening the Pipes channel; "
+        f"its last stderr line: {CRASH_LAST_LINE}")
+    assert error.invocation.last_output_line == CRASH_LAST_LINE
     assert not [r for r in caplog.records if "never opened" in r.getMessage()]
+    err = capfd.readouterr().err
+    assert err.count(CRASH_LAST_LINE) == 1 and "Traceback (most recent call last):" in err
+
+
+def test_a_crash_with_stderr_handed_to_a_file_is_said_without_a_line(
+    write_script: WriteScript, tmp_path: Path
+) -> None:
+    """A real file given as stderr= is handed to the child as it is (nothing read in between): no line to quote,
+    and the file has it all."""
+    script = write_script(CRASH_ON_IMPORT, "crash.py")
+    with open(tmp_path / "stderr.txt", "wb") as stderr:
+        with pytest.raises(PipesExecutionError) as info:
+            PipesSubprocessClient().run(command=[PYTHON, str(script)], stderr=stderr)
+    assert str(info.value) == (
+        f"the external process {str(script)!r} crashed (exit code 1) before opening the Pipes channel")
+    assert CRASH_LAST_LINE in (tmp_path / "stderr.txt").read_text()
 
 
 def test_a_crash_read_through_a_stderr_callable_quotes_its_line(write_script: WriteScript) -> None:
