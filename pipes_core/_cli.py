@@ -455,10 +455,12 @@ def _run(args: argparse.Namespace, out: IO[str]) -> int:
     timeout = _timeout(args.timeout)
     context = PipesRunContext(asset_keys=assets or None, partition_key=args.partition, job_name=args.job_name,
                               **({"run_id": args.run_id} if args.run_id else {}))
-    try:
-        injected = context.to_context_data(extras)
-    except PipesUsageError as exc:
-        raise _UsageError(str(exc)) from exc
+    injected: dict[str, Any] | None = None
+    if args.json:  # shown on `opened`; the session builds (and checks) the same document for the child
+        try:
+            injected = context.to_context_data(extras)
+        except PipesUsageError as exc:
+            raise _UsageError(str(exc)) from exc
     client, options = _client(args)
     colour = not args.json and out.isatty() and os.environ.get("NO_COLOR") is None
     printer = _Printer(out, args.json, colour, run_id=context.run_id, context=injected)
