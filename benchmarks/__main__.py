@@ -20,7 +20,7 @@ def main(argv: list[str] | None = None) -> int:
                               quick="tiny sizes and one repetition (keeps it working)")
     parser.add_argument("--only", nargs="*", help="run only these benchmarks")
     args = parser.parse_args(argv)
-    repeat = repetitions(args, 5)
+    repeat = repetitions(args)
     selected: list[tuple[str, Callable[..., dict[str, Any]]]] = [
         (name, fn) for name, fn in cases.ALL if not args.only or name in args.only
     ]

@@ -31,12 +31,13 @@ def benchmark_parser(prog: str, description: str | None, *, repeated: str, defau
     parser.add_argument("--quick", action="store_true", help=quick)
     parser.add_argument("--repeat", type=int, help=f"repetitions of {repeated} (default {default_repeat}, quick 1)")
     parser.add_argument("--json", metavar="FILE", help="write the figures as JSON")
+    parser.set_defaults(default_repeat=default_repeat)
     return parser
 
 
-def repetitions(args: argparse.Namespace, default_repeat: int) -> int:
-    """``--repeat``, else 1 with ``--quick``, else ``default_repeat``."""
-    return int(args.repeat or (1 if args.quick else default_repeat))
+def repetitions(args: argparse.Namespace) -> int:
+    """``--repeat``, else 1 with ``--quick``, else the parser's ``default_repeat``."""
+    return int(args.repeat or (1 if args.quick else args.default_repeat))
 
 
 def print_header(title: str, *, quick: bool, repeat: int) -> dict[str, Any]:

@@ -336,7 +336,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--docker-host", metavar="URL", help="use this running daemon instead of starting one")
     parser.add_argument("--image", help="with --docker-host: an image with python3 and pipes_ext")
     args = parser.parse_args(argv)
-    repeat = repetitions(args, 7)
+    repeat = repetitions(args)
     report = print_header("Docker benchmark", quick=args.quick, repeat=repeat)
     result = docker_benchmark(quick=args.quick, repeat=repeat, docker_host=args.docker_host, image=args.image)
     report["results"]["docker"] = result

@@ -221,7 +221,7 @@ def main(argv: list[str] | None = None) -> int:
                               default_repeat=5)
     parser.add_argument("--slurm-conf", metavar="PATH", help="use this running cluster instead of starting one")
     args = parser.parse_args(argv)
-    repeat = repetitions(args, 5)
+    repeat = repetitions(args)
     report = print_header("Slurm benchmark", quick=args.quick, repeat=repeat)
     result = slurm(quick=args.quick, repeat=repeat, slurm_conf=args.slurm_conf)
     report["results"]["slurm"] = result
