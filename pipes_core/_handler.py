@@ -495,12 +495,19 @@ class PipesMessageHandler:
         self.logger.log(LOG_LEVELS[level], params[PARAM_MESSAGE])
         return event
 
+    def _unselected(self, key: str, what: str, message: dict[str, Any], line: str | bytes | None,
+                    source: str) -> bool:
+        """True (and an issue recorded) when ``key`` is outside the run's selection; ``what`` names the report."""
+        if self._selected is None or key in self._selected:
+            return False
+        self._issue_for(message, line, source, f"{what}, which is not selected (selected: {sorted(self._selected)})",
+                        _Kind.UNSELECTED_ASSET)
+        return True
+
     def _on_materialization(self, params: dict[str, Any], message: dict[str, Any], line: str | bytes | None,
                             source: str) -> PipesEvent | None:
         key = params[PARAM_ASSET_KEY]
-        if self._selected is not None and key not in self._selected:
-            self._issue_for(message, line, source, f"materialization of asset {key!r}, which is not selected "
-                            f"(selected: {sorted(self._selected)})", _Kind.UNSELECTED_ASSET)
+        if self._unselected(key, f"materialization of asset {key!r}", message, line, source):
             return None
         with self._lock:
             duplicate = key in self._materialized
@@ -517,9 +524,7 @@ class PipesMessageHandler:
     def _on_check(self, params: dict[str, Any], message: dict[str, Any], line: str | bytes | None,
                   source: str) -> PipesEvent | None:
         key = params[PARAM_ASSET_KEY]
-        if self._selected is not None and key not in self._selected:
-            self._issue_for(message, line, source, f"check {params[PARAM_CHECK_NAME]!r} on asset {key!r}, which "
-                            f"is not selected (selected: {sorted(self._selected)})", _Kind.UNSELECTED_ASSET)
+        if self._unselected(key, f"check {params[PARAM_CHECK_NAME]!r} on asset {key!r}", message, line, source):
             return None
         event = AssetCheckResult(key, params[PARAM_CHECK_NAME], params[PARAM_PASSED], params[PARAM_SEVERITY],
                                  metadata_from_wire(params[PARAM_METADATA]))
