@@ -42,6 +42,7 @@ import threading
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, NoReturn
 
+from pipes_ext._errors import install_hint
 from pipes_ext._protocol import CONTEXT_RUN_ID, PARAM_PATH
 
 from ._client import (
@@ -87,7 +88,7 @@ def _import_docker() -> Any:
         import docker
     except ImportError as exc:  # pragma: no cover - the dev environment has it
         raise ImportError(
-            "PipesDockerClient needs the Docker SDK for Python: pip install 'pipes-sdk[docker]'"
+            f"PipesDockerClient needs the Docker SDK for Python: {install_hint('docker', 'docker', 'pipes-sdk')}"
         ) from exc
     return docker
 

@@ -43,7 +43,7 @@ import uuid
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
-from pipes_ext._errors import PipesTransportError, PipesUsageError
+from pipes_ext._errors import PipesTransportError, PipesUsageError, install_hint
 
 from ._client import (
     BOOTSTRAP_ENV,
@@ -100,7 +100,7 @@ def _import_job_submission() -> Any:
         from ray import job_submission
     except ImportError as exc:
         raise PipesUsageError(
-            f"PipesRayJobClient needs the Ray Jobs SDK: pip install '{RAY_EXTRA}' (ray[default]); {exc}"
+            f"PipesRayJobClient needs the Ray Jobs SDK: {install_hint('ray[default]', 'ray', 'pipes-sdk')}; {exc}"
         ) from exc
     return job_submission
 

@@ -33,7 +33,7 @@ from collections.abc import Callable, Mapping
 from typing import Any, ClassVar, Generic, TypeVar
 
 from ._context_loaders import PipesContextLoader
-from ._errors import PipesProtocolError, PipesTransportError
+from ._errors import PipesProtocolError, PipesTransportError, install_hint
 from ._protocol import PARAM_BUCKET, PARAM_KEY, PARAM_KEY_PREFIX, validate_context_data
 from ._writers import PipesMessageWriter, PipesMessageWriterChannel
 
@@ -70,7 +70,8 @@ ClientT = TypeVar("ClientT")
 def missing_extra_error(extra: str, package: str, exc: ImportError) -> ImportError:
     """The ImportError raised when a backend's SDK is not installed, naming the extra to install."""
     return ImportError(
-        f"this channel needs the {package!r} package: pip install 'pipes-sdk[{extra}]' ({exc})"
+        f"this channel needs the {package!r} package: {install_hint(package, extra, 'pipes-ext and pipes-sdk')} "
+        f"({exc})"
     )
 
 

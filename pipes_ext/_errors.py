@@ -37,7 +37,15 @@ __all__ = [
     "PipesWarning",
     "DagsterPipesError",
     "DagsterPipesWarning",
+    "install_hint",
 ]
+
+
+def install_hint(requirement: str, extra: str, distributions: str) -> str:
+    """How to install a missing optional SDK, for every way this project installs: the SDK itself from the
+    package index (``pip install boto3``) or the extra of our distributions that brings it. ``distributions``
+    names them as the sentence should ("pipes-ext and pipes-sdk", "pipes-sdk")."""
+    return f"pip install '{requirement}' (it is the {extra!r} extra of {distributions})"
 
 
 class PipesError(Exception):

@@ -581,7 +581,8 @@ def test_default_client_lazy_import_and_missing_extra(
         assert error.value.status_code == 503
         assert proxy.requests == 2  # the default client does not retry by itself: RetryPolicy does
     monkeypatch.setitem(sys.modules, "azure.storage.blob", None)  # as if the extra were not installed
-    with pytest.raises(ImportError, match=r"azure-storage-blob.*pip install 'pipes-sdk\[azure\]'"):
+    with pytest.raises(ImportError, match=r"azure-storage-blob.*pip install 'azure-storage-blob' "
+                                          r"\(it is the 'azure' extra of pipes-ext and pipes-sdk\)"):
         PipesAzureBlobStorageContextLoader()
 
 
