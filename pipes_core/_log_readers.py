@@ -23,8 +23,10 @@ is tried again at the next interval.
 from __future__ import annotations
 
 import codecs
+import errno
 import logging
 import os
+import stat
 import sys
 import threading
 import time
@@ -47,6 +49,7 @@ __all__ = [
     "DEFAULT_BLOB_LOG_POLL_INTERVAL",
     "LOG_READ_BLOCK_BYTES",
     "LOG_DRAIN_TIMEOUT",
+    "LOG_REWRITE_CHECK_BYTES",
 ]
 
 logger = logging.getLogger("pipes_core")
@@ -57,6 +60,11 @@ DEFAULT_LOG_POLL_INTERVAL = 0.1
 DEFAULT_BLOB_LOG_POLL_INTERVAL = 1.0
 # One read takes at most this much, so a huge log is forwarded in pieces and never held whole.
 LOG_READ_BLOCK_BYTES = 64 * 1024
+# How many of the bytes last read a file log reader keeps to recognise its file at the next poll: a file truncated
+# and written again past the position read between two polls has other bytes there (one pread of this size per
+# poll that finds the file changed). A file rewritten with the very bytes it had is indistinguishable from one
+# that grew, and is forwarded from the old position.
+LOG_REWRITE_CHECK_BYTES = 4096
 # At the end of a session, how long a log reader may spend forwarding what is left before it is abandoned
 # (a log still growing without end, e.g. a process the session left behind, must not hold the session).
 LOG_DRAIN_TIMEOUT = 30.0
@@ -252,7 +260,14 @@ class PipesFileLogReader(PipesChunkedLogReader):
 
     The file may not exist yet when the session opens (it is waited for), may be rotated (renamed away and
     a new one created at the path: the old one is read to its end, then the new one from its start) or
-    truncated in place (read again from its start). The whole file is forwarded, from its first byte.
+    truncated in place (read again from its start, also when it grew past the position read before the next
+    poll: see :data:`LOG_REWRITE_CHECK_BYTES`). The whole file is forwarded, from its first byte. A FIFO (or any
+    file that is not a regular file) is read as a stream, to its end.
+
+    A symbolic link at the path is never followed (``O_NOFOLLOW``), at the first open or after a rotation: the
+    job may run as another user and swap in a link to a file it may not read. The swap is logged as a warning
+    (on the ``pipes_core`` logger) and the link's target is not forwarded; give the resolved path
+    (``os.path.realpath``) if the link is one you made.
 
     Args:
         path: the file, or a callable deriving it from the session's messages params.
@@ -272,7 +287,14 @@ class PipesFileLogReader(PipesChunkedLogReader):
         self._fd: int | None = None
         self._identity: tuple[int, int] | None = None
         self._position = 0
+        self._seekable = True
+        # The last bytes read (at most LOG_REWRITE_CHECK_BYTES, ending at _position), and the file's (size,
+        # mtime) when last looked at: together they tell a file rewritten past our position from one that grew.
+        self._tail = b""
+        self._seen: tuple[int, int] | None = None
+        self._link_reported = False
         self.rotations = 0
+        self.symlinks_refused = 0
 
     @property
     def name(self) -> str:
@@ -289,6 +311,7 @@ class PipesFileLogReader(PipesChunkedLogReader):
     def reset(self) -> None:
         self.release()
         self._position = 0
+        self._link_reported = False
 
     def release(self) -> None:
         if self._fd is not None:
@@ -297,42 +320,82 @@ class PipesFileLogReader(PipesChunkedLogReader):
             self._identity = None
 
     def _open(self, path: str) -> bool:
+        # Non-blocking: opening a FIFO without a writer would otherwise block this thread. No-follow: see the
+        # class docstring.
+        flags = os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK | os.O_NOFOLLOW
         try:
-            # Non-blocking: opening a FIFO without a writer would otherwise block this thread.
-            fd = os.open(path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0) | getattr(os, "O_NONBLOCK", 0))
+            fd = os.open(path, flags)
         except FileNotFoundError:
             return False
+        except OSError as exc:
+            if exc.errno == errno.ELOOP and os.path.islink(path):
+                self._refuse_link(path)
+                return False
+            raise
         st = os.fstat(fd)
         self._fd, self._identity, self._position = fd, (st.st_dev, st.st_ino), 0
+        self._seekable = stat.S_ISREG(st.st_mode)
+        self._tail, self._seen = b"", None
+        self._link_reported = False
         return True
+
+    def _refuse_link(self, path: str) -> None:
+        if self._link_reported:  # once per swap, not once per poll
+            return
+        self._link_reported = True
+        self.symlinks_refused += 1
+        try:
+            link_target = os.readlink(path)
+        except OSError:  # already gone again
+            link_target = "?"
+        logger.warning("[pipes] log reader %s: %s is now a symbolic link (to %s); it is not followed and its "
+                       "target is not forwarded. If the link is yours, give the reader the resolved path "
+                       "(os.path.realpath).", self.name, path, link_target)
+
+    def _rewritten(self, st: os.stat_result) -> bool:
+        """Was the file we hold truncated in place since the last read (it shrank, or the bytes before our
+        position are no longer those we read: truncated and written again past it between two polls)?"""
+        if st.st_size < self._position:
+            return True
+        seen = (st.st_size, st.st_mtime_ns)
+        if seen == self._seen or not self._tail:
+            return False
+        self._seen = seen
+        assert self._fd is not None
+        return os.pread(self._fd, len(self._tail), self._position - len(self._tail)) != self._tail
+
+    def _advance(self, data: bytes) -> bytes:
+        self._position += len(data)
+        if self._seekable:
+            keep = LOG_REWRITE_CHECK_BYTES
+            self._tail = data[-keep:] if len(data) >= keep else (self._tail + data)[-keep:]
+        return data
 
     def read_chunk(self, params: PipesParams) -> bytes | None:
         path = self.path_for(params)
         if self._fd is None and not self._open(path):
             return None
         assert self._fd is not None
-        if os.fstat(self._fd).st_size < self._position:  # truncated in place (copytruncate): start over
+        if self._seekable and self._rewritten(os.fstat(self._fd)):  # truncated in place (copytruncate): start over
             os.lseek(self._fd, 0, os.SEEK_SET)
-            self._position = 0
+            self._position, self._tail, self._seen = 0, b"", None
             self.rotations += 1
         try:
             data = os.read(self._fd, LOG_READ_BLOCK_BYTES)
         except BlockingIOError:  # a FIFO with nothing to read yet
             return None
         if data:
-            self._position += len(data)
-            return data
-        # At the end of the file we hold: has the path moved on to a new file?
+            return self._advance(data)
+        # At the end of the file we hold: has the path moved on to a new file (or to a link, not followed)?
         try:
-            st = os.stat(path)
+            st = os.lstat(path)
         except FileNotFoundError:
             return None  # renamed away, no new file yet: the old one may still grow
         if (st.st_dev, st.st_ino) != self._identity:
             # Rotated. What was written to the old file before the new one appeared is read first.
             data = os.read(self._fd, LOG_READ_BLOCK_BYTES)
             if data:
-                self._position += len(data)
-                return data
+                return self._advance(data)
             self.release()
             self.rotations += 1
             if self._open(path):
