@@ -10,7 +10,9 @@ docstring for the methods to implement). Better than the reference's reader:
   is tried again at the next poll); a permanent one (no such bucket, access denied) stops the reader and is
   raised when the session ends, naming bucket and key;
 * a chunk that never appears while a later one exists is reported as a protocol issue after
-  ``missing_chunk_grace`` seconds, and reading goes on with the next one instead of waiting forever;
+  ``missing_chunk_grace`` seconds, and reading goes on with the next one instead of waiting forever; at the final
+  drain the session's chunks are listed once, so chunks after a gap of any length are still delivered, in order,
+  and the missing ones named in one issue;
 * a bad line in a chunk is an issue; the rest of the chunk and later chunks are still read.
 """
 
@@ -30,7 +32,9 @@ from pipes_ext._blob import (
     PipesBlobBackend,
     PipesBlobStore,
     RetryPolicy,
+    chunk_index,
     chunk_key,
+    chunk_prefix,
     is_transient_failure,
 )
 from pipes_ext._errors import PipesProtocolErrorKind, PipesTransportError
@@ -57,8 +61,9 @@ __all__ = [
 DEFAULT_POLL_INTERVAL = 1.0
 # How long a missing chunk may stay missing while a later one exists before it is reported and skipped.
 DEFAULT_MISSING_CHUNK_GRACE = 10.0
-# At the final drain, how far past a missing chunk to look for a later one. Each probe is a request paid by every
-# session at its end, and our writers never skip a number, so two (a double gap is already very unlikely).
+# At the final drain, how far past a missing chunk to look for a later one in a store that cannot list its chunks
+# (the built-in ones list them: one request, however far the gap). Each probe is a request paid by every session at
+# its end, and our writers never skip a number, so two (a double gap is already very unlikely).
 GAP_PROBE_CHUNKS = 2
 # The reference's random key component: 30 ASCII letters.
 KEY_COMPONENT_LENGTH = 30
@@ -117,6 +122,8 @@ class _ChunkFollower:
         self._finish = threading.Event()
         self._gap_since: float | None = None
         self._last_gap_probe = time.monotonic()
+        self._listing: list[int] | None = None
+        self._can_list = False
         self._thread = threading.Thread(target=self._run, name="pipes-blob-reader", daemon=True)
 
     def start(self) -> None:
@@ -149,16 +156,46 @@ class _ChunkFollower:
             self.next_index += 1
             self._gap_since = None
 
+    def _listed_chunks(self) -> list[int] | None:
+        """The indices of the chunks in the store past the missing one, from one listing of the session's chunks
+        (made once, at the final drain), or None when the store cannot list or the listing failed."""
+        if self._listing is None:
+            prefix = chunk_prefix(self.key_prefix)
+
+            def list_keys() -> list[str] | None:
+                self.requests += 1
+                return self.store.list_keys(prefix)
+
+            try:
+                keys = self.reader.retry.call(self.store, "listing messages chunks", prefix, list_keys)
+            except PipesTransportError as exc:
+                self.handler.logger.warning("[pipes] %s; looking %d chunks past a missing one instead",
+                                            exc, GAP_PROBE_CHUNKS)
+                keys = None
+            self._listing = [] if keys is None else sorted(
+                index for index in (chunk_index(self.key_prefix, key) for key in keys) if index is not None)
+            self._can_list = keys is not None
+        if not self._can_list:
+            return None
+        return [index for index in self._listing if index > self.next_index]
+
+    def _later_chunk(self, final: bool) -> tuple[int, bytes] | None:
+        """The first chunk present past the missing chunk ``next_index``: while the process runs only the next
+        one is probed (one request); at the end, every later chunk the store lists (however far the gap goes),
+        or the next :data:`GAP_PROBE_CHUNKS` where it cannot list."""
+        listed = self._listed_chunks() if final else None
+        candidates = listed if listed is not None else [
+            self.next_index + distance for distance in range(1, (GAP_PROBE_CHUNKS if final else 1) + 1)]
+        for index in candidates:
+            data = self._get(index)
+            if data is not None:
+                return index, data
+        return None
+
     def _skip_gap_if_stale(self, final: bool) -> bool:
         """If chunk n is missing but a later one exists: after the grace period (or at the end), report the
-        missing ones and go on. While the process runs only n+1 is probed (one request); at the end up to
-        :data:`GAP_PROBE_CHUNKS` ahead, so a run of missing chunks does not hide the ones after it."""
-        later: bytes | None = None
-        distance = 0
-        for distance in range(1, (GAP_PROBE_CHUNKS if final else 1) + 1):
-            later = self._get(self.next_index + distance)
-            if later is not None:
-                break
+        missing ones (one issue naming them) and go on with the later one."""
+        later = self._later_chunk(final)
         if later is None:
             self._gap_since = None
             return False
@@ -167,18 +204,18 @@ class _ChunkFollower:
             self._gap_since = now
         if not final and now - self._gap_since < self.reader.missing_chunk_grace:
             return False
-        for index in range(self.next_index, self.next_index + distance):
-            missing = chunk_key(self.key_prefix, index)
-            self.handler.report_issue(
-                f"messages chunk {self.store.url(missing)} never appeared while a later chunk did; its messages "
-                "are lost (skipped after waiting)",
-                "",
-                self.store.url(missing),
-                PipesProtocolErrorKind.MISSING_CHUNK,
-                size=None,
-            )
-        self._handle_chunk(self.next_index + distance, later)
-        self.next_index += distance + 1
+        index, data = later
+        first = self.store.url(chunk_key(self.key_prefix, self.next_index))
+        if index - self.next_index == 1:
+            what = f"messages chunk {first} never appeared while a later chunk did; its messages are lost"
+        else:
+            last = self.store.url(chunk_key(self.key_prefix, index - 1))
+            what = (f"messages chunks {first} to {last} ({index - self.next_index} chunks) never appeared while a "
+                    "later chunk did; their messages are lost")
+        self.handler.report_issue(f"{what} (skipped after waiting; reading went on with chunk {index})", "",
+                                  first, PipesProtocolErrorKind.MISSING_CHUNK, size=None)
+        self._handle_chunk(index, data)
+        self.next_index = index + 1
         self._gap_since = None
         return True
 

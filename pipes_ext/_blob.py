@@ -49,6 +49,8 @@ __all__ = [
     "DEFAULT_MAX_CHUNK_BYTES",
     "DEFAULT_CLOSE_TIMEOUT",
     "chunk_key",
+    "chunk_index",
+    "chunk_prefix",
     "missing_extra_error",
     "is_transient_failure",
 ]
@@ -80,6 +82,20 @@ def chunk_key(key_prefix: str | None, index: int) -> str:
     return f"{key_prefix}/{index}.json" if key_prefix else f"{index}.json"
 
 
+def chunk_prefix(key_prefix: str | None) -> str:
+    """What every chunk key of ``key_prefix`` starts with (for listing them)."""
+    return chunk_key(key_prefix, 0)[: -len("0.json")]
+
+
+def chunk_index(key_prefix: str | None, key: str) -> int | None:
+    """The index of the chunk whose key is ``key`` (the inverse of :func:`chunk_key`), or None for another key."""
+    prefix = chunk_prefix(key_prefix)
+    if not key.startswith(prefix) or not key.endswith(".json"):
+        return None
+    number = key[len(prefix) : -len(".json")]
+    return int(number) if number.isdigit() and number.isascii() and number[0] != "0" else None
+
+
 class PipesBlobStore:
     """What a backend supplies: one bucket (or container) of one store, through an injected SDK client."""
 
@@ -98,6 +114,12 @@ class PipesBlobStore:
     def delete(self, key: str) -> None:
         """Delete the object; a missing object is not an error."""
         raise NotImplementedError
+
+    def list_keys(self, prefix: str) -> list[str] | None:
+        """The keys of the objects whose key starts with ``prefix``, or None when this store cannot list (the
+        default). The message reader lists a session's chunks once at its end, to find the chunks after a gap
+        however far they are; a store that cannot list is probed a few chunks ahead instead."""
+        return None
 
     def is_transient(self, exc: BaseException) -> bool:
         """Is ``exc`` worth retrying (5xx, throttling, timeout, connection reset)?"""

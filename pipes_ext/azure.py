@@ -44,6 +44,7 @@ class AzureBlobServiceClientLike(Protocol):
     """The part of an ``azure.storage.blob.BlobServiceClient`` this module uses."""
 
     def get_blob_client(self, container: str, blob: str) -> Any: ...
+    def get_container_client(self, container: str) -> Any: ...
 
 
 def _build_azure_client() -> Any:
@@ -98,6 +99,10 @@ class AzureBlobStore(PipesBlobStore):
                 return None
             raise
         return data
+
+    def list_keys(self, prefix: str) -> list[str] | None:
+        container = self.client.get_container_client(self.bucket)
+        return [str(blob.name) for blob in container.list_blobs(name_starts_with=prefix)]
 
     def delete(self, key: str) -> None:
         try:

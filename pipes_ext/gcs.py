@@ -128,6 +128,9 @@ class GCSBlobStore(PipesBlobStore):
         self._bucket_exists = exists
         return exists
 
+    def list_keys(self, prefix: str) -> list[str] | None:
+        return [str(blob.name) for blob in self._bucket.list_blobs(prefix=prefix, retry=None, timeout=self.timeout)]
+
     def delete(self, key: str) -> None:
         try:
             self._bucket.blob(key).delete(retry=None, timeout=self.timeout)

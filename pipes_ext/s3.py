@@ -29,6 +29,7 @@ class S3ClientLike(Protocol):
     def put_object(self, **kwargs: Any) -> Any: ...
     def get_object(self, **kwargs: Any) -> Any: ...
     def delete_object(self, **kwargs: Any) -> Any: ...
+    def list_objects_v2(self, **kwargs: Any) -> Any: ...
 
 
 def _build_s3_client() -> Any:
@@ -81,6 +82,16 @@ class S3BlobStore(PipesBlobStore):
 
     def delete(self, key: str) -> None:
         self.client.delete_object(Bucket=self.bucket, Key=key)
+
+    def list_keys(self, prefix: str) -> list[str] | None:
+        keys: list[str] = []
+        page: dict[str, Any] = {"Bucket": self.bucket, "Prefix": prefix}
+        while True:
+            response = self.client.list_objects_v2(**page)
+            keys.extend(str(entry["Key"]) for entry in response.get("Contents", ()))
+            if not response.get("IsTruncated"):
+                return keys
+            page["ContinuationToken"] = response["NextContinuationToken"]
 
     def is_transient(self, exc: BaseException) -> bool:
         if super().is_transient(exc):
