@@ -10,8 +10,9 @@ errors. Only the I/O is twinned:
 * waiting for a messages file to grow: its inotify descriptor registered with the loop (``add_reader``), or a
   loop timer where inotify is missing (the same backoff as the sync watcher);
 * reading a child's stdout/stderr: asyncio streams;
-* polling a blob store, entering and leaving a context injector that does I/O, and stopping log readers: the
-  loop's default executor, a shared and bounded pool, never a thread per session;
+* entering and leaving a context injector that does I/O, and stopping log readers: the loop's default
+  executor, a shared and bounded pool, never a thread per session; polling a blob store: the reader's own
+  bounded threads, so that a store that never answers holds none of the default executor's;
 * waiting for a child, its timeout and the interrupt -> terminate -> kill escalation: asyncio subprocesses and
   loop timers. Cancelling the task that runs :meth:`PipesAsyncSubprocessClient.run` is an interruption: the
   child's process group is stopped, the channel drained, and ``CancelledError`` propagates (carrying
@@ -449,7 +450,9 @@ class _ThreadedReader(PipesAsyncMessageReader):
 class PipesAsyncBlobStoreMessageReader(PipesAsyncMessageReader):
     """The asyncio twin of a blob-store reader (S3, GCS, Azure, or a subclass of
     :class:`PipesBlobStoreMessageReader`): the same polling (one pass every ``interval``, gaps, retries), each
-    pass run on the loop's executor, a shared and bounded pool, so a thousand sessions cost no thousand threads.
+    pass run on the reader's own bounded threads (:data:`~pipes_core._blob.READER_THREADS`), so a thousand
+    sessions cost no thousand threads and a store that never answers stalls no session of another reader (each
+    request fails after the reader's ``request_timeout``).
     """
 
     def __init__(self, reader: PipesBlobStoreMessageReader) -> None:
@@ -472,7 +475,9 @@ class PipesAsyncBlobStoreMessageReader(PipesAsyncMessageReader):
     async def _follow(self, follower: Any, finish: asyncio.Event) -> None:
         try:
             while True:
-                step = await _in_executor(follower.poll, finish.is_set())
+                # On the reader's own threads, never the loop's default executor: a store that does not answer
+                # holds at most READER_THREADS threads of its own reader, and no other session waits for them.
+                step = await asyncio.wrap_future(self.reader.poll_threads.submit(follower.poll, finish.is_set()))
                 if step == POLL_DONE:
                     return
                 if step == POLL_WAIT:

@@ -18,12 +18,14 @@ docstring for the methods to implement). Better than the reference's reader:
 
 from __future__ import annotations
 
+import concurrent.futures
 import json
+import queue
 import random
 import string
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any, ClassVar, Generic, TypeVar
 
@@ -37,12 +39,13 @@ from pipes_ext._blob import (
     chunk_prefix,
     is_transient_failure,
 )
-from pipes_ext._errors import PipesProtocolErrorKind, PipesTransportError
+from pipes_ext._errors import PipesProtocolErrorKind, PipesTransportError, PipesUsageError
 from pipes_ext._protocol import PARAM_BUCKET, PARAM_INCLUDE_STDIO_IN_MESSAGES, PARAM_KEY, PARAM_KEY_PREFIX
 from pipes_ext._types import PipesParams
 
 from ._handler import PipesMessageHandler
 from ._injectors import PipesContextInjector
+from ._lines import DEFAULT_MAX_LINE_BYTES
 from ._log_readers import PipesLogReader
 from ._readers import PipesMessageReader
 
@@ -53,6 +56,9 @@ __all__ = [
     "PipesBackendMessageReader",
     "DEFAULT_POLL_INTERVAL",
     "DEFAULT_MISSING_CHUNK_GRACE",
+    "DEFAULT_REQUEST_TIMEOUT",
+    "DEFAULT_MAX_CHUNK_BYTES",
+    "READER_THREADS",
     "random_key_component",
 ]
 
@@ -65,6 +71,20 @@ DEFAULT_MISSING_CHUNK_GRACE = 10.0
 # (the built-in ones list them: one request, however far the gap). Each probe is a request paid by every session at
 # its end, and our writers never skip a number, so two (a double gap is already very unlikely).
 GAP_PROBE_CHUNKS = 2
+# How long one store request (its retries included) may go unanswered before the reader gives up on it with an
+# error naming the store: a store that accepts connections and never answers must not hold a session for the
+# SDK's own socket timeouts (botocore: 60 s per read, then its retries and ours, several minutes). A minute, the
+# SDKs' own per-read default, so a slow but working store is not cut off.
+DEFAULT_REQUEST_TIMEOUT = 60.0
+# Threads one reader makes its store requests on (and, in an asyncio loop, runs its polling passes on): a hung
+# store holds at most this many, and never a thread of the loop's default executor or of another reader. Eight
+# requests in flight keep a reader serving many sessions busy on a local network.
+READER_THREADS = 8
+# The largest messages chunk a reader downloads: the longest line a reader parses (one message alone in its chunk
+# may be that long); our writer's chunks of many messages stay at its own max_chunk_bytes (4 MiB).
+DEFAULT_MAX_CHUNK_BYTES = DEFAULT_MAX_LINE_BYTES
+# How long an idle reader thread waits for work before it ends (it is started again when needed).
+READER_THREAD_IDLE_SECONDS = 30.0
 # The reference's random key component: 30 ASCII letters.
 KEY_COMPONENT_LENGTH = 30
 
@@ -98,6 +118,59 @@ class PipesBlobStoreContextInjector(PipesContextInjector):
         return f"{type(self).__name__}"
 
 
+T = TypeVar("T")
+
+
+class _ReaderThreads:
+    """A reader's own threads for blocking work: at most ``size`` at once, started as needed, ending when idle.
+
+    Daemon threads (unlike :class:`concurrent.futures.ThreadPoolExecutor`'s, which the interpreter joins at exit):
+    a request hung on a socket that never answers must not hold the process at its exit."""
+
+    def __init__(self, name: str, size: int = READER_THREADS) -> None:
+        self.name = name
+        self.size = size
+        self._queue: queue.SimpleQueue[tuple[Callable[..., Any], tuple[Any, ...], concurrent.futures.Future[Any]]]
+        self._queue = queue.SimpleQueue()
+        self._lock = threading.Lock()
+        self._threads = 0
+        self._idle = 0
+
+    def submit(self, function: Callable[..., T], *args: Any) -> concurrent.futures.Future[T]:
+        future: concurrent.futures.Future[T] = concurrent.futures.Future()
+        with self._lock:
+            self._queue.put((function, args, future))
+            if self._idle == 0 and self._threads < self.size:
+                self._threads += 1
+                threading.Thread(target=self._work, name=self.name, daemon=True).start()
+        return future
+
+    def _work(self) -> None:
+        while True:
+            with self._lock:
+                self._idle += 1
+            try:
+                function, args, future = self._queue.get(timeout=READER_THREAD_IDLE_SECONDS)
+            except queue.Empty:
+                with self._lock:
+                    self._idle -= 1
+                    if self._queue.empty():  # (checked under the lock submit() holds: no work left unserved)
+                        self._threads -= 1
+                        return
+                continue
+            with self._lock:
+                self._idle -= 1
+            if not future.set_running_or_notify_cancel():
+                continue
+            try:
+                result = function(*args)
+            except BaseException as exc:
+                future.set_exception(exc)
+            else:
+                future.set_result(result)
+            del function, args, future  # (a large result is not kept alive while this thread waits)
+
+
 # What one poll of the store says to do next (see _ChunkFollower.poll).
 POLL_DONE = "done"
 POLL_AGAIN = "again"
@@ -124,6 +197,8 @@ class _ChunkFollower:
         self._last_gap_probe = time.monotonic()
         self._listing: list[int] | None = None
         self._can_list = False
+        # The request that last went unanswered past request_timeout, and the error it raised.
+        self._hung: tuple[concurrent.futures.Future[Any], PipesTransportError] | None = None
         self._thread = threading.Thread(target=self._run, name="pipes-blob-reader", daemon=True)
 
     def start(self) -> None:
@@ -133,7 +208,33 @@ class _ChunkFollower:
         self._finish.set()
         self._thread.join()
 
-    def _get(self, index: int) -> bytes | None:
+    def _request(self, what: str, key: str, call: Callable[[], T], finishing: bool = False) -> T:
+        """``call`` (with the retry policy) on the reader's threads, waited for at most ``request_timeout``:
+        past it, a :class:`PipesTransportError` naming the store (transient: the next poll tries again). At the
+        final drain, a request that already went unanswered that long and is still unanswered fails at once."""
+        hung = self._hung
+        if hung is not None:
+            if not hung[0].done():
+                if finishing:
+                    raise hung[1]
+            else:
+                self._hung = None
+        retry, store = self.reader.retry, self.store
+        future = self.reader.request_threads.submit(lambda: retry.call(store, what, key, call))
+        timeout = self.reader.request_timeout
+        try:
+            return future.result(timeout)
+        except concurrent.futures.TimeoutError:
+            future.cancel()
+            error = PipesTransportError(
+                f"{what} {self.store.url(key)} got no answer within request_timeout={timeout} s (bucket "
+                f"{self.store.bucket!r}, key {key!r}): the store accepts connections but does not answer. Check "
+                "the store's endpoint, or raise request_timeout= on the message reader if it is only slow")
+            error.__cause__ = TimeoutError(f"no answer within {timeout} s")
+            self._hung = (future, error)
+            raise error from error.__cause__
+
+    def _get(self, index: int, finishing: bool = False) -> bytes | None:
         key = chunk_key(self.key_prefix, index)
 
         def get() -> bytes | None:
@@ -141,15 +242,15 @@ class _ChunkFollower:
             data = self.reader.download_messages_chunk(index, self.params)
             return data.encode("utf-8") if isinstance(data, str) else data
 
-        return self.reader.retry.call(self.store, "reading messages chunk", key, get)
+        return self._request("reading messages chunk", key, get, finishing)
 
     def _handle_chunk(self, index: int, data: bytes) -> None:
         self.handler.handle_lines(data, self.store.url(chunk_key(self.key_prefix, index)))
         self.chunks_read += 1
 
-    def _read_available(self) -> None:
+    def _read_available(self, finishing: bool = False) -> None:
         while True:
-            data = self._get(self.next_index)
+            data = self._get(self.next_index, finishing)
             if data is None:
                 return
             self._handle_chunk(self.next_index, data)
@@ -167,8 +268,10 @@ class _ChunkFollower:
                 return self.store.list_keys(prefix)
 
             try:
-                keys = self.reader.retry.call(self.store, "listing messages chunks", prefix, list_keys)
+                keys = self._request("listing messages chunks", prefix, list_keys, finishing=True)
             except PipesTransportError as exc:
+                if self._hung is not None:  # a store that does not answer: no probing either
+                    raise
                 self.handler.logger.warning("[pipes] %s; looking %d chunks past a missing one instead",
                                             exc, GAP_PROBE_CHUNKS)
                 keys = None
@@ -187,7 +290,7 @@ class _ChunkFollower:
         candidates = listed if listed is not None else [
             self.next_index + distance for distance in range(1, (GAP_PROBE_CHUNKS if final else 1) + 1)]
         for index in candidates:
-            data = self._get(index)
+            data = self._get(index, final)
             if data is not None:
                 return index, data
         return None
@@ -226,10 +329,10 @@ class _ChunkFollower:
         asyncio twin from the loop's executor: one polling logic for both. Raises :class:`PipesTransportError`
         when reading cannot go on."""
         try:
-            self._read_available()
+            self._read_available(finishing)
             if finishing:
                 while self._skip_gap_if_stale(final=True):
-                    self._read_available()
+                    self._read_available(finishing)
                 return POLL_DONE
             now = time.monotonic()
             if now - self._last_gap_probe >= self.reader.missing_chunk_grace / 2:
@@ -298,6 +401,10 @@ class PipesBlobStoreMessageReader(PipesMessageReader):
         include_stdio_in_messages: ask the external side to forward its stdout/stderr.
         missing_chunk_grace: see :data:`DEFAULT_MISSING_CHUNK_GRACE`.
         retry: backoff for transient errors.
+        request_timeout: seconds one store request (its retries included) may go unanswered before it fails
+            with a :class:`PipesTransportError` naming the store; see :data:`DEFAULT_REQUEST_TIMEOUT`.
+        max_chunk_bytes: the largest chunk read; a larger one is reported (``line_too_long``) and skipped
+            without being downloaded whole; see :data:`DEFAULT_MAX_CHUNK_BYTES`.
     """
 
     def __init__(
@@ -308,12 +415,23 @@ class PipesBlobStoreMessageReader(PipesMessageReader):
         include_stdio_in_messages: bool = False,
         missing_chunk_grace: float = DEFAULT_MISSING_CHUNK_GRACE,
         retry: RetryPolicy = DEFAULT_RETRY_POLICY,
+        request_timeout: float = DEFAULT_REQUEST_TIMEOUT,
+        max_chunk_bytes: int = DEFAULT_MAX_CHUNK_BYTES,
     ) -> None:
+        if not request_timeout > 0:
+            raise PipesUsageError(f"request_timeout must be a positive number of seconds, got {request_timeout!r}")
+        if not (isinstance(max_chunk_bytes, int) and max_chunk_bytes >= 1):
+            raise PipesUsageError(f"max_chunk_bytes must be a positive number of bytes, got {max_chunk_bytes!r}")
         self.interval = interval
         self.log_readers = tuple(log_readers or ())
         self.include_stdio_in_messages = include_stdio_in_messages
         self.missing_chunk_grace = missing_chunk_grace
         self.retry = retry
+        self.request_timeout = request_timeout
+        self.max_chunk_bytes = max_chunk_bytes
+        # This reader's own threads: its requests, and its polling passes in an asyncio loop (see READER_THREADS).
+        self.request_threads = _ReaderThreads("pipes-blob-request")
+        self.poll_threads = _ReaderThreads("pipes-blob-poll")
         self.last_stats: dict[str, int] = {}
         # The store of each open session, by its key prefix, between get_params' entry and exit: one reader may
         # serve several sessions at once (a client running many processes concurrently).
@@ -423,8 +541,8 @@ class PipesBackendContextInjector(PipesBlobStoreContextInjector, Generic[ClientT
 
 class PipesBackendMessageReader(PipesBlobStoreMessageReader, Generic[ClientT]):
     """The message reader of one declared backend: ``(bucket, client=None, interval, include_stdio_in_messages,
-    *, log_readers, missing_chunk_grace, retry)`` (the reference's argument order), the client built by the
-    backend when omitted."""
+    *, log_readers, missing_chunk_grace, retry, request_timeout, max_chunk_bytes)`` (the reference's argument order),
+    the client built by the backend when omitted."""
 
     backend: ClassVar[PipesBlobBackend]
 
@@ -438,9 +556,12 @@ class PipesBackendMessageReader(PipesBlobStoreMessageReader, Generic[ClientT]):
         log_readers: Sequence[PipesLogReader] | None = None,
         missing_chunk_grace: float = DEFAULT_MISSING_CHUNK_GRACE,
         retry: RetryPolicy = DEFAULT_RETRY_POLICY,
+        request_timeout: float = DEFAULT_REQUEST_TIMEOUT,
+        max_chunk_bytes: int = DEFAULT_MAX_CHUNK_BYTES,
     ) -> None:
         super().__init__(interval, log_readers, include_stdio_in_messages=include_stdio_in_messages,
-                         missing_chunk_grace=missing_chunk_grace, retry=retry)
+                         missing_chunk_grace=missing_chunk_grace, retry=retry, request_timeout=request_timeout,
+                         max_chunk_bytes=max_chunk_bytes)
         self.bucket = bucket
         self.client: ClientT = client if client is not None else self.backend.default_client()
 

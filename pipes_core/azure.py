@@ -12,7 +12,7 @@ from pipes_ext._blob import DEFAULT_RETRY_POLICY, RetryPolicy
 from pipes_ext.azure import AZURE_BACKEND, AzureBlobServiceClientLike
 
 from . import _blob  # the bases by module, so that this module names only its own classes
-from ._blob import DEFAULT_MISSING_CHUNK_GRACE, DEFAULT_POLL_INTERVAL
+from ._blob import DEFAULT_MAX_CHUNK_BYTES, DEFAULT_MISSING_CHUNK_GRACE, DEFAULT_POLL_INTERVAL, DEFAULT_REQUEST_TIMEOUT
 from ._log_readers import PipesLogReader
 
 __all__ = ["PipesAzureBlobStorageContextInjector", "PipesAzureBlobStorageMessageReader"]
@@ -47,9 +47,12 @@ class PipesAzureBlobStorageMessageReader(_blob.PipesBackendMessageReader[AzureBl
         log_readers: Sequence[PipesLogReader] | None = None,
         missing_chunk_grace: float = DEFAULT_MISSING_CHUNK_GRACE,
         retry: RetryPolicy = DEFAULT_RETRY_POLICY,
+        request_timeout: float = DEFAULT_REQUEST_TIMEOUT,
+        max_chunk_bytes: int = DEFAULT_MAX_CHUNK_BYTES,
     ) -> None:
         super().__init__(container, client, interval, include_stdio_in_messages, log_readers=log_readers,
-                         missing_chunk_grace=missing_chunk_grace, retry=retry)
+                         missing_chunk_grace=missing_chunk_grace, retry=retry, request_timeout=request_timeout,
+                         max_chunk_bytes=max_chunk_bytes)
 
     @property
     def container(self) -> str:

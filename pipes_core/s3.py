@@ -21,6 +21,6 @@ class PipesS3ContextInjector(_blob.PipesBackendContextInjector[S3ClientLike]):
 class PipesS3MessageReader(_blob.PipesBackendMessageReader[S3ClientLike]):
     """Reads numbered message chunks from ``s3://bucket/<30 letters>/<n>.json``.
     ``PipesS3MessageReader(bucket, client=None, interval=1.0, include_stdio_in_messages=False, *, log_readers=None,
-    missing_chunk_grace=..., retry=...)``."""
+    missing_chunk_grace=..., retry=..., request_timeout=60.0, max_chunk_bytes=64 MiB)``."""
 
     backend = S3_BACKEND

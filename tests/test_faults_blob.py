@@ -14,10 +14,16 @@ Figures are printed (run with ``-s``).
 
 from __future__ import annotations
 
+import asyncio
+import os
+import socket
+import sys
+import time
 import uuid
 import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import boto3
@@ -33,16 +39,19 @@ from google.auth.credentials import AnonymousCredentials
 from google.cloud import storage
 
 from pipes_core import (
+    PipesAsyncSubprocessClient,
     PipesCustomMessageEvent,
     PipesEvent,
     PipesProtocolErrorKind,
     PipesTempFileContextInjector,
+    PipesTransportError,
     open_pipes_session,
+    open_pipes_session_async,
 )
 from pipes_core._blob import PipesBlobStoreMessageReader
 from pipes_core.azure import PipesAzureBlobStorageMessageReader
 from pipes_core.gcs import PipesGCSMessageReader
-from pipes_core.s3 import PipesS3MessageReader
+from pipes_core.s3 import PipesS3ContextInjector, PipesS3MessageReader
 from pipes_ext._blob import PipesBlobStore, chunk_key
 from pipes_ext._protocol import dumps_message
 from pipes_ext.azure import AzureBlobStore
@@ -55,6 +64,7 @@ S3_KEYS = {"aws_access_key_id": "testing", "aws_secret_access_key": "testing", "
 # One attempt per SDK call: the library's RetryPolicy is the only retry layer (as in test_blob_s3).
 S3_ONE_ATTEMPT = Config(retries={"total_max_attempts": 1, "mode": "standard"})
 POLL = 0.05
+PYTHON = sys.executable
 
 
 # ---------------------------------------------------------------------------------------------- stores
@@ -176,3 +186,103 @@ def test_two_gaps_at_the_end_are_each_reported_once(bucket: Bucket) -> None:
     assert len(reasons) == 2
     assert bucket.store.url(chunk_key(prefix, 2)) in reasons[0] and "chunks)" not in reasons[0]
     assert "(8 chunks)" in reasons[1] and bucket.store.url(chunk_key(prefix, 11)) in reasons[1]
+
+
+# ---------------------------------------------------------------------------------------------- item 3: a hung store
+
+HUNG_SESSIONS = 8
+# Short for the test; the default is DEFAULT_REQUEST_TIMEOUT (60 s). Long enough that the healthy session (a
+# Python child importing boto3 on a busy machine) finishes well before it.
+HUNG_REQUEST_TIMEOUT = 8.0
+HEALTHY_MESSAGES = 20
+
+HEALTHY_CHILD = f"""
+import boto3
+from pipes_ext import open_pipes
+from pipes_ext.s3 import PipesS3ContextLoader, PipesS3MessageWriter
+
+client = boto3.client("s3")
+with open_pipes(context_loader=PipesS3ContextLoader(client),
+                message_writer=PipesS3MessageWriter(client, interval=0.05)) as pipes:
+    for i in range({HEALTHY_MESSAGES}):
+        pipes.report_custom_message(i)
+"""
+
+
+class SilentStore:
+    """An endpoint that accepts TCP connections (the kernel completes them in the listen backlog) and never
+    answers a byte; closed (every connection reset) at the end."""
+
+    def __enter__(self) -> SilentStore:
+        self.sock = socket.socket()
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.listen(128)
+        self.url = f"http://127.0.0.1:{self.sock.getsockname()[1]}"
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.sock.close()
+
+
+def healthy_env(endpoint: str) -> dict[str, str]:
+    return {"AWS_ENDPOINT_URL": endpoint, "AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
+            "AWS_DEFAULT_REGION": "us-east-1", "AWS_CONFIG_FILE": os.devnull,
+            "AWS_SHARED_CREDENTIALS_FILE": os.devnull, "AWS_EC2_METADATA_DISABLED": "true"}
+
+
+async def healthy_run(moto: servers.Server, bucket: str, script: Path) -> tuple[list[Any], float]:
+    client = s3_client(moto.url)
+    runner = PipesAsyncSubprocessClient(context_injector=PipesS3ContextInjector(bucket, client),
+                                        message_reader=PipesS3MessageReader(bucket, client, interval=POLL),
+                                        forward_stdio=False)
+    invocation = await runner.run(command=[PYTHON, str(script)], env=healthy_env(moto.url), timeout_seconds=120)
+    assert invocation.exit_code == 0
+    return invocation.session.get_custom_messages(), time.monotonic()
+
+
+async def hung_session(silent: SilentStore) -> tuple[BaseException | None, float]:
+    client = s3_client(silent.url)  # botocore's own timeouts (60 s per read) are longer than the reader's
+    reader = PipesS3MessageReader("silent-bucket", client, interval=POLL, request_timeout=HUNG_REQUEST_TIMEOUT)
+    try:
+        async with open_pipes_session_async(None, PipesTempFileContextInjector(), reader, warn_unopened=False):
+            pass  # no process: the reader polls, and the final drain asks the store for chunk 1
+    except PipesTransportError as exc:
+        return exc, time.monotonic()
+    return None, time.monotonic()
+
+
+def test_hung_stores_do_not_stall_a_healthy_session_of_the_same_loop_and_fail_naming_the_store(
+    moto: servers.Server, tmp_path: Path
+) -> None:
+    bucket = s3_bucket(moto).store.bucket
+    script = tmp_path / "healthy.py"
+    script.write_text(HEALTHY_CHILD, encoding="utf-8")
+
+    async def alone() -> float:
+        started = time.monotonic()
+        payloads, ended = await healthy_run(moto, bucket, script)
+        assert payloads == list(range(HEALTHY_MESSAGES))
+        return ended - started
+
+    async def together(silent: SilentStore) -> tuple[float, float, list[tuple[BaseException | None, float]]]:
+        started = time.monotonic()
+        hung = [asyncio.ensure_future(hung_session(silent)) for _ in range(HUNG_SESSIONS)]
+        await asyncio.sleep(0)  # the hung sessions are polling their store first
+        payloads, healthy_ended = await healthy_run(moto, bucket, script)
+        assert payloads == list(range(HEALTHY_MESSAGES))  # complete, in order
+        outcomes = await asyncio.gather(*hung)
+        return started, healthy_ended, outcomes
+
+    alone_seconds = asyncio.run(alone())
+    with SilentStore() as silent:
+        started, healthy_ended, outcomes = asyncio.run(together(silent))
+    for error, _ in outcomes:
+        assert isinstance(error, PipesTransportError), error
+        assert "s3://silent-bucket/" in str(error) and f"request_timeout={HUNG_REQUEST_TIMEOUT}" in str(error)
+        assert "no answer" in str(error)
+    first_hung_failure = min(ended for _, ended in outcomes)
+    # Starvation guard only (no timing claim): the healthy session did not wait for the hung ones' timeouts.
+    assert healthy_ended < first_hung_failure
+    print(f"\nhealthy S3 session: {alone_seconds:.2f} s alone, {healthy_ended - started:.2f} s next to "
+          f"{HUNG_SESSIONS} hung sessions; the hung ones failed after {first_hung_failure - started:.2f} to "
+          f"{max(ended for _, ended in outcomes) - started:.2f} s (request_timeout={HUNG_REQUEST_TIMEOUT} s)")
