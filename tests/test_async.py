@@ -429,11 +429,12 @@ def moto_url() -> Iterator[str]:
         server.stop()
 
 
-def test_blob_store_sessions_poll_from_the_shared_executor(
+def test_blob_store_sessions_poll_from_the_readers_bounded_threads(
     tmp_path: Path, moto_url: str, run_async: Callable[..., Any]
 ) -> None:
     import boto3
 
+    from pipes_core._blob import READER_THREADS
     from pipes_core.s3 import PipesS3ContextInjector, PipesS3MessageReader
 
     keys = {"aws_access_key_id": "testing", "aws_secret_access_key": "testing", "region_name": "us-east-1"}
@@ -452,6 +453,8 @@ with open_pipes(context_loader=loader, message_writer=writer) as pipes:
            "AWS_REGION": "us-east-1"}
     threads_before = threading.active_count()
     peak = [0]
+    # More sessions than the threads allowed below, so that a thread per session would fail the test.
+    sessions = 20
 
     async def main() -> list[Any]:
         def on_event(event: PipesEvent) -> None:
@@ -463,7 +466,8 @@ with open_pipes(context_loader=loader, message_writer=writer) as pipes:
             message_reader=PipesS3MessageReader("async-bucket", client, interval=0.05),
             forward_stdio=False,
         )
-        return await asyncio.gather(*(client_.run(command=[*command, "300"], on_event=on_event) for _ in range(12)))
+        return await asyncio.gather(*(client_.run(command=[*command, "300"], on_event=on_event)
+                                      for _ in range(sessions)))
 
     try:
         invocations = run_async(main())
@@ -471,8 +475,9 @@ with open_pipes(context_loader=loader, message_writer=writer) as pipes:
         client.close()
     for invocation in invocations:
         assert invocation.get_custom_messages() == [{"seq": i} for i in range(300)]
-    # 12 sessions polled the store from the loop's default executor: no thread per session.
-    assert peak[0] - threads_before <= min(32, (os.cpu_count() or 1) + 4)
+    # The sessions polled the store from the reader's own bounded threads (READER_THREADS for the polls, as many
+    # for the requests) and entered the injector on the loop's default executor: no thread per session.
+    assert peak[0] - threads_before <= min(32, (os.cpu_count() or 1) + 4) + 2 * READER_THREADS < sessions
 
 
 def test_one_blob_reader_serves_concurrent_sync_sessions_too(tmp_path: Path, moto_url: str) -> None:
