@@ -33,6 +33,7 @@ from pipes_ext._blob import (
     DEFAULT_RETRY_POLICY,
     PipesBlobBackend,
     PipesBlobStore,
+    PipesBlobTooLarge,
     RetryPolicy,
     chunk_index,
     chunk_key,
@@ -40,7 +41,13 @@ from pipes_ext._blob import (
     is_transient_failure,
 )
 from pipes_ext._errors import PipesProtocolErrorKind, PipesTransportError, PipesUsageError
-from pipes_ext._protocol import PARAM_BUCKET, PARAM_INCLUDE_STDIO_IN_MESSAGES, PARAM_KEY, PARAM_KEY_PREFIX
+from pipes_ext._protocol import (
+    JSON_WHITESPACE,
+    PARAM_BUCKET,
+    PARAM_INCLUDE_STDIO_IN_MESSAGES,
+    PARAM_KEY,
+    PARAM_KEY_PREFIX,
+)
 from pipes_ext._types import PipesParams
 
 from ._handler import PipesMessageHandler
@@ -76,10 +83,11 @@ GAP_PROBE_CHUNKS = 2
 # SDK's own socket timeouts (botocore: 60 s per read, then its retries and ours, several minutes). A minute, the
 # SDKs' own per-read default, so a slow but working store is not cut off.
 DEFAULT_REQUEST_TIMEOUT = 60.0
-# Threads one reader makes its store requests on (and, in an asyncio loop, runs its polling passes on): a hung
-# store holds at most this many, and never a thread of the loop's default executor or of another reader. Eight
-# requests in flight keep a reader serving many sessions busy on a local network.
-READER_THREADS = 8
+# Threads one reader makes its store requests on (and as many again, in an asyncio loop, that run its polling
+# passes): a hung store holds at most these, never a thread of the loop's default executor or of another reader.
+# Four requests in flight serve hundreds of sessions polling once a second at a few ms a request; few enough that
+# a loop of many sessions stays far below a thread per session.
+READER_THREADS = 4
 # The largest messages chunk a reader downloads: the longest line a reader parses (one message alone in its chunk
 # may be that long); our writer's chunks of many messages stay at its own max_chunk_bytes (4 MiB).
 DEFAULT_MAX_CHUNK_BYTES = DEFAULT_MAX_LINE_BYTES
@@ -119,6 +127,32 @@ class PipesBlobStoreContextInjector(PipesContextInjector):
 
 
 T = TypeVar("T")
+JSON_WHITESPACE_BYTES = JSON_WHITESPACE.encode("ascii")
+
+
+def _handle_chunk_lines(handler: PipesMessageHandler, chunk: list[bytes], source: str) -> None:
+    """Handle a chunk's lines one at a time, so that a chunk of many messages costs little more than its bytes
+    (never its whole text and every line at once). ``chunk`` holds the only reference to the bytes and is
+    emptied: one message alone in its chunk is decoded and its bytes dropped before it is parsed (its text and
+    its value, as the line rule of the file readers)."""
+    data = chunk.pop()
+    if b"\n" not in data:
+        try:
+            line: str | bytes = data.decode("utf-8")
+        except UnicodeDecodeError:
+            line = data  # the handler reports it, with an excerpt
+        del data
+        blank = not (line.strip(JSON_WHITESPACE) if isinstance(line, str) else line.strip(JSON_WHITESPACE_BYTES))
+        if not blank:
+            handler.handle_line(line, source)
+        return
+    start, end = 0, len(data)
+    while start <= end:
+        cut = data.find(b"\n", start)
+        if cut < 0:
+            cut = end
+        handler.handle_lines(data[start:cut], source)  # one line: decoded, skipped when blank, else handled
+        start = cut + 1
 
 
 class _ReaderThreads:
@@ -163,12 +197,10 @@ class _ReaderThreads:
             if not future.set_running_or_notify_cancel():
                 continue
             try:
-                result = function(*args)
+                future.set_result(function(*args))  # (no local keeps a large result alive while this thread waits)
             except BaseException as exc:
                 future.set_exception(exc)
-            else:
-                future.set_result(result)
-            del function, args, future  # (a large result is not kept alive while this thread waits)
+            del function, args, future
 
 
 # What one poll of the store says to do next (see _ChunkFollower.poll).
@@ -234,26 +266,47 @@ class _ChunkFollower:
             self._hung = (future, error)
             raise error from error.__cause__
 
-    def _get(self, index: int, finishing: bool = False) -> bytes | None:
+    def _get(self, index: int, finishing: bool = False) -> list[bytes | PipesBlobTooLarge] | None:
+        """Chunk ``index`` (in a list of one, which the handling empties: see :func:`_handle_chunk_lines`), or
+        None while it does not exist."""
         key = chunk_key(self.key_prefix, index)
 
-        def get() -> bytes | None:
+        def get() -> bytes | PipesBlobTooLarge | None:
             self.requests += 1
-            data = self.reader.download_messages_chunk(index, self.params)
+            try:
+                data = self.reader.download_messages_chunk(index, self.params)
+            except PipesBlobTooLarge as exc:  # not an error of the store: reported, and reading goes on
+                return exc
             return data.encode("utf-8") if isinstance(data, str) else data
 
-        return self._request("reading messages chunk", key, get, finishing)
+        data = self._request("reading messages chunk", key, get, finishing)
+        return None if data is None else [data]
 
-    def _handle_chunk(self, index: int, data: bytes) -> None:
-        self.handler.handle_lines(data, self.store.url(chunk_key(self.key_prefix, index)))
+    def _handle_chunk(self, index: int, chunk: list[bytes | PipesBlobTooLarge]) -> None:
+        source = self.store.url(chunk_key(self.key_prefix, index))
+        limit = self.reader.max_chunk_bytes
+        data = chunk[0]
+        if isinstance(data, PipesBlobTooLarge) or len(data) > limit:
+            size = data.size if isinstance(data, PipesBlobTooLarge) else len(data)
+            chunk.clear()
+            told = f"{size} bytes" if size is not None else f"more than {limit} bytes"
+            self.handler.report_issue(
+                f"messages chunk {source} is {told}, over max_chunk_bytes={limit}; it was skipped unread and its "
+                "messages are lost (raise max_chunk_bytes= on the message reader to read such chunks)",
+                "", source, PipesProtocolErrorKind.LINE_TOO_LONG, size=size)
+        else:
+            chunk.clear()
+            holder = [data]  # the only reference left, emptied by the handling
+            del data
+            _handle_chunk_lines(self.handler, holder, source)
         self.chunks_read += 1
 
     def _read_available(self, finishing: bool = False) -> None:
         while True:
-            data = self._get(self.next_index, finishing)
-            if data is None:
+            chunk = self._get(self.next_index, finishing)
+            if chunk is None:
                 return
-            self._handle_chunk(self.next_index, data)
+            self._handle_chunk(self.next_index, chunk)
             self.next_index += 1
             self._gap_since = None
 
@@ -282,7 +335,7 @@ class _ChunkFollower:
             return None
         return [index for index in self._listing if index > self.next_index]
 
-    def _later_chunk(self, final: bool) -> tuple[int, bytes] | None:
+    def _later_chunk(self, final: bool) -> tuple[int, list[bytes | PipesBlobTooLarge]] | None:
         """The first chunk present past the missing chunk ``next_index``: while the process runs only the next
         one is probed (one request); at the end, every later chunk the store lists (however far the gap goes),
         or the next :data:`GAP_PROBE_CHUNKS` where it cannot list."""
@@ -290,9 +343,9 @@ class _ChunkFollower:
         candidates = listed if listed is not None else [
             self.next_index + distance for distance in range(1, (GAP_PROBE_CHUNKS if final else 1) + 1)]
         for index in candidates:
-            data = self._get(index, final)
-            if data is not None:
-                return index, data
+            chunk = self._get(index, final)
+            if chunk is not None:
+                return index, chunk
         return None
 
     def _skip_gap_if_stale(self, final: bool) -> bool:
@@ -307,7 +360,7 @@ class _ChunkFollower:
             self._gap_since = now
         if not final and now - self._gap_since < self.reader.missing_chunk_grace:
             return False
-        index, data = later
+        index, chunk = later
         first = self.store.url(chunk_key(self.key_prefix, self.next_index))
         if index - self.next_index == 1:
             what = f"messages chunk {first} never appeared while a later chunk did; its messages are lost"
@@ -317,7 +370,8 @@ class _ChunkFollower:
                     "later chunk did; their messages are lost")
         self.handler.report_issue(f"{what} (skipped after waiting; reading went on with chunk {index})", "",
                                   first, PipesProtocolErrorKind.MISSING_CHUNK, size=None)
-        self._handle_chunk(index, data)
+        del later
+        self._handle_chunk(index, chunk)
         self.next_index = index + 1
         self._gap_since = None
         return True
@@ -472,13 +526,15 @@ class PipesBlobStoreMessageReader(PipesMessageReader):
         """Chunk ``index`` (counting from 1) of the session described by ``params`` (what :meth:`get_params`
         yielded), or None while it does not exist. May raise; see :meth:`is_transient_error`.
 
-        Default: ``<key_prefix>/<index>.json`` from :meth:`make_store`'s store.
+        Default: ``<key_prefix>/<index>.json`` from :meth:`make_store`'s store, through its
+        :meth:`~pipes_ext._blob.PipesBlobStore.get_at_most` (a chunk over ``max_chunk_bytes`` is not downloaded;
+        raise :class:`~pipes_ext._blob.PipesBlobTooLarge` from your own hook to the same effect).
         """
         store = self._session_store(params)
         if store is None:
             raise NotImplementedError(f"{type(self).__name__} must implement download_messages_chunk()")
         prefix = params.get(PARAM_KEY_PREFIX)
-        return store.get(chunk_key(prefix if isinstance(prefix, str) else None, index))
+        return store.get_at_most(chunk_key(prefix if isinstance(prefix, str) else None, index), self.max_chunk_bytes)
 
     def is_transient_error(self, exc: BaseException) -> bool:
         """Is an error raised by :meth:`download_messages_chunk` worth retrying (an outage, not a missing

@@ -40,6 +40,7 @@ from ._writers import PipesMessageWriter, PipesMessageWriterChannel
 __all__ = [
     "PipesBlobBackend",
     "PipesBlobStore",
+    "PipesBlobTooLarge",
     "RetryPolicy",
     "DEFAULT_RETRY_POLICY",
     "PipesBlobStoreMessageWriter",
@@ -96,6 +97,18 @@ def chunk_index(key_prefix: str | None, key: str) -> int | None:
     return int(number) if number.isdigit() and number.isascii() and number[0] != "0" else None
 
 
+class PipesBlobTooLarge(Exception):
+    """Raised by :meth:`PipesBlobStore.get_at_most`: the object is larger than the limit, and was not downloaded
+    whole. ``size`` is its size when the store said it (else None: more than ``limit``)."""
+
+    def __init__(self, key: str, size: int | None, limit: int) -> None:
+        super().__init__(f"{key} is {f'more than {limit}' if size is None else size} bytes, over the limit of "
+                         f"{limit} bytes")
+        self.key = key
+        self.size = size
+        self.limit = limit
+
+
 class PipesBlobStore:
     """What a backend supplies: one bucket (or container) of one store, through an injected SDK client."""
 
@@ -114,6 +127,17 @@ class PipesBlobStore:
     def delete(self, key: str) -> None:
         """Delete the object; a missing object is not an error."""
         raise NotImplementedError
+
+    def get_at_most(self, key: str, max_bytes: int) -> bytes | None:
+        """Like :meth:`get`, but raise :class:`PipesBlobTooLarge` for an object larger than ``max_bytes``.
+
+        The default downloads the object and then checks its size; the built-in stores check it before the body
+        is read (S3, Azure) or read at most ``max_bytes + 1`` bytes (GCS), so an over-limit object costs no
+        memory."""
+        data = self.get(key)
+        if data is not None and len(data) > max_bytes:
+            raise PipesBlobTooLarge(key, len(data), max_bytes)
+        return data
 
     def list_keys(self, prefix: str) -> list[str] | None:
         """The keys of the objects whose key starts with ``prefix``, or None when this store cannot list (the

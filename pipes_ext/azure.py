@@ -16,10 +16,17 @@ both layers.
 
 from __future__ import annotations
 
+import io
 import os
 from typing import Any, Protocol
 
-from ._blob import PipesBlobBackend, PipesBlobStore, PipesBlobStoreContextLoader, PipesBlobStoreMessageWriter
+from ._blob import (
+    PipesBlobBackend,
+    PipesBlobStore,
+    PipesBlobStoreContextLoader,
+    PipesBlobStoreMessageWriter,
+    PipesBlobTooLarge,
+)
 from ._errors import PipesUsageError
 
 __all__ = [
@@ -36,6 +43,10 @@ AZURE_CONNECTION_STRING_ENV_VAR = "AZURE_STORAGE_CONNECTION_STRING"
 
 # The error code of a missing blob. Any other 404 (ContainerNotFound above all) is a permanent error.
 _BLOB_NOT_FOUND = "BlobNotFound"
+# With a size limit, a blob is downloaded in ranges of this size: the first one tells the blob's size (checked
+# before more is read), and the SDK's download costs several times the bytes of one request while it runs
+# (measured: about 9x with azure-storage-blob 12.31), so 1 MiB ranges keep that to a few MiB whatever the size.
+AZURE_RANGE_BYTES = 1024 * 1024
 # HTTP statuses worth retrying besides 5xx: throttling and request timeouts.
 _TRANSIENT_STATUSES = frozenset({408, 429})
 
@@ -74,6 +85,16 @@ def _is_blob_not_found(exc: BaseException) -> bool:
     return getattr(exc, "status_code", None) == 404 and _error_code(exc) == _BLOB_NOT_FOUND
 
 
+def _blob_size(downloader: Any) -> int:
+    """The whole blob's size from a ranged download (``Content-Range: bytes 0-1048575/52428800``)."""
+    content_range = getattr(downloader.properties, "content_range", None)
+    if isinstance(content_range, str) and "/" in content_range:
+        total = content_range.rsplit("/", 1)[1]
+        if total.isdigit():
+            return int(total)
+    return int(downloader.size)
+
+
 class AzureBlobStore(PipesBlobStore):
     """One Azure Blob Storage container through a ``BlobServiceClient``."""
 
@@ -99,6 +120,25 @@ class AzureBlobStore(PipesBlobStore):
                 return None
             raise
         return data
+
+    def get_at_most(self, key: str, max_bytes: int) -> bytes | None:
+        blob = self.client.get_blob_client(self.bucket, key)
+        try:
+            first = blob.download_blob(offset=0, length=AZURE_RANGE_BYTES)
+        except Exception as exc:
+            if _is_blob_not_found(exc):
+                return None
+            raise
+        size = _blob_size(first)
+        if size > max_bytes:
+            raise PipesBlobTooLarge(key, size, max_bytes)
+        data = io.BytesIO()
+        data.write(first.readall())
+        del first
+        while data.tell() < size:
+            data.write(blob.download_blob(offset=data.tell(), length=min(AZURE_RANGE_BYTES, size - data.tell()))
+                       .readall())
+        return data.getvalue()  # (BytesIO hands over its buffer: no copy)
 
     def list_keys(self, prefix: str) -> list[str] | None:
         container = self.client.get_container_client(self.bucket)

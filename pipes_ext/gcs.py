@@ -20,7 +20,13 @@ from __future__ import annotations
 import http.client
 from typing import Any, Protocol
 
-from ._blob import PipesBlobBackend, PipesBlobStore, PipesBlobStoreContextLoader, PipesBlobStoreMessageWriter
+from ._blob import (
+    PipesBlobBackend,
+    PipesBlobStore,
+    PipesBlobStoreContextLoader,
+    PipesBlobStoreMessageWriter,
+    PipesBlobTooLarge,
+)
 
 __all__ = [
     "GCS_BACKEND",
@@ -104,8 +110,20 @@ class GCSBlobStore(PipesBlobStore):
         self._bucket_exists = True
 
     def get(self, key: str) -> bytes | None:
+        return self._get(key, None)
+
+    def get_at_most(self, key: str, max_bytes: int) -> bytes | None:
+        data = self._get(key, max_bytes)
+        if data is not None and len(data) > max_bytes:
+            raise PipesBlobTooLarge(key, None, max_bytes)
+        return data
+
+    def _get(self, key: str, max_bytes: int | None) -> bytes | None:
+        # With a limit, a range of at most max_bytes + 1 bytes: one request, and an over-limit object costs at
+        # most the limit (its size is not asked: that would be a second request for every chunk).
+        window = {} if max_bytes is None else {"start": 0, "end": max_bytes}
         try:
-            data: bytes = self._bucket.blob(key).download_as_bytes(retry=None, timeout=self.timeout)
+            data: bytes = self._bucket.blob(key).download_as_bytes(retry=None, timeout=self.timeout, **window)
         except Exception as exc:
             if not _is_not_found(exc):
                 raise

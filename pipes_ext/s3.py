@@ -9,7 +9,13 @@ from __future__ import annotations
 
 from typing import Any, Protocol
 
-from ._blob import PipesBlobBackend, PipesBlobStore, PipesBlobStoreContextLoader, PipesBlobStoreMessageWriter
+from ._blob import (
+    PipesBlobBackend,
+    PipesBlobStore,
+    PipesBlobStoreContextLoader,
+    PipesBlobStoreMessageWriter,
+    PipesBlobTooLarge,
+)
 
 __all__ = [
     "S3_BACKEND", "S3ClientLike", "S3BlobStore", "PipesS3ContextLoader", "PipesS3MessageWriter", "default_s3_client",
@@ -71,13 +77,23 @@ class S3BlobStore(PipesBlobStore):
         self.client.put_object(Bucket=self.bucket, Key=key, Body=data)
 
     def get(self, key: str) -> bytes | None:
+        return self._get(key, None)
+
+    def get_at_most(self, key: str, max_bytes: int) -> bytes | None:
+        return self._get(key, max_bytes)
+
+    def _get(self, key: str, max_bytes: int | None) -> bytes | None:
         try:
             response = self.client.get_object(Bucket=self.bucket, Key=key)
         except Exception as exc:
             if _error_code(exc) in _NOT_FOUND_CODES:
                 return None
             raise
-        body: bytes = response["Body"].read()
+        size = response.get("ContentLength")
+        if max_bytes is not None and isinstance(size, int) and size > max_bytes:
+            response["Body"].close()  # checked before the body is read: nothing downloaded
+            raise PipesBlobTooLarge(key, size, max_bytes)
+        body: bytes = response["Body"].read()  # one buffer of the object's size (measured: 1.0x)
         return body
 
     def delete(self, key: str) -> None:

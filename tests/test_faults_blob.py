@@ -286,3 +286,120 @@ def test_hung_stores_do_not_stall_a_healthy_session_of_the_same_loop_and_fail_na
     print(f"\nhealthy S3 session: {alone_seconds:.2f} s alone, {healthy_ended - started:.2f} s next to "
           f"{HUNG_SESSIONS} hung sessions; the hung ones failed after {first_hung_failure - started:.2f} to "
           f"{max(ended for _, ended in outcomes) - started:.2f} s (request_timeout={HUNG_REQUEST_TIMEOUT} s)")
+
+
+# ---------------------------------------------------------------------------------------------- item 5: big chunks
+
+MIB = 1024 * 1024
+# A reader that polls only at its start (before the chunk exists) and at the final drain: what is measured is
+# the final drain reading the one chunk.
+ONLY_AT_THE_END = 3600.0
+
+
+@pytest.fixture(params=["s3", "azure"])
+def big_bucket(request: pytest.FixtureRequest) -> tuple[str, Bucket]:
+    """A fresh bucket on S3 (moto) and on Azurite, the two stores whose figures the issue names."""
+    if request.param == "s3":
+        return "S3", s3_bucket(request.getfixturevalue("moto"))
+    return "Azurite", azure_bucket(request.getfixturevalue("azurite"))
+
+
+class Counter:
+    """An on_event callback that keeps no message: counts custom messages and the total size of their payloads."""
+
+    def __init__(self) -> None:
+        self.count = 0
+        self.payload_chars = 0
+
+    def __call__(self, event: PipesEvent) -> None:
+        if isinstance(event, PipesCustomMessageEvent):
+            self.count += 1
+            self.payload_chars += len(event.payload)
+
+
+def read_one_chunk(bucket: Bucket, make_chunk: Callable[[], bytes], **reader_kw: Any) -> tuple[float, Any, Counter]:
+    """Put one chunk (after ``opened`` in chunk 1; ``closed`` in the chunk after it), then measure with tracemalloc
+    the peak of the session's end, which reads it. Returns (peak in bytes over what was allocated before, the
+    session, the counter)."""
+    import gc
+    import tracemalloc
+
+    counter = Counter()
+    reader = bucket.make_reader(interval=ONLY_AT_THE_END, **reader_kw)
+    with open_pipes_session(None, PipesTempFileContextInjector(), reader, on_event=counter,
+                            retain_messages=False) as session:
+        prefix = session.message_params["key_prefix"]
+        put_chunk(bucket.store, prefix, 1, ("opened", {"extras": {}}))
+        data = make_chunk()
+        bucket.store.put(chunk_key(prefix, 2), data)
+        del data
+        put_chunk(bucket.store, prefix, 3, ("closed", {}))
+        gc.collect()
+        tracemalloc.start()
+        before = tracemalloc.get_traced_memory()[0]
+    try:
+        peak = tracemalloc.get_traced_memory()[1] - before
+    finally:
+        tracemalloc.stop()
+    assert session.closed
+    return peak, session, counter
+
+
+MANY_MESSAGES_BYTES = 48 * MIB
+LINE_PAYLOAD = "x" * 1000
+
+
+def many_messages() -> bytes:
+    line = dumps_message("report_custom_message", {"payload": LINE_PAYLOAD}).encode("utf-8")
+    return b"\n".join([line] * (MANY_MESSAGES_BYTES // (len(line) + 1)))
+
+
+def test_a_chunk_of_many_messages_peaks_at_most_1_5x_its_size(big_bucket: tuple[str, Bucket]) -> None:
+    store_name, bucket = big_bucket
+    size = len(many_messages())
+    peak, session, counter = read_one_chunk(bucket, many_messages)
+    assert counter.count == MANY_MESSAGES_BYTES // (len(many_messages().split(b"\n")[0]) + 1)  # every message
+    assert counter.payload_chars == counter.count * len(LINE_PAYLOAD)
+    assert not session.protocol_issues
+    ratio = peak / size
+    print(f"\n[{store_name}] a {size / MIB:.0f} MiB chunk of {counter.count} messages: peak {ratio:.2f}x its size")
+    assert ratio <= 1.5
+
+
+def test_one_message_alone_in_its_chunk_costs_about_twice_its_size(big_bucket: tuple[str, Bucket]) -> None:
+    store_name, bucket = big_bucket
+    payload_chars = 24 * MIB
+
+    def one_message() -> bytes:
+        return dumps_message("report_custom_message", {"payload": "y" * payload_chars}).encode("utf-8")
+
+    peak, session, counter = read_one_chunk(bucket, one_message)
+    assert counter.count == 1 and counter.payload_chars == payload_chars
+    assert not session.protocol_issues
+    ratio = peak / payload_chars
+    print(f"\n[{store_name}] one {payload_chars / MIB:.0f} MiB message alone in its chunk: peak {ratio:.2f}x its size")
+    assert ratio <= 2.3  # the line rule: its text and its value (the bytes are dropped before it is parsed)
+
+
+def test_a_chunk_over_max_chunk_bytes_is_an_issue_and_is_not_downloaded(big_bucket: tuple[str, Bucket]) -> None:
+    store_name, bucket = big_bucket
+    limit = 4 * MIB
+    size = len(many_messages())
+    peak, session, counter = read_one_chunk(bucket, many_messages, max_chunk_bytes=limit)
+    assert counter.count == 0  # nothing of it parsed ...
+    [issue] = session.protocol_issues  # ... one issue, naming the chunk, its size and the parameter
+    assert issue.kind == PipesProtocolErrorKind.LINE_TOO_LONG
+    assert f"{size} bytes" in issue.reason and f"max_chunk_bytes={limit}" in issue.reason
+    assert issue.reason.split()[2].endswith("/2.json") and issue.size == size
+    ratio = peak / size
+    print(f"\n[{store_name}] a {size / MIB:.0f} MiB chunk over max_chunk_bytes={limit}: peak {ratio:.2f}x its size")
+    assert ratio <= 0.5  # far less than the chunk: its size is checked before its body is read
+
+
+def test_reader_limits_are_checked_at_construction() -> None:
+    from pipes_core import PipesUsageError
+
+    with pytest.raises(PipesUsageError, match="request_timeout"):
+        PipesS3MessageReader("bucket", object(), request_timeout=0)  # type: ignore[arg-type]
+    with pytest.raises(PipesUsageError, match="max_chunk_bytes"):
+        PipesS3MessageReader("bucket", object(), max_chunk_bytes=0)  # type: ignore[arg-type]
