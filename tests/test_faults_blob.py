@@ -7,7 +7,7 @@ stores (moto for S3, gcp-storage-emulator for GCS, Azurite for Azure) or a real 
   same loop: the healthy one completes; each hung one fails with an error naming the store within the reader's
   ``request_timeout``;
 * a chunk over the reader's ``max_chunk_bytes``: an issue, never downloaded whole; a chunk of many messages
-  under it peaks at most 1.5x its size, one message alone in its chunk about 2x (S3, Azurite; tracemalloc).
+  under it peaks at most 1.5x its size, one message alone in its chunk about 2x (S3, Azurite, GCS; tracemalloc).
 
 Figures are printed (run with ``-s``).
 """
@@ -288,6 +288,19 @@ def test_hung_stores_do_not_stall_a_healthy_session_of_the_same_loop_and_fail_na
           f"{max(ended for _, ended in outcomes) - started:.2f} s (request_timeout={HUNG_REQUEST_TIMEOUT} s)")
 
 
+def test_a_sync_session_on_a_store_that_never_answers_fails_naming_it(tmp_path: Path) -> None:
+    """The same timeout in a sync session (its follower thread waits on the reader's request threads)."""
+    timeout = 2.0
+    with SilentStore() as silent:
+        client = s3_client(silent.url)
+        reader = PipesS3MessageReader("silent-bucket", client, interval=POLL, request_timeout=timeout)
+        with pytest.raises(PipesTransportError) as raised:
+            with open_pipes_session(None, PipesTempFileContextInjector(), reader, warn_unopened=False):
+                pass
+    assert "s3://silent-bucket/" in str(raised.value) and f"request_timeout={timeout}" in str(raised.value)
+    assert isinstance(raised.value.__cause__, TimeoutError)
+
+
 # ---------------------------------------------------------------------------------------------- item 5: big chunks
 
 MIB = 1024 * 1024
@@ -296,11 +309,13 @@ MIB = 1024 * 1024
 ONLY_AT_THE_END = 3600.0
 
 
-@pytest.fixture(params=["s3", "azure"])
+@pytest.fixture(params=["s3", "azure", "gcs"])
 def big_bucket(request: pytest.FixtureRequest) -> tuple[str, Bucket]:
-    """A fresh bucket on S3 (moto) and on Azurite, the two stores whose figures the issue names."""
+    """A fresh bucket on S3 (moto), Azurite and the GCS emulator."""
     if request.param == "s3":
         return "S3", s3_bucket(request.getfixturevalue("moto"))
+    if request.param == "gcs":
+        return "GCS", gcs_bucket(request.getfixturevalue("gcs_server"))
     return "Azurite", azure_bucket(request.getfixturevalue("azurite"))
 
 
@@ -389,8 +404,10 @@ def test_a_chunk_over_max_chunk_bytes_is_an_issue_and_is_not_downloaded(big_buck
     assert counter.count == 0  # nothing of it parsed ...
     [issue] = session.protocol_issues  # ... one issue, naming the chunk, its size and the parameter
     assert issue.kind == PipesProtocolErrorKind.LINE_TOO_LONG
-    assert f"{size} bytes" in issue.reason and f"max_chunk_bytes={limit}" in issue.reason
-    assert issue.reason.split()[2].endswith("/2.json") and issue.size == size
+    # GCS is read as a range of limit + 1 bytes (its size would cost a second request per chunk): "more than".
+    told = (f"more than {limit} bytes", None) if store_name == "GCS" else (f"{size} bytes", size)
+    assert f"is {told[0]}" in issue.reason and f"max_chunk_bytes={limit}" in issue.reason
+    assert issue.reason.split()[2].endswith("/2.json") and issue.size == told[1]
     ratio = peak / size
     print(f"\n[{store_name}] a {size / MIB:.0f} MiB chunk over max_chunk_bytes={limit}: peak {ratio:.2f}x its size")
     assert ratio <= 0.5  # far less than the chunk: its size is checked before its body is read
