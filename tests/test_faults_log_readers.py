@@ -13,7 +13,6 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-import threading
 from pathlib import Path
 
 import pytest
@@ -26,33 +25,12 @@ from pipes_core import (
 )
 from pipes_core._log_readers import LOG_READ_BLOCK_BYTES, LOG_REWRITE_CHECK_BYTES
 
+from .test_log_readers import Collector
+
 PYTHON = sys.executable
 # A reader that never polls on its own during a test: its reads are the first one at start and the final
 # drain at stop, so what happens between them is exactly "between two polls".
 NEVER = 3600.0
-
-
-class Collector:
-    """A log target keeping every piece of forwarded text."""
-
-    def __init__(self) -> None:
-        self.pieces: list[str] = []
-        self._condition = threading.Condition()
-
-    def __call__(self, text: str) -> None:
-        with self._condition:
-            self.pieces.append(text)
-            self._condition.notify_all()
-
-    @property
-    def text(self) -> str:
-        with self._condition:
-            return "".join(self.pieces)
-
-    def wait_for(self, expected: str, timeout: float = 30.0) -> None:
-        with self._condition:
-            if not self._condition.wait_for(lambda: expected in "".join(self.pieces), timeout):
-                raise AssertionError(f"{expected!r} was not forwarded; got {''.join(self.pieces)[-200:]!r}")
 
 
 def run_child(script: Path, *args: str) -> None:
