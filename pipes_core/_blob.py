@@ -325,8 +325,12 @@ class _ChunkFollower:
             except PipesTransportError as exc:
                 if self._hung is not None:  # a store that does not answer: no probing either
                     raise
-                self.handler.logger.warning("[pipes] %s; looking %d chunks past a missing one instead",
-                                            exc, GAP_PROBE_CHUNKS)
+                if not self.reader.listing_failed:  # once per reader (e.g. credentials that may read, not list)
+                    self.reader.listing_failed = True
+                    self.handler.logger.warning(
+                        "[pipes] %s; at the end of each session this reader now looks %d chunks past a missing one "
+                        "instead (grant the reader's credentials the right to list the bucket to find chunks after "
+                        "a longer gap)", exc, GAP_PROBE_CHUNKS)
                 keys = None
             self._listing = [] if keys is None else sorted(
                 index for index in (chunk_index(self.key_prefix, key) for key in keys) if index is not None)
@@ -380,7 +384,7 @@ class _ChunkFollower:
         """One pass over the store (blocking I/O): read every chunk available. Returns :data:`POLL_DONE` once the
         final drain (``finishing``) is over, :data:`POLL_AGAIN` to go on at once (a gap was skipped), else
         :data:`POLL_WAIT` (wait ``interval`` or for the finish). The sync reader calls it from its thread, the
-        asyncio twin from the loop's executor: one polling logic for both. Raises :class:`PipesTransportError`
+        asyncio twin from the reader's poll threads: one polling logic for both. Raises :class:`PipesTransportError`
         when reading cannot go on."""
         try:
             self._read_available(finishing)
@@ -486,6 +490,7 @@ class PipesBlobStoreMessageReader(PipesMessageReader):
         # This reader's own threads: its requests, and its polling passes in an asyncio loop (see READER_THREADS).
         self.request_threads = _ReaderThreads("pipes-blob-request")
         self.poll_threads = _ReaderThreads("pipes-blob-poll")
+        self.listing_failed = False  # listing a session's chunks failed once (said once, then not said again)
         self.last_stats: dict[str, int] = {}
         # The store of each open session, by its key prefix, between get_params' entry and exit: one reader may
         # serve several sessions at once (a client running many processes concurrently).

@@ -188,6 +188,35 @@ def test_two_gaps_at_the_end_are_each_reported_once(bucket: Bucket) -> None:
     assert "(8 chunks)" in reasons[1] and bucket.store.url(chunk_key(prefix, 11)) in reasons[1]
 
 
+class UnlistableS3Store(S3BlobStore):
+    """A real S3 store whose owner did not implement listing (the default of ``PipesBlobStore.list_keys``)."""
+
+    def list_keys(self, prefix: str) -> list[str] | None:
+        return PipesBlobStore.list_keys(self, prefix)
+
+
+def test_a_store_that_cannot_list_is_probed_two_chunks_past_a_gap(moto: servers.Server) -> None:
+    """What a store without ``list_keys`` gets: the final drain looks GAP_PROBE_CHUNKS past a missing chunk, so a
+    gap of two is crossed (one of three is not: see the README)."""
+    client = s3_client(moto.url)
+    bucket = s3_bucket(moto).store.bucket
+
+    class Reader(PipesBlobStoreMessageReader):
+        def make_store(self) -> PipesBlobStore:
+            return UnlistableS3Store(client, bucket)
+
+    events: list[PipesEvent] = []
+    reader = Reader(interval=POLL, missing_chunk_grace=600.0)
+    store = UnlistableS3Store(client, bucket)
+    with open_pipes_session(None, PipesTempFileContextInjector(), reader, on_event=events.append) as session:
+        prefix = session.message_params["key_prefix"]
+        put_chunk(store, prefix, 1, ("opened", {"extras": {}}))
+        put_chunk(store, prefix, 4, ("report_custom_message", {"payload": 4}), ("closed", {}))
+    assert custom_payloads(events) == [4] and session.closed
+    [issue] = session.protocol_issues
+    assert "(2 chunks)" in issue.reason and store.url(chunk_key(prefix, 3)) in issue.reason
+
+
 # ---------------------------------------------------------------------------------------------- item 3: a hung store
 
 HUNG_SESSIONS = 8
