@@ -43,6 +43,7 @@ from ._errors import (
     PipesInterruptedError,
     PipesProtocolError,
     PipesProtocolErrorKind,
+    PipesResourceError,
     PipesTimeoutError,
     PipesTransportError,
     PipesUsageError,
@@ -143,6 +144,7 @@ __all__ = [
     "PipesExecutionError",
     "PipesTimeoutError",
     "PipesInterruptedError",
+    "PipesResourceError",
     "PipesWarning",
     # asyncio twins (loaded on first use: asyncio is not imported by a sync program)
     "open_pipes_session_async",

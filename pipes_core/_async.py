@@ -31,7 +31,6 @@ import contextlib
 import logging
 import os
 import shlex
-import shutil
 import signal
 import subprocess
 import sys
@@ -43,7 +42,7 @@ from contextlib import AbstractContextManager, asynccontextmanager
 from typing import Any, ClassVar, cast
 
 from pipes_ext._errors import PipesError, PipesTransportError, PipesUsageError
-from pipes_ext._protocol import STREAM_STDERR, STREAM_STDOUT
+from pipes_ext._protocol import PARAM_PATH, STREAM_STDERR, STREAM_STDOUT
 
 from ._blob import POLL_DONE, POLL_WAIT, PipesBlobStoreMessageReader
 from ._client import (
@@ -57,7 +56,7 @@ from ._client import (
     _Tail,
     run_loggers,
 )
-from ._errors import PipesExecutionError
+from ._files import SessionPath, remove_temp_dir
 from ._handler import PipesMessageHandler
 from ._injectors import PipesContextInjector, PipesEnvContextInjector, PipesTempFileContextInjector
 from ._readers import (
@@ -70,7 +69,7 @@ from ._readers import (
 )
 from ._results import PipesEvent
 from ._run_context import PipesRunContext
-from ._session import PipesSession, SessionSetup, attach_session, end_session
+from ._session import PipesSession, SessionSetup, as_session_error, attach_session, end_session
 from ._stdio import (
     DEFAULT_MAX_LINE_BYTES,
     STDIO_DRAIN_SECONDS,
@@ -80,7 +79,7 @@ from ._stdio import (
     _StdioLineSplitter,
     as_output_writer,
 )
-from ._subprocess import PipesSubprocessClient, command_name
+from ._subprocess import PipesSubprocessClient, check_env, command_name, start_local_process
 from ._watch import POLL_MAX_SECONDS, POLL_MIN_SECONDS, InotifyGroup
 
 __all__ = [
@@ -131,6 +130,10 @@ class PipesAsyncMessageReader:
 
     def no_messages_debug_text(self) -> str:
         return f"Messages were expected through {self.describe()}."
+
+    def session_paths(self, params: Mapping[str, Any]) -> list[SessionPath]:
+        """As :meth:`PipesMessageReader.session_paths`: the local paths it created for a session (none)."""
+        return []
 
 
 # With inotify, an idle async file reader's safety-net re-read backs off from IDLE_WAKE_SECONDS to this. inotify
@@ -316,6 +319,9 @@ class PipesAsyncFileMessageReader(PipesAsyncMessageReader):
     def describe(self) -> str:
         return self._sync.describe()
 
+    def session_paths(self, params: Mapping[str, Any]) -> list[SessionPath]:
+        return self._sync.session_paths(params)
+
 
 class PipesAsyncTempFileMessageReader(PipesAsyncFileMessageReader):
     """The asyncio twin of :class:`PipesTempFileMessageReader`: a fresh private temp dir per session."""
@@ -340,10 +346,13 @@ class PipesAsyncTempFileMessageReader(PipesAsyncFileMessageReader):
             async with self._following(os.path.join(tmp, MESSAGES_FILE_NAME), handler) as params:
                 yield params
         finally:
-            shutil.rmtree(tmp, ignore_errors=True)
+            remove_temp_dir(tmp, MESSAGES_FILE_NAME)
 
     def describe(self) -> str:
         return "the tempfile message reader"
+
+    def session_paths(self, params: Mapping[str, Any]) -> list[SessionPath]:
+        return [SessionPath(os.path.dirname(params[PARAM_PATH]), tree=True)]
 
 
 class PipesAsyncStdioMessageReader(PipesAsyncMessageReader):
@@ -445,6 +454,9 @@ class _ThreadedReader(PipesAsyncMessageReader):
 
     def no_messages_debug_text(self) -> str:
         return self.reader.no_messages_debug_text()
+
+    def session_paths(self, params: Mapping[str, Any]) -> list[SessionPath]:
+        return self.reader.session_paths(params)
 
 
 class PipesAsyncBlobStoreMessageReader(PipesAsyncMessageReader):
@@ -578,6 +590,11 @@ async def open_pipes_session_async(
     except PipesError as exc:
         attach_session(exc, session)
         raise
+    except OSError as exc:
+        error = as_session_error(exc, session)
+        if error is None:
+            raise
+        raise error from exc
     finally:
         if setup.log_readers.log_readers:
             await asyncio.shield(_in_executor(lambda: setup.log_readers.stop(run_unstarted=launched)))
@@ -730,6 +747,7 @@ class PipesAsyncSubprocessClient:
         if timeout_seconds is not None and not timeout_seconds > 0:  # also refuses nan
             raise PipesUsageError(f"timeout_seconds must be positive, got {timeout_seconds!r}")
         config = self.config
+        check_env({**config.env, **(env or {})})
         strict = config.strict if strict is None else strict
         injector, reader = self._channels()
         started = time.monotonic()
@@ -773,18 +791,20 @@ class PipesAsyncSubprocessClient:
         stdout_needed = request.stdout_needed or stdio == STREAM_STDOUT
         stderr_needed = request.stderr_needed or stdio == STREAM_STDERR
         child_argv = argv + request.bootstrap_args
+        # fork + exec (and the orphan guard's) take a few milliseconds: not worth a thread
+        process, guard = start_local_process(
+            child_argv, env={**os.environ, **extra_env, **request.bootstrap_env}, cwd=cwd, stdin=None,
+            stdout=subprocess.PIPE if stdout_needed else stdout,  # type: ignore[arg-type]
+            stderr=subprocess.PIPE if stderr_needed else stderr,  # type: ignore[arg-type]
+            own_group=config.forward_termination, session=session, guarded=config.end_with_orchestrator)
         try:
-            process = subprocess.Popen(  # fork + exec take a few milliseconds: not worth a thread
-                child_argv,
-                env={**os.environ, **extra_env, **request.bootstrap_env},
-                cwd=cwd,
-                stdout=subprocess.PIPE if stdout_needed else stdout,  # type: ignore[arg-type]
-                stderr=subprocess.PIPE if stderr_needed else stderr,  # type: ignore[arg-type]
-                start_new_session=config.forward_termination,
-            )
-        except OSError as exc:
-            raise PipesExecutionError(f"cannot start the external process {argv[0]!r}: {exc}") from exc
-        child = _AsyncChild(process, command_name(argv), config.forward_termination)
+            child = _AsyncChild(process, command_name(argv), config.forward_termination)
+        except BaseException:
+            process.kill()
+            process.wait()
+            if guard is not None:
+                guard.release()
+            raise
         run.description = child.description
         pumps: list[asyncio.Task[None]] = []
         transports: list[asyncio.BaseTransport] = []
@@ -836,6 +856,8 @@ class PipesAsyncSubprocessClient:
             await _finish_shielded(asyncio.ensure_future(child.wait(KILL_WAIT_SECONDS)))
             raise
         finally:
+            if guard is not None and process.returncode is not None and not config.forward_termination:
+                guard.ended()  # reaped, and not in a group of its own: its pid may be reused
             if pumps:
                 waiting = asyncio.ensure_future(asyncio.wait(pumps, timeout=OUTPUT_DRAIN_SECONDS))
                 try:
@@ -846,6 +868,8 @@ class PipesAsyncSubprocessClient:
             child.close()
             for transport in transports:  # read to their end, or given up on after the drain deadline
                 transport.close()
+            if guard is not None:
+                guard.release()
             run.status = (PipesExitStatus.from_returncode(process.returncode) if process.returncode is not None
                           else PipesExitStatus(None, description="was left running"))
 

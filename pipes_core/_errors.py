@@ -3,6 +3,8 @@ a failed external process."""
 
 from __future__ import annotations
 
+import errno
+import resource
 from typing import TYPE_CHECKING, Any
 
 from pipes_ext._errors import (
@@ -27,6 +29,8 @@ __all__ = [
     "PipesExecutionError",
     "PipesTimeoutError",
     "PipesInterruptedError",
+    "PipesResourceError",
+    "descriptor_error",
 ]
 
 
@@ -63,3 +67,24 @@ class PipesTimeoutError(PipesExecutionError):
 
 class PipesInterruptedError(PipesExecutionError):
     """The orchestrator received SIGTERM while the external process ran; the process was terminated."""
+
+
+class PipesResourceError(PipesExecutionError):
+    """The run could not start: the orchestrator ran out of a system resource it needs (file descriptors). The
+    message names what to do; nothing was launched and no temp file was left behind."""
+
+
+def descriptor_error(exc: OSError, what: str) -> PipesResourceError | None:
+    """A :class:`PipesResourceError` for ``exc`` when it says that descriptors ran out (EMFILE: this process;
+    ENFILE: the whole system), saying that ``what`` could not be done and what to do; None for any other error."""
+    if exc.errno == errno.EMFILE:
+        soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+        return PipesResourceError(
+            f"cannot {what}: this process has no free file descriptor (its limit is {soft}, RLIMIT_NOFILE); raise "
+            "it (ulimit -n, resource.setrlimit) or run fewer sessions at once. Nothing was launched and no temp "
+            "file was left behind")
+    if exc.errno == errno.ENFILE:
+        return PipesResourceError(
+            f"cannot {what}: the system's table of open files is full (ENFILE); close files or raise "
+            "fs.file-max, then retry. Nothing was launched and no temp file was left behind")
+    return None

@@ -20,11 +20,16 @@ from __future__ import annotations
 
 import errno
 import os
+import shutil
 import stat
+from dataclasses import dataclass
 
 from pipes_ext._errors import PipesTransportError, PipesUsageError
 
-__all__ = ["PRIVATE_FILE_MODE", "CreatedFile", "create_private_file", "describe_path_kind"]
+from ._errors import descriptor_error
+
+__all__ = ["PRIVATE_FILE_MODE", "CreatedFile", "SessionPath", "create_private_file", "describe_path_kind",
+           "remove_temp_dir"]
 
 # Owner read/write only: the context carries the extras, and anyone who can write the messages file can forge
 # results.
@@ -112,6 +117,9 @@ def _creation_error(path: str, what: str, exc: OSError) -> Exception:
             "and never reuses, truncates or follows an existing path; remove it or choose a new path"
         )
     parent = os.path.dirname(path) or "."
+    exhausted = descriptor_error(exc, f"create {what} {path!r}")
+    if exhausted is not None:
+        return exhausted
     if exc.errno == errno.ENOENT:
         return PipesUsageError(f"cannot create {what} {path!r}: the directory {parent!r} does not exist")
     if exc.errno == errno.ENOTDIR:
@@ -119,3 +127,40 @@ def _creation_error(path: str, what: str, exc: OSError) -> Exception:
     if exc.errno in (errno.EACCES, errno.EPERM):
         return PipesUsageError(f"cannot create {what} {path!r}: permission denied in {parent!r}")
     return PipesTransportError(f"cannot create {what} {path!r}: {exc.strerror or exc}")
+
+
+@dataclass(frozen=True)
+class SessionPath:
+    """A path a session created on this machine for the external process (a context or messages file, or the
+    private temp dir holding one), as the orphan guard of a local process removes it when the orchestrator
+    dies (see :mod:`pipes_core._subprocess`).
+
+    Attributes:
+        path: the file or directory.
+        tree: a private temp dir of the session (0700, made by it): removed with whatever it holds. Otherwise a
+            file at a path the user named: only that file is removed.
+    """
+
+    path: str
+    tree: bool = False
+
+
+def remove_temp_dir(path: str, *names: str) -> None:
+    """Remove a private temp dir of the session that holds the files ``names`` (and possibly more).
+
+    The known files are removed by name and the directory with ``rmdir``, which need no file descriptor: when
+    the process has run out of them (the very failure that may be unwinding a session), ``shutil.rmtree``
+    (which opens the directory to list it) would fail silently and leave the directory behind. Only a directory
+    holding something else falls back to it.
+    """
+    for name in names:
+        try:
+            os.remove(os.path.join(path, name))
+        except OSError:
+            pass
+    try:
+        os.rmdir(path)
+    except FileNotFoundError:
+        pass
+    except OSError:
+        shutil.rmtree(path, ignore_errors=True)

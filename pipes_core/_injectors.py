@@ -3,22 +3,27 @@
 An injector's :meth:`PipesContextInjector.inject_context` is a context manager: on entry it makes the
 context available and yields the context params the external side needs to find it; on exit it cleans up.
 An injector holds no per-session state, so one instance can serve many sessions in turn.
+
+A local file holding the context (it carries the extras, which may hold secrets) lives no longer than the
+external process needs it: :meth:`PipesContextInjector.discard_context` removes it once the process has opened the
+channel (it has read its context by then), and :meth:`PipesContextInjector.session_paths` names it to the orphan
+guard of a local process, which removes it if the orchestrator dies first (see :mod:`pipes_core._subprocess`).
 """
 
 from __future__ import annotations
 
 import json
 import os
-import shutil
 import tempfile
-from collections.abc import Iterator
+import threading
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from typing import Any
 
 from pipes_ext._errors import PipesTransportError, PipesUsageError
 from pipes_ext._protocol import PARAM_DATA, PARAM_PATH
 
-from ._files import CreatedFile, create_private_file
+from ._files import CreatedFile, SessionPath, create_private_file, remove_temp_dir
 
 __all__ = [
     "PipesContextInjector",
@@ -43,6 +48,15 @@ class PipesContextInjector:
     def describe(self) -> str:
         """A short name for messages, e.g. ``tempfile context``."""
         return type(self).__name__
+
+    def session_paths(self, params: Mapping[str, Any]) -> list[SessionPath]:
+        """The local paths that hold the context of the session whose context params are ``params``, for the
+        orphan guard to remove if the orchestrator dies (none by default)."""
+        return []
+
+    def discard_context(self, params: Mapping[str, Any]) -> None:
+        """The process has opened the channel, so it has read its context: remove the local copy (nothing by
+        default). Called on the reader's thread (or the loop); must not raise."""
 
     def no_messages_debug_text(self) -> str:
         """What to check when the external process never opened the channel."""
@@ -103,14 +117,31 @@ class PipesFileContextInjector(PipesContextInjector):
 
     def __init__(self, path: str | os.PathLike[str]) -> None:
         self.path = os.fspath(path)
+        # The file of the session in progress, for discard_context (one session at a time: the path is fixed,
+        # and a second session's creation of it is refused).
+        self._created: CreatedFile | None = None
+        self._lock = threading.Lock()
 
     @contextmanager
     def inject_context(self, context_data: dict[str, Any]) -> Iterator[dict[str, Any]]:
         created = _write_private_json(self.path, context_data)
+        with self._lock:
+            self._created = created
         try:
             yield {PARAM_PATH: self.path}
         finally:
+            with self._lock:
+                self._created = None
             created.remove()
+
+    def session_paths(self, params: Mapping[str, Any]) -> list[SessionPath]:
+        return [SessionPath(self.path)]
+
+    def discard_context(self, params: Mapping[str, Any]) -> None:
+        with self._lock:
+            created = self._created
+        if created is not None:
+            created.remove()  # only if the path still names the file created here
 
     def describe(self) -> str:
         return f"the file context injector ({self.path})"
@@ -130,7 +161,16 @@ class PipesTempFileContextInjector(PipesContextInjector):
             _write_private_json(path, context_data)
             yield {PARAM_PATH: path}
         finally:
-            shutil.rmtree(tmp, ignore_errors=True)
+            remove_temp_dir(tmp, CONTEXT_FILE_NAME)
+
+    def session_paths(self, params: Mapping[str, Any]) -> list[SessionPath]:
+        return [SessionPath(os.path.dirname(params[PARAM_PATH]), tree=True)]
+
+    def discard_context(self, params: Mapping[str, Any]) -> None:
+        try:  # inside the session's private dir (0700): nobody else can have put anything at this path
+            os.remove(params[PARAM_PATH])
+        except OSError:
+            pass
 
     def describe(self) -> str:
         return "the tempfile context injector"

@@ -17,18 +17,17 @@ from __future__ import annotations
 
 import fcntl
 import os
-import shutil
 import tempfile
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from typing import Any
 
 from pipes_ext._errors import PipesTransportError, PipesUsageError
 from pipes_ext._protocol import PARAM_INCLUDE_STDIO_IN_MESSAGES, PARAM_PATH
 
-from ._files import create_private_file
+from ._files import SessionPath, create_private_file, remove_temp_dir
 from ._handler import PipesMessageHandler
 from ._lines import DEFAULT_MAX_LINE_BYTES, LineSplitter
 from ._log_readers import PipesLogReader
@@ -85,6 +84,11 @@ class PipesMessageReader:
     def no_messages_debug_text(self) -> str:
         """What to check when the external process never opened the channel."""
         return f"Messages were expected through {self.describe()}."
+
+    def session_paths(self, params: Mapping[str, Any]) -> list[SessionPath]:
+        """The local paths this reader created for the session whose message params are ``params``, for the
+        orphan guard to remove if the orchestrator dies (none by default)."""
+        return []
 
     def close(self) -> None:
         """Release resources (none by default)."""
@@ -177,8 +181,12 @@ class _FileFollowThread:
         return 0 if self.follower is None else self.follower.bytes_read
 
     def start(self) -> None:
-        self.watcher.start()
-        self._thread.start()
+        try:
+            self.watcher.start()
+            self._thread.start()
+        except BaseException:  # e.g. out of descriptors after the inotify one: release what was set up
+            self.watcher.close()
+            raise
 
     def finish(self) -> None:
         """Drain what is left and stop; returns when the thread has ended."""
@@ -272,7 +280,11 @@ class PipesFileMessageReader(PipesMessageReader):
         then owns; at the end remove the file if ``cleanup_file`` (and only if the path still names the file
         created here). Shared by this reader's thread and its asyncio twin."""
         created = create_private_file(path, "the messages file", readable=True)
-        fd = os.dup(created.fd)
+        try:
+            fd = os.dup(created.fd)
+        except BaseException:  # out of descriptors: the file is not left behind
+            created.remove()
+            raise
         created.close_fd()
         try:
             yield fd
@@ -304,6 +316,9 @@ class PipesFileMessageReader(PipesMessageReader):
     def describe(self) -> str:
         return f"the file message reader ({self.path})"
 
+    def session_paths(self, params: Mapping[str, Any]) -> list[SessionPath]:
+        return [SessionPath(params[PARAM_PATH])] if self.cleanup_file else []
+
 
 class PipesTempFileMessageReader(PipesFileMessageReader):
     """A file reader on a fresh private temp dir (0700; file 0600), removed after the session."""
@@ -328,7 +343,10 @@ class PipesTempFileMessageReader(PipesFileMessageReader):
             with self._following(os.path.join(tmp, MESSAGES_FILE_NAME), handler) as params:
                 yield params
         finally:
-            shutil.rmtree(tmp, ignore_errors=True)
+            remove_temp_dir(tmp, MESSAGES_FILE_NAME)
 
     def describe(self) -> str:
         return "the tempfile message reader"
+
+    def session_paths(self, params: Mapping[str, Any]) -> list[SessionPath]:
+        return [SessionPath(os.path.dirname(params[PARAM_PATH]), tree=True)]

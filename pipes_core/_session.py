@@ -29,7 +29,7 @@ from pipes_ext._protocol import (
 )
 from pipes_ext._types import PipesContextData, PipesExtras, PipesParams
 
-from ._errors import PipesError, PipesUsageError
+from ._errors import PipesError, PipesUsageError, descriptor_error
 from ._handler import PipesMessageHandler
 from ._injectors import PipesContextInjector
 from ._log_readers import PipesLogReaderGroup
@@ -337,6 +337,11 @@ def open_pipes_session(
     except PipesError as exc:
         attach_session(exc, session)
         raise
+    except OSError as exc:
+        error = as_session_error(exc, session)
+        if error is None:
+            raise
+        raise error from exc
     finally:
         # After the channel is drained: the process has ended, so its logs are complete.
         setup.log_readers.stop(run_unstarted=launched)
@@ -371,16 +376,20 @@ class SessionSetup:
         check_json_depth(self.context_data, "the context data (extras included)")  # the process would refuse it
         self.created_at = _now()
         self.log_readers = log_readers = PipesLogReaderGroup(getattr(message_reader, "log_readers", ()))
-        if log_readers.log_readers:
-            user_on_event = on_event
+        # What `opened` sets off: the log readers start, and the context injector discards its local copy of the
+        # context (the process has read it; see PipesContextInjector.discard_context).
+        self._on_opened: list[Callable[[], None]] = [log_readers.start] if log_readers.log_readers else []
+        user_on_event = on_event
+        on_opened = self._on_opened
 
-            def on_event_starting_log_readers(event: PipesEvent) -> None:
-                if isinstance(event, PipesOpenedEvent):
-                    log_readers.start()
-                if user_on_event is not None:
-                    user_on_event(event)
+        def on_event_with_opened_hooks(event: PipesEvent) -> None:
+            if isinstance(event, PipesOpenedEvent):
+                for hook in on_opened:
+                    hook()
+            if user_on_event is not None:
+                user_on_event(event)
 
-            on_event = on_event_starting_log_readers
+        on_event = on_event_with_opened_hooks
         self.handler = PipesMessageHandler(
             self.context_data,
             message_reader,
@@ -395,10 +404,20 @@ class SessionSetup:
                 message_params: PipesParams) -> PipesSession:
         """The session, once the injector and the reader have given their params."""
         self.log_readers.params = dict(message_params)
+        self._on_opened.append(lambda: context_injector.discard_context(context_params))
         return PipesSession(
             cast(PipesContextData, self.context_data), self.handler, context_params, message_params, self.context,
             self.created_at, context_injector=context_injector, message_reader=message_reader,
         )
+
+
+def as_session_error(exc: OSError, session: PipesSession | None) -> PipesError | None:
+    """For an :class:`OSError` that escaped a channel's set-up or end because descriptors ran out: a
+    :class:`PipesResourceError` saying what to do (carrying the session, when there is one); None for any other."""
+    error = descriptor_error(exc, "open the Pipes session's channels")
+    if error is not None:
+        attach_session(error, session)
+    return error
 
 
 def attach_session(error: BaseException, session: PipesSession | None) -> None:
