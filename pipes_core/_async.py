@@ -107,6 +107,19 @@ async def _finish_shielded(awaitable: asyncio.Future[Any]) -> None:
         raise cancelled
 
 
+def _loop_closing() -> bool:
+    """True in a ``finally`` or ``except`` that runs because the coroutine is being closed (``GeneratorExit``: its
+    event loop was closed with the run pending, and the task is being collected). Nothing can be awaited then:
+    each layer releases what it holds synchronously instead (the child killed, every descriptor closed)."""
+    return isinstance(sys.exc_info()[1], GeneratorExit)
+
+
+def _close_task(task: asyncio.Task[Any]) -> None:
+    """Run what ``task`` has left in its ``finally`` blocks now, without the loop (see :func:`_loop_closing`)."""
+    if not task.done():
+        task.get_coro().close()
+
+
 async def _in_executor(function: Callable[..., Any], *args: Any) -> Any:
     """Run blocking work on the loop's default executor (shared and bounded), not on the loop."""
     return await asyncio.get_running_loop().run_in_executor(None, function, *args)
@@ -279,18 +292,26 @@ class PipesAsyncFileMessageReader(PipesAsyncMessageReader):
             try:
                 yield self._sync.messages_params(path)
             finally:
-                finish.set()
-                cancelled: asyncio.CancelledError | None = None
-                try:
-                    await _finish_shielded(task)  # a cancelled session still drains the file
-                except asyncio.CancelledError as exc:
-                    cancelled = exc
-                self.bytes_read = follower.bytes_read
-                error = task.exception()
-                if cancelled is not None:
-                    raise cancelled
-                if error is not None:
-                    raise PipesTransportError(f"reading the messages file {path!r} failed: {error}") from error
+                if _loop_closing():
+                    _close_task(task)  # releases the follower's descriptor and its inotify watch
+                else:
+                    await self._finish(task, finish, follower, path)
+
+    async def _finish(self, task: asyncio.Task[None], finish: asyncio.Event, follower: _FileFollower,
+                      path: str) -> None:
+        """Leaving the session: the follower drains the file to its end, then stops."""
+        finish.set()
+        cancelled: asyncio.CancelledError | None = None
+        try:
+            await _finish_shielded(task)  # a cancelled session still drains the file
+        except asyncio.CancelledError as exc:
+            cancelled = exc
+        self.bytes_read = follower.bytes_read
+        error = task.exception()
+        if cancelled is not None:
+            raise cancelled
+        if error is not None:
+            raise PipesTransportError(f"reading the messages file {path!r} failed: {error}") from error
 
     async def _follow(self, follower: _FileFollower, finish: asyncio.Event) -> None:
         waker = _AsyncFileWaker(follower.path, self._sync.use_inotify)
@@ -307,9 +328,10 @@ class PipesAsyncFileMessageReader(PipesAsyncMessageReader):
                 await waker.wait()
             follower.end()
         finally:
-            finish_waiter.cancel()
             waker.close()
             follower.close()
+            if not _loop_closing():
+                finish_waiter.cancel()
 
     @asynccontextmanager
     async def aread_messages(self, handler: PipesMessageHandler) -> AsyncIterator[dict[str, Any]]:
@@ -383,7 +405,10 @@ class PipesAsyncStdioMessageReader(PipesAsyncMessageReader):
             yield self._sync.messages_params()
         finally:
             tasks, self._handler = self._tasks, None
-            if tasks:
+            if tasks and _loop_closing():
+                for task in tasks:
+                    _close_task(task)
+            elif tasks:
                 waiting = asyncio.ensure_future(asyncio.wait(tasks, timeout=self._sync.drain_timeout_seconds))
                 cancelled: asyncio.CancelledError | None = None
                 try:
@@ -480,8 +505,11 @@ class PipesAsyncBlobStoreMessageReader(PipesAsyncMessageReader):
             try:
                 yield dict(params)
             finally:
-                finish.set()
-                await _finish_shielded(task)
+                if _loop_closing():
+                    _close_task(task)
+                else:
+                    finish.set()
+                    await _finish_shielded(task)
                 self.reader.ended(follower)
 
     async def _follow(self, follower: Any, finish: asyncio.Event) -> None:
@@ -532,6 +560,9 @@ async def _entered_on_executor(manager: AbstractContextManager[Any]) -> AsyncIte
     try:
         yield value
     except BaseException:
+        if _loop_closing():
+            manager.__exit__(*sys.exc_info())  # on this thread: nothing can be awaited any more
+            raise
         if not await _in_executor(manager.__exit__, *sys.exc_info()):
             raise
     else:
@@ -597,7 +628,10 @@ async def open_pipes_session_async(
         raise error from exc
     finally:
         if setup.log_readers.log_readers:
-            await asyncio.shield(_in_executor(lambda: setup.log_readers.stop(run_unstarted=launched)))
+            if _loop_closing():
+                setup.log_readers.stop(run_unstarted=launched)
+            else:
+                await asyncio.shield(_in_executor(lambda: setup.log_readers.stop(run_unstarted=launched)))
     assert session is not None  # the block ran, else the error was raised above
     end_session(session, warn_unclosed, warn_unopened)
 
@@ -616,7 +650,7 @@ class _AsyncChild:
         self.process = process
         self.own_group = own_group
         self.description = f"the external process {argv0!r}"
-        loop = asyncio.get_running_loop()
+        self._loop = loop = asyncio.get_running_loop()
         self._ended = loop.create_future()
         self._pidfd = -1
         self._timer: asyncio.TimerHandle | None = None
@@ -636,7 +670,7 @@ class _AsyncChild:
         if self.process.poll() is None:
             if self._pidfd < 0:
                 self._poll = min(self._poll * 2, POLL_MAX_SECONDS)
-                self._timer = asyncio.get_running_loop().call_later(self._poll, self._check)
+                self._timer = self._loop.call_later(self._poll, self._check)
             return
         self._release()
         if not self._ended.done():
@@ -644,7 +678,7 @@ class _AsyncChild:
 
     def _release(self) -> None:
         if self._pidfd >= 0:
-            asyncio.get_running_loop().remove_reader(self._pidfd)
+            self._loop.remove_reader(self._pidfd)  # does nothing once the loop is closed
             os.close(self._pidfd)
             self._pidfd = -1
         if self._timer is not None:
@@ -767,6 +801,8 @@ class PipesAsyncSubprocessClient:
                                                 reader, run, timeout_seconds, stdout, stderr)
                 except asyncio.CancelledError as exc:
                     run.interrupt = exc  # an interruption: drain first (leaving the session), then re-raise
+                except GeneratorExit:  # the loop was closed with the run pending: release everything, no drain
+                    raise
                 except BaseException as exc:
                     run.error = exc
         except asyncio.CancelledError as exc:  # cancelled while the channel drained (the drain was finished)
@@ -853,12 +889,19 @@ class PipesAsyncSubprocessClient:
             raise
         except BaseException:
             child.signal(signal.SIGKILL)
+            if _loop_closing():
+                process.wait()  # SIGKILLed: reaped at once, without the loop
+                raise
             await _finish_shielded(asyncio.ensure_future(child.wait(KILL_WAIT_SECONDS)))
             raise
         finally:
             if guard is not None and process.returncode is not None and not config.forward_termination:
                 guard.ended()  # reaped, and not in a group of its own: its pid may be reused
-            if pumps:
+            closing = _loop_closing()
+            if pumps and closing:
+                for task in pumps:
+                    _close_task(task)
+            elif pumps:
                 waiting = asyncio.ensure_future(asyncio.wait(pumps, timeout=OUTPUT_DRAIN_SECONDS))
                 try:
                     await _finish_shielded(waiting)
@@ -867,7 +910,12 @@ class PipesAsyncSubprocessClient:
                         task.cancel()
             child.close()
             for transport in transports:  # read to their end, or given up on after the drain deadline
-                transport.close()
+                if not closing:
+                    transport.close()
+            if closing:  # a closed loop cannot close a transport: close the pipes it owned
+                for pipe in (process.stdout, process.stderr):
+                    if pipe is not None:
+                        pipe.close()
             if guard is not None:
                 guard.release()
             run.status = (PipesExitStatus.from_returncode(process.returncode) if process.returncode is not None
