@@ -21,6 +21,7 @@ from pipes_ext._protocol import (
     DAGSTER_PIPES_CONTEXT_ENV_VAR,
     DAGSTER_PIPES_MESSAGES_CLI_ARGUMENT,
     DAGSTER_PIPES_MESSAGES_ENV_VAR,
+    MAX_DECODED_PARAM_BYTES,
     METADATA_RAW_VALUE,
     METADATA_TYPE,
     METADATA_TYPE_INFER,
@@ -373,7 +374,8 @@ class SessionSetup:
             raise PipesUsageError("extras must be a mapping (a JSON object)")
         self.context = context
         self.context_data = context.to_context_data(extras)
-        check_json_depth(self.context_data, "the context data (extras included)")  # the process would refuse it
+        # The process would refuse a context nested too deep or over its size limit: say so before launching it.
+        check_json_depth(self.context_data, "the context data (extras included)", max_bytes=MAX_DECODED_PARAM_BYTES)
         self.created_at = _now()
         self.log_readers = log_readers = PipesLogReaderGroup(getattr(message_reader, "log_readers", ()))
         # What `opened` sets off: the log readers start, and the context injector discards its local copy of the

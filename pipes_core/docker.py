@@ -35,7 +35,9 @@ from __future__ import annotations
 
 import argparse
 import logging
+import math
 import os
+import re
 import shlex
 import signal
 import threading
@@ -81,16 +83,37 @@ _OWN_KWARGS = frozenset({"image", "command", "detach", "stdout", "stderr", "stre
 # Exit statuses above this are 128 + the number of the signal that ended the process (shell and Docker
 # convention).
 _SIGNAL_BASE = 128
+# A size in bytes as docker run takes it (-m 512m) and the SDK parses it: a number and an optional unit (b, k, m
+# or g, the last three optionally followed by b), in any case.
+_SIZE = re.compile(r"\d+(\.\d+)?([kmg]b?|b)?", re.IGNORECASE)
+# docker run --memory-swap=-1: unlimited swap.
+_UNLIMITED_SWAP = "-1"
 
 
 def _import_docker() -> Any:
     try:
         import docker
-    except ImportError as exc:  # pragma: no cover - the dev environment has it
-        raise ImportError(
-            f"PipesDockerClient needs the Docker SDK for Python: {install_hint('docker', 'docker', 'pipes-sdk')}"
+    except ImportError as exc:
+        raise PipesUsageError(
+            f"PipesDockerClient needs the Docker SDK for Python: {install_hint('docker', 'docker', 'pipes-sdk')}; "
+            f"{exc}"
         ) from exc
     return docker
+
+
+def _check_size(value: object, what: str) -> None:
+    """Refuse a memory size the daemon would refuse (after the run started, worded as a daemon error)."""
+    if isinstance(value, int) and not isinstance(value, bool) and value >= 0:  # 0: no limit, as docker run says
+        return
+    if isinstance(value, str) and _SIZE.fullmatch(value):
+        return
+    raise PipesUsageError(f"{what} must be a size in bytes with an optional unit b, k, m or g (e.g. 512m, 2g), got "
+                          f"{value!r}")
+
+
+def _check_cpus(value: object, what: str) -> None:
+    if not isinstance(value, (int, float)) or isinstance(value, bool) or not (math.isfinite(value) and value > 0):
+        raise PipesUsageError(f"{what} must be positive and finite (a number of CPUs, e.g. 1.5), got {value!r}")
 
 
 def _socket_of(client: Any) -> str | None:
@@ -369,8 +392,11 @@ class PipesDockerClient(PipesClient):
             argv = shlex.split(command) if isinstance(command, str) else [str(part) for part in command]
             if not argv:
                 raise PipesUsageError("command is empty (pass None to run the image's own command)")
-        if cpus is not None and not cpus > 0:
-            raise PipesUsageError(f"cpus must be positive, got {cpus!r}")
+        if cpus is not None:
+            _check_cpus(cpus, "cpus")
+        if mem_limit is not None:
+            _check_size(mem_limit, "mem_limit")
+        _import_docker()  # a missing SDK is said before anything starts
         options: dict[str, Any] = {**self.container_kwargs, **_check_container_kwargs(container_kwargs)}
         for key, value in (("volumes", volumes), ("mounts", list(mounts) if mounts is not None else None),
                            ("network_mode", network), ("working_dir", working_dir), ("user", user),
@@ -601,6 +627,15 @@ def run_options_from_docker_args(args: Sequence[str]) -> dict[str, Any]:
                 raise PipesUsageError(f"--docker-arg: -e {item!r} has no name")
             env[name] = value if sep else os.environ.get(name, "")
         options["env"] = env
+    # Values the daemon would refuse are refused here, naming the flag, before it is contacted.
+    if flags.memory is not None:
+        _check_size(flags.memory, "--docker-arg=--memory")
+    if flags.memory_swap is not None and flags.memory_swap != _UNLIMITED_SWAP:
+        _check_size(flags.memory_swap, "--docker-arg=--memory-swap")
+    if flags.cpus is not None:
+        _check_cpus(flags.cpus, "--docker-arg=--cpus")
+    if flags.pids_limit is not None and flags.pids_limit < -1:
+        raise PipesUsageError(f"--docker-arg=--pids-limit must be -1 (unlimited) or more, got {flags.pids_limit}")
     for flag, option in (("workdir", "working_dir"), ("user", "user"), ("memory", "mem_limit"), ("cpus", "cpus"),
                          ("name", "name")):
         value = getattr(flags, flag)

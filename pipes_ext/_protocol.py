@@ -208,8 +208,9 @@ def loads_json_document(text: str | bytes, what: str, *, not_json: str = "is not
     return value
 
 
-def check_json_depth(value: object, what: str) -> None:
-    """Refuse to send ``value`` when it nests deeper than :data:`MAX_JSON_DEPTH`, raising
+def check_json_depth(value: object, what: str, *, max_bytes: int | None = None) -> None:
+    """Refuse to send ``value`` when it nests deeper than :data:`MAX_JSON_DEPTH` or, with ``max_bytes``, when its
+    JSON text (as ``json.dumps`` writes it: ASCII, so one byte a character) is longer than that, raising
     :class:`PipesUsageError` naming ``what``: the peer would refuse it. A value json cannot serialise is left to
     the code that serialises it."""
     try:
@@ -220,6 +221,11 @@ def check_json_depth(value: object, what: str) -> None:
         text = ""
     if not text or _line_too_deep(text, value, MAX_JSON_DEPTH):
         raise PipesUsageError(f"{what} is nested deeper than {MAX_JSON_DEPTH} levels (MAX_JSON_DEPTH)")
+    if max_bytes is not None and len(text) > max_bytes:
+        raise PipesUsageError(
+            f"{what} is {len(text)} bytes as JSON, over the {max_bytes}-byte limit of the external side "
+            "(MAX_DECODED_PARAM_BYTES), which would refuse it; pass large data another way (e.g. a path or URL in "
+            "extras)")
 
 
 def _too_deep_usage(method: str) -> str:
