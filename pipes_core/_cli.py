@@ -242,6 +242,9 @@ def _strict_json(value: Any) -> str:
         return json.dumps("<too deeply nested to print>")
 
 
+# The summary's rule, and what replaces it where the output's encoding cannot show it.
+_RULE = "─"
+_ASCII_RULE = "-"
 _COLOURS = {"red": "31", "green": "32", "yellow": "33", "blue": "34", "dim": "2", "bold": "1"}
 _LEVEL_COLOURS = {"DEBUG": "dim", "INFO": "blue", "WARNING": "yellow", "ERROR": "red", "CRITICAL": "red"}
 
@@ -270,6 +273,10 @@ class _Printer:
     def __init__(self, out: IO[str], as_json: bool, colour: bool, run_id: str = "",
                  context: dict[str, Any] | None = None) -> None:
         self.out = out
+        # What ``out`` can encode (None: it takes any str, e.g. a StringIO). Human output degrades to it: what it
+        # cannot show is escaped (\u2500), so a terminal in ASCII or Latin-1 still gets every line and the summary.
+        self.encoding: str | None = getattr(out, "encoding", None)
+        self.rule = _RULE if self._encodable(_RULE) == _RULE else _ASCII_RULE
         self.as_json = as_json
         self.colour = colour
         self.run_id = run_id
@@ -290,9 +297,22 @@ class _Printer:
             self.out.flush()
 
     def line(self, text: str) -> None:
+        text = self._encodable(text)
         with self.lock:
             self.out.write(text + "\n")
             self.out.flush()
+
+    def _encodable(self, text: str) -> str:
+        """``text`` with what ``out``'s encoding cannot write escaped (``\\u2500``, ``\\xe9``)."""
+        if self.encoding is None:
+            return text
+        try:
+            text.encode(self.encoding)
+        except UnicodeEncodeError:
+            return text.encode(self.encoding, "backslashreplace").decode(self.encoding)
+        except LookupError:  # an encoding Python does not know: ASCII is safe everywhere
+            return text.encode("ascii", "backslashreplace").decode("ascii")
+        return text
 
     def __call__(self, event: PipesEvent) -> None:
         self._count(event)
@@ -545,7 +565,7 @@ def _print_summary(printer: _Printer, s: dict[str, Any]) -> None:
     if s["error"]:
         rows.append(("error", _safe(s["error"])))
     width = max(len(name) for name, _ in rows)
-    printer.line(printer.paint("── summary " + "─" * 30, "bold"))
+    printer.line(printer.paint(f"{printer.rule * 2} summary {printer.rule * 30}", "bold"))
     for name, value in rows:
         printer.line(f"{name:<{width}}  {value}")
 

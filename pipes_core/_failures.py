@@ -23,8 +23,10 @@ ERROR_LINE_CHARS = 300
 
 
 # Characters that could drive a terminal or forge a line when text from the process is quoted in a message: C0
-# and C1 controls (tab excepted), DEL, Unicode line/paragraph separators and bidirectional overrides.
-_UNSAFE_CHARACTERS = re.compile("[\x00-\x08\x0a-\x1f\x7f-\x9f\u2028\u2029\u200e\u200f\u202a-\u202e\u2066-\u2069]")
+# and C1 controls (tab excepted), DEL, Unicode line/paragraph separators and bidirectional overrides; and lone
+# surrogates (JSON's "\ud800" decodes to one), which no encoding can write: a print of one would fail.
+_UNSAFE_CHARACTERS = re.compile(
+    "[\x00-\x08\x0a-\x1f\x7f-\x9f\u2028\u2029\u200e\u200f\u202a-\u202e\u2066-\u2069\ud800-\udfff]")
 
 
 def escape_controls(text: str, *, keep_newlines: bool = False) -> str:
