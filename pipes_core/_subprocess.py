@@ -87,8 +87,8 @@ def command_name(argv: Sequence[str]) -> str:
 # the reader threads a session runs, and it disables vfork), reaches the child only, not the grandchildren of its
 # process group, is Linux-only, and removes no file. A watchdog that holds the read end of a pipe whose only write
 # end is ours sees EOF when we die, however we die (the kernel closes our descriptors), on every POSIX system; it
-# then stops the child's whole process group and removes the session's local files. A `sh` one-liner costs about
-# a millisecond to start (a Python one ~20 ms) and a few hundred KiB while it waits in `read`.
+# then stops the child's whole process group and removes the session's local files. A `sh` script adds 2 to 5 ms
+# to a run (its start, and its end at "done"; a Python one would cost ~20 ms) and a few hundred KiB while it waits.
 #
 # The script reads commands, one a line: "group PGID" (the child leads its own process group) or "pid PID"
 # (it shares ours: only it is signalled), "ended" (the child was reaped: its pid may be reused, forget it) and
