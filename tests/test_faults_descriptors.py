@@ -85,10 +85,11 @@ print(json.dumps({"outcomes": outcomes, "before": before, "after": settled_fds()
 """
 
 LOOP_CLOSED = COMMON + """
-reader = sys.argv[1]
+reader, pid_file = sys.argv[1], sys.argv[2]
 child = [sys.executable, "-c",
-         "import os, threading\\nfrom pipes_ext import open_pipes\\np = open_pipes()\\np.log.info('started')\\n"
-         "print('pid', os.getpid(), flush=True)\\nthreading.Event().wait()"]
+         "import os, pathlib, sys, threading\\nfrom pipes_ext import open_pipes\\n"
+         "pathlib.Path(sys.argv[1]).write_text(str(os.getpid()))\\n"
+         "p = open_pipes()\\np.log.info('started')\\nthreading.Event().wait()", pid_file]
 before = settled_fds()
 loop = asyncio.new_event_loop()
 started = asyncio.Event()
@@ -97,11 +98,16 @@ def on_event(event):
 client = PipesAsyncSubprocessClient(message_reader=make_message_reader(reader), forward_stdio=False)
 task = loop.create_task(client.run(command=child, on_event=on_event))
 loop.run_until_complete(started.wait())
-print("during", settled_fds() - before, file=sys.stderr)
 loop.close()  # the misuse: the run is still pending
 del task
 gc.collect()
-print(json.dumps({"before": before, "after": settled_fds(), "left": sorted(os.listdir(os.environ["TMPDIR"]))}))
+try:
+    os.kill(int(open(pid_file).read()), 0)
+    child_alive = True
+except ProcessLookupError:  # killed and reaped: not even a zombie
+    child_alive = False
+print(json.dumps({"before": before, "after": settled_fds(), "left": sorted(os.listdir(os.environ["TMPDIR"])),
+                  "child_alive": child_alive}))
 """
 
 
@@ -148,7 +154,8 @@ def test_hundreds_of_async_sessions_over_the_limit_leave_nothing(tmp_path: Path)
 @pytest.mark.parametrize("reader", ["tempfile", "stdio"])
 def test_closing_the_loop_with_a_run_pending_kills_the_child_and_closes_every_descriptor(
         tmp_path: Path, reader: str) -> None:
-    result, stderr = _run(tmp_path, LOOP_CLOSED, reader)
+    result, stderr = _run(tmp_path, LOOP_CLOSED, reader, str(tmp_path / "child.pid"))
+    assert result["child_alive"] is False
     assert result["after"] == result["before"], stderr
     assert result["left"] == []
     assert "coroutine ignored GeneratorExit" not in stderr
