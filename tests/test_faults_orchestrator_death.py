@@ -135,12 +135,22 @@ def _group_exists(pgid: int) -> bool:
 @pytest.mark.parametrize(("context", "messages"), CHANNELS, ids=[f"{c}-{m}" for c, m in CHANNELS])
 def test_sigkilled_orchestrator_leaves_no_child_and_no_file(tmp_path: Path, mode: str, context: str,
                                                            messages: str) -> None:
+    _kill_the_orchestrator_mid_run(tmp_path, mode, context, messages, CHILD)
+
+
+def test_a_child_that_ignores_sigterm_is_killed_after_the_grace(tmp_path: Path) -> None:
+    # SIGTERM first (a child may clean up), then SIGKILL ORPHAN_TERM_GRACE_SECONDS later.
+    stubborn = "import signal\nsignal.signal(signal.SIGTERM, signal.SIG_IGN)\n" + CHILD
+    _kill_the_orchestrator_mid_run(tmp_path, "sync", "tempfile", "tempfile", stubborn)
+
+
+def _kill_the_orchestrator_mid_run(tmp_path: Path, mode: str, context: str, messages: str, child_source: str) -> None:
     temp = tmp_path / "tmp"  # TMPDIR of the orchestrator: where its tempfile channels create their dirs
     temp.mkdir()
     path_dir = tmp_path / "paths"  # the file channels' paths
     path_dir.mkdir()
     child = tmp_path / "child.py"
-    child.write_text(CHILD, encoding="utf-8")
+    child.write_text(child_source, encoding="utf-8")
     reaper = tmp_path / "reaper.py"
     reaper.write_text(REAPER, encoding="utf-8")
     env = {**os.environ, "TMPDIR": str(temp), "PYTHONPATH": str(REPO_ROOT)}
