@@ -64,7 +64,7 @@ __all__ = [
     "DEFAULT_POLL_INTERVAL",
     "DEFAULT_MISSING_CHUNK_GRACE",
     "DEFAULT_REQUEST_TIMEOUT",
-    "DEFAULT_MAX_CHUNK_BYTES",
+    "DEFAULT_MAX_READ_CHUNK_BYTES",
     "READER_THREADS",
     "random_key_component",
 ]
@@ -90,7 +90,7 @@ DEFAULT_REQUEST_TIMEOUT = 60.0
 READER_THREADS = 4
 # The largest messages chunk a reader downloads: the longest line a reader parses (one message alone in its chunk
 # may be that long); our writer's chunks of many messages stay at its own max_chunk_bytes (4 MiB).
-DEFAULT_MAX_CHUNK_BYTES = DEFAULT_MAX_LINE_BYTES
+DEFAULT_MAX_READ_CHUNK_BYTES = DEFAULT_MAX_LINE_BYTES
 # How long an idle reader thread waits for work before it ends (it is started again when needed).
 READER_THREAD_IDLE_SECONDS = 30.0
 # The reference's random key component: 30 ASCII letters.
@@ -462,7 +462,7 @@ class PipesBlobStoreMessageReader(PipesMessageReader):
         request_timeout: seconds one store request (its retries included) may go unanswered before it fails
             with a :class:`PipesTransportError` naming the store; see :data:`DEFAULT_REQUEST_TIMEOUT`.
         max_chunk_bytes: the largest chunk read; a larger one is reported (``line_too_long``) and skipped
-            without being downloaded whole; see :data:`DEFAULT_MAX_CHUNK_BYTES`.
+            without being downloaded whole; see :data:`DEFAULT_MAX_READ_CHUNK_BYTES`.
     """
 
     def __init__(
@@ -474,7 +474,7 @@ class PipesBlobStoreMessageReader(PipesMessageReader):
         missing_chunk_grace: float = DEFAULT_MISSING_CHUNK_GRACE,
         retry: RetryPolicy = DEFAULT_RETRY_POLICY,
         request_timeout: float = DEFAULT_REQUEST_TIMEOUT,
-        max_chunk_bytes: int = DEFAULT_MAX_CHUNK_BYTES,
+        max_chunk_bytes: int = DEFAULT_MAX_READ_CHUNK_BYTES,
     ) -> None:
         if not request_timeout > 0:
             raise PipesUsageError(f"request_timeout must be a positive number of seconds, got {request_timeout!r}")
@@ -618,7 +618,7 @@ class PipesBackendMessageReader(PipesBlobStoreMessageReader, Generic[ClientT]):
         missing_chunk_grace: float = DEFAULT_MISSING_CHUNK_GRACE,
         retry: RetryPolicy = DEFAULT_RETRY_POLICY,
         request_timeout: float = DEFAULT_REQUEST_TIMEOUT,
-        max_chunk_bytes: int = DEFAULT_MAX_CHUNK_BYTES,
+        max_chunk_bytes: int = DEFAULT_MAX_READ_CHUNK_BYTES,
     ) -> None:
         super().__init__(interval, log_readers, include_stdio_in_messages=include_stdio_in_messages,
                          missing_chunk_grace=missing_chunk_grace, retry=retry, request_timeout=request_timeout,

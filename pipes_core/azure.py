@@ -12,7 +12,12 @@ from pipes_ext._blob import DEFAULT_RETRY_POLICY, RetryPolicy
 from pipes_ext.azure import AZURE_BACKEND, AzureBlobServiceClientLike
 
 from . import _blob  # the bases by module, so that this module names only its own classes
-from ._blob import DEFAULT_MAX_CHUNK_BYTES, DEFAULT_MISSING_CHUNK_GRACE, DEFAULT_POLL_INTERVAL, DEFAULT_REQUEST_TIMEOUT
+from ._blob import (
+    DEFAULT_MAX_READ_CHUNK_BYTES,
+    DEFAULT_MISSING_CHUNK_GRACE,
+    DEFAULT_POLL_INTERVAL,
+    DEFAULT_REQUEST_TIMEOUT,
+)
 from ._log_readers import PipesLogReader
 
 __all__ = ["PipesAzureBlobStorageContextInjector", "PipesAzureBlobStorageMessageReader"]
@@ -48,7 +53,7 @@ class PipesAzureBlobStorageMessageReader(_blob.PipesBackendMessageReader[AzureBl
         missing_chunk_grace: float = DEFAULT_MISSING_CHUNK_GRACE,
         retry: RetryPolicy = DEFAULT_RETRY_POLICY,
         request_timeout: float = DEFAULT_REQUEST_TIMEOUT,
-        max_chunk_bytes: int = DEFAULT_MAX_CHUNK_BYTES,
+        max_chunk_bytes: int = DEFAULT_MAX_READ_CHUNK_BYTES,
     ) -> None:
         super().__init__(container, client, interval, include_stdio_in_messages, log_readers=log_readers,
                          missing_chunk_grace=missing_chunk_grace, retry=retry, request_timeout=request_timeout,
