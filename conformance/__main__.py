@@ -3,6 +3,7 @@
     python -m conformance run [--capabilities FILE] [--case PATTERN] [--json] [--junit FILE] -- COMMAND [ARG]...
     python -m conformance list [--json]
     python -m conformance community [--pipes-toml FILE] [--test PATTERN] [--json] [--junit FILE] -- COMMAND [ARG]...
+    python -m conformance schema [--out DIR]
 
 Exit codes: 0 when nothing failed, 1 when a run failed, 2 for a usage error (bad capabilities file, no case
 matching ``--case``, no command).
@@ -27,6 +28,7 @@ from ._cases import CASES, Case
 from ._community import DEVIATIONS, TESTS, load_pipes_toml, plan_community, run_community
 from ._report import CaseInfo, HarnessInfo, json_report, json_text, junit_report, summary, text_report
 from ._runner import DEFAULT_TIMEOUT, Result, plan, run_plan
+from ._schema import DEFAULT_OUT, write_schemas
 
 EXIT_OK = 0
 EXIT_FAILED = 1
@@ -37,7 +39,10 @@ def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m conformance",
                                      description="The Pipes protocol 0.1 conformance suite (orchestrator: pipes_core).")
     sub = parser.add_subparsers(dest="command_name", required=True)
-    run = sub.add_parser("run", help="run the cases against a harness: run [OPTIONS] -- COMMAND [ARG]...")
+    run = sub.add_parser("run", help="run the cases against a harness: run [OPTIONS] -- COMMAND [ARG]...",
+                         usage="python -m conformance run [OPTIONS] -- COMMAND [ARG]...",
+                         description="Run every case against the harness COMMAND [ARG]... (after --), over every "
+                                     "channel combination its capabilities declare.")
     run.add_argument("--capabilities", metavar="FILE",
                      help="the harness's capabilities (JSON, or TOML on Python 3.11+); default: env bootstrap, env "
                           "and file context, file messages, no features")
@@ -53,7 +58,10 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("harness", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
     community = sub.add_parser(
         "community", help="run a harness written for the community dagster-pipes-tests suite, unchanged, with "
-                          "pipes_core as the orchestrator: community [OPTIONS] -- COMMAND [ARG]...")
+                          "pipes_core as the orchestrator: community [OPTIONS] -- COMMAND [ARG]...",
+        usage="python -m conformance community [OPTIONS] -- COMMAND [ARG]...",
+        description="Run a harness written for the community dagster-pipes-tests suite; COMMAND [ARG]... (after --) "
+                    "is that suite's BASE_ARGS.")
     community.add_argument("--pipes-toml", metavar="FILE",
                            help="the harness's pipes.toml (default: $PIPES_CONFIG_PATH, else ./pipes.toml, else that "
                                 "suite's defaults)")
@@ -69,12 +77,15 @@ def _parser() -> argparse.ArgumentParser:
     community.add_argument("harness", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
     listing = sub.add_parser("list", help="the cases, one line each")
     listing.add_argument("--json", action="store_true", help="as JSON")
+    schema = sub.add_parser("schema", help="write the protocol's JSON Schemas (draft 2020-12) to a directory")
+    schema.add_argument("--out", metavar="DIR", default=DEFAULT_OUT, help="where to write them (default %(default)s)")
     return parser
 
 
 def _default_jobs() -> int:
-    # Most of a run is waiting (process start-up, blob-store polling), so more runs than CPUs pay off.
-    return max(4, min(16, 4 * (os.cpu_count() or 1)))
+    # One run per CPU: a harness's start-up (an interpreter, a runtime) is CPU work, and on a shared machine more
+    # runs than CPUs make every run slower and the timeouts tighter. --jobs raises it for harnesses that mostly wait.
+    return os.cpu_count() or 1
 
 
 def _matches(name: str, patterns: Sequence[str]) -> bool:
@@ -102,6 +113,16 @@ def _list(as_json: bool) -> int:
     return EXIT_OK
 
 
+def _schema(out: Path) -> int:
+    try:
+        written = write_schemas(out)
+    except OSError as exc:
+        return _usage(f"cannot write the schemas to {str(out)!r}: {exc.strerror or exc}; pass another --out DIR")
+    for path in written:
+        print(path)
+    return EXIT_OK
+
+
 def _usage(message: str) -> int:
     print(f"python -m conformance: error: {message}", file=sys.stderr)
     return EXIT_USAGE
@@ -116,6 +137,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(args_list)
     if args.command_name == "list":
         return _list(args.json)
+    if args.command_name == "schema":
+        return _schema(Path(args.out))
     command = command or list(args.harness)
     if not command:
         return _usage(f"no harness command; usage: python -m conformance {args.command_name} [OPTIONS] -- "

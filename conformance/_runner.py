@@ -50,6 +50,7 @@ from pipes_ext._protocol import (
 from ._capabilities import BOOTSTRAP_MODES, CONTEXT_CHANNELS, MESSAGE_CHANNELS, Capabilities
 from ._cases import Case, ExceptionSpec, Seen
 from ._compare import first_difference, short
+from ._schema import message_problem
 from ._servers import BLOB_STORES, BlobServer, start_store, unavailable_reason
 
 __all__ = [
@@ -219,12 +220,15 @@ LEVEL_NAMES = frozenset(name for name in (normalize_log_level(level) for level i
 
 class LiteralChecker:
     """Checks what the protocol fixes as a literal in every message as sent: the envelope version and the log level
-    names (method names, severities, stream names and metadata types are already checked by validation). Keeps only
-    the first deviation and a count, so a harness that gets it wrong 10,000 times costs nothing."""
+    names (method names, severities, stream names and metadata types are already checked by validation); then the
+    whole message against message.schema.json (conformance/_schema.py). Keeps only the first deviation of each kind
+    and a count, so a harness that gets it wrong 10,000 times costs nothing."""
 
     def __init__(self) -> None:
         self.count = 0
         self.first: str | None = None
+        self.schema_count = 0
+        self.schema_first: str | None = None
         self._index = 0
         self._lock = threading.Lock()
 
@@ -245,6 +249,14 @@ class LiteralChecker:
                 self.count += 1
                 if self.first is None:
                     self.first = problem
+            return
+        against_schema = message_problem(message)
+        if against_schema is not None:
+            with self._lock:
+                self.schema_count += 1
+                if self.schema_first is None:
+                    self.schema_first = f"message {index} ({message['method']}) breaks message.schema.json: " \
+                                        f"{against_schema}"
 
 
 # ------------------------------------------------------------------------------------------------ one run
@@ -263,6 +275,8 @@ class Outcome:
     eof_missing: bool = False
     literal_count: int = 0
     literal_first: str | None = None
+    schema_count: int = 0
+    schema_first: str | None = None
 
 
 def last_output_lines(text: str, lines: int = 3, chars: int = 400) -> str:
@@ -346,6 +360,7 @@ def execute(case: Case, combo: Combo, command: Sequence[str], servers: dict[str,
         outcome.eof_missing = reader.unfinished_sources > 0
     outcome.messages = [event_json(e) for e in events]
     outcome.literal_count, outcome.literal_first = literals.count, literals.first
+    outcome.schema_count, outcome.schema_first = literals.schema_count, literals.schema_first
     return outcome
 
 
@@ -404,6 +419,8 @@ def judge(case: Case, outcome: Outcome, timeout: float) -> str | None:
         return f"protocol issue ({len(issues)} in all): {issues[0]['reason']}"
     if outcome.literal_first is not None:
         return f"wire literal ({outcome.literal_count} in all): {outcome.literal_first}"
+    if outcome.schema_first is not None:
+        return f"schema ({outcome.schema_count} in all): {outcome.schema_first}"
     if methods[0] != "opened":
         return f"the first message is {methods[0]}, not opened"
     if methods.count("opened") > 1:
