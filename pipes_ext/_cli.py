@@ -15,7 +15,8 @@ envelope; a line it cannot send is a *reported issue* (a WARNING ``log`` message
 stderr), never the end of the run. The context document is at ``$PIPES_CONTEXT_FILE``.
 
 Subcommands, for programs running under ``exec``: ``log``, ``materialize``, ``check``, ``message``, ``extra``,
-``context``. Bad input is a one-line error on stderr and exit status 2; nothing is written then.
+``context``, and ``sync`` (wait until exec has handed everything written so far to the messages channel). Bad
+input is a one-line error on stderr and exit status 2; nothing is written then.
 
 Standard library only, like the rest of ``pipes_ext``.
 """
@@ -42,6 +43,7 @@ from ._context_loaders import PipesContextLoader
 from ._errors import PipesError, PipesProtocolError, PipesUsageError
 from ._params import PipesCliArgsParamsLoader, PipesEnvVarParamsLoader, PipesParamsLoader
 from ._protocol import (
+    _STRING_METADATA_TYPES,
     CONTEXT_EXTRAS,
     DAGSTER_PIPES_CONTEXT_CLI_ARGUMENT,
     DAGSTER_PIPES_CONTEXT_ENV_VAR,
@@ -108,6 +110,12 @@ BLOB_STORES = ("s3", "gcs", "azure")
 # The methods a program may send through exec; exec sends opened and closed itself.
 RELAYED_METHODS = (METHOD_LOG, METHOD_REPORT_ASSET_MATERIALIZATION, METHOD_REPORT_ASSET_CHECK,
                    METHOD_REPORT_CUSTOM_MESSAGE, METHOD_LOG_EXTERNAL_STREAM)
+# A line for exec itself, not relayed (`pipes-ext sync`): exec writes one byte to the named pipe PARAM_REPLY once
+# it has handed every line before this one to the messages channel.
+METHOD_SYNC = "pipes_ext.sync"
+PARAM_REPLY = "reply"
+# How long `pipes-ext sync` waits for exec's answer by default: exec answers at once unless the channel is slow.
+DEFAULT_SYNC_TIMEOUT = 60.0
 
 EXIT_OK = 0
 EXIT_ERROR = 1  # the environment: not under exec, the session cannot be opened
@@ -135,7 +143,6 @@ MAX_FORWARDED_PARTIAL_BYTES = 64 * 1024
 _PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
 
 # Metadata types whose command-line value is the string as given; the others are parsed (see _metadata_value).
-_STRING_TYPES = frozenset({"text", "url", "path", "notebook", "md", "dagster_run", "asset"})
 _JSON_TYPES = frozenset({METADATA_TYPE_INFER, "json", "table", "table_schema", "table_column_lineage"})
 _BOOL_VALUES = {"true": True, "false": False}
 _NULL_VALUES = ("", "null")
@@ -176,6 +183,11 @@ def parse_program_line(line: bytes) -> tuple[str, dict[str, Any]]:
     if version != PIPES_PROTOCOL_VERSION:
         raise PipesProtocolError(f'"{PIPES_PROTOCOL_VERSION_FIELD}" is {version!r}; only "0.1" is spoken here')
     method = obj.get(MESSAGE_METHOD_FIELD)
+    if method == METHOD_SYNC:
+        params = obj.get(MESSAGE_PARAMS_FIELD)
+        if not (isinstance(params, dict) and isinstance(params.get(PARAM_REPLY), str)):
+            raise PipesProtocolError(f'{METHOD_SYNC}: params must be {{"{PARAM_REPLY}": PATH}}')
+        return method, params
     if method in (METHOD_OPENED, METHOD_CLOSED):
         raise PipesProtocolError(f'"{method}" is sent by pipes-ext exec itself; a program sends one of '
                                  f"{', '.join(RELAYED_METHODS)}")
@@ -209,7 +221,9 @@ def relay(context: PipesContext, method: str, params: Mapping[str, Any]) -> None
         PipesUsageError: a param of the wrong type or value, an asset outside the run, a second
             materialization of an asset.
     """
-    if method == METHOD_REPORT_CUSTOM_MESSAGE:
+    if method == METHOD_SYNC:
+        _answer_sync(params[PARAM_REPLY])
+    elif method == METHOD_REPORT_CUSTOM_MESSAGE:
         if PARAM_PAYLOAD not in params:
             raise PipesUsageError(f'{method}: missing param "{PARAM_PAYLOAD}" (any JSON value)')
         context.report_custom_message(params[PARAM_PAYLOAD])
@@ -236,6 +250,21 @@ def relay(context: PipesContext, method: str, params: Mapping[str, Any]) -> None
         if extras is not None and not isinstance(extras, dict):
             raise PipesUsageError(f'{method}: "{PARAM_EXTRAS}" must be an object')
         context.log_external_stream(params.get(PARAM_STREAM), params.get(PARAM_TEXT), extras)  # type: ignore[arg-type]
+
+
+def _answer_sync(path: str) -> None:
+    """Tell a waiting ``pipes-ext sync`` that the lines before its own were sent (a pipe with no reader: it gave
+    up waiting, nothing to do)."""
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError as exc:
+        raise PipesUsageError(f"{METHOD_SYNC}: cannot answer at {path!r}: {exc.strerror}") from exc
+    try:
+        if not stat.S_ISFIFO(os.fstat(fd).st_mode):
+            raise PipesUsageError(f"{METHOD_SYNC}: {path!r} is not a named pipe")
+        os.write(fd, b"\n")
+    finally:
+        os.close(fd)
 
 
 class _Relay:
@@ -741,7 +770,7 @@ def _metadata_value(spec: str) -> tuple[str, Any]:
                            "for a key with a colon and a text value, write KEY:text=VALUE")
         return left, {"raw_value": value, "type": "text"}
     raw: Any
-    if kind in _STRING_TYPES:
+    if kind in _STRING_METADATA_TYPES:
         raw = value
     elif kind == "int":
         try:
@@ -805,6 +834,34 @@ def _cmd_check(args: argparse.Namespace) -> int:
 def _cmd_message(args: argparse.Namespace) -> int:
     payload = _json_arg(args.json, "the message")
     return _send(lambda c: c.report_custom_message(payload))
+
+
+def _cmd_sync(args: argparse.Namespace) -> int:
+    if not (math.isfinite(args.timeout) and args.timeout > 0):
+        raise CliError("--timeout must be a positive number of seconds")
+    _under_exec_context()
+    channel = _open_program_channel()
+    workdir = tempfile.mkdtemp(prefix="pipes-ext-sync-")
+    try:
+        reply = os.path.join(workdir, "reply")
+        os.mkfifo(reply, 0o600)
+        fd = os.open(reply, os.O_RDWR | os.O_CLOEXEC)  # read-write: the pipe never reads as ended while we wait
+        try:
+            channel.write_line(json.dumps({MESSAGE_METHOD_FIELD: METHOD_SYNC,
+                                           MESSAGE_PARAMS_FIELD: {PARAM_REPLY: reply}}))
+            with selectors.DefaultSelector() as selector:
+                selector.register(fd, selectors.EVENT_READ)
+                if not selector.select(args.timeout):
+                    raise EnvironmentProblem(f"pipes-ext exec did not answer within {args.timeout:g} s; is it "
+                                             "still running? (--timeout SECONDS waits longer)")
+        finally:
+            os.close(fd)
+    except PipesError as exc:
+        raise EnvironmentProblem(str(exc)) from exc
+    finally:
+        channel.close()
+        shutil.rmtree(workdir, ignore_errors=True)
+    return EXIT_OK
 
 
 def _cmd_extra(args: argparse.Namespace) -> int:
@@ -872,6 +929,12 @@ def _parser() -> argparse.ArgumentParser:
     message = sub.add_parser("message", help="send a custom message whose payload is JSON")
     message.add_argument("json", metavar="JSON")
     message.set_defaults(handler=_cmd_message)
+
+    sync = sub.add_parser("sync", help="wait until exec has sent everything written before (e.g. before a step "
+                                       "that may kill exec)")
+    sync.add_argument("--timeout", type=float, default=DEFAULT_SYNC_TIMEOUT, metavar="SECONDS",
+                      help="give up after this long (default %(default)g), exit status 1")
+    sync.set_defaults(handler=_cmd_sync)
 
     extra = sub.add_parser("extra", help="print one extra of the run, as JSON")
     extra.add_argument("key", metavar="KEY")

@@ -46,6 +46,8 @@ while IFS= read -r step; do
     print)
       if [[ $(jq -r .stream <<< "$step") == stdout ]]; then jq -j .text <<< "$step"; else jq -j .text <<< "$step" >&2; fi ;;
     exit) jq -r .code <<< "$step" > "$HARNESS_STATE/exit"; exit 0 ;;
+    crash) # a crash of the implementation, exec: no closed; what it was handed before is out (pipes-ext sync)
+      "${PIPES_EXT[@]}" sync; echo 17 > "$HARNESS_STATE/exit"; kill -KILL "$PPID"; exit 17 ;;
     *) echo "unknown step op \"$op\"" >&2; exit 1 ;;
   esac
 done <<< "$steps"
