@@ -294,8 +294,10 @@ class _Relay:
 
     def issue(self, text: str) -> None:
         self.issues += 1
-        if self.issues > MAX_REPORTED_ISSUES:
-            return
+        if self.issues <= MAX_REPORTED_ISSUES:
+            self._report(text)
+
+    def _report(self, text: str) -> None:
         text = (f"pipes-ext exec: {text} (each line written to ${ENV_MESSAGES_FD} or ${ENV_MESSAGES_FILE} is one "
                 'JSON object {"method": ..., "params": {...}}; see pipes-ext --help)')
         self.err(text)
@@ -306,8 +308,8 @@ class _Relay:
 
     def finish(self) -> None:
         if self.issues > MAX_REPORTED_ISSUES:
-            self.issue(f"{self.issues} lines were ignored in all; only the first {MAX_REPORTED_ISSUES} were "
-                       "reported one by one")
+            self._report(f"{self.issues} lines were ignored in all; only the first {MAX_REPORTED_ISSUES} were "
+                         "reported one by one")
 
 
 class _Lines:
@@ -614,11 +616,25 @@ def _run_in_session(context: PipesContext, command: list[str], workdir: str) -> 
                                                              DAGSTER_PIPES_MESSAGES_ENV_VAR)}
     env.update({ENV_MESSAGES_FD: str(child_fd), ENV_MESSAGES_FILE: fifo, ENV_CONTEXT_FILE: context_file})
     parent = os.getpid()
+    started: list[int] = []  # CMD's pid (its process group's id), once started
+    pending: list[int] = []  # signals that came before: passed on as soon as CMD runs
+
+    def forward(signum: int, frame: object) -> None:
+        if not started:
+            pending.append(signum)
+            return
+        try:
+            os.killpg(started[0], signum)
+        except (ProcessLookupError, PermissionError):
+            pass
+
+    previous = {sig: signal.signal(sig, forward) for sig in FORWARDED_SIGNALS}
     try:
         proc = subprocess.Popen(command, env=env, pass_fds=(child_fd,), stderr=subprocess.PIPE,
                                 stdout=subprocess.PIPE if stdout_lock is not None else None,
                                 preexec_fn=_child_setup(_load_libc(), parent))
     except OSError as exc:
+        _restore(previous)
         for fd in (read_fd, keep_fd, child_fd):
             os.close(fd)
         status = EXIT_NOT_FOUND if isinstance(exc, FileNotFoundError) else EXIT_CANNOT_EXECUTE
@@ -626,7 +642,12 @@ def _run_in_session(context: PipesContext, command: list[str], workdir: str) -> 
                                     f"{exc.strerror or exc}")
         err(f"pipes-ext exec: {not_started}")
         context.close(not_started)
+        for signum in pending:
+            _die_like(signum)
         return status
+    started.append(proc.pid)
+    for signum in pending:
+        forward(signum, None)
     os.close(child_fd)
     relay_lines = _Relay(context, err)
     tail = _Tail()
@@ -646,22 +667,13 @@ def _run_in_session(context: PipesContext, command: list[str], workdir: str) -> 
         stdout_out = _Output(sys.stdout, stdout_lock)
         sources[proc.stdout.fileno()] = (stdout_out.feed, stdout_out.end)
     pump = _Pump(sources)
-
-    def forward(signum: int, frame: object) -> None:
-        try:
-            os.killpg(proc.pid, signum)
-        except (ProcessLookupError, PermissionError):
-            pass
-
-    previous = {sig: signal.signal(sig, forward) for sig in FORWARDED_SIGNALS}
     pump.start()
     try:
         returncode = proc.wait()
     finally:
         pump.stop()
         pump.join()
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
+        _restore(previous)
         pump.close()
         for fd in (read_fd, keep_fd):
             os.close(fd)
@@ -682,12 +694,18 @@ def _run_in_session(context: PipesContext, command: list[str], workdir: str) -> 
     return returncode
 
 
+def _restore(handlers: Mapping[int, Any]) -> None:
+    for signum, handler in handlers.items():
+        signal.signal(signum, handler)
+
+
 def _die_like(signum: int) -> NoReturn:
     """End this process with ``signum``, as CMD ended (an uncatchable or ignored signal: 128 + its number)."""
     sys.stdout.flush()
     sys.stderr.flush()
     try:
-        signal.signal(signum, signal.SIG_DFL)
+        if signum not in (signal.SIGKILL, signal.SIGSTOP):  # those two have no handler to reset
+            signal.signal(signum, signal.SIG_DFL)
         os.kill(os.getpid(), signum)
     except (OSError, ValueError):
         pass
