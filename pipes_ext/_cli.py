@@ -694,7 +694,7 @@ def _run_in_session(context: PipesContext, command: list[str], workdir: str) -> 
     return returncode
 
 
-def _restore(handlers: Mapping[int, Any]) -> None:
+def _restore(handlers: Mapping[signal.Signals, Any]) -> None:
     for signum, handler in handlers.items():
         signal.signal(signum, handler)
 
