@@ -25,7 +25,7 @@ from pathlib import Path
 
 from ._capabilities import CapabilitiesError, load_capabilities
 from ._cases import CASES, Case
-from ._community import DEVIATIONS, TESTS, load_pipes_toml, plan_community, run_community
+from ._community import DEVIATIONS, TESTS, community_skip_note, load_pipes_toml, plan_community, run_community
 from ._report import CaseInfo, HarnessInfo, json_report, json_text, junit_report, summary, text_report
 from ._runner import DEFAULT_TIMEOUT, Result, plan, run_plan
 from ._schema import DEFAULT_OUT, write_schemas
@@ -160,6 +160,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             runs = [r for r in plan_community(toml) if r.test in cases]
             notes = [f"pipes.toml key(s) ignored: {', '.join(toml.ignored)}"] if toml.ignored else []
             notes += [f"judged differently from the community suite: {d}" for d in DEVIATIONS]
+            skipped_there = community_skip_note(runs)
+            notes += [skipped_there] if skipped_there else []
         else:
             caps = capabilities = load_capabilities(args.capabilities)
             cases = select_cases(args.case)

@@ -71,6 +71,8 @@ __all__ = [
     "TESTS",
     "load_pipes_toml",
     "plan_community",
+    "community_skip_note",
+    "COMMUNITY_SKIPS_COMPONENTS",
     "run_community",
 ]
 
@@ -90,8 +92,6 @@ DEVIATIONS = (
     "test_error_reporting: that suite requires closed.exception.message == 'Very bad error has happened!', but "
     "Python implementations (dagster-pipes included) send the formatted 'RuntimeError: Very bad error has "
     "happened!\\n', as the protocol allows; this mode accepts the bare message or '<name>: <message>'.",
-    "test_components: that suite passes --extras FILE but sends no extras, so a harness that checks them cannot "
-    "pass; this mode sends the file's extras, as test_extras does.",
     "test_message_report_asset_check: that suite checks only `passed` of results[0]; this mode also checks the "
     "check name, the asset, the severity and the metadata.",
 )
@@ -205,6 +205,15 @@ class CommunityRun:
     judge: Judge
     succeeds: bool = True
     skip: str | None = None
+    # Why the community suite itself would skip this run for the same pipes.toml (this mode runs it, marked).
+    community_skips: str | None = None
+
+
+# What the community suite does that this mode does not: with `[message_channel] s3 = false` it skips every
+# test_components run, those over env/tempfile context and default messages too (its skip is on the test, not on
+# the S3 parameters). This mode runs those that do not use S3 and marks them with this text.
+COMMUNITY_SKIPS_COMPONENTS = ("the community suite would skip this run: with message_channel.s3 = false it skips "
+                              "every test_components run, including those that do not use S3")
 
 
 def _load(name: str) -> Any:
@@ -341,8 +350,10 @@ def plan_community(toml: PipesToml) -> list[CommunityRun]:
             succeeds: bool = True) -> None:
         test = _BY_NAME[name]
         combo = Combo("env", context, messages)
-        runs.append(CommunityRun(test, combo, variant, tuple(files), extras, judge, succeeds,
-                                 _skip(test, toml, combo)))
+        skip = _skip(test, toml, combo)
+        community_skips = (COMMUNITY_SKIPS_COMPONENTS if name == "test_components" and skip is None
+                           and not toml.enabled("message_channel.s3") else None)
+        runs.append(CommunityRun(test, combo, variant, tuple(files), extras, judge, succeeds, skip, community_skips))
 
     extras_cases = _extras_cases()
     for index, extras in enumerate(extras_cases):
@@ -466,8 +477,18 @@ def execute_run(run: CommunityRun, command: Sequence[str], server: BlobServer | 
             problem = f"the context injector or message reader failed: {type(exc).__name__}: {exc}"
     seen = Seen(events, exit_code, output)
     problem = problem or judge_run(run, seen)
-    return Result(run.test.name, run.combo, "fail" if problem else "pass", problem or "",
+    reason = "; ".join(filter(None, [problem, run.community_skips and f"[{run.community_skips}]"]))
+    return Result(run.test.name, run.combo, "fail" if problem else "pass", reason,
                   time.monotonic() - started, exit_code, last_output_lines(output), variant=run.variant)
+
+
+def community_skip_note(runs: Sequence[CommunityRun]) -> str | None:
+    """The report's note on the runs the community suite itself would skip for this pipes.toml, or None."""
+    marked = [run for run in runs if run.community_skips]
+    if not marked:
+        return None
+    return (f"{len(marked)} run(s) that the community suite itself would skip for this pipes.toml were run anyway "
+            f"and are marked in their row: {marked[0].community_skips}")
 
 
 def run_community(runs: Sequence[CommunityRun], command: Sequence[str], *, timeout: float, jobs: int,
