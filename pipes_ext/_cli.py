@@ -231,7 +231,8 @@ def relay(context: PipesContext, method: str, params: Mapping[str, Any]) -> None
         message = params.get(PARAM_MESSAGE)
         if not isinstance(message, str):
             raise PipesUsageError(f'{method}: "{PARAM_MESSAGE}" must be a string')
-        level = normalize_log_level(params.get(PARAM_LEVEL) or DEFAULT_LOG_LEVEL)
+        given = params.get(PARAM_LEVEL)
+        level = normalize_log_level(DEFAULT_LOG_LEVEL if given is None else given)
         if level is None:
             raise PipesUsageError(f'{method}: unknown "{PARAM_LEVEL}" {_short(params.get(PARAM_LEVEL))} '
                                   "(DEBUG, INFO, WARNING, ERROR or CRITICAL)")
@@ -242,8 +243,9 @@ def relay(context: PipesContext, method: str, params: Mapping[str, Any]) -> None
     elif method == METHOD_REPORT_ASSET_CHECK:
         if PARAM_CHECK_NAME not in params or PARAM_PASSED not in params:
             raise PipesUsageError(f'{method}: "{PARAM_CHECK_NAME}" and "{PARAM_PASSED}" are required')
+        severity = params.get(PARAM_SEVERITY)
         context.report_asset_check(params[PARAM_CHECK_NAME], params[PARAM_PASSED],
-                                   params.get(PARAM_SEVERITY) or SEVERITY_ERROR, params.get(PARAM_METADATA),
+                                   SEVERITY_ERROR if severity is None else severity, params.get(PARAM_METADATA),
                                    params.get(PARAM_ASSET_KEY))
     else:  # METHOD_LOG_EXTERNAL_STREAM
         extras = params.get(PARAM_EXTRAS)
@@ -454,7 +456,11 @@ class _Pump(threading.Thread):
             return False
         if not data:
             return False
-        self.sources[fd][0](data)
+        try:
+            self.sources[fd][0](data)
+        except Exception as exc:  # never stop reading: CMD would block on a full pipe
+            if self.error is None:
+                self.error = exc
         return True
 
     def close(self) -> None:
@@ -681,7 +687,8 @@ def _run_in_session(context: PipesContext, command: list[str], workdir: str) -> 
             if stream is not None:
                 stream.close()
     if pump.error is not None:
-        relay_lines.issue(f"reading the command's output failed: {pump.error!r}")
+        err(f"pipes-ext exec: error: handling the command's output failed: {pump.error!r}; what could not be "
+            "handled was dropped, the rest was sent")
     relay_lines.finish()
     failure: CommandFailed | None = None
     if returncode != 0:
@@ -690,7 +697,12 @@ def _run_in_session(context: PipesContext, command: list[str], workdir: str) -> 
         lines = tail.last_lines()
         detail = "; last stderr lines:\n" + "\n".join(lines) if lines else "; it wrote nothing to stderr"
         failure = CommandFailed(f"command {_describe_command(command)!r} {how}{detail}")
-    context.close(failure)
+    try:
+        context.close(failure)
+    except PipesError as exc:  # e.g. the last blob-store upload failed
+        err(f"pipes-ext exec: error: could not close the Pipes session ({exc}); what was not sent is lost and the "
+            "orchestrator may report the session as unclosed")
+        return returncode or EXIT_ERROR
     return returncode
 
 
