@@ -58,6 +58,18 @@ def test_the_console_script_is_declared() -> None:
     assert project["scripts"]["pipes-ext"] == "pipes_ext._cli:main"
 
 
+def test_the_command_uses_only_the_standard_library() -> None:
+    import ast
+
+    for name in ("_cli.py", "__main__.py"):
+        tree = ast.parse((REPO / "pipes_ext" / name).read_text(encoding="utf-8"))
+        imported = {alias.name.split(".")[0] for node in ast.walk(tree) if isinstance(node, ast.Import)
+                    for alias in node.names}
+        imported |= {node.module.split(".")[0] for node in ast.walk(tree)
+                     if isinstance(node, ast.ImportFrom) and node.level == 0 and node.module}
+        assert imported - {"__future__"} <= sys.stdlib_module_names, (name, imported - sys.stdlib_module_names)
+
+
 # ---------------------------------------------------------------------------------------------- three programs
 
 BASH = r"""set -euo pipefail
