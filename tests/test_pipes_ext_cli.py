@@ -53,9 +53,11 @@ def shell_path(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     return bin_dir
 
 
-def test_the_console_script_is_declared() -> None:
-    project = tomllib.loads((REPO / "pyproject.toml").read_text(encoding="utf-8"))["project"]
-    assert project["scripts"]["pipes-ext"] == "pipes_ext._cli:main"
+def test_the_console_script_is_the_pipes_ext_distribution_s() -> None:
+    project = tomllib.loads((REPO / "pipes_ext" / "pyproject.toml").read_text(encoding="utf-8"))["project"]
+    assert project["name"] == "pipes-ext" and project["scripts"] == {"pipes-ext": "pipes_ext._cli:main"}
+    root = tomllib.loads((REPO / "pyproject.toml").read_text(encoding="utf-8"))["project"]
+    assert "pipes-ext" not in root["scripts"]
 
 
 def test_the_command_uses_only_the_standard_library() -> None:
