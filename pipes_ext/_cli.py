@@ -927,7 +927,11 @@ def _parser() -> argparse.ArgumentParser:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="subcommand", required=True, metavar="SUBCOMMAND")
     run = sub.add_parser("exec", help="run CMD in the Pipes session: exec [--capture-stdio] -- CMD [ARG]...",
-                         usage=f"{PROG} exec [-h] [--capture-stdio] [--blob-store STORE] -- CMD [ARG]...")
+                         usage=f"{PROG} exec [-h] [--capture-stdio] [--blob-store STORE] -- CMD [ARG]...",
+                         description="Open the Pipes session from the bootstrap (the environment, or the "
+                                     "--dagster-pipes-* arguments wherever they are), run CMD, relay what it "
+                                     "reports, forward signals to it, close the session and exit with CMD's status.",
+                         epilog=_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     run.add_argument("--capture-stdio", action="store_true",
                      help="also send CMD's stdout and stderr as log_external_stream messages")
     run.add_argument("--blob-store", choices=BLOB_STORES, default=os.environ.get(ENV_BLOB_STORE) or None,

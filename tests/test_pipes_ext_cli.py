@@ -442,6 +442,18 @@ def test_subcommands_outside_exec_say_how_to_run_them(args: list[str]) -> None:
     assert "run this inside `pipes-ext exec -- COMMAND`" in proc.stderr and "Traceback" not in proc.stderr
 
 
+def test_a_bucket_without_its_store_is_refused_before_the_command_runs(tmp_path: Path) -> None:
+    env = {**os.environ, "DAGSTER_PIPES_CONTEXT": encode_param({"data": {"run_id": "r"}}),
+           "DAGSTER_PIPES_MESSAGES": encode_param({"bucket": "b", "key_prefix": "p"})}
+    env.pop("PIPES_EXT_BLOB_STORE", None)
+    marker = tmp_path / "ran"
+    proc = subprocess.run([*PIPES_EXT, "exec", "--", "touch", str(marker)], env=env, capture_output=True, text=True,
+                          timeout=60, check=False)
+    assert proc.returncode == 1 and not marker.exists()
+    assert "the bootstrap names a bucket, but not its store: pass --blob-store s3|gcs|azure" in proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
 def test_exec_without_a_command_is_a_usage_error() -> None:
     proc = subprocess.run([*PIPES_EXT, "exec"], capture_output=True, text=True, timeout=60, check=False)
     assert proc.returncode == 2
