@@ -28,7 +28,7 @@ from pipes_core import (
     PipesStdioMessageReader,
     PipesSubprocessClient,
 )
-from pipes_ext._cli import MAX_REPORTED_ISSUES
+from pipes_ext._cli import MAX_LINE_BYTES, MAX_REPORTED_ISSUES
 from pipes_ext._protocol import encode_param
 
 REPO = Path(__file__).resolve().parent.parent
@@ -389,6 +389,21 @@ def test_a_flood_of_bad_lines_is_counted_not_reported_one_by_one(manual_session:
     warnings = [m["params"]["message"] for m in read_messages(messages) if m["method"] == "log"]
     assert len(warnings) == MAX_REPORTED_ISSUES + 1
     assert "500 lines were ignored in all" in warnings[-1]
+
+
+def test_a_line_over_the_limit_is_skipped_as_it_streams(manual_session: tuple[dict[str, str], Path]) -> None:
+    bootstrap, messages = manual_session
+    size = MAX_LINE_BYTES + 1024
+    script = (f'{{ head -c {size} /dev/zero | tr "\\0" a; echo; '
+              'echo \'{"method": "report_custom_message", "params": {"payload": "after"}}\'; } >&"$PIPES_MESSAGES_FD"')
+    proc = subprocess.run([*PIPES_EXT, "exec", "--", "bash", "-c", script], env={**os.environ, **bootstrap},
+                          capture_output=True, text=True, timeout=300, check=False)
+    assert proc.returncode == 0, proc.stderr
+    sent = read_messages(messages)
+    assert [m["method"] for m in sent] == ["opened", "log", "report_custom_message", "closed"]
+    assert sent[1]["params"]["message"].startswith(
+        f"pipes-ext exec: line 1 ignored: longer than {MAX_LINE_BYTES} bytes (the orchestrator's line limit)")
+    assert sent[2]["params"]["payload"] == "after"
 
 
 def test_outside_a_pipes_run_exec_runs_the_command_and_says_so(shell_path: Path) -> None:
