@@ -28,7 +28,8 @@ def suite(*args: str, cwd: Path = REPO) -> subprocess.CompletedProcess[str]:
 
 
 @pytest.mark.parametrize("command", ["run", "community"])
-def test_help_shows_the_command_part(command: str) -> None:
+def test_help_shows_the_command_part(command: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("PIPES_CONFORMANCE_JOBS", raising=False)
     proc = suite(command, "--help")
     assert proc.returncode == 0
     assert proc.stdout.startswith(f"usage: python -m conformance {command} [OPTIONS] -- COMMAND [ARG]...")
@@ -36,9 +37,12 @@ def test_help_shows_the_command_part(command: str) -> None:
     assert f"(default {os.cpu_count()})" in " ".join(proc.stdout.split())  # --jobs
 
 
-def test_jobs_default_to_the_number_of_cpus() -> None:
+def test_jobs_default_to_the_number_of_cpus(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("PIPES_CONFORMANCE_JOBS", raising=False)
     for command in ("run", "community"):
         assert _parser().parse_args([command]).jobs == os.cpu_count()
+    monkeypatch.setenv("PIPES_CONFORMANCE_JOBS", "8")  # what the project's own tests use
+    assert _parser().parse_args(["run"]).jobs == 8
 
 
 def test_community_plan_marks_what_that_suite_would_skip_when_s3_is_off() -> None:
