@@ -162,9 +162,9 @@ _ASYNC_NAMES = frozenset(__all__[__all__.index("open_pipes_session_async"):])
 def __getattr__(name: str) -> object:
     if name not in _ASYNC_NAMES:
         raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    from . import _async
+    from . import _async, _async_client
 
-    value = getattr(_async, name)
+    value = getattr(_async_client if name in _async_client.__all__ else _async, name)
     globals()[name] = value
     return value
 

@@ -3,9 +3,9 @@ session.
 
 Written once and shared with the synchronous side (no copy here): the handler (validation, events, results), the
 session object and its results, the session set-up and end (:class:`~pipes_core._session.SessionSetup`,
-``end_session``), the line splitters of the file and stdio readers, the client's options, channel defaults,
-bootstrap request and verdict (an internal :class:`PipesSubprocessClient` holds them), the invocation and the
-errors. Only the I/O is twinned:
+``end_session``), the line splitters of the file and stdio readers, the invocation and the errors. The clients
+and their lifecycle live in :mod:`pipes_core._async_client` (the asyncio driver of the one lifecycle). Only the
+I/O is twinned:
 
 * waiting for a messages file to grow: its inotify descriptor registered with the loop (``add_reader``), or a
   loop timer where inotify is missing (the same backoff as the sync watcher);
@@ -13,9 +13,9 @@ errors. Only the I/O is twinned:
 * entering and leaving a context injector that does I/O, and stopping log readers: the loop's default
   executor, a shared and bounded pool, never a thread per session; polling a blob store: the reader's own
   bounded threads, so that a store that never answers holds none of the default executor's;
-* waiting for a child, its timeout and the interrupt -> terminate -> kill escalation: asyncio subprocesses and
-  loop timers. Cancelling the task that runs :meth:`PipesAsyncSubprocessClient.run` is an interruption: the
-  child's process group is stopped, the channel drained, and ``CancelledError`` propagates (carrying
+* waiting for a child, its timeout and the interrupt -> terminate -> kill escalation: a pidfd and loop timers
+  (see :mod:`pipes_core._async_client`). Cancelling the task that runs an async client's ``run`` is an
+  interruption: the process is stopped, the channel drained, and ``CancelledError`` propagates (carrying
   ``.invocation``).
 
 Message readers: pass the sync readers you know (:class:`PipesTempFileMessageReader`,
@@ -28,34 +28,18 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import logging
 import os
-import shlex
-import signal
-import subprocess
 import sys
 import tempfile
-import time
 import weakref
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from contextlib import AbstractContextManager, asynccontextmanager
 from typing import Any, ClassVar, cast
 
 from pipes_ext._errors import PipesError, PipesTransportError, PipesUsageError
-from pipes_ext._protocol import PARAM_PATH, STREAM_STDERR, STREAM_STDOUT
+from pipes_ext._protocol import PARAM_PATH, STREAM_STDOUT
 
 from ._blob import POLL_DONE, POLL_WAIT, PipesBlobStoreMessageReader
-from ._client import (
-    KILL_WAIT_SECONDS,
-    OUTPUT_DRAIN_SECONDS,
-    TERM_GRACE_SECONDS,
-    PipesClientCompletedInvocation,
-    PipesExitStatus,
-    _Run,
-    _sink,
-    _Tail,
-    run_loggers,
-)
 from ._files import SessionPath, remove_temp_dir
 from ._handler import PipesMessageHandler
 from ._injectors import PipesContextInjector, PipesEnvContextInjector, PipesTempFileContextInjector
@@ -79,7 +63,6 @@ from ._stdio import (
     _StdioLineSplitter,
     as_output_writer,
 )
-from ._subprocess import PipesSubprocessClient, check_env, command_name, start_local_process
 from ._watch import POLL_MAX_SECONDS, POLL_MIN_SECONDS, InotifyGroup
 
 __all__ = [
@@ -88,7 +71,6 @@ __all__ = [
     "PipesAsyncTempFileMessageReader",
     "PipesAsyncStdioMessageReader",
     "PipesAsyncBlobStoreMessageReader",
-    "PipesAsyncSubprocessClient",
     "as_async_reader",
     "open_pipes_session_async",
 ]
@@ -533,10 +515,20 @@ class PipesAsyncBlobStoreMessageReader(PipesAsyncMessageReader):
         return self.reader.no_messages_debug_text()
 
 
+# The file readers' own reading, which the asyncio file readers twin.
+_TWINNED_FILE_READING = (PipesTempFileMessageReader.read_messages, PipesFileMessageReader.read_messages)
+
+
 def as_async_reader(reader: PipesMessageReader | PipesAsyncMessageReader) -> PipesAsyncMessageReader:
     """The asyncio twin of ``reader`` with the same settings (an async reader is returned as is)."""
     if isinstance(reader, PipesAsyncMessageReader):
         return reader
+    make_twin = getattr(reader, "async_twin", None)  # a reader that knows its own twin (the Slurm reader)
+    twin = make_twin() if callable(make_twin) else None
+    if twin is not None:
+        return cast(PipesAsyncMessageReader, twin)
+    if isinstance(reader, PipesFileMessageReader) and type(reader).read_messages not in _TWINNED_FILE_READING:
+        return _ThreadedReader(reader)  # a subclass that reads its own way keeps its reading
     if isinstance(reader, PipesTempFileMessageReader):
         return PipesAsyncTempFileMessageReader(reader.include_stdio_in_messages, reader.dir,
                                                log_readers=reader.log_readers, use_inotify=reader.use_inotify,
@@ -639,75 +631,6 @@ async def open_pipes_session_async(
 # ---------------------------------------------------------------------------------------------- the client
 
 
-class _AsyncChild:
-    """A child process watched from the loop without a thread: its exit is seen through a pidfd registered with
-    the loop (Linux), else a loop timer polling it (backing off to :data:`POLL_MAX_SECONDS`). asyncio's own
-    subprocess support is not used: on Python 3.11 its default child watcher costs a thread per child, and
-    choosing another one is process-wide state. Signals go to the child's whole process group when it has one.
-    """
-
-    def __init__(self, process: subprocess.Popen[bytes], argv0: str, own_group: bool) -> None:
-        self.process = process
-        self.own_group = own_group
-        self.description = f"the external process {argv0!r}"
-        self._loop = loop = asyncio.get_running_loop()
-        self._ended = loop.create_future()
-        self._pidfd = -1
-        self._timer: asyncio.TimerHandle | None = None
-        self._poll = POLL_MIN_SECONDS
-        try:
-            self._pidfd = os.pidfd_open(process.pid)
-        except (AttributeError, OSError):  # not Linux 5.3+: poll on a timer
-            self._timer = loop.call_later(self._poll, self._check)
-        else:
-            loop.add_reader(self._pidfd, self._check)
-
-    @property
-    def returncode(self) -> int | None:
-        return self.process.returncode
-
-    def _check(self) -> None:
-        if self.process.poll() is None:
-            if self._pidfd < 0:
-                self._poll = min(self._poll * 2, POLL_MAX_SECONDS)
-                self._timer = self._loop.call_later(self._poll, self._check)
-            return
-        self._release()
-        if not self._ended.done():
-            self._ended.set_result(None)
-
-    def _release(self) -> None:
-        if self._pidfd >= 0:
-            self._loop.remove_reader(self._pidfd)  # does nothing once the loop is closed
-            os.close(self._pidfd)
-            self._pidfd = -1
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
-
-    def signal(self, sig: int) -> None:
-        if self.process.returncode is not None and not self.own_group:
-            return
-        try:
-            if self.own_group:
-                os.killpg(self.process.pid, sig)
-            else:
-                self.process.send_signal(sig)
-        except (ProcessLookupError, PermissionError):
-            pass
-
-    async def wait(self, timeout: float | None) -> bool:
-        """True once the child has ended (and been reaped); False when ``timeout`` passed first."""
-        try:
-            await asyncio.wait_for(asyncio.shield(self._ended), timeout)
-        except asyncio.TimeoutError:
-            return False
-        return True
-
-    def close(self) -> None:
-        self._release()
-
-
 async def _stream_reader(pipe: Any) -> tuple[asyncio.StreamReader, asyncio.BaseTransport]:
     """An :class:`asyncio.StreamReader` over a pipe of a child, and its transport (close it once read)."""
     loop = asyncio.get_running_loop()
@@ -716,219 +639,11 @@ async def _stream_reader(pipe: Any) -> tuple[asyncio.StreamReader, asyncio.BaseT
     return reader, transport
 
 
-class PipesAsyncSubprocessClient:
-    """The asyncio twin of :class:`PipesSubprocessClient`: same arguments, same options of :meth:`run`, same
-    errors and :class:`PipesClientCompletedInvocation`; ``await client.run(...)``.
+def __getattr__(name: str) -> object:
+    """``PipesAsyncSubprocessClient`` lives in :mod:`pipes_core._async_client` (with the asyncio driver of the
+    lifecycle); still importable from here."""
+    if name == "PipesAsyncSubprocessClient":
+        from ._async_client import PipesAsyncSubprocessClient
 
-    The options, the channel defaults (temp files), the bootstrap (env vars or CLI arguments) and the verdict are
-    those of an internal :class:`PipesSubprocessClient` (``self.config``): one set of rules for both.
-    """
-
-    def __init__(
-        self,
-        env: Mapping[str, str] | None = None,
-        cwd: str | None = None,
-        context_injector: PipesContextInjector | None = None,
-        message_reader: PipesMessageReader | PipesAsyncMessageReader | None = None,
-        forward_termination: bool = True,
-        forward_stdio: bool = True,
-        termination_timeout_seconds: float = 20,
-        *,
-        strict: bool = True,
-        bootstrap: str = "env",
-    ) -> None:
-        sync_reader = message_reader if isinstance(message_reader, PipesMessageReader) else None
-        self.config = PipesSubprocessClient(env, cwd, context_injector, sync_reader, forward_termination,
-                                            forward_stdio, termination_timeout_seconds, strict=strict,
-                                            bootstrap=bootstrap)
-        self.message_reader = message_reader
-
-    def _channels(self) -> tuple[PipesContextInjector, PipesAsyncMessageReader]:
-        injector, reader = self.config._channels()
-        return injector, as_async_reader(self.message_reader if self.message_reader is not None else reader)
-
-    async def run(
-        self,
-        *,
-        context: PipesRunContext | None = None,
-        command: str | Sequence[str],
-        extras: Mapping[str, Any] | None = None,
-        env: Mapping[str, str] | None = None,
-        cwd: str | None = None,
-        timeout_seconds: float | None = None,
-        strict: bool | None = None,
-        on_event: Callable[[PipesEvent], None] | None = None,
-        retain_messages: bool = True,
-        metadata: Mapping[str, Any] | None = None,
-        stdout: PipesOutputTarget | None = None,
-        stderr: PipesOutputTarget | None = None,
-        logger: logging.Logger | logging.LoggerAdapter[Any] | None = None,
-        external_stream_handler: Callable[[str, str], None] | None = None,
-        fail_on_check_error: bool = False,
-        raise_on_event_error: bool = True,
-        on_message: Callable[[dict[str, Any]], None] | None = None,
-    ) -> PipesClientCompletedInvocation:
-        """Run ``command`` in a Pipes session on the running loop; see :meth:`PipesSubprocessClient.run`.
-
-        Raises:
-            PipesExecutionError, PipesTimeoutError, PipesTransportError: as the sync client, with ``.invocation``.
-            asyncio.CancelledError: the task was cancelled; re-raised after the child's group was stopped and the
-                channel drained, with ``.invocation``.
-        """
-        argv = shlex.split(command) if isinstance(command, str) else list(command)
-        if not argv:
-            raise PipesUsageError("command is empty")
-        if timeout_seconds is not None and not timeout_seconds > 0:  # also refuses nan
-            raise PipesUsageError(f"timeout_seconds must be positive, got {timeout_seconds!r}")
-        config = self.config
-        check_env({**config.env, **(env or {})})
-        strict = config.strict if strict is None else strict
-        injector, reader = self._channels()
-        started = time.monotonic()
-        run_logger, own_logger = run_loggers(logger, argv)
-        run = _Run(log=own_logger)
-        try:
-            async with open_pipes_session_async(context, injector, reader, extras, on_event=on_event,
-                                                retain_messages=retain_messages,
-                                                logger=run_logger,
-                                                external_stream_handler=external_stream_handler,
-                                                on_message=on_message,
-                                                warn_unclosed=False,  # the verdict says these
-                                                warn_unopened=False) as session:
-                run.session = session
-                try:
-                    await self._launch_and_wait(argv, {**config.env, **(env or {})}, cwd or config.cwd, session,
-                                                reader, run, timeout_seconds, stdout, stderr)
-                except asyncio.CancelledError as exc:
-                    run.interrupt = exc  # an interruption: drain first (leaving the session), then re-raise
-                except GeneratorExit:  # the loop was closed with the run pending: release everything, no drain
-                    raise
-                except BaseException as exc:
-                    run.error = exc
-        except asyncio.CancelledError as exc:  # cancelled while the channel drained (the drain was finished)
-            if run.session is None:
-                raise
-            run.interrupt = run.interrupt or exc
-        except Exception as exc:  # the channel failed while draining (a store's SDK, the messages file)
-            if run.session is None:
-                raise
-            run.channel_error = exc
-        return config.conclude(run, started=started, metadata=metadata, strict=strict,
-                               timeout_seconds=timeout_seconds, fail_on_check_error=fail_on_check_error,
-                               raise_on_event_error=raise_on_event_error)
-
-    async def _launch_and_wait(self, argv: list[str], extra_env: dict[str, str], cwd: str | None,
-                               session: PipesSession, reader: PipesAsyncMessageReader, run: _Run,
-                               timeout_seconds: float | None, stdout: PipesOutputTarget | None,
-                               stderr: PipesOutputTarget | None) -> None:
-        config = self.config
-        stdio = reader.stream if isinstance(reader, PipesAsyncStdioMessageReader) else None
-        request = config._request(session, cast(PipesMessageReader, None), stdout, stderr)
-        stdout_needed = request.stdout_needed or stdio == STREAM_STDOUT
-        stderr_needed = request.stderr_needed or stdio == STREAM_STDERR
-        child_argv = argv + request.bootstrap_args
-        # fork + exec (and the orphan guard's) take a few milliseconds: not worth a thread
-        process, guard = start_local_process(
-            child_argv, env={**os.environ, **extra_env, **request.bootstrap_env}, cwd=cwd, stdin=None,
-            stdout=subprocess.PIPE if stdout_needed else stdout,  # type: ignore[arg-type]
-            stderr=subprocess.PIPE if stderr_needed else stderr,  # type: ignore[arg-type]
-            own_group=config.forward_termination, session=session, guarded=config.end_with_orchestrator)
-        try:
-            child = _AsyncChild(process, command_name(argv), config.forward_termination)
-        except BaseException:
-            process.kill()
-            process.wait()
-            if guard is not None:
-                guard.release()
-            raise
-        run.description = child.description
-        pumps: list[asyncio.Task[None]] = []
-        transports: list[asyncio.BaseTransport] = []
-        connected: list[tuple[str, asyncio.StreamReader, PipesOutputTarget | None]] = []
-
-        async def connect() -> None:  # every pipe gets its transport, which owns and closes it
-            for stream, pipe, target in ((STREAM_STDOUT, process.stdout, stdout),
-                                         (STREAM_STDERR, process.stderr, stderr)):
-                if pipe is not None:
-                    source, transport = await _stream_reader(pipe)
-                    transports.append(transport)
-                    connected.append((stream, source, target))
-
-        try:
-            # Shielded: a cancellation in the middle would leave a pipe that no transport owns (open until a
-            # garbage collection closes its descriptor, by then perhaps someone else's).
-            await _finish_shielded(asyncio.ensure_future(connect()))
-            for stream, source, target in connected:
-                tail = _Tail(stream)
-                run.tails.append(tail)
-                destination: Callable[[bytes], None] | None = None
-                if config.forward_stdio:
-                    if target is not None:
-                        destination = as_output_writer(target)
-                    elif stream == stdio and isinstance(reader, PipesAsyncStdioMessageReader) \
-                            and reader._sync.output is not None:
-                        destination = as_output_writer(reader._sync.output)
-                    else:
-                        destination = as_output_writer(sys.stdout if stream == STREAM_STDOUT else sys.stderr)
-                if stream == stdio:
-                    assert isinstance(reader, PipesAsyncStdioMessageReader)
-                    reader.consume(source, output=_sink(tail, destination))
-                else:
-                    pumps.append(asyncio.get_running_loop().create_task(_pump(source, _sink(tail, destination))))
-            if not await child.wait(timeout_seconds):
-                run.timed_out = True
-                await self._stop(child)
-        except asyncio.CancelledError:
-            if config.forward_termination:
-                # A second cancellation during the escalation kills at once (as a second Ctrl-C does).
-                try:
-                    await self._stop(child)
-                except asyncio.CancelledError:
-                    child.signal(signal.SIGKILL)
-                    await _finish_shielded(asyncio.ensure_future(child.wait(KILL_WAIT_SECONDS)))
-            raise
-        except BaseException:
-            child.signal(signal.SIGKILL)
-            if _loop_closing():
-                process.wait()  # SIGKILLed: reaped at once, without the loop
-                raise
-            await _finish_shielded(asyncio.ensure_future(child.wait(KILL_WAIT_SECONDS)))
-            raise
-        finally:
-            if guard is not None and process.returncode is not None and not config.forward_termination:
-                guard.ended()  # reaped, and not in a group of its own: its pid may be reused
-            closing = _loop_closing()
-            if pumps and closing:
-                for task in pumps:
-                    _close_task(task)
-            elif pumps:
-                waiting = asyncio.ensure_future(asyncio.wait(pumps, timeout=OUTPUT_DRAIN_SECONDS))
-                try:
-                    await _finish_shielded(waiting)
-                finally:
-                    for task in waiting.result()[1]:
-                        task.cancel()
-            child.close()
-            for transport in transports:  # read to their end, or given up on after the drain deadline
-                if not closing:
-                    transport.close()
-            if closing:  # a closed loop cannot close a transport: close the pipes it owned
-                for pipe in (process.stdout, process.stderr):
-                    if pipe is not None:
-                        pipe.close()
-            if guard is not None:
-                guard.release()
-            run.status = (PipesExitStatus.from_returncode(process.returncode) if process.returncode is not None
-                          else PipesExitStatus(None, description="was left running"))
-
-    async def _stop(self, child: _AsyncChild) -> None:
-        """interrupt, wait, terminate, wait, kill, wait (loop timers); then kill again to sweep leftovers."""
-        grace = self.config.termination_timeout_seconds
-        for sig, wait in ((signal.SIGINT, grace), (signal.SIGTERM, min(TERM_GRACE_SECONDS, grace))):
-            child.signal(sig)
-            if await child.wait(wait):
-                break
-        else:
-            child.signal(signal.SIGKILL)
-            await child.wait(KILL_WAIT_SECONDS)
-        child.signal(signal.SIGKILL)  # what outlived it in its process group is not left behind
+        return PipesAsyncSubprocessClient
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

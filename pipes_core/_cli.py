@@ -458,7 +458,8 @@ def _ray_client(args: argparse.Namespace, strict: bool) -> tuple[PipesClient, di
     try:
         client = PipesRayJobClient(
             args.ray, context_injector=None if args.context_injector is None else _injector(args),
-            message_reader=None if args.message_reader is None else _reader(args), strict=strict)
+            message_reader=None if args.message_reader is None else _reader(args), strict=strict,
+            bootstrap=args.bootstrap)
     except PipesUsageError as exc:
         raise _UsageError(str(exc)) from exc
     return client, {}
@@ -495,9 +496,9 @@ def _run(args: argparse.Namespace, out: IO[str]) -> int:
     session: PipesSession | None = None
     error: str | None = None
     try:
-        invocation = client.run(context=context, command=command, extras=extras, timeout_seconds=timeout,
-                                on_event=printer, retain_messages=False,
-                                stdout=sys.stderr if args.json else None, **options)
+        options["command"] = command  # every launcher's own option: each run() takes it
+        invocation = client.run(context=context, extras=extras, timeout_seconds=timeout, on_event=printer,
+                                retain_messages=False, stdout=sys.stderr if args.json else None, **options)
         code = 0
     except KeyboardInterrupt:
         code, error = EXIT_INTERRUPTED, "interrupted"

@@ -75,20 +75,38 @@ from collections import deque
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from types import FrameType
-from typing import Any, ClassVar
+from typing import Any, ClassVar, TypeVar, cast
 
-from pipes_ext._errors import PipesError, PipesTransportError, PipesUsageError
+from pipes_ext._errors import PipesError, PipesUsageError
 from pipes_ext._protocol import STREAM_STDERR, STREAM_STDOUT
 
-from ._errors import PipesExecutionError, PipesInterruptedError, PipesTimeoutError
-from ._failures import excerpt_line, failure_details, last_line
+from ._errors import PipesExecutionError
+from ._failures import last_line
 from ._handler import DEFAULT_LOGGER_NAME, command_logger
 from ._injectors import PipesContextInjector, PipesEnvContextInjector
+from ._lifecycle import (
+    ERROR_ISSUES_LISTED,
+    KEYBOARD,
+    KILL_WAIT_SECONDS,
+    SESSION_LOG,
+    SIGTERM,
+    TERM_GRACE_SECONDS,
+    Action,
+    Begin,
+    Done,
+    PipesExitStatus,
+    RunCore,
+    RunFacts,
+    Signal,
+    Wait,
+    judge,
+    signal_name,
+)
+from ._options import RUN_OPTION_DEFAULTS, RunOptions, Unpack, check_run_options, run_signature
 from ._readers import PipesMessageReader
 from ._results import (
     AssetCheckResult,
     MaterializeResult,
-    PipesEvent,
     PipesExecutionResult,
     PipesLogEvent,
 )
@@ -117,12 +135,6 @@ BOOTSTRAP_ENV = "env"  # DAGSTER_PIPES_CONTEXT / DAGSTER_PIPES_MESSAGES env vars
 BOOTSTRAP_CLI = "cli"  # --dagster-pipes-context / --dagster-pipes-messages appended to the command
 BOOTSTRAPS = (BOOTSTRAP_ENV, BOOTSTRAP_CLI)
 
-# After terminate(), how long the process gets before kill(). interrupt() already had the full
-# termination_timeout_seconds to clean up; terminate() is the last polite request.
-TERM_GRACE_SECONDS = 5.0
-# After kill(), how long to wait for the end before giving up on it (a remote engine may be slow to confirm;
-# a local SIGKILL takes milliseconds).
-KILL_WAIT_SECONDS = 60.0
 # Output that is not forwarded is read continuously (so the process never blocks on a full pipe) and only
 # this many trailing bytes per stream are kept, for the error message.
 OUTPUT_TAIL_BYTES = 64 * 1024
@@ -131,49 +143,12 @@ OUTPUT_TAIL_BYTES = 64 * 1024
 OUTPUT_DRAIN_SECONDS = 5.0
 # The source of an invocation's ``last_output_line`` when the launcher has one log for both streams.
 LOG_SOURCE = "log"
-# How many protocol issues an error message lists.
-ERROR_ISSUES_LISTED = 10
 
 client_logger = logging.getLogger("pipes_core")
-
-
-def signal_name(number: int) -> str:
-    """``SIGKILL`` for 9; ``signal 99`` for a number with no name."""
-    try:
-        return signal.Signals(number).name
-    except ValueError:
-        return f"signal {number}"
+_T = TypeVar("_T")
 
 
 # ---------------------------------------------------------------------------------------------- hook types
-
-
-@dataclass(frozen=True)
-class PipesExitStatus:
-    """How a launched process ended.
-
-    Attributes:
-        exit_code: its exit code; negative -N when killed by signal N (as :mod:`subprocess` says); None when
-            unknown (it never ended, or the engine does not say).
-        killed: it was ended from outside (a signal, the OOM killer, a cancelled job), not by exiting.
-        description: how it ended, when that is not a plain exit, worded to follow the process's description:
-            "was killed by SIGKILL", "was OOM-killed", "ended in job state STOPPED".
-    """
-
-    exit_code: int | None
-    killed: bool = False
-    description: str = ""
-
-    @classmethod
-    def from_returncode(cls, returncode: int | None) -> PipesExitStatus:
-        """From a :class:`subprocess.Popen` return code."""
-        if returncode is not None and returncode < 0:
-            return cls(returncode, killed=True, description=f"was killed by {signal_name(-returncode)}")
-        return cls(returncode)
-
-    @property
-    def succeeded(self) -> bool:
-        return self.exit_code == 0 and not self.killed
 
 
 @dataclass(frozen=True)
@@ -202,8 +177,10 @@ class PipesLaunchedProcess(ABC):
     description: str = "the external process"
     stdout: PipesByteSource | None = None
     stderr: PipesByteSource | None = None
-    # How often the default wait() looks at poll(): engines that cannot block on the end poll this often.
-    poll_interval_seconds: ClassVar[float] = 0.1
+    # How often the default wait() looks at poll(): engines that cannot block on the end poll this often. The
+    # asyncio driver polls from the loop, backing off from this to max_poll_interval_seconds.
+    poll_interval_seconds: float = 0.1
+    max_poll_interval_seconds: float = 1.0
     # True when its one output source (``stdout`` or ``stderr``) is a log carrying both streams (e.g. a Ray
     # job's): a failure message then quotes that log's last line, as such.
     one_log: ClassVar[bool] = False
@@ -428,13 +405,16 @@ class _TerminationRequested(BaseException):
 
 @dataclass
 class _Run:
-    """The state of one run, filled in as it goes."""
+    """The state of one run, filled in as it goes (by the sync driver here, or the asyncio one)."""
 
+    options: RunOptions = field(default_factory=lambda: RunOptions())  # with RUN_OPTION_DEFAULTS filled in
+    strict: bool = True
+    started: float = 0.0
+    session_log: logging.Logger | logging.LoggerAdapter[Any] = client_logger
     session: PipesSession | None = None
     process: PipesLaunchedProcess | None = None
     status: PipesExitStatus | None = None
-    timed_out: bool = False
-    terminated: bool = False  # SIGTERM to the orchestrator
+    core: RunCore | None = None  # the decisions: timed out, terminated (SIGTERM), interrupted, crashed
     interrupt: BaseException | None = None  # KeyboardInterrupt (a cancellation in the asyncio twin), re-raised
     # after the verdict's invocation
     error: BaseException | None = None  # launch failure or a bug: raised as is (with the invocation)
@@ -489,9 +469,11 @@ class PipesClient(ABC):
 
     @abstractmethod
     def run(
-        self, *, context: PipesRunContext | None = None, extras: Mapping[str, Any] | None = None, **kwargs: Any
+        self, *, context: PipesRunContext | None = None, extras: Mapping[str, Any] | None = None,
+        **options: Unpack[RunOptions],
     ) -> PipesClientCompletedInvocation:
-        """Run one external process in a Pipes session, synchronously, and return what it reported."""
+        """Run one external process in a Pipes session, synchronously, and return what it reported. Every client
+        takes the :class:`~pipes_core.RunOptions`, and its own options besides."""
 
     # ------------------------------------------------------------------ channel defaults
 
@@ -509,51 +491,25 @@ class PipesClient(ABC):
 
     # ------------------------------------------------------------------ the lifecycle
 
+    @run_signature(RunOptions)
     def run_launcher(
         self,
         launch: Callable[[PipesLaunchRequest], PipesLaunchedProcess],
         *,
         context: PipesRunContext | None = None,
         extras: Mapping[str, Any] | None = None,
-        timeout_seconds: float | None = None,
-        strict: bool | None = None,
-        on_event: Callable[[PipesEvent], None] | None = None,
-        retain_messages: bool = True,
-        metadata: Mapping[str, Any] | None = None,
-        stdout: PipesOutputTarget | None = None,
-        stderr: PipesOutputTarget | None = None,
-        on_launched: Callable[[PipesLaunchedProcess], None] | None = None,
-        logger: logging.Logger | logging.LoggerAdapter[Any] | None = None,
-        external_stream_handler: Callable[[str, str], None] | None = None,
-        on_message: Callable[[dict[str, Any]], None] | None = None,
-        fail_on_check_error: bool = False,
-        raise_on_event_error: bool = True,
         command: str | Sequence[str] | None = None,
+        **options: Unpack[RunOptions],
     ) -> PipesClientCompletedInvocation:
-        """The one lifecycle (module doc): session, launch, output, wait, escalation, drain, verdict.
+        """The one lifecycle (module doc): session, launch, output, wait, escalation, drain, verdict; its
+        decisions are those of :class:`pipes_core._lifecycle.RunCore` and :func:`pipes_core._lifecycle.judge`.
 
         Args:
             launch: starts the process for a :class:`PipesLaunchRequest` (see "Hook interface").
-            timeout_seconds: stop the process after this long (None: no limit); raises
-                :class:`PipesTimeoutError`.
-            strict: overrides the client's ``strict`` for this run.
-            on_event: called with each event as it arrives (on a reader thread).
-            retain_messages: False streams events through ``on_event`` only (flat memory).
-            metadata: merged into every result.
-            stdout / stderr: where the process's forwarded output goes instead of this process's own streams
-                (a ``write(bytes)`` callable or a file object).
-            on_launched: called with the launched process right after ``launch`` (e.g. to stop it from another
-                thread).
-            logger: where this run's ``log`` messages and protocol issues go (a :class:`logging.Logger` or
-                :class:`logging.LoggerAdapter`, e.g. an orchestrator's per-task logger; default
-                ``pipes_core.external``), every record carrying ``pipes_run_id`` and ``pipes_command`` as
-                ``extra`` fields; the client's own warnings about the run go there too (default: ``pipes_core``).
             command: the command as the user gave it (a list, or a shell string kept as is), for
                 ``pipes_command``; None: the field is not set.
-            external_stream_handler / on_message: passed to :func:`open_pipes_session`
-                (``external_stream_handler`` receives the text the process sends with ``log_external_stream`` as
-                ``(stream, text)``, instead of this process's stdout/stderr).
-            fail_on_check_error / raise_on_event_error: see :meth:`check`.
+            options: the :class:`~pipes_core.RunOptions` (``timeout_seconds``, ``strict``, ``on_event``,
+                ``stdout`` / ``stderr``, ``on_launched``, ``logger``...), each described there.
 
         Raises:
             PipesExecutionError: the process could not start, failed, was killed, never opened the channel or
@@ -563,24 +519,13 @@ class PipesClient(ABC):
             KeyboardInterrupt: re-raised after the process was stopped and the channel drained, with an
                 ``invocation`` attribute.
         """
-        if timeout_seconds is not None and not timeout_seconds > 0:  # also refuses nan
-            raise PipesUsageError(f"timeout_seconds must be positive, got {timeout_seconds!r}")
-        strict = self.strict if strict is None else strict
+        run = self.begin_run(options, command)
         injector, reader = self._channels()
-        started = time.monotonic()
-        session_logger, own_logger = run_loggers(logger, command)
-        run = _Run(log=own_logger)
         try:
-            with open_pipes_session(context, injector, reader, extras, on_event=on_event,
-                                    retain_messages=retain_messages, logger=session_logger,
-                                    external_stream_handler=external_stream_handler,
-                                    on_message=on_message,
-                                    warn_unclosed=False,  # said once by the verdict, naming the process
-                                    warn_unopened=False) as session:
+            with self.open_session(run, injector, reader, open_pipes_session, context, extras) as session:
                 run.session = session
                 try:
-                    self._launch_and_wait(launch, session, reader, run, timeout_seconds, stdout, stderr,
-                                          on_launched)
+                    self._launch_and_wait(launch, session, reader, run)
                 except KeyboardInterrupt as exc:
                     run.interrupt = exc  # drain first (leaving the session), then re-raise
                 except BaseException as exc:
@@ -599,22 +544,49 @@ class PipesClient(ABC):
                     run.process.close()
                 except Exception:
                     run.log.exception("[pipes] releasing %s failed", run.description)
-        return self.conclude(run, started=started, metadata=metadata, strict=strict, timeout_seconds=timeout_seconds,
-                             fail_on_check_error=fail_on_check_error, raise_on_event_error=raise_on_event_error)
+        return self.conclude(run)
 
-    def conclude(self, run: _Run, *, started: float, metadata: Mapping[str, Any] | None, strict: bool,
-                 timeout_seconds: float | None, fail_on_check_error: bool,
-                 raise_on_event_error: bool) -> PipesClientCompletedInvocation:
+    def begin_run(self, options: RunOptions, command: str | Sequence[str] | None) -> _Run:
+        """Check a run's options (each once, for the sync and the async driver) and start its record."""
+        check_run_options(options, RunOptions, "run_launcher")
+        timeout_seconds = options.get("timeout_seconds")
+        if timeout_seconds is not None and not timeout_seconds > 0:  # also refuses nan
+            raise PipesUsageError(f"timeout_seconds must be positive, got {timeout_seconds!r}")
+        strict = options.get("strict")
+        session_log, own_log = run_loggers(options.get("logger"), command)
+        return _Run(options=cast(RunOptions, {**RUN_OPTION_DEFAULTS, **options}),
+                    strict=self.strict if strict is None else strict, started=time.monotonic(),
+                    session_log=session_log, log=own_log)
+
+    def open_session(self, run: _Run, injector: PipesContextInjector, reader: Any, opener: Callable[..., _T],
+                     context: PipesRunContext | None, extras: Mapping[str, Any] | None) -> _T:
+        """``opener`` (:func:`open_pipes_session` or its asyncio twin) called with the run's session options."""
+        options = run.options
+        return opener(context, injector, reader, extras, on_event=options.get("on_event"),
+                      retain_messages=options["retain_messages"], logger=run.session_log,
+                      external_stream_handler=options.get("external_stream_handler"),
+                      on_message=options.get("on_message"),
+                      warn_unclosed=False,  # said once by the verdict, naming the process
+                      warn_unopened=False)
+
+    def new_core(self, run: _Run) -> RunCore:
+        """The decisions of ``run`` (:class:`RunCore`), for the client's termination settings."""
+        run.core = RunCore(timeout_seconds=run.options.get("timeout_seconds"),
+                           termination_timeout_seconds=self.termination_timeout_seconds,
+                           forward_termination=self.forward_termination, subject=run.description)
+        return run.core
+
+    def conclude(self, run: _Run) -> PipesClientCompletedInvocation:
         """After the drain: the invocation, then the interruption re-raised or the launch error raised (both
-        carrying it), else the verdict. Shared with the asyncio client (whose cancellation is ``run.interrupt``)."""
+        carrying it), else the verdict. Shared with the asyncio driver (whose cancellation is ``run.interrupt``)."""
         assert run.session is not None  # the session opened, else we raised above
         invocation = PipesClientCompletedInvocation(
             run.session,
             exit_code=None if run.status is None else run.status.exit_code,
             exit_status=run.status,
-            duration_seconds=time.monotonic() - started,
+            duration_seconds=time.monotonic() - run.started,
             output_tail=_joined_tails(run.tails),
-            metadata=metadata,
+            metadata=run.options.get("metadata"),
             description=run.description,
             **_last_output_line(run),
         )
@@ -625,14 +597,18 @@ class PipesClient(ABC):
             if isinstance(run.error, PipesError):
                 run.error.invocation = invocation
             raise run.error
-        self.check(invocation, strict=strict, timed_out=run.timed_out, terminated=run.terminated,
-                   timeout_seconds=timeout_seconds, channel_error=run.channel_error, logger=run.log,
-                   fail_on_check_error=fail_on_check_error, raise_on_event_error=raise_on_event_error)
+        core = run.core
+        options = run.options
+        self.check(invocation, strict=run.strict, timed_out=core is not None and core.timed_out,
+                   terminated=core is not None and core.terminated,
+                   timeout_seconds=options.get("timeout_seconds"), channel_error=run.channel_error, logger=run.log,
+                   fail_on_check_error=options["fail_on_check_error"],
+                   raise_on_event_error=options["raise_on_event_error"])
         return invocation
 
-    def _request(self, session: PipesSession, reader: PipesMessageReader, stdout: PipesOutputTarget | None,
-                 stderr: PipesOutputTarget | None) -> PipesLaunchRequest:
-        stdio = reader.stream if isinstance(reader, PipesStdioMessageReader) else None
+    def launch_request(self, session: PipesSession, stdio: str | None, stdout: PipesOutputTarget | None,
+                       stderr: PipesOutputTarget | None) -> PipesLaunchRequest:
+        """What to ask of the launcher; ``stdio``: the stream the stdio message reader reads (or None)."""
         cli = self.bootstrap == BOOTSTRAP_CLI
         return PipesLaunchRequest(
             session=session,
@@ -645,42 +621,61 @@ class PipesClient(ABC):
             or not _has_fileno(stderr),
         )
 
+    def output_destination(self, stream: str, target: PipesOutputTarget | None,
+                           reader_output: PipesOutputTarget | None) -> Callable[[bytes], None] | None:
+        """Where a stream's output is forwarded (None: only its tail is kept): the run's ``stdout=`` /
+        ``stderr=``, else the stdio reader's ``output`` for the stream it reads, else our own stream."""
+        if not self.forward_stdio:
+            return None
+        if target is not None:
+            return as_output_writer(target)
+        if reader_output is not None:
+            return as_output_writer(reader_output)
+        return _own_stream(stream)
+
     def _launch_and_wait(
         self,
         launch: Callable[[PipesLaunchRequest], PipesLaunchedProcess],
         session: PipesSession,
         reader: PipesMessageReader,
         run: _Run,
-        timeout_seconds: float | None,
-        stdout: PipesOutputTarget | None,
-        stderr: PipesOutputTarget | None,
-        on_launched: Callable[[PipesLaunchedProcess], None] | None,
     ) -> None:
-        process = launch(self._request(session, reader, stdout, stderr))
+        """Launch, then carry out the core's actions (the sync driver)."""
+        options = run.options
+        stdio = reader.stream if isinstance(reader, PipesStdioMessageReader) else None
+        process = launch(self.launch_request(session, stdio, options.get("stdout"), options.get("stderr")))
         run.process = process
         run.description = process.description
+        core = self.new_core(run)
         previous_handler = _install_sigterm_handler()
+        failure: BaseException | None = None
+        interrupt: BaseException | None = None
+        action: Action = core.first()
         try:
-            try:
-                if on_launched is not None:
-                    on_launched(process)
-                self._start_output(process, reader, run, stdout, stderr)
-                if not process.wait(timeout_seconds):
-                    run.timed_out = True
-                    self._stop(process, run.log)
-            except (KeyboardInterrupt, _TerminationRequested) as interrupt:
-                run.terminated = isinstance(interrupt, _TerminationRequested)
-                if self.forward_termination:
-                    run.log.warning("[pipes] interrupted: terminating %s (interrupt first)", process.description)
-                    self._stop(process, run.log)
-                if not run.terminated:
-                    raise
-            except BaseException:  # the run cannot go on (e.g. its output cannot be read): leave nothing running
-                process.kill()
-                process.wait(KILL_WAIT_SECONDS)
-                raise
-        except _TerminationRequested:  # SIGTERM during the escalation: it was killed at once
-            run.terminated = True
+            while not isinstance(action, Done):
+                try:
+                    if isinstance(action, Begin):
+                        on_launched = options.get("on_launched")
+                        if on_launched is not None:
+                            on_launched(process)
+                        self._start_output(process, reader, run)
+                        action = core.begun()
+                    elif isinstance(action, Wait):
+                        action = core.waited(process.wait(action.seconds))
+                    elif isinstance(action, Signal):
+                        getattr(process, action.step)()
+                        action = core.proceed()
+                    else:
+                        run.log.log(action.level, "%s", action.message)
+                        action = core.proceed()
+                except KeyboardInterrupt as exc:
+                    interrupt = interrupt or exc
+                    action = core.interrupted_by(KEYBOARD)
+                except _TerminationRequested:
+                    action = core.interrupted_by(SIGTERM)
+                except BaseException as exc:  # the run cannot go on (e.g. its output cannot be read)
+                    failure = failure or exc
+                    action = core.failed()
         finally:
             _restore_sigterm_handler(previous_handler)
             # One shared deadline: a leftover process holding both streams costs it once, not per stream.
@@ -691,12 +686,15 @@ class PipesClient(ABC):
                 run.status = process.exit_status()
             else:
                 run.status = PipesExitStatus(None, description="was left running")
+        if interrupt is not None:
+            raise interrupt
+        if failure is not None:
+            raise failure
 
-    def _start_output(self, process: PipesLaunchedProcess, reader: PipesMessageReader, run: _Run,
-                      stdout: PipesOutputTarget | None, stderr: PipesOutputTarget | None) -> None:
+    def _start_output(self, process: PipesLaunchedProcess, reader: PipesMessageReader, run: _Run) -> None:
         stdio = reader.stream if isinstance(reader, PipesStdioMessageReader) else None
-        for stream, source, target in ((STREAM_STDOUT, process.stdout, stdout),
-                                       (STREAM_STDERR, process.stderr, stderr)):
+        for stream, source, target in ((STREAM_STDOUT, process.stdout, run.options.get("stdout")),
+                                       (STREAM_STDERR, process.stderr, run.options.get("stderr"))):
             if source is None:
                 if stream == stdio:
                     raise PipesUsageError(
@@ -705,47 +703,13 @@ class PipesClient(ABC):
                 continue
             tail = _Tail(stream)
             run.tails.append(tail)
-            destination: Callable[[bytes], None] | None = None
-            if self.forward_stdio:
-                if target is not None:
-                    destination = as_output_writer(target)
-                elif stream == stdio and isinstance(reader, PipesStdioMessageReader) and reader.output is not None:
-                    destination = as_output_writer(reader.output)
-                else:
-                    destination = _own_stream(stream)
-            sink = _sink(tail, destination)
+            reader_output = reader.output if stream == stdio and isinstance(reader, PipesStdioMessageReader) else None
+            sink = _sink(tail, self.output_destination(stream, target, reader_output))
             if stream == stdio:
                 assert isinstance(reader, PipesStdioMessageReader)
                 reader.consume(source, output=sink, name=f"the {stream} of {process.description}")
             else:
                 run.pumps.append(_Pump(source, sink, stream))
-
-    # ------------------------------------------------------------------ waiting and termination
-
-    def _stop(self, process: PipesLaunchedProcess, log: logging.Logger | logging.LoggerAdapter[Any]) -> None:
-        """interrupt, wait, terminate, wait, kill, wait; then kill again to sweep leftovers.
-
-        A second interruption while waiting (Ctrl-C twice) skips the rest of the grace: the process is killed
-        at once and the interruption propagates.
-        """
-        try:
-            for step, grace in (
-                (process.interrupt, self.termination_timeout_seconds),
-                (process.terminate, min(TERM_GRACE_SECONDS, self.termination_timeout_seconds)),
-            ):
-                step()
-                if process.wait(grace):
-                    break
-            else:
-                process.kill()
-                if not process.wait(KILL_WAIT_SECONDS):
-                    log.error("[pipes] %s did not end %.0f s after kill()", process.description,
-                                 KILL_WAIT_SECONDS)
-        except BaseException:
-            process.kill()
-            process.wait(KILL_WAIT_SECONDS)
-            raise
-        process.kill()  # what outlived it (e.g. orphans in its process group) is not left behind
 
     # ------------------------------------------------------------------ verdict
 
@@ -774,100 +738,42 @@ class PipesClient(ABC):
         ``fail_on_check_error``, a check of severity ERROR failed (as ``pipes run --fail-on-check-error``).
         Opened but no ``closed``: a warning, and ``invocation.missing_closed``.
 
-        Each message states each fact once (see :func:`pipes_core._failures.failure_details`): the headline says
-        how it ended and why; the details add the reported traceback and the output tail without what the
-        headline said.
+        The rules are :func:`pipes_core._lifecycle.judge` (no I/O); this method gathers the facts, logs the
+        warnings and raises. Each message states each fact once (see :func:`pipes_core._failures.failure_details`):
+        the headline says how it ended and why; the details add the reported traceback and the output tail
+        without what the headline said.
         """
         session = invocation.session
-        status = invocation.exit_status or PipesExitStatus(None)
-        code = status.exit_code
-        remote = session.exception
-        tail = invocation.output_tail
-        subject = invocation.description
-
-        def fail(cls: type[PipesExecutionError], message: str, *, says_remote: bool = False,
-                 says_line: bool = False) -> None:
-            """Raise ``cls``: ``message``, then what it did not already say (each fact once)."""
-            details = failure_details(remote, tail, invocation.last_output_line if says_line else "",
-                                       says_remote=says_remote)
-            raise cls(message + details, exit_code=code, remote_exception=remote, invocation=invocation,
-                      output_tail=tail)
-
-        if timed_out:
-            fail(PipesTimeoutError, f"{subject} ran past its timeout of {timeout_seconds} s and was terminated")
-        if terminated:
-            fate = "was terminated" if self.forward_termination else "was left running (forward_termination=False)"
-            fail(PipesInterruptedError, f"the orchestrator received SIGTERM; {subject} {fate}")
-        if channel_error is not None:
-            error = PipesTransportError(
-                f"the message channel failed ({type(channel_error).__name__}: {channel_error}); {subject} "
-                f"{_ending(status)}; what arrived before the failure is in .invocation"
-                + failure_details(remote, tail, "", says_remote=False)
-            )
-            error.invocation = invocation
-            raise error from channel_error
-        if status.killed or code:
-            # Why it failed, once: the exception it reported, else its last stderr line (a crash on import, a
-            # shell's "command not found"). Before opening the channel (strict: a Pipes process was expected),
-            # that is said: the channel was never the problem.
-            crashed = strict and not session.opened
-            if status.killed:
-                how = f"{subject} {status.description or 'was killed'}"
-            elif crashed:
-                how = f"{subject} crashed (exit code {code}"
-                how += f", {status.description})" if status.description else ")"
-            else:
-                how = f"{subject} failed with exit code {code}"
-                how += f" ({status.description})" if status.description else ""
-            if crashed:
-                how += " before opening the Pipes channel"
-            line = invocation.last_output_line
-            if remote is not None:
-                fail(PipesExecutionError, f"{how}{'; it reported' if status.killed else ' with'} {remote}",
-                     says_remote=True)
-            if line:
-                fail(PipesExecutionError, f"{how}; its last {invocation.last_output_line_source} line: "
-                     f"{excerpt_line(line)}", says_line=True)
-            fail(PipesExecutionError, how)
-        if code is None:
-            fail(PipesExecutionError, f"{subject} {status.description or 'ended without an exit status'}")
-        if remote is not None:
-            fail(PipesExecutionError, f"{subject} exited 0 but reported an exception: {remote}", says_remote=True)
-        if not session.opened:
-            hint = never_opened_hint(session)
-            if strict:
-                where = ("the --dagster-pipes-context / --dagster-pipes-messages arguments reach it"
-                         if self.bootstrap == BOOTSTRAP_CLI else
-                         "DAGSTER_PIPES_CONTEXT / DAGSTER_PIPES_MESSAGES reach it")
-                fail(
-                    PipesExecutionError,
-                    f"{subject} exited 0 but never opened the Pipes channel. {hint} Check that it calls "
-                    f"open_pipes() (or open_dagster_pipes()) and that {where}; pass strict=False for a command "
-                    "that is not Pipes-aware.",
-                )
-            session.message_handler.logger.warning("[pipes] %s never opened the Pipes channel. %s", subject, hint)
-        if strict and session.issue_count:
-            issues = "\n".join(f"  - {issue}" for issue in session.protocol_issues[:ERROR_ISSUES_LISTED])
-            fail(PipesExecutionError, f"{subject} broke the Pipes protocol {session.issue_count} time(s):\n{issues}")
         handler = session.message_handler
-        callback_errors = handler.callback_errors
-        if raise_on_event_error and callback_errors:
-            first = callback_errors[0]
-            callback_error = PipesExecutionError(
-                f"the on_event callback raised {len(callback_errors)} time(s) during the run of {subject}; first: "
-                f"{first if isinstance(first, str) else f'{type(first).__name__}: {first}'} "
-                "(pass raise_on_event_error=False to only log it)",
-                exit_code=code, remote_exception=remote, invocation=invocation, output_tail=tail)
-            if isinstance(first, BaseException):
-                raise callback_error from first
-            raise callback_error
-        if fail_on_check_error and handler.failed_error_check_count:
-            fail(PipesExecutionError, f"{subject} reported {handler.failed_error_check_count} failed check(s) of "
-                 "severity ERROR (fail_on_check_error)")
-        if invocation.missing_closed:
-            (logger or client_logger).warning(
-                "[pipes] %s opened the channel but never sent closed; buffered messages may be missing", subject
-            )
+        status = invocation.exit_status or PipesExitStatus(None)
+        verdict = judge(RunFacts(
+            subject=invocation.description, status=status, strict=strict, opened=session.opened,
+            remote=session.exception, output_tail=invocation.output_tail,
+            last_output_line=invocation.last_output_line,
+            last_output_line_source=invocation.last_output_line_source, timed_out=timed_out, terminated=terminated,
+            timeout_seconds=timeout_seconds, forward_termination=self.forward_termination,
+            bootstrap_cli=self.bootstrap == BOOTSTRAP_CLI, channel_error=channel_error,
+            never_opened_hint="" if session.opened else never_opened_hint(session),
+            issue_count=session.issue_count,
+            protocol_issues=session.protocol_issues[:ERROR_ISSUES_LISTED] if strict else (),
+            callback_errors=handler.callback_errors, raise_on_event_error=raise_on_event_error,
+            fail_on_check_error=fail_on_check_error, failed_error_check_count=handler.failed_error_check_count,
+            missing_closed=invocation.missing_closed,
+        ))
+        for where, text in verdict.warnings:
+            (handler.logger if where == SESSION_LOG else logger or client_logger).warning("%s", text)
+        if verdict.error is None:
+            return
+        if issubclass(verdict.error, PipesExecutionError) and verdict.carries_details:
+            error: PipesError = verdict.error(verdict.message, exit_code=status.exit_code,
+                                              remote_exception=session.exception, invocation=invocation,
+                                              output_tail=invocation.output_tail)
+        else:
+            error = verdict.error(verdict.message)
+            error.invocation = invocation  # every run error carries it
+        if verdict.cause is not None:
+            raise error from verdict.cause
+        raise error
 
 
 def run_loggers(logger: logging.Logger | logging.LoggerAdapter[Any] | None, command: str | Sequence[str] | None,
@@ -880,14 +786,6 @@ def run_loggers(logger: logging.Logger | logging.LoggerAdapter[Any] | None, comm
         return session_logger, client_logger if logger is None else session_logger
     wrapped = command_logger(logger, command)
     return wrapped, client_logger if logger is None else wrapped
-
-
-def _ending(status: PipesExitStatus) -> str:
-    if status.description:
-        return status.description
-    if status.exit_code is None:
-        return "ended without an exit status"
-    return f"exited with code {status.exit_code}"
 
 
 def _last_output_line(run: _Run) -> dict[str, str]:

@@ -28,7 +28,6 @@ messages from the child's stdout (its other lines are forwarded); ``bootstrap="c
 
 from __future__ import annotations
 
-import logging
 import os
 import shlex
 import signal
@@ -50,14 +49,15 @@ from ._client import (
 from ._errors import PipesExecutionError, PipesUsageError, descriptor_error
 from ._files import SessionPath
 from ._injectors import PipesContextInjector, PipesTempFileContextInjector
+from ._options import RunOptions, Unpack, check_run_options, common_options, run_signature
 from ._readers import PipesMessageReader, PipesTempFileMessageReader
-from ._results import PipesEvent
 from ._run_context import PipesRunContext
 from ._session import PipesSession
 from ._stdio import PipesOutputTarget
 
 __all__ = [
     "PipesSubprocessClient",
+    "SubprocessRunOptions",
     "PipesClientCompletedInvocation",
     "TERM_GRACE_SECONDS",
     "OUTPUT_TAIL_BYTES",
@@ -304,6 +304,23 @@ class _LocalProcess(PipesLaunchedProcess):
         self._signal(signal.SIGKILL)
 
 
+class SubprocessRunOptions(RunOptions, total=False):
+    """The options of :meth:`PipesSubprocessClient.run` (and its asyncio twin's): its own, then the
+    :class:`~pipes_core.RunOptions`.
+
+    Keys:
+        command: what to run (required): a list, or a string split with :func:`shlex.split`.
+        env: environment added to the client's for this run.
+        cwd: working directory for this run (default the client's).
+        stdin: passed to :class:`subprocess.Popen` (e.g. ``subprocess.DEVNULL``).
+    """
+
+    command: str | Sequence[str]
+    env: Mapping[str, str] | None
+    cwd: str | None
+    stdin: int | IO[Any] | None
+
+
 def _popen_target(target: PipesOutputTarget | None, needed: bool) -> int | IO[Any] | None:
     if needed:
         return subprocess.PIPE
@@ -371,46 +388,18 @@ class PipesSubprocessClient(PipesClient):
     def default_message_reader(self) -> PipesMessageReader:
         return PipesTempFileMessageReader()
 
-    def run(  # type: ignore[override]  # the documented signature: context and extras, plus its own options
-        self,
-        *,
-        context: PipesRunContext | None = None,
-        command: str | Sequence[str],
-        extras: Mapping[str, Any] | None = None,
-        env: Mapping[str, str] | None = None,
-        cwd: str | None = None,
-        timeout_seconds: float | None = None,
-        strict: bool | None = None,
-        on_event: Callable[[PipesEvent], None] | None = None,
-        retain_messages: bool = True,
-        metadata: Mapping[str, Any] | None = None,
-        stdout: PipesOutputTarget | None = None,
-        stderr: PipesOutputTarget | None = None,
-        on_launched: Callable[[PipesLaunchedProcess], None] | None = None,
-        stdin: int | IO[Any] | None = None,
-        logger: logging.Logger | logging.LoggerAdapter[Any] | None = None,
-        external_stream_handler: Callable[[str, str], None] | None = None,
-        fail_on_check_error: bool = False,
-        raise_on_event_error: bool = True,
-        on_message: Callable[[dict[str, Any]], None] | None = None,
-    ) -> PipesClientCompletedInvocation:
+    @run_signature(SubprocessRunOptions, required=("command",))
+    def run(self, *, context: PipesRunContext | None = None, extras: Mapping[str, Any] | None = None,
+            **options: Unpack[SubprocessRunOptions]) -> PipesClientCompletedInvocation:
         """Run ``command`` (a list, or a string split with :func:`shlex.split`) in a Pipes session.
 
-        ``stdout`` / ``stderr`` (with ``forward_stdio``) redirect the child's output, e.g. stdout to
-        ``sys.stderr`` when this process's own stdout carries machine-readable output; a file with a descriptor
-        is handed to the child, anything else (a callable, a file object without one) is fed through a pipe.
-        ``stdin`` is passed to :class:`subprocess.Popen` (e.g. ``subprocess.DEVNULL``). ``on_launched``,
-        ``logger``, ``external_stream_handler`` and ``on_message``: see :meth:`PipesClient.run_launcher`.
-
-        ``logger`` (a :class:`logging.Logger` or :class:`logging.LoggerAdapter`, e.g. an orchestrator's per-task
-        logger) receives this run's ``log`` messages and protocol issues instead of ``pipes_core.external``;
-        every record carries ``pipes_run_id`` and ``pipes_command`` as ``extra`` fields.
-        ``external_stream_handler`` receives the captured stdout/stderr text sent by the process as
-        ``(stream, text)``.
-
-        ``fail_on_check_error``: a failed check of severity ERROR fails the run (as ``pipes run
-        --fail-on-check-error``). An exception raised by ``on_event`` fails the run, chained, unless
-        ``raise_on_event_error=False`` (then it is only logged).
+        Its own options (:class:`SubprocessRunOptions`): ``command``; ``env`` (added to the client's);
+        ``cwd``; ``stdin``, passed to :class:`subprocess.Popen` (e.g. ``subprocess.DEVNULL``). Every other
+        option is one of the :class:`~pipes_core.RunOptions` that every client takes: ``stdout`` / ``stderr`` (with
+        ``forward_stdio``) redirect the child's output, e.g. stdout to ``sys.stderr`` when this process's own
+        stdout carries machine-readable output; a file with a descriptor is handed to the child, anything else (a
+        callable, a file object without one) is fed through a pipe. ``logger`` receives this run's ``log``
+        messages and protocol issues, every record carrying ``pipes_run_id`` and ``pipes_command``.
 
         Raises:
             PipesExecutionError: see the module docstring; ``.invocation`` holds what was received.
@@ -418,25 +407,29 @@ class PipesSubprocessClient(PipesClient):
             PipesTransportError: the message channel failed; ``.invocation`` holds what was received.
             KeyboardInterrupt: re-raised after the child was terminated and the channel drained.
         """
+        launch, command, common = self.launcher(options, where="PipesSubprocessClient.run")
+        return self.run_launcher(launch, context=context, extras=extras, command=command, **common)
+
+    def launcher(self, options: SubprocessRunOptions, *, where: str
+                 ) -> tuple[Callable[[PipesLaunchRequest], PipesLaunchedProcess], list[str], RunOptions]:
+        """Check the run's own options; the launch function (shared by the asyncio twin), the command (for
+        ``pipes_command``) and the shared options."""
+        check_run_options(options, SubprocessRunOptions, where, required=("command",))
+        command = options["command"]
         argv = shlex.split(command) if isinstance(command, str) else list(command)
         if not argv:
             raise PipesUsageError("command is empty")
-        child_cwd = cwd or self.cwd
-        check_env({**self.env, **(env or {})})
-        base_env = {**(os.environ if self.inherit_env else {}), **self.env, **(env or {})}
+        child_cwd = options.get("cwd") or self.cwd
+        check_env({**self.env, **(options.get("env") or {})})
+        base_env = {**(os.environ if self.inherit_env else {}), **self.env, **(options.get("env") or {})}
+        stdin, stdout, stderr = options.get("stdin"), options.get("stdout"), options.get("stderr")
 
         def launch(request: PipesLaunchRequest) -> PipesLaunchedProcess:
             return self._start(argv + request.bootstrap_args, {**base_env, **request.bootstrap_env}, child_cwd,
                                stdin, _popen_target(stdout, request.stdout_needed),
                                _popen_target(stderr, request.stderr_needed), request.session)
 
-        return self.run_launcher(
-            launch, context=context, extras=extras, timeout_seconds=timeout_seconds, strict=strict,
-            on_event=on_event, retain_messages=retain_messages, metadata=metadata, stdout=stdout, stderr=stderr,
-            on_launched=on_launched, external_stream_handler=external_stream_handler,
-            logger=logger, command=argv, on_message=on_message, fail_on_check_error=fail_on_check_error,
-            raise_on_event_error=raise_on_event_error,
-        )
+        return launch, argv, common_options(options)
 
     def _start(self, argv: list[str], env: dict[str, str], cwd: str | None, stdin: int | IO[Any] | None,
                stdout: int | IO[Any] | None, stderr: int | IO[Any] | None,

@@ -47,6 +47,7 @@ from typing import Any, NoReturn
 from pipes_ext._errors import install_hint
 from pipes_ext._protocol import CONTEXT_RUN_ID, PARAM_PATH
 
+from ._async_client import PipesAsyncClient, same_arguments_as
 from ._client import (
     BOOTSTRAP_ENV,
     PipesClient,
@@ -58,13 +59,14 @@ from ._client import (
 )
 from ._errors import PipesExecutionError, PipesUsageError
 from ._injectors import PipesContextInjector
+from ._options import RunOptions, Unpack, check_run_options, common_options, run_signature
 from ._readers import PipesMessageReader
-from ._results import PipesEvent
 from ._run_context import PipesRunContext
-from ._stdio import PipesOutputTarget
 
 __all__ = [
     "PipesDockerClient",
+    "PipesAsyncDockerClient",
+    "DockerRunOptions",
     "PipesDockerContainer",
     "describe_docker_host",
     "DEFAULT_DOCKER_HOST",
@@ -273,6 +275,39 @@ def _format_bytes(size: int) -> str:
     return f"{size} bytes"
 
 
+class DockerRunOptions(RunOptions, total=False):
+    """The options of :meth:`PipesDockerClient.run` (and its asyncio twin's): its own, then the
+    :class:`~pipes_core.RunOptions`.
+
+    Keys:
+        image: the image to run (required).
+        command: a list, or a string split with :func:`shlex.split`; default the image's own.
+        env: environment added to the client's for this run.
+        volumes / mounts: as ``containers.run`` takes them.
+        network: ``network_mode`` (e.g. ``"none"``).
+        working_dir / user / name: the container's.
+        mem_limit: bytes or ``"512m"``.
+        cpus: e.g. ``1.5``.
+        container_kwargs: any other ``containers.create`` argument.
+        pull / keep_container: override the client's.
+    """
+
+    image: str
+    command: str | Sequence[str] | None
+    env: Mapping[str, str] | None
+    volumes: Mapping[str, Any] | Sequence[str] | None
+    mounts: Sequence[Any] | None
+    network: str | None
+    working_dir: str | None
+    user: str | int | None
+    mem_limit: int | str | None
+    cpus: float | None
+    name: str | None
+    container_kwargs: Mapping[str, Any] | None
+    pull: bool | None
+    keep_container: bool | None
+
+
 class PipesDockerClient(PipesClient):
     """Runs the external process in a Docker container (see the module doc for defaults and errors).
 
@@ -330,39 +365,9 @@ class PipesDockerClient(PipesClient):
         self.mount_channel_files = mount_channel_files
         self.container_kwargs = _check_container_kwargs(container_kwargs)
 
-    def run(  # type: ignore[override]  # the documented signature: context and extras, plus its own options
-        self,
-        *,
-        context: PipesRunContext | None = None,
-        image: str,
-        command: str | Sequence[str] | None = None,
-        extras: Mapping[str, Any] | None = None,
-        env: Mapping[str, str] | None = None,
-        volumes: Mapping[str, Any] | Sequence[str] | None = None,
-        mounts: Sequence[Any] | None = None,
-        network: str | None = None,
-        working_dir: str | None = None,
-        user: str | int | None = None,
-        mem_limit: int | str | None = None,
-        cpus: float | None = None,
-        name: str | None = None,
-        container_kwargs: Mapping[str, Any] | None = None,
-        pull: bool | None = None,
-        keep_container: bool | None = None,
-        timeout_seconds: float | None = None,
-        strict: bool | None = None,
-        on_event: Callable[[PipesEvent], None] | None = None,
-        retain_messages: bool = True,
-        metadata: Mapping[str, Any] | None = None,
-        stdout: PipesOutputTarget | None = None,
-        stderr: PipesOutputTarget | None = None,
-        on_launched: Callable[[PipesLaunchedProcess], None] | None = None,
-        logger: logging.Logger | logging.LoggerAdapter[Any] | None = None,
-        external_stream_handler: Callable[[str, str], None] | None = None,
-        fail_on_check_error: bool = False,
-        raise_on_event_error: bool = True,
-        on_message: Callable[[dict[str, Any]], None] | None = None,
-    ) -> PipesClientCompletedInvocation:
+    @run_signature(DockerRunOptions, required=("image",))
+    def run(self, *, context: PipesRunContext | None = None, extras: Mapping[str, Any] | None = None,
+            **options: Unpack[DockerRunOptions]) -> PipesClientCompletedInvocation:
         """Run ``image`` (with ``command``: a list, or a string split with :func:`shlex.split`; default the
         image's own) as a Pipes external process in a new container, and return what it reported.
 
@@ -385,6 +390,21 @@ class PipesDockerClient(PipesClient):
             PipesTransportError: the message channel failed.
             KeyboardInterrupt: re-raised after the container was stopped and the channel drained.
         """
+        launch, command, common = self.launcher(options, where="PipesDockerClient.run")
+        return self.run_launcher(launch, context=context, extras=extras, command=command, **common)
+
+    def launcher(self, options: DockerRunOptions, *, where: str
+                 ) -> tuple[Callable[[PipesLaunchRequest], PipesLaunchedProcess], str | list[str], RunOptions]:
+        """Check the run's own options; the launch function (shared by the asyncio twin), the command (for
+        ``pipes_command``) and the shared options."""
+        check_run_options(options, DockerRunOptions, where, required=("image",))
+        image = options["image"]
+        command = options.get("command")
+        cpus = options.get("cpus")
+        mounts = options.get("mounts")
+        env = options.get("env")
+        pull = options.get("pull")
+        keep_container = options.get("keep_container")
         if not isinstance(image, str) or not image:
             raise PipesUsageError(f"image must be a non-empty string, got {image!r}")
         argv: list[str] | None = None
@@ -394,32 +414,30 @@ class PipesDockerClient(PipesClient):
                 raise PipesUsageError("command is empty (pass None to run the image's own command)")
         if cpus is not None:
             _check_cpus(cpus, "cpus")
+        mem_limit = options.get("mem_limit")
         if mem_limit is not None:
             _check_size(mem_limit, "mem_limit")
         _import_docker()  # a missing SDK is said before anything starts
-        options: dict[str, Any] = {**self.container_kwargs, **_check_container_kwargs(container_kwargs)}
-        for key, value in (("volumes", volumes), ("mounts", list(mounts) if mounts is not None else None),
-                           ("network_mode", network), ("working_dir", working_dir), ("user", user),
-                           ("mem_limit", mem_limit), ("name", name)):
+        create: dict[str, Any] = {**self.container_kwargs,
+                                  **_check_container_kwargs(options.get("container_kwargs"))}
+        for key, value in (("volumes", options.get("volumes")),
+                           ("mounts", list(mounts) if mounts is not None else None),
+                           ("network_mode", options.get("network")), ("working_dir", options.get("working_dir")),
+                           ("user", options.get("user")), ("mem_limit", mem_limit),
+                           ("name", options.get("name"))):
             if value is not None:
-                options[key] = value
+                create[key] = value
         if cpus is not None:
-            options["nano_cpus"] = int(cpus * 1e9)
-        options.setdefault("init", self.init)
-        environment = {**self.env, **dict(options.pop("environment", None) or {}), **(env or {})}
+            create["nano_cpus"] = int(cpus * 1e9)
+        create.setdefault("init", self.init)
+        environment = {**self.env, **dict(create.pop("environment", None) or {}), **(env or {})}
         do_pull = self.pull if pull is None else pull
         keep = self.keep_container if keep_container is None else keep_container
 
         def launch(request: PipesLaunchRequest) -> PipesLaunchedProcess:
-            return self._launch(request, image, argv, environment, options, do_pull, keep)
+            return self._launch(request, image, argv, environment, create, do_pull, keep)
 
-        return self.run_launcher(
-            launch, context=context, extras=extras, timeout_seconds=timeout_seconds, strict=strict,
-            on_event=on_event, retain_messages=retain_messages, metadata=metadata, stdout=stdout, stderr=stderr,
-            on_launched=on_launched, command=image if argv is None else argv,
-            logger=logger, external_stream_handler=external_stream_handler, fail_on_check_error=fail_on_check_error,
-            raise_on_event_error=raise_on_event_error, on_message=on_message,
-        )
+        return launch, image if argv is None else argv, common_options(options)
 
     # ------------------------------------------------------------------ launching
 
@@ -660,3 +678,22 @@ def run_options_from_docker_args(args: Sequence[str]) -> dict[str, Any]:
     if kwargs:
         options["container_kwargs"] = kwargs
     return options
+
+
+class PipesAsyncDockerClient(PipesAsyncClient[PipesDockerClient]):
+    """The asyncio twin of :class:`PipesDockerClient`: the same arguments, the same options of :meth:`run`
+    (:class:`DockerRunOptions`), the same errors and invocation; ``await client.run(image=...)``. The Docker SDK
+    blocks, so creating, polling, stopping and removing the container run on the client's own bounded executor;
+    its log streams are read by a thread each. Cancelling the task stops the container (as Ctrl-C does for the
+    sync client), drains the channel, and re-raises with ``.invocation``."""
+
+    @same_arguments_as(PipesDockerClient.__init__)
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(PipesDockerClient(*args, **kwargs))
+
+    @run_signature(DockerRunOptions, required=("image",))
+    async def run(self, *, context: PipesRunContext | None = None, extras: Mapping[str, Any] | None = None,
+                  **options: Unpack[DockerRunOptions]) -> PipesClientCompletedInvocation:
+        """Run ``image`` in a new container on the running loop; see :meth:`PipesDockerClient.run`."""
+        launch, command, common = self.config.launcher(options, where="PipesAsyncDockerClient.run")
+        return await self.run_launcher(launch, context=context, extras=extras, command=command, **common)

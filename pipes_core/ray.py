@@ -35,7 +35,6 @@ The same fetch covers a stream that breaks mid-job.
 from __future__ import annotations
 
 import asyncio
-import logging
 import shlex
 import threading
 import time
@@ -45,6 +44,7 @@ from typing import Any
 
 from pipes_ext._errors import PipesTransportError, PipesUsageError, install_hint
 
+from ._async_client import PipesAsyncClient, same_arguments_as
 from ._client import (
     BOOTSTRAP_ENV,
     PipesClient,
@@ -57,13 +57,15 @@ from ._client import (
 )
 from ._errors import PipesExecutionError
 from ._injectors import PipesContextInjector
+from ._options import RunOptions, Unpack, check_run_options, common_options, run_signature
 from ._readers import PipesMessageReader
-from ._results import PipesEvent
 from ._run_context import PipesRunContext
-from ._stdio import PipesOutputTarget, PipesStdioMessageReader
+from ._stdio import PipesStdioMessageReader
 
 __all__ = [
     "PipesRayJobClient",
+    "PipesAsyncRayJobClient",
+    "RayRunOptions",
     "PipesRayJob",
     "RAY_EXTRA",
     "RAY_STATUS_POLL_SECONDS",
@@ -338,6 +340,31 @@ class PipesRayJob(PipesLaunchedProcess):
         self._log.close()
 
 
+class RayRunOptions(RunOptions, total=False):
+    """The options of :meth:`PipesRayJobClient.run` (and its asyncio twin's): its own, then the
+    :class:`~pipes_core.RunOptions` (``stderr`` excepted: the job has one log, which goes to ``stdout``).
+
+    Keys:
+        command: the entrypoint (required): a shell string, or a list (shell-quoted).
+        runtime_env: merged over the client's ``runtime_env``.
+        submission_id: the job's id (default ``pipes-<12 hex digits>``).
+        entrypoint_num_cpus / entrypoint_num_gpus / entrypoint_memory / entrypoint_resources: reserved for the
+            entrypoint, as in ``JobSubmissionClient.submit_job``.
+        job_metadata: Ray's own job metadata (strings).
+        submit_options: any other ``submit_job`` keyword argument, passed as is.
+    """
+
+    command: str | Sequence[str]
+    runtime_env: Mapping[str, Any] | None
+    submission_id: str | None
+    entrypoint_num_cpus: float | None
+    entrypoint_num_gpus: float | None
+    entrypoint_memory: int | None
+    entrypoint_resources: Mapping[str, float] | None
+    job_metadata: Mapping[str, str] | None
+    submit_options: Mapping[str, Any] | None
+
+
 class PipesRayJobClient(PipesClient):
     """Runs a command as a Ray job through the Ray Jobs API (see the module doc).
 
@@ -403,33 +430,9 @@ class PipesRayJobClient(PipesClient):
     def _client_address(self, client: Any) -> str:
         return str(getattr(client, "_address", None) or self.address or "the Ray cluster")
 
-    def run(  # type: ignore[override]  # the documented signature: context and extras, plus its own options
-        self,
-        *,
-        context: PipesRunContext | None = None,
-        command: str | Sequence[str],
-        extras: Mapping[str, Any] | None = None,
-        runtime_env: Mapping[str, Any] | None = None,
-        submission_id: str | None = None,
-        entrypoint_num_cpus: float | None = None,
-        entrypoint_num_gpus: float | None = None,
-        entrypoint_memory: int | None = None,
-        entrypoint_resources: Mapping[str, float] | None = None,
-        job_metadata: Mapping[str, str] | None = None,
-        submit_options: Mapping[str, Any] | None = None,
-        timeout_seconds: float | None = None,
-        strict: bool | None = None,
-        on_event: Callable[[PipesEvent], None] | None = None,
-        retain_messages: bool = True,
-        metadata: Mapping[str, Any] | None = None,
-        stdout: PipesOutputTarget | None = None,
-        on_launched: Callable[[PipesLaunchedProcess], None] | None = None,
-        logger: logging.Logger | logging.LoggerAdapter[Any] | None = None,
-        external_stream_handler: Callable[[str, str], None] | None = None,
-        fail_on_check_error: bool = False,
-        raise_on_event_error: bool = True,
-        on_message: Callable[[dict[str, Any]], None] | None = None,
-    ) -> PipesClientCompletedInvocation:
+    @run_signature(RayRunOptions, required=("command",))
+    def run(self, *, context: PipesRunContext | None = None, extras: Mapping[str, Any] | None = None,
+            **options: Unpack[RayRunOptions]) -> PipesClientCompletedInvocation:
         """Submit ``command`` as a Ray job in a Pipes session and wait for it.
 
         Args:
@@ -441,7 +444,8 @@ class PipesRayJobClient(PipesClient):
                 the entrypoint, as in ``JobSubmissionClient.submit_job``.
             job_metadata: Ray's own job metadata (strings).
             submit_options: any other ``submit_job`` keyword argument, passed as is.
-            stdout: where the job's log (its output and Ray's lines) goes instead of this process's stdout.
+            stdout: where the job's log (its output and Ray's lines) goes instead of this process's stdout;
+                ``stderr=`` is refused (the job has one log).
             timeout_seconds / strict / on_event / retain_messages / metadata / on_launched: as for every
                 :class:`pipes_core.PipesClient`; ``on_launched`` gets the :class:`PipesRayJob`.
             logger: receives this run's ``log`` messages and protocol issues instead of ``pipes_core.external``
@@ -460,20 +464,36 @@ class PipesRayJobClient(PipesClient):
                 :class:`PipesInterruptedError` after ``stop_job``. ``.invocation`` holds what was received.
             PipesUsageError: a bad argument, or ray is not installed (naming the extra).
         """
+        launch, command, common = self.launcher(options, where="PipesRayJobClient.run")
+        return self.run_launcher(launch, context=context, extras=extras, command=command, **common)
+
+    def launcher(self, options: RayRunOptions, *, where: str
+                 ) -> tuple[Callable[[PipesLaunchRequest], PipesLaunchedProcess], str, RunOptions]:
+        """Check the run's own options; the launch function (shared by the asyncio twin), the command (for
+        ``pipes_command``) and the shared options (``stderr`` is ``stdout``: the job has one log)."""
+        check_run_options(options, RayRunOptions, where, required=("command",))
+        if options.get("stderr") is not None:
+            raise PipesUsageError("a Ray job has one log (its output and Ray's lines): pass stdout= for where it "
+                                  "goes, not stderr=")
+        command = options["command"]
+        submission_id = options.get("submission_id")
+        job_metadata = options.get("job_metadata")
+        entrypoint_resources = options.get("entrypoint_resources")
         entrypoint = command if isinstance(command, str) else shlex.join(command)
         if not entrypoint.strip():
             raise PipesUsageError("command is empty")
-        env = self._runtime_env(runtime_env)
+        env = self._runtime_env(options.get("runtime_env"))
         if submission_id is not None and not (isinstance(submission_id, str) and submission_id.strip()):
             raise PipesUsageError(f"submission_id must be a non-empty string, got {submission_id!r}")
-        options: dict[str, Any] = dict(submit_options or {})
+        submit: dict[str, Any] = dict(options.get("submit_options") or {})
         resources = None if entrypoint_resources is None else dict(entrypoint_resources)
-        for key, value in (("entrypoint_num_cpus", entrypoint_num_cpus), ("entrypoint_num_gpus", entrypoint_num_gpus),
-                           ("entrypoint_memory", entrypoint_memory), ("entrypoint_resources", resources),
+        for key, value in (("entrypoint_num_cpus", options.get("entrypoint_num_cpus")),
+                           ("entrypoint_num_gpus", options.get("entrypoint_num_gpus")),
+                           ("entrypoint_memory", options.get("entrypoint_memory")), ("entrypoint_resources", resources),
                            ("metadata", None if job_metadata is None else dict(job_metadata))):
             if value is not None:
-                options[key] = value
-        clashing = {"entrypoint", "runtime_env", "submission_id", "job_id"} & set(options)
+                submit[key] = value
+        clashing = {"entrypoint", "runtime_env", "submission_id", "job_id"} & set(submit)
         if clashing:
             raise PipesUsageError(f"submit_options cannot set {', '.join(sorted(clashing))}: use the run's arguments")
         client = self.get_job_client()
@@ -490,7 +510,7 @@ class PipesRayJobClient(PipesClient):
                 full_entrypoint += " " + shlex.join(request.bootstrap_args)
             try:
                 submitted = _submit(client, entrypoint=full_entrypoint, runtime_env=job_env or None,
-                                    submission_id=job_id, **options)
+                                    submission_id=job_id, **submit)
             except Exception as exc:
                 raise PipesExecutionError(
                     f"the Ray cluster at {address} rejected the job {job_id}: {type(exc).__name__}: {exc}",
@@ -501,13 +521,9 @@ class PipesRayJobClient(PipesClient):
             log_stream = reader.stream if isinstance(reader, PipesStdioMessageReader) else "stdout"
             return PipesRayJob(client, address, str(submitted), _RayLogStream(client, str(submitted)), log_stream)
 
-        return self.run_launcher(
-            launch, context=context, extras=extras, timeout_seconds=timeout_seconds, strict=strict,
-            on_event=on_event, retain_messages=retain_messages, metadata=metadata, stdout=stdout, stderr=stdout,
-            on_launched=on_launched, command=entrypoint,
-            logger=logger, external_stream_handler=external_stream_handler, fail_on_check_error=fail_on_check_error,
-            raise_on_event_error=raise_on_event_error, on_message=on_message,
-        )
+        common = common_options(options)
+        common["stderr"] = common.get("stdout")
+        return launch, entrypoint, common
 
     def _runtime_env(self, runtime_env: Mapping[str, Any] | None) -> dict[str, Any]:
         if runtime_env is not None and not isinstance(runtime_env, Mapping):
@@ -527,3 +543,24 @@ class PipesRayJobClient(PipesClient):
         if env_vars:
             merged["env_vars"] = env_vars
         return merged
+
+
+class PipesAsyncRayJobClient(PipesAsyncClient[PipesRayJobClient]):
+    """The asyncio twin of :class:`PipesRayJobClient`: the same arguments, the same options of :meth:`run`
+    (:class:`RayRunOptions`), the same errors and invocation; ``await client.run(command=...)``. The Jobs API
+    client blocks, so submitting, polling and stopping the job run on the client's own bounded executor; the job's
+    log is read by a thread. Cancelling the task stops the job (as Ctrl-C does for the sync client), drains the
+    channel, and re-raises with ``.invocation``."""
+
+    @same_arguments_as(PipesRayJobClient.__init__)
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(PipesRayJobClient(*args, **kwargs))
+
+    @run_signature(RayRunOptions, required=("command",))
+    async def run(self, *, context: PipesRunContext | None = None, extras: Mapping[str, Any] | None = None,
+                  **options: Unpack[RayRunOptions]) -> PipesClientCompletedInvocation:
+        """Submit ``command`` as a Ray job on the running loop; see :meth:`PipesRayJobClient.run`."""
+        # on the executor: the first run makes the Jobs API client, which talks to the cluster
+        launch, command, common = await self._blocking(
+            lambda: self.config.launcher(options, where="PipesAsyncRayJobClient.run"))
+        return await self.run_launcher(launch, context=context, extras=extras, command=command, **common)

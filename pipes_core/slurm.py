@@ -75,6 +75,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
+from ._async_client import PipesAsyncClient, same_arguments_as
 from ._client import (
     PipesClient,
     PipesClientCompletedInvocation,
@@ -86,14 +87,15 @@ from ._client import (
 from ._errors import PipesExecutionError, PipesUsageError
 from ._handler import PipesMessageHandler
 from ._injectors import PipesContextInjector, PipesEnvContextInjector
+from ._options import RunOptions, Unpack, check_run_options, common_options, run_signature
 from ._readers import PipesMessageReader, PipesTempFileMessageReader
-from ._results import PipesEvent
 from ._run_context import PipesRunContext
 from ._session import PipesSession
-from ._stdio import PipesOutputTarget
 
 __all__ = [
     "PipesSlurmClient",
+    "PipesAsyncSlurmClient",
+    "SlurmRunOptions",
     "PipesSlurmError",
     "PipesSlurmMessageReader",
     "SlurmCommands",
@@ -425,6 +427,8 @@ class _SlurmJob(PipesLaunchedProcess):
         self._own_dir = own_dir
         self._poll_min = poll_min_seconds
         self._poll_max = poll_max_seconds
+        self.poll_interval_seconds = poll_min_seconds  # the asyncio driver's backoff between state queries
+        self.max_poll_interval_seconds = poll_max_seconds
         self._pending_warning = pending_warning_seconds
         self._on_job_state = on_job_state
         self.info: SlurmJobInfo | None = None
@@ -718,6 +722,27 @@ def _classify_refusal(stderr: str) -> str:
     return SLURM_ERROR_UNREACHABLE if any(marker in stderr for marker in _UNREACHABLE_MARKERS) else SLURM_ERROR_REFUSED
 
 
+class SlurmRunOptions(RunOptions, total=False):
+    """The options of :meth:`PipesSlurmClient.run` (and its asyncio twin's): its own, then the
+    :class:`~pipes_core.RunOptions`.
+
+    Keys:
+        command: a list, or a string split with :func:`shlex.split` (exactly one of ``command`` and ``script``).
+        script: a batch script's path, with ``script_args``.
+        script_args: the batch script's arguments.
+        sbatch_args: added after the client's.
+        env: environment variables for this job, added to the client's.
+        on_job_state: receives a :class:`SlurmJobInfo` at each state change.
+    """
+
+    command: str | Sequence[str] | None
+    script: str | os.PathLike[str] | None
+    script_args: Sequence[str]
+    sbatch_args: Sequence[str]
+    env: Mapping[str, str] | None
+    on_job_state: Callable[[SlurmJobInfo], None] | None
+
+
 class PipesSlurmClient(PipesClient):
     """Runs a command (or a batch script) as a Slurm batch job in a Pipes session; see the module doc.
 
@@ -775,31 +800,9 @@ class PipesSlurmClient(PipesClient):
     def default_message_reader(self) -> PipesMessageReader:
         return PipesSlurmMessageReader(self.shared_dir)
 
-    def run(  # type: ignore[override]  # the documented signature: context and extras, plus its own options
-        self,
-        *,
-        context: PipesRunContext | None = None,
-        command: str | Sequence[str] | None = None,
-        script: str | os.PathLike[str] | None = None,
-        script_args: Sequence[str] = (),
-        extras: Mapping[str, Any] | None = None,
-        sbatch_args: Sequence[str] = (),
-        env: Mapping[str, str] | None = None,
-        timeout_seconds: float | None = None,
-        strict: bool | None = None,
-        on_event: Callable[[PipesEvent], None] | None = None,
-        retain_messages: bool = True,
-        metadata: Mapping[str, Any] | None = None,
-        stdout: PipesOutputTarget | None = None,
-        stderr: PipesOutputTarget | None = None,
-        on_launched: Callable[[PipesLaunchedProcess], None] | None = None,
-        on_job_state: Callable[[SlurmJobInfo], None] | None = None,
-        logger: logging.Logger | logging.LoggerAdapter[Any] | None = None,
-        external_stream_handler: Callable[[str, str], None] | None = None,
-        fail_on_check_error: bool = False,
-        raise_on_event_error: bool = True,
-        on_message: Callable[[dict[str, Any]], None] | None = None,
-    ) -> PipesClientCompletedInvocation:
+    @run_signature(SlurmRunOptions, defaults={"script_args": (), "sbatch_args": ()})
+    def run(self, *, context: PipesRunContext | None = None, extras: Mapping[str, Any] | None = None,
+            **options: Unpack[SlurmRunOptions]) -> PipesClientCompletedInvocation:
         """Submit ``command`` (a list, or a string split with :func:`shlex.split`) or ``script`` (a batch script
         path, with ``script_args``) and follow the job to its end.
 
@@ -821,6 +824,20 @@ class PipesSlurmClient(PipesClient):
             PipesTimeoutError: the run (queue time included) exceeded ``timeout_seconds``; the job was cancelled.
             KeyboardInterrupt: re-raised after the job was cancelled and the channel drained.
         """
+        launch, command, common = self.launcher(options, where="PipesSlurmClient.run")
+        return self.run_launcher(launch, context=context, extras=extras, command=command, **common)
+
+    def launcher(self, options: SlurmRunOptions, *, where: str
+                 ) -> tuple[Callable[[PipesLaunchRequest], PipesLaunchedProcess], list[str], RunOptions]:
+        """Check the run's own options; the launch function (shared by the asyncio twin), the command (for
+        ``pipes_command``) and the shared options."""
+        check_run_options(options, SlurmRunOptions, where)
+        command = options.get("command")
+        script = options.get("script")
+        script_args = options.get("script_args", ())
+        sbatch_args = options.get("sbatch_args", ())
+        env = options.get("env")
+        on_job_state = options.get("on_job_state")
         if (command is None) == (script is None):
             raise PipesUsageError("give exactly one of command and script")
         if isinstance(sbatch_args, str) or isinstance(script_args, str):
@@ -833,7 +850,8 @@ class PipesSlurmClient(PipesClient):
                 raise PipesUsageError("command is empty")
             what = repr(argv[0])
         else:
-            script_path = os.fspath(script)  # type: ignore[arg-type]  # not None here
+            assert script is not None
+            script_path = os.fspath(script)
             if not os.path.isfile(script_path):
                 raise PipesUsageError(f"the batch script {script_path!r} is not a file")
             what = f"script {os.path.basename(script_path)!r}"
@@ -848,13 +866,7 @@ class PipesSlurmClient(PipesClient):
             return self._submit(request, argv, script_path, list(script_args), user_args, job_env, what,
                                 on_job_state)
 
-        return self.run_launcher(
-            launch, context=context, extras=extras, timeout_seconds=timeout_seconds, strict=strict,
-            on_event=on_event, retain_messages=retain_messages, metadata=metadata, stdout=stdout, stderr=stderr,
-            on_launched=on_launched, command=argv if script_path is None else [script_path, *script_args],
-            logger=logger, external_stream_handler=external_stream_handler, fail_on_check_error=fail_on_check_error,
-            raise_on_event_error=raise_on_event_error, on_message=on_message,
-        )
+        return launch, argv if script_path is None else [script_path, *script_args], common_options(options)
 
     # ------------------------------------------------------------------ submission
 
@@ -932,3 +944,23 @@ class PipesSlurmClient(PipesClient):
         logger.info("[pipes] submitted %s", job.description)
         return job
 
+
+
+class PipesAsyncSlurmClient(PipesAsyncClient[PipesSlurmClient]):
+    """The asyncio twin of :class:`PipesSlurmClient`: the same arguments, the same options of :meth:`run`
+    (:class:`SlurmRunOptions`), the same errors and invocation; ``await client.run(command=...)``. ``sbatch``,
+    ``scontrol`` and ``scancel`` block, so they run on the client's own bounded executor, the loop waiting on a
+    timer between two state queries; the job's output files are followed by a thread each. Cancelling the task
+    cancels the job (as Ctrl-C does for the sync client), drains the channel, and re-raises with
+    ``.invocation``."""
+
+    @same_arguments_as(PipesSlurmClient.__init__)
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(PipesSlurmClient(*args, **kwargs))
+
+    @run_signature(SlurmRunOptions, defaults={"script_args": (), "sbatch_args": ()})
+    async def run(self, *, context: PipesRunContext | None = None, extras: Mapping[str, Any] | None = None,
+                  **options: Unpack[SlurmRunOptions]) -> PipesClientCompletedInvocation:
+        """Submit ``command`` or ``script`` on the running loop; see :meth:`PipesSlurmClient.run`."""
+        launch, command, common = self.config.launcher(options, where="PipesAsyncSlurmClient.run")
+        return await self.run_launcher(launch, context=context, extras=extras, command=command, **common)
