@@ -304,9 +304,10 @@ class PipesAsyncClient(Generic[_Config]):
                 source.close()
             if isinstance(process, PipesAsyncLaunchedProcess):
                 process.close()  # its pipes' transports: read to their end, or given up on after the deadline
-            ended = process.poll() if isinstance(process, PipesAsyncLaunchedProcess) else \
-                await _finish_shielded_result(self._blocking(process.poll))
-            run.status = process.exit_status() if ended else PipesExitStatus(None, description="was left running")
+            if isinstance(process, PipesAsyncLaunchedProcess):
+                run.status = _final_status(process)
+            else:  # the engine is asked (an SDK call): on the executor
+                run.status = await _finish_shielded_result(self._blocking(_final_status, process))
         if interrupt is not None:
             raise interrupt
         if failure is not None:
@@ -371,6 +372,11 @@ class PipesAsyncClient(Generic[_Config]):
             getattr(process, step)()
         else:
             await _finish_shielded_result(self._blocking(getattr(process, step)))
+
+
+def _final_status(process: PipesLaunchedProcess) -> PipesExitStatus:
+    """How it ended, or that it was left running."""
+    return process.exit_status() if process.poll() else PipesExitStatus(None, description="was left running")
 
 
 def same_arguments_as(function: Callable[..., Any]) -> Callable[[_Function], _Function]:
