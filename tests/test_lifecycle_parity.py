@@ -53,7 +53,7 @@ class Case:
     ends_with: str = ""
     options: dict[str, Any] = field(default_factory=dict)
     client_options: dict[str, Any] = field(default_factory=dict)
-    exit_code: int | None | str = "any"
+    exit_code: int | str | None = "any"
     opened: bool | None = None
     closed: bool | None = None
     interrupt: bool = False  # interrupt (sync: SIGINT to this thread; async: cancel the task) once "ready" came
@@ -102,9 +102,10 @@ with open_pipes() as pipes:
     pipes.report_custom_message("ready")
     time.sleep(600)
 """, KeyboardInterrupt, opened=True, interrupt=True, client_options={"termination_timeout_seconds": GRACE_SECONDS}),
-    "a channel that fails": Case(OPEN_AND_REPORT, PipesTransportError,
-                                 f"the message channel failed (OSError: {CHANNEL_BROKE}); {{subject}} exited with code 0",
-                                 exit_code=0, opened=True, failing_channel=True),
+    "a channel that fails": Case(
+        OPEN_AND_REPORT, PipesTransportError,
+        f"the message channel failed (OSError: {CHANNEL_BROKE}); {{subject}} exited with code 0",
+        exit_code=0, opened=True, failing_channel=True),
     "on_event raising": Case(OPEN_AND_REPORT, PipesExecutionError,
                              "the on_event callback raised 1 time(s) during the run of {subject}; first: "
                              "RuntimeError: from on_event (pass raise_on_event_error=False to only log it)",
@@ -225,7 +226,7 @@ def _run(engine: Engine, case: Case, is_async: bool) -> tuple[BaseException | No
             options["on_message"] = on_message
         try:
             return None, client.run(**options)
-        except BaseException as exc:  # noqa: BLE001 - KeyboardInterrupt included: it is the case's verdict
+        except BaseException as exc:  # KeyboardInterrupt included: the case's verdict
             return exc, getattr(exc, "invocation", None)
 
     async def main() -> Any:
@@ -244,7 +245,7 @@ def _run(engine: Engine, case: Case, is_async: bool) -> tuple[BaseException | No
 
     try:
         return None, asyncio.run(main())
-    except BaseException as exc:  # noqa: BLE001 - CancelledError included: it is the case's verdict
+    except BaseException as exc:  # CancelledError included: the case's verdict
         return exc, getattr(exc, "invocation", None)
 
 
