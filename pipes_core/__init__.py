@@ -61,6 +61,7 @@ from ._injectors import (
 )
 from ._json import event_to_json
 from ._log_readers import PipesBlobStoreLogReader, PipesChunkedLogReader, PipesFileLogReader, PipesLogReader
+from ._options import RunOptions
 from ._readers import PipesFileMessageReader, PipesMessageReader, PipesTempFileMessageReader
 from ._results import (
     AssetCheckResult,
@@ -79,7 +80,7 @@ from ._results import (
 from ._run_context import PipesRunContext
 from ._session import PipesSession, open_pipes_session
 from ._stdio import PipesStdioMessageReader
-from ._subprocess import PipesClientCompletedInvocation, PipesSubprocessClient
+from ._subprocess import PipesClientCompletedInvocation, PipesSubprocessClient, SubprocessRunOptions
 
 __all__ = [
     # sessions and clients
@@ -87,11 +88,13 @@ __all__ = [
     "PipesSession",
     "PipesRunContext",
     "PipesSubprocessClient",
+    "SubprocessRunOptions",
     "PipesClientCompletedInvocation",
     "PipesClient",
     "PipesLaunchRequest",
     "PipesLaunchedProcess",
     "PipesExitStatus",
+    "RunOptions",
     "PipesMessageHandler",
     # channels
     "PipesContextInjector",
@@ -149,6 +152,8 @@ __all__ = [
     # asyncio twins (loaded on first use: asyncio is not imported by a sync program)
     "open_pipes_session_async",
     "PipesAsyncSubprocessClient",
+    "PipesAsyncClient",
+    "PipesAsyncLaunchedProcess",
     "PipesAsyncMessageReader",
     "PipesAsyncFileMessageReader",
     "PipesAsyncTempFileMessageReader",
