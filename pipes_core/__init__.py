@@ -38,6 +38,7 @@ from ._client import (
     PipesLaunchRequest,
 )
 from ._errors import (
+    PipesEngineErrorKind,
     PipesError,
     PipesExecutionError,
     PipesInterruptedError,
@@ -145,6 +146,7 @@ __all__ = [
     "PipesUsageError",
     "PipesTransportError",
     "PipesExecutionError",
+    "PipesEngineErrorKind",
     "PipesTimeoutError",
     "PipesInterruptedError",
     "PipesResourceError",

@@ -142,10 +142,12 @@ class _ThreadedSource:
         return chunk
 
     def close(self) -> None:
-        """Stop handing chunks over (the drain gave up on it): a waiting reader thread is released."""
+        """Stop handing chunks over (read to its end, or given up on): a reading thread waiting to hand one over
+        is released, and a reader waiting on the loop gets the end."""
         self._closed.set()
         while not self._queue.empty():
             self._queue.get_nowait()
+        self._queue.put_nowait(b"")
 
 
 class PipesAsyncClient(Generic[_Config]):
@@ -230,6 +232,8 @@ class PipesAsyncClient(Generic[_Config]):
     async def _release(self, run: _Run) -> None:
         process = run.process
         assert process is not None
+        for source in run.closing:
+            source.close()
         try:
             if isinstance(process, PipesAsyncLaunchedProcess):
                 process.close()  # done already after the drain; harmless again
@@ -321,7 +325,9 @@ class PipesAsyncClient(Generic[_Config]):
             streams = {name: _ThreadedSource(source, f"{name} of {process.description}")
                        for name, source in ((STREAM_STDOUT, process.stdout), (STREAM_STDERR, process.stderr))
                        if source is not None}
-            sources.extend(streams.values())
+            # the one the stdio reader reads is closed once the session has drained it (see _release)
+            sources.extend(source for name, source in streams.items() if name != stdio)
+            run.closing.extend(source for name, source in streams.items() if name == stdio)
         for stream in (STREAM_STDOUT, STREAM_STDERR):
             source = streams.get(stream)
             if source is None:

@@ -398,9 +398,8 @@ def _reader(args: argparse.Namespace) -> PipesMessageReader:
     if kind == "tempfile" and args.slurm:
         from .slurm import PipesSlurmMessageReader
 
-        reader = PipesSlurmMessageReader(args.shared_dir, include_stdio_in_messages=args.include_stdio)
-        reader.max_line_bytes = args.max_line_bytes
-        return reader
+        return PipesSlurmMessageReader(args.shared_dir, include_stdio_in_messages=args.include_stdio,
+                                       max_line_bytes=args.max_line_bytes)
     return make_message_reader(kind, PipesChannelOptions(
         path=args.messages_path, include_stdio_in_messages=args.include_stdio, max_line_bytes=args.max_line_bytes))
 

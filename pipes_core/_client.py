@@ -421,6 +421,7 @@ class _Run:
     channel_error: Exception | None = None  # the message channel failed while draining
     tails: list[_Tail] = field(default_factory=list)
     pumps: list[_Pump] = field(default_factory=list)
+    closing: list[Any] = field(default_factory=list)  # what the asyncio driver closes once the channel drained
     description: str = "the external process"
     log: logging.Logger | logging.LoggerAdapter[Any] = client_logger
 
@@ -767,7 +768,7 @@ class PipesClient(ABC):
         if issubclass(verdict.error, PipesExecutionError) and verdict.carries_details:
             error: PipesError = verdict.error(verdict.message, exit_code=status.exit_code,
                                               remote_exception=session.exception, invocation=invocation,
-                                              output_tail=invocation.output_tail)
+                                              output_tail=invocation.output_tail, kind=verdict.kind)
         else:
             error = verdict.error(verdict.message)
             error.invocation = invocation  # every run error carries it

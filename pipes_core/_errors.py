@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import errno
 import resource
+from enum import Enum
 from typing import TYPE_CHECKING, Any
 
 from pipes_ext._errors import (
@@ -27,11 +28,33 @@ __all__ = [
     "PipesTransportError",
     "PipesWarning",
     "PipesExecutionError",
+    "PipesEngineErrorKind",
     "PipesTimeoutError",
     "PipesInterruptedError",
     "PipesResourceError",
     "descriptor_error",
 ]
+
+
+class PipesEngineErrorKind(str, Enum):
+    """Why a launcher's run failed, in one vocabulary for every engine (Docker, Ray, Slurm, the local process):
+    the ``kind`` of a :class:`PipesExecutionError` (None when the process simply failed: a non-zero exit, a
+    reported exception, a broken protocol). A member compares equal to its value.
+    """
+
+    UNREACHABLE = "unreachable"  # the engine (daemon, cluster, controller) cannot be reached
+    REFUSED = "refused"  # the engine refused the submission (a bad option, an impossible request)
+    IMAGE_MISSING = "image_missing"  # the container image is not there (and was not pulled)
+    TOOL_MISSING = "tool_missing"  # the engine's command or SDK is not installed (sbatch, the docker extra)
+    QUERY_FAILED = "query_failed"  # the engine stopped answering about a job that may still run
+    OUT_OF_MEMORY = "out_of_memory"  # killed for memory (the OOM killer, Slurm OUT_OF_MEMORY)
+    KILLED = "killed"  # killed by a signal
+    TIMEOUT = "timeout"  # a time limit passed: the run's timeout_seconds, or the engine's own (Slurm TIMEOUT)
+    CANCELLED = "cancelled"  # stopped from outside (scancel, stop_job, SIGTERM to the orchestrator)
+    NODE_FAIL = "node_fail"  # the machine it ran on failed (Slurm NODE_FAIL, BOOT_FAIL)
+
+    def __str__(self) -> str:
+        return self.value
 
 
 class PipesExecutionError(PipesError):
@@ -43,6 +66,7 @@ class PipesExecutionError(PipesError):
         remote_exception: the exception the process reported in ``closed``, if any.
         invocation: the completed invocation (results, messages, issues), when the process ran.
         output_tail: the last bytes of the captured stdout/stderr, when they were captured.
+        kind: why, when the engine said (a :class:`PipesEngineErrorKind`), else None.
     """
 
     def __init__(
@@ -53,8 +77,10 @@ class PipesExecutionError(PipesError):
         remote_exception: PipesRemoteException | None = None,
         invocation: Any = None,
         output_tail: str = "",
+        kind: PipesEngineErrorKind | None = None,
     ) -> None:
         super().__init__(message)
+        self.kind = kind
         self.exit_code = exit_code
         self.remote_exception = remote_exception
         self.invocation: Any = invocation

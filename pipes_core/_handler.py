@@ -301,16 +301,13 @@ class PipesMessageHandler:
         except Exception as exc:  # one line must never stop the reader
             self._report_unexpected(exc, line, source)
 
-    def handle_lines(self, data: bytes, source: str = "", max_line_bytes: int | None = None) -> None:
+    def handle_lines(self, data: bytes, source: str = "") -> None:
         """Handle a block of complete, newline-separated message lines. Lines of JSON whitespace only are
         skipped; a line made of other whitespace is an issue.
 
         The block is decoded once; one that is not valid UTF-8 goes line by line, so that only the bad line
-        becomes an issue. With ``max_line_bytes``, a longer line is reported (``LINE_TOO_LONG``) and not parsed.
+        becomes an issue. Lines are cut to their limit before (by the reader's splitter, once).
         """
-        if max_line_bytes is not None and len(data) > max_line_bytes:
-            self._handle_lines_with_limit(data, source, max_line_bytes)
-            return
         handle_line = self.handle_line
         try:
             lines = data.decode("utf-8").split("\n")
@@ -323,25 +320,6 @@ class PipesMessageHandler:
         for line in lines:
             if line.strip(blank):
                 handle_line(line, source)
-
-    def _handle_lines_with_limit(self, data: bytes, source: str, max_line_bytes: int) -> None:
-        start = 0
-        end = len(data)
-        while start <= end:
-            cut = data.find(b"\n", start)
-            if cut < 0:
-                cut = end
-            if cut - start > max_line_bytes:
-                self.report_line_too_long(memoryview(data)[start:cut], cut - start, source, max_line_bytes)
-            else:
-                line = data[start:cut]
-                if line.strip(_LINE_JSON_WHITESPACE_BYTES):
-                    try:
-                        text: str | bytes = line.decode("utf-8")
-                    except UnicodeDecodeError:
-                        text = line
-                    self.handle_line(text, source)
-            start = cut + 1
 
     def report_line_too_long(
         self, head: bytes | bytearray | memoryview, size: int, source: str, max_line_bytes: int, *, ended: bool = True

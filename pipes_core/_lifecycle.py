@@ -33,7 +33,7 @@ from typing import TYPE_CHECKING, Any
 
 from pipes_ext._errors import PipesError, PipesTransportError
 
-from ._errors import PipesExecutionError, PipesInterruptedError, PipesTimeoutError
+from ._errors import PipesEngineErrorKind, PipesExecutionError, PipesInterruptedError, PipesTimeoutError
 from ._failures import excerpt_line, failure_details
 
 if TYPE_CHECKING:
@@ -110,17 +110,21 @@ class PipesExitStatus:
         killed: it was ended from outside (a signal, the OOM killer, a cancelled job), not by exiting.
         description: how it ended, when that is not a plain exit, worded to follow the process's description:
             "was killed by SIGKILL", "was OOM-killed", "ended in job state STOPPED".
+        kind: why, in the engines' shared words (:class:`PipesEngineErrorKind`: ``killed``, ``out_of_memory``,
+            ``cancelled``, ``node_fail``...), when the engine said; the failure's error carries it as ``kind``.
     """
 
     exit_code: int | None
     killed: bool = False
     description: str = ""
+    kind: PipesEngineErrorKind | None = None
 
     @classmethod
     def from_returncode(cls, returncode: int | None) -> PipesExitStatus:
         """From a :class:`subprocess.Popen` return code."""
         if returncode is not None and returncode < 0:
-            return cls(returncode, killed=True, description=f"was killed by {signal_name(-returncode)}")
+            return cls(returncode, killed=True, description=f"was killed by {signal_name(-returncode)}",
+                       kind=PipesEngineErrorKind.KILLED)
         return cls(returncode)
 
     @property
@@ -313,6 +317,7 @@ class Verdict:
     cause: BaseException | None = None
     warnings: tuple[tuple[str, str], ...] = field(default_factory=tuple)
     carries_details: bool = True  # False: the error carries no exit code, remote exception or tail
+    kind: PipesEngineErrorKind | None = None  # the error's kind
 
 
 def _ending(status: PipesExitStatus) -> str:
@@ -332,18 +337,19 @@ def judge(facts: RunFacts) -> Verdict:
     warnings: list[tuple[str, str]] = []
 
     def fail(cls: type[PipesExecutionError], message: str, *, says_remote: bool = False,
-             says_line: bool = False) -> Verdict:
+             says_line: bool = False, kind: PipesEngineErrorKind | None = None) -> Verdict:
         """``cls``: ``message``, then what it did not already say (each fact once)."""
         details = failure_details(remote, facts.output_tail, facts.last_output_line if says_line else "",
                                   says_remote=says_remote)
-        return Verdict(cls, message + details, warnings=tuple(warnings))
+        return Verdict(cls, message + details, warnings=tuple(warnings), kind=kind)
 
     if facts.timed_out:
         return fail(PipesTimeoutError, f"{subject} ran past its timeout of {facts.timeout_seconds} s and was "
-                    "terminated")
+                    "terminated", kind=PipesEngineErrorKind.TIMEOUT)
     if facts.terminated:
         fate = "was terminated" if facts.forward_termination else "was left running (forward_termination=False)"
-        return fail(PipesInterruptedError, f"the orchestrator received SIGTERM; {subject} {fate}")
+        return fail(PipesInterruptedError, f"the orchestrator received SIGTERM; {subject} {fate}",
+                    kind=PipesEngineErrorKind.CANCELLED)
     if facts.channel_error is not None:
         error = facts.channel_error
         return Verdict(
@@ -367,15 +373,17 @@ def judge(facts: RunFacts) -> Verdict:
             how += f" ({status.description})" if status.description else ""
         if crashed:
             how += " before opening the Pipes channel"
+        kind = status.kind or (PipesEngineErrorKind.KILLED if status.killed else None)
         if remote is not None:
             return fail(PipesExecutionError, f"{how}{'; it reported' if status.killed else ' with'} {remote}",
-                        says_remote=True)
+                        says_remote=True, kind=kind)
         if facts.last_output_line:
             return fail(PipesExecutionError, f"{how}; its last {facts.last_output_line_source} line: "
-                        f"{excerpt_line(facts.last_output_line)}", says_line=True)
-        return fail(PipesExecutionError, how)
+                        f"{excerpt_line(facts.last_output_line)}", says_line=True, kind=kind)
+        return fail(PipesExecutionError, how, kind=kind)
     if code is None:
-        return fail(PipesExecutionError, f"{subject} {status.description or 'ended without an exit status'}")
+        return fail(PipesExecutionError, f"{subject} {status.description or 'ended without an exit status'}",
+                    kind=status.kind)
     if remote is not None:
         return fail(PipesExecutionError, f"{subject} exited 0 but reported an exception: {remote}",
                     says_remote=True)

@@ -16,6 +16,8 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+from pipes_ext._errors import PipesUsageError
+
 from ._results import ISSUE_EXCERPT_BYTES
 
 if TYPE_CHECKING:
@@ -35,6 +37,14 @@ _BLANK = b" \t\r"  # JSON whitespace (a line of other whitespace is not blank: t
 def _is_blank(line: bytearray) -> bool:
     """Whether ``line`` is JSON whitespace only, without copying it (``strip`` would copy a long line)."""
     return not line or (line[0] in _BLANK and line[-1] in _BLANK and not line.strip(_BLANK))
+
+
+def check_max_line_bytes(value: object) -> int:
+    """``value`` as a line limit: the one check of ``max_line_bytes``, made where a reader takes it (every reader's
+    splitter then trusts it)."""
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        raise PipesUsageError(f"max_line_bytes must be a positive integer, got {value!r}")
+    return value
 
 
 class LineSplitter:
@@ -59,8 +69,6 @@ class LineSplitter:
     """
 
     def __init__(self, handler: PipesMessageHandler, source: str, max_line_bytes: int = DEFAULT_MAX_LINE_BYTES) -> None:
-        if max_line_bytes < 1:
-            raise ValueError(f"max_line_bytes must be at least 1, got {max_line_bytes}")
         self.handler = handler
         self.source = source
         self.max_line_bytes = max_line_bytes
@@ -157,8 +165,25 @@ class LineSplitter:
     # ------------------------------------------------------------------ hooks: what a line is (messages here)
 
     def _complete_lines(self, block: bytes) -> None:
-        """A block of complete lines, each ending with a newline (the fast path: one decode per block)."""
-        self.handler.handle_lines(block, self.source, self.max_line_bytes)
+        """A block of complete lines, each ending with a newline (the fast path: one decode per block). Lines are
+        cut here, once: a line over ``max_line_bytes`` is reported (``LINE_TOO_LONG``) and not parsed; the lines
+        around it go to the handler in blocks."""
+        limit = self.max_line_bytes
+        if len(block) <= limit:  # no line in it can be too long
+            self.handler.handle_lines(block, self.source)
+            return
+        start = run = 0
+        end = len(block)
+        while start < end:
+            cut = block.find(b"\n", start)  # every line of the block ends with its newline
+            if cut - start > limit:
+                if run < start:
+                    self.handler.handle_lines(block[run:start], self.source)
+                self.handler.report_line_too_long(memoryview(block)[start:cut], cut - start, self.source, limit)
+                run = cut + 1
+            start = cut + 1
+        if run < end:
+            self.handler.handle_lines(block[run:end], self.source)
 
     def _line_ended(self, buffer: bytearray) -> None:
         """One line gathered across blocks, newline excluded; the splitter keeps no reference to ``buffer``."""

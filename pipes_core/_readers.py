@@ -29,7 +29,7 @@ from pipes_ext._protocol import PARAM_INCLUDE_STDIO_IN_MESSAGES, PARAM_PATH
 
 from ._files import SessionPath, create_private_file, remove_temp_dir
 from ._handler import PipesMessageHandler
-from ._lines import DEFAULT_MAX_LINE_BYTES, LineSplitter
+from ._lines import DEFAULT_MAX_LINE_BYTES, LineSplitter, check_max_line_bytes
 from ._log_readers import PipesLogReader
 from ._watch import FileWatcher
 
@@ -55,12 +55,6 @@ CAPTURE_WRITERS_WAIT_SECONDS = 5.0
 # Even with inotify the reader looks at the file this often, as a safety net (a missed event costs at most
 # this much delay); idle cost is one read() per interval.
 IDLE_WAKE_SECONDS = 0.5
-
-
-def _check_max_line_bytes(value: object) -> int:
-    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-        raise PipesUsageError(f"max_line_bytes must be a positive integer, got {value!r}")
-    return value
 
 
 class PipesMessageReader:
@@ -269,7 +263,7 @@ class PipesFileMessageReader(PipesMessageReader):
         self.cleanup_file = cleanup_file
         self.log_readers = tuple(log_readers or ())
         self.use_inotify = use_inotify
-        self.max_line_bytes = _check_max_line_bytes(max_line_bytes)
+        self.max_line_bytes = check_max_line_bytes(max_line_bytes)
 
     def messages_params(self, path: str) -> dict[str, Any]:
         return {PARAM_PATH: path, PARAM_INCLUDE_STDIO_IN_MESSAGES: self.include_stdio_in_messages}

@@ -45,7 +45,11 @@ from pipes_ext._protocol import (
 )
 
 from ._handler import PipesMessageHandler
-from ._lines import DEFAULT_MAX_LINE_BYTES, LineSplitter  # one home for lines, their limit and the excerpt size
+from ._lines import (  # one home for lines, their limit and the excerpt size
+    DEFAULT_MAX_LINE_BYTES,
+    LineSplitter,
+    check_max_line_bytes,
+)
 from ._readers import PipesMessageReader
 from ._results import ISSUE_EXCERPT_BYTES
 
@@ -253,11 +257,9 @@ class PipesStdioMessageReader(PipesMessageReader):
     ) -> None:
         if stream not in (STREAM_STDOUT, STREAM_STDERR):
             raise PipesUsageError(f"stream must be {STREAM_STDOUT!r} or {STREAM_STDERR!r}, got {stream!r}")
-        if not isinstance(max_line_bytes, int) or max_line_bytes < 1:
-            raise PipesUsageError(f"max_line_bytes must be a positive integer, got {max_line_bytes!r}")
         self.stream = stream
         self.output = output
-        self.max_line_bytes = max_line_bytes
+        self.max_line_bytes = check_max_line_bytes(max_line_bytes)
         self.drain_timeout_seconds = drain_timeout_seconds
         self._lock = threading.Lock()
         self._handler: PipesMessageHandler | None = None

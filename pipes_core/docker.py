@@ -57,7 +57,7 @@ from ._client import (
     PipesLaunchRequest,
     signal_name,
 )
-from ._errors import PipesExecutionError, PipesUsageError
+from ._errors import PipesEngineErrorKind, PipesExecutionError, PipesUsageError
 from ._injectors import PipesContextInjector
 from ._options import RunOptions, Unpack, check_run_options, common_options, run_signature
 from ._readers import PipesMessageReader
@@ -128,7 +128,7 @@ def _check_socket(path: str | None, where: str) -> None:
     """Fail before connecting when a unix socket is missing (the SDK leaks the socket of a failed connect)."""
     if path and not os.path.exists(path):
         raise PipesExecutionError(f"cannot reach the Docker daemon at {where}: no socket at {path} (is dockerd "
-                                  "running, and is DOCKER_HOST right?)")
+                                  "running, and is DOCKER_HOST right?)", kind=PipesEngineErrorKind.UNREACHABLE)
 
 
 def describe_docker_host(client: Any = None, environ: Mapping[str, str] | None = None) -> str:
@@ -204,13 +204,15 @@ class PipesDockerContainer(PipesLaunchedProcess):
         if state.get("OOMKilled"):
             limit = (self.container.attrs.get("HostConfig") or {}).get("Memory") or 0
             within = f" (memory limit {_format_bytes(limit)})" if limit else ""
-            return PipesExitStatus(code, killed=True, description=f"was OOM-killed{within}, exit status {code}")
+            return PipesExitStatus(code, killed=True, description=f"was OOM-killed{within}, exit status {code}",
+                                   kind=PipesEngineErrorKind.OUT_OF_MEMORY)
         if daemon_error:
             return PipesExitStatus(code, description=f"ended with the daemon reporting: {daemon_error}")
         number = code - _SIGNAL_BASE
         if code > _SIGNAL_BASE and number in _SIGNALS and (self._signalled or number == signal.SIGKILL):
             return PipesExitStatus(-number, killed=True,
-                                   description=f"was killed by {signal_name(number)} (exit status {code})")
+                                   description=f"was killed by {signal_name(number)} (exit status {code})",
+                                   kind=PipesEngineErrorKind.KILLED)
         return PipesExitStatus(code)
 
     def _signal(self, sig: str) -> None:
@@ -457,7 +459,8 @@ class PipesDockerClient(PipesClient):
         try:
             server = str(probe.version(api_version=False).get("ApiVersion") or "")
         except (docker.errors.DockerException, OSError) as exc:
-            raise PipesExecutionError(f"cannot reach the Docker daemon at {where}: {exc}") from exc
+            raise PipesExecutionError(f"cannot reach the Docker daemon at {where}: {exc}",
+                                      kind=PipesEngineErrorKind.UNREACHABLE) from exc
         finally:
             probe.close()
         ours = docker.constants.DEFAULT_DOCKER_API_VERSION
@@ -489,7 +492,8 @@ class PipesDockerClient(PipesClient):
                 client.api.start(container.id)
             except docker.errors.APIError as exc:
                 raise PipesExecutionError(
-                    f"cannot start a container of image {image!r} on {where}: {_explain(exc)}") from exc
+                    f"cannot start a container of image {image!r} on {where}: {_explain(exc)}",
+                    kind=PipesEngineErrorKind.REFUSED) from exc
             launched.start_waiting()
             return launched
         except BaseException:
@@ -519,21 +523,23 @@ class PipesDockerClient(PipesClient):
                 if not pull or attempt == 2:
                     advice = "" if pull else "; no pull was attempted (pass pull=True, or build or load it first)"
                     raise PipesExecutionError(
-                        f"the image {image!r} is not on the Docker daemon at {where}{advice}") from exc
+                        f"the image {image!r} is not on the Docker daemon at {where}{advice}",
+                        kind=PipesEngineErrorKind.IMAGE_MISSING) from exc
                 try:
                     client.images.pull(image)
                 except docker.errors.DockerException as pull_error:
                     raise PipesExecutionError(
-                        f"pulling the image {image!r} on {where} failed: {_explain(pull_error)}") from pull_error
+                        f"pulling the image {image!r} on {where} failed: {_explain(pull_error)}",
+                        kind=PipesEngineErrorKind.IMAGE_MISSING) from pull_error
             except TypeError as exc:  # an argument containers.create does not know
                 raise PipesUsageError(f"container options: {exc}") from exc
             except docker.errors.APIError as exc:
                 raise PipesExecutionError(
-                    f"cannot create a container of image {image!r} on {where}: {_explain(exc)}") from exc
-            except docker.errors.DockerException as exc:  # connection refused, socket missing...
-                raise PipesExecutionError(f"cannot reach the Docker daemon at {where}: {exc}") from exc
-            except OSError as exc:
-                raise PipesExecutionError(f"cannot reach the Docker daemon at {where}: {exc}") from exc
+                    f"cannot create a container of image {image!r} on {where}: {_explain(exc)}",
+                    kind=PipesEngineErrorKind.REFUSED) from exc
+            except (docker.errors.DockerException, OSError) as exc:  # connection refused, socket missing...
+                raise PipesExecutionError(f"cannot reach the Docker daemon at {where}: {exc}",
+                                          kind=PipesEngineErrorKind.UNREACHABLE) from exc
         raise AssertionError("unreachable")  # pragma: no cover
 
 

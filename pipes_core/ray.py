@@ -55,7 +55,7 @@ from ._client import (
     client_logger,
     signal_name,
 )
-from ._errors import PipesExecutionError
+from ._errors import PipesEngineErrorKind, PipesExecutionError
 from ._injectors import PipesContextInjector
 from ._options import RunOptions, Unpack, check_run_options, common_options, run_signature
 from ._readers import PipesMessageReader
@@ -305,9 +305,11 @@ class PipesRayJob(PipesLaunchedProcess):
             return PipesExitStatus(0 if code is None else code)
         if status == "STOPPED":
             who = "by this client" if self._stop_requested else "from outside (stop_job)"
-            return PipesExitStatus(code, killed=True, description=f"was stopped {who} (Ray job state STOPPED)")
+            return PipesExitStatus(code, killed=True, description=f"was stopped {who} (Ray job state STOPPED)",
+                                   kind=PipesEngineErrorKind.CANCELLED)
         if code is not None and code < 0:
-            return PipesExitStatus(code, killed=True, description=f"was killed by {signal_name(-code)}")
+            return PipesExitStatus(code, killed=True, description=f"was killed by {signal_name(-code)}",
+                                   kind=PipesEngineErrorKind.KILLED)
         kind = f" ({_status_name(error_type)})" if error_type else ""
         if code is not None:  # the driver ran: its output, in the error's output tail, says the rest
             said = _first_line(message)
@@ -423,7 +425,8 @@ class PipesRayJobClient(PipesClient):
                     self._client = job_submission.JobSubmissionClient(self.address)
                 except Exception as exc:
                     raise PipesExecutionError(
-                        f"cannot reach the Ray cluster's Jobs API at {where}: {type(exc).__name__}: {exc}"
+                        f"cannot reach the Ray cluster's Jobs API at {where}: {type(exc).__name__}: {exc}",
+                        kind=PipesEngineErrorKind.UNREACHABLE,
                     ) from exc
             return self._client
 
@@ -514,7 +517,7 @@ class PipesRayJobClient(PipesClient):
             except Exception as exc:
                 raise PipesExecutionError(
                     f"the Ray cluster at {address} rejected the job {job_id}: {type(exc).__name__}: {exc}",
-                    exit_code=None,
+                    exit_code=None, kind=PipesEngineErrorKind.REFUSED,
                 ) from exc
             client_logger.info("[pipes] submitted the Ray job %s to %s", submitted, address)
             reader = request.session.message_reader

@@ -84,9 +84,10 @@ from ._client import (
     PipesLaunchRequest,
     signal_name,
 )
-from ._errors import PipesExecutionError, PipesUsageError
+from ._errors import PipesEngineErrorKind, PipesExecutionError, PipesUsageError
 from ._handler import PipesMessageHandler
 from ._injectors import PipesContextInjector, PipesEnvContextInjector
+from ._lines import DEFAULT_MAX_LINE_BYTES
 from ._options import RunOptions, Unpack, check_run_options, common_options, run_signature
 from ._readers import PipesMessageReader, PipesTempFileMessageReader
 from ._run_context import PipesRunContext
@@ -144,11 +145,11 @@ QUERY_FAILURE_GRACE_SECONDS = 120.0
 OUTPUT_POLL_SECONDS = 0.2
 OUTPUT_READ_BYTES = 64 * 1024
 
-# Error kinds of PipesSlurmError.
-SLURM_ERROR_SBATCH_MISSING = "sbatch-missing"
-SLURM_ERROR_UNREACHABLE = "controller-unreachable"
-SLURM_ERROR_REFUSED = "submission-refused"
-SLURM_ERROR_QUERY = "query-failed"
+# Error kinds of PipesSlurmError: the engines' shared ones (PipesEngineErrorKind).
+SLURM_ERROR_SBATCH_MISSING = PipesEngineErrorKind.TOOL_MISSING
+SLURM_ERROR_UNREACHABLE = PipesEngineErrorKind.UNREACHABLE
+SLURM_ERROR_REFUSED = PipesEngineErrorKind.REFUSED
+SLURM_ERROR_QUERY = PipesEngineErrorKind.QUERY_FAILED
 
 # The job has not ended yet in these states (the base name, without "+" flags or "by UID").
 ACTIVE_STATES = frozenset({
@@ -167,6 +168,17 @@ FAILURE_STATES = {
     "REVOKED": "was revoked (it ran on another cluster of a federation)",
     "SPECIAL_EXIT": "ended in the special-exit state (requeued and held)",
 }
+# The engines' shared kind of each failure state (PipesEngineErrorKind); any other: killed.
+STATE_KINDS = {
+    "CANCELLED": PipesEngineErrorKind.CANCELLED,
+    "TIMEOUT": PipesEngineErrorKind.TIMEOUT,
+    "DEADLINE": PipesEngineErrorKind.TIMEOUT,
+    "OUT_OF_MEMORY": PipesEngineErrorKind.OUT_OF_MEMORY,
+    "NODE_FAIL": PipesEngineErrorKind.NODE_FAIL,
+    "BOOT_FAIL": PipesEngineErrorKind.NODE_FAIL,
+    "PREEMPTED": PipesEngineErrorKind.CANCELLED,
+    "REVOKED": PipesEngineErrorKind.CANCELLED,
+}
 _NOT_A_REASON = ("None", "(null)", "")
 _ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*\Z")
 # scontrol's one-value-per-line fields (their values may contain spaces).
@@ -179,13 +191,13 @@ _NO_ACCOUNTING_MARKER = "accounting storage is disabled"
 
 
 class PipesSlurmError(PipesExecutionError):
-    """Slurm itself failed us: ``kind`` is one of ``sbatch-missing``, ``controller-unreachable``,
-    ``submission-refused``, ``query-failed``; ``stderr`` holds the command's own words; ``job_id`` is set when
-    a job had been submitted."""
+    """Slurm itself failed us: ``kind`` is one of ``tool_missing`` (sbatch), ``unreachable`` (the controller),
+    ``refused`` (the submission), ``query_failed`` (a :class:`~pipes_core.PipesEngineErrorKind`); ``stderr``
+    holds the command's own words; ``job_id`` is set when a job had been submitted."""
 
-    def __init__(self, message: str, *, kind: str, stderr: str = "", job_id: str | None = None) -> None:
-        super().__init__(message)
-        self.kind = kind
+    def __init__(self, message: str, *, kind: PipesEngineErrorKind, stderr: str = "", job_id: str | None = None
+                 ) -> None:
+        super().__init__(message, kind=kind)
         self.stderr = stderr
         self.job_id = job_id
 
@@ -352,14 +364,16 @@ def slurm_exit_status(info: SlurmJobInfo) -> PipesExitStatus:
     if info.state == "FAILED":
         if info.signal:
             return PipesExitStatus(-info.signal, killed=True,
-                                   description=f"was killed by {signal_name(info.signal)} (job state FAILED{reason})")
+                                   description=f"was killed by {signal_name(info.signal)} (job state FAILED{reason})",
+                                   kind=PipesEngineErrorKind.KILLED)
         if info.exit_code:
             return PipesExitStatus(info.exit_code, description=f"job state FAILED{reason}")
         return PipesExitStatus(None, description=f"failed without an exit code (job state FAILED{reason})")
     what = FAILURE_STATES.get(info.state, "ended")
     by = f", signal {signal_name(info.signal)}" if info.signal else ""
     return PipesExitStatus(-info.signal if info.signal else None, killed=True,
-                           description=f"{what} (job state {info.state}{reason}{by})")
+                           description=f"{what} (job state {info.state}{reason}{by})",
+                           kind=STATE_KINDS.get(info.state, PipesEngineErrorKind.KILLED))
 
 
 # ---------------------------------------------------------------------------------------------- the job
@@ -643,10 +657,11 @@ class PipesSlurmMessageReader(PipesTempFileMessageReader):
     """
 
     def __init__(self, shared_dir: str | os.PathLike[str] | None = None, *, include_stdio_in_messages: bool = False,
-                 use_inotify: bool | None = None) -> None:
+                 use_inotify: bool | None = None, max_line_bytes: int = DEFAULT_MAX_LINE_BYTES) -> None:
         self.shared_dir = None if shared_dir is None else os.fspath(shared_dir)
         super().__init__(include_stdio_in_messages=include_stdio_in_messages, dir=self.shared_dir,
-                         use_inotify=self.shared_dir is None if use_inotify is None else use_inotify)
+                         use_inotify=self.shared_dir is None if use_inotify is None else use_inotify,
+                         max_line_bytes=max_line_bytes)
 
     @contextmanager
     def read_messages(self, handler: PipesMessageHandler) -> Iterator[dict[str, Any]]:
@@ -718,7 +733,7 @@ def _merge_export(args: list[str], names: Sequence[str]) -> list[str]:
     return [*merged, "--export=ALL"]
 
 
-def _classify_refusal(stderr: str) -> str:
+def _classify_refusal(stderr: str) -> PipesEngineErrorKind:
     return SLURM_ERROR_UNREACHABLE if any(marker in stderr for marker in _UNREACHABLE_MARKERS) else SLURM_ERROR_REFUSED
 
 

@@ -34,6 +34,7 @@ from typing import Any, ClassVar, Generic, TypeVar
 
 from ._context_loaders import PipesContextLoader
 from ._errors import PipesProtocolError, PipesTransportError, install_hint
+from ._errors import PipesProtocolErrorKind as _Kind
 from ._protocol import PARAM_BUCKET, PARAM_KEY, PARAM_KEY_PREFIX, validate_context_data
 from ._writers import PipesMessageWriter, PipesMessageWriterChannel
 
@@ -446,10 +447,12 @@ class PipesBlobStoreMessageWriter(PipesMessageWriter, _BackendClient[ClientT]):
     def open(self, params: Mapping[str, Any]) -> PipesMessageWriterChannel:
         bucket = params.get(PARAM_BUCKET)
         if not isinstance(bucket, str) or not bucket:
-            raise PipesProtocolError(f'blob-store messages params need a string "{PARAM_BUCKET}" (got {dict(params)})')
+            raise PipesProtocolError(f'blob-store messages params need a string "{PARAM_BUCKET}" (got {dict(params)})',
+                                     _Kind.BAD_MESSAGES_PARAMS)
         key_prefix = params.get(PARAM_KEY_PREFIX)
         if key_prefix is not None and not isinstance(key_prefix, str):
-            raise PipesProtocolError(f'blob-store messages params "{PARAM_KEY_PREFIX}" must be a string')
+            raise PipesProtocolError(f'blob-store messages params "{PARAM_KEY_PREFIX}" must be a string',
+                                     _Kind.BAD_MESSAGES_PARAMS)
         self.channel = PipesBlobStoreMessageWriterChannel(
             self.make_store(bucket),
             key_prefix,
@@ -478,7 +481,8 @@ class PipesBlobStoreContextLoader(PipesContextLoader, _BackendClient[ClientT]):
         bucket, key = params.get(PARAM_BUCKET), params.get(PARAM_KEY)
         if not isinstance(bucket, str) or not isinstance(key, str):
             raise PipesProtocolError(
-                f'blob-store context params need string "{PARAM_BUCKET}" and "{PARAM_KEY}" (got {dict(params)})'
+                f'blob-store context params need string "{PARAM_BUCKET}" and "{PARAM_KEY}" (got {dict(params)})',
+                _Kind.BAD_CONTEXT
             )
         store = self.make_store(bucket)
         data = self.retry.call(store, "downloading the context", key, lambda: store.get(key))
@@ -487,5 +491,6 @@ class PipesBlobStoreContextLoader(PipesContextLoader, _BackendClient[ClientT]):
         try:
             document = json.loads(data.decode("utf-8"))
         except (UnicodeDecodeError, ValueError) as exc:
-            raise PipesProtocolError(f"the context object {store.url(key)} is not UTF-8 JSON: {exc}") from exc
+            raise PipesProtocolError(f"the context object {store.url(key)} is not UTF-8 JSON: {exc}",
+                                     _Kind.NOT_JSON) from exc
         return validate_context_data(document)

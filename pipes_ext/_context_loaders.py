@@ -12,6 +12,7 @@ import os
 import stat
 
 from ._errors import PipesProtocolError, PipesTransportError
+from ._errors import PipesProtocolErrorKind as _Kind
 from ._protocol import MAX_DECODED_PARAM_BYTES, PARAM_DATA, PARAM_PATH, loads_json_document, validate_context_data
 
 # `typing` is not imported at run time: it costs start-up time and every annotation here is a string.
@@ -47,7 +48,8 @@ def read_context_file(path: str, max_bytes: int = MAX_DECODED_PARAM_BYTES) -> st
             )
         if st.st_size > max_bytes:
             raise PipesProtocolError(
-                f"the context file {path!r} is {st.st_size} bytes, over the {max_bytes}-byte bootstrap limit"
+                f"the context file {path!r} is {st.st_size} bytes, over the {max_bytes}-byte bootstrap limit",
+                _Kind.TOO_LARGE
             )
         os.set_blocking(fd, True)
         chunks: list[bytes] = []
@@ -60,7 +62,7 @@ def read_context_file(path: str, max_bytes: int = MAX_DECODED_PARAM_BYTES) -> st
             size += len(chunk)
             if size > max_bytes:
                 raise PipesProtocolError(
-                    f"the context file {path!r} is over the {max_bytes}-byte bootstrap limit"
+                    f"the context file {path!r} is over the {max_bytes}-byte bootstrap limit", _Kind.TOO_LARGE
                 )
     except OSError as exc:
         raise PipesTransportError(f"cannot read the context file {path!r}: {exc.strerror or exc}") from exc
@@ -69,7 +71,7 @@ def read_context_file(path: str, max_bytes: int = MAX_DECODED_PARAM_BYTES) -> st
     try:
         return b"".join(chunks).decode("utf-8")
     except UnicodeDecodeError as exc:
-        raise PipesProtocolError(f"the context file {path!r} is not UTF-8: {exc}") from exc
+        raise PipesProtocolError(f"the context file {path!r} is not UTF-8: {exc}", _Kind.NOT_JSON) from exc
 
 
 def _kind(mode: int) -> str:
@@ -103,13 +105,14 @@ class PipesDefaultContextLoader(PipesContextLoader):
         if PARAM_PATH in params:
             path = params[PARAM_PATH]
             if not isinstance(path, str):
-                raise PipesProtocolError(f'context params "{PARAM_PATH}" must be a string')
+                raise PipesProtocolError(f'context params "{PARAM_PATH}" must be a string', _Kind.BAD_CONTEXT)
             text = read_context_file(path)
             return validate_context_data(loads_json_document(text, f"context file {path!r}"))
         if PARAM_DATA in params:
             return validate_context_data(params[PARAM_DATA])
         raise PipesProtocolError(
-            f'context params have neither "{PARAM_PATH}" nor "{PARAM_DATA}" (got keys: {sorted(params)})'
+            f'context params have neither "{PARAM_PATH}" nor "{PARAM_DATA}" (got keys: {sorted(params)})',
+            _Kind.BAD_CONTEXT
         )
 
 

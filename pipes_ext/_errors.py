@@ -68,8 +68,11 @@ class PipesProtocolErrorKind(str, Enum):
     # bootstrap params and documents
     NOT_BASE64 = "not_base64"  # a bootstrap value that is not standard padded base64
     NOT_ZLIB = "not_zlib"  # a bootstrap value that is not (whole) zlib data
-    TOO_LARGE = "too_large"  # a bootstrap value that decompresses past its cap
+    TOO_LARGE = "too_large"  # a bootstrap value that decompresses past its cap (or a context file over it)
+    MISSING_PARAM = "missing_param"  # a bootstrap param that is not set (no env var, an argument without value)
+    BAD_BOOTSTRAP = "bad_bootstrap"  # a bootstrap param that is not a string
     BAD_CONTEXT = "bad_context"  # context data or context params of the wrong shape
+    BAD_MESSAGES_PARAMS = "bad_messages_params"  # messages params of the wrong shape, or naming no known channel
     # any JSON document or message line
     NOT_JSON = "not_json"  # not UTF-8 JSON (including a line of whitespace that JSON does not allow)
     NOT_OBJECT = "not_object"  # JSON, but not an object where one is required

@@ -12,6 +12,7 @@ import os
 import sys
 
 from ._errors import PipesProtocolError
+from ._errors import PipesProtocolErrorKind as _Kind
 from ._protocol import (
     DAGSTER_PIPES_CONTEXT_CLI_ARGUMENT,
     DAGSTER_PIPES_CONTEXT_ENV_VAR,
@@ -57,7 +58,8 @@ class PipesParamsLoader:
     def _load(self, name: str) -> dict[str, Any]:
         raw = self.get_raw(name)
         if raw is None:
-            raise PipesProtocolError(f"{self.describe(name)} is not set; this process was not bootstrapped by Pipes")
+            raise PipesProtocolError(f"{self.describe(name)} is not set; this process was not bootstrapped by Pipes",
+                                     _Kind.MISSING_PARAM)
         try:
             return decode_param(raw)
         except PipesProtocolError as exc:
@@ -90,7 +92,8 @@ class PipesMappingParamsLoader(PipesParamsLoader):
         if value is None:
             return None
         if not isinstance(value, str):
-            raise PipesProtocolError(f"{self.describe(name)} must be a string, got {type(value).__name__}")
+            raise PipesProtocolError(f"{self.describe(name)} must be a string, got {type(value).__name__}",
+                                     _Kind.BAD_BOOTSTRAP)
         return value
 
     def describe(self, name: str) -> str:
@@ -130,7 +133,7 @@ class PipesCliArgsParamsLoader(PipesParamsLoader):
         for index, arg in enumerate(argv):
             if arg == flag:
                 if index + 1 >= len(argv):
-                    raise PipesProtocolError(f"command-line argument {flag} has no value")
+                    raise PipesProtocolError(f"command-line argument {flag} has no value", _Kind.MISSING_PARAM)
                 return argv[index + 1]
             if arg.startswith(prefix):
                 return arg[len(prefix) :]

@@ -22,6 +22,7 @@ import stat
 import sys
 
 from ._errors import PipesProtocolError, PipesTransportError
+from ._errors import PipesProtocolErrorKind as _Kind
 from ._protocol import (
     PARAM_BUFFERED_STDIO,
     PARAM_PATH,
@@ -197,7 +198,7 @@ class PipesDefaultMessageWriter(PipesMessageWriter):
         if PARAM_PATH in params:
             path = params[PARAM_PATH]
             if not isinstance(path, str):
-                raise PipesProtocolError(f'messages params "{PARAM_PATH}" must be a string')
+                raise PipesProtocolError(f'messages params "{PARAM_PATH}" must be a string', _Kind.BAD_MESSAGES_PARAMS)
             return PipesFileMessageWriterChannel.open_path(path)
         for key, channel in ((PARAM_STDIO, PipesStreamMessageWriterChannel),
                              (PARAM_BUFFERED_STDIO, PipesBufferedStreamMessageWriterChannel)):
@@ -205,13 +206,14 @@ class PipesDefaultMessageWriter(PipesMessageWriter):
                 if params[key] not in STREAMS:
                     raise PipesProtocolError(
                         f'messages params "{key}" must be "{STREAM_STDOUT}" or "{STREAM_STDERR}", '
-                        f"got {params[key]!r}"
+                        f"got {params[key]!r}", _Kind.BAD_MESSAGES_PARAMS
                     )
                 return channel(_stream(params[key]))
         raise PipesProtocolError(
             f'messages params name no channel this writer knows: expected one of "{PARAM_PATH}", '
             f'"{PARAM_STDIO}", "{PARAM_BUFFERED_STDIO}" (got keys: {sorted(params)}); a blob-store channel '
-            "needs its own writer, e.g. pipes_ext.s3.PipesS3MessageWriter"
+            "needs its own writer, e.g. pipes_ext.s3.PipesS3MessageWriter",
+            _Kind.BAD_MESSAGES_PARAMS,
         )
 
 
