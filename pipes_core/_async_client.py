@@ -77,6 +77,10 @@ ASYNC_EXECUTOR_WORKERS = 8
 # A blocking output source handed to the loop: at most this many chunks wait for the loop (each at most
 # STDIO_READ_BYTES); the reading thread waits when the loop falls behind.
 THREADED_SOURCE_CHUNKS = 4
+# While polling an engine, whether the process sent ``closed`` is looked at this often between two polls (no engine
+# call: a loop timer); once it has, the engine is polled at the shortest interval for CLOSED_FAST_POLL_SECONDS.
+CLOSED_CHECK_SECONDS = 0.2
+CLOSED_FAST_POLL_SECONDS = 10.0
 
 _Config = TypeVar("_Config", bound=PipesClient)
 _Function = TypeVar("_Function", bound=Callable[..., Any])
@@ -319,8 +323,13 @@ class PipesAsyncClient(Generic[_Config]):
 
     async def _start_output(self, process: PipesLaunchedProcess, reader: PipesAsyncMessageReader, run: _Run,
                             pumps: list[asyncio.Task[None]], sources: list[Any], stdio: str | None) -> None:
+        opener = getattr(process, "open_async_streams", None)  # a launcher that can follow its output on the loop
         if isinstance(process, PipesAsyncLaunchedProcess):
             streams = await process.open_streams()
+        elif callable(opener):
+            streams = opener()
+            sources.extend(source for name, source in streams.items() if name != stdio)
+            run.closing.extend(source for name, source in streams.items() if name == stdio)
         else:
             streams = {name: _ThreadedSource(source, f"{name} of {process.description}")
                        for name, source in ((STREAM_STDOUT, process.stdout), (STREAM_STDERR, process.stderr))
@@ -358,20 +367,37 @@ class PipesAsyncClient(Generic[_Config]):
         deadline = None if seconds is None else loop.time() + seconds
         shortest = process.poll_interval_seconds
         interval = shortest
-        closed_seen = False
+        closed_at: float | None = None
         while True:
             if await _finish_shielded_result(self._blocking(process.poll)):
                 return True
-            if not closed_seen and run.session is not None and run.session.closed:
-                closed_seen, interval = True, shortest  # the end is near
+            now = loop.time()
+            if closed_at is None and run.session is not None and run.session.closed:
+                closed_at = now  # it sent closed: the end is near
+            if closed_at is not None and now - closed_at < CLOSED_FAST_POLL_SECONDS:
+                interval = shortest
             pause = interval
             if deadline is not None:
-                left = deadline - loop.time()
+                left = deadline - now
                 if left <= 0:
                     return False
                 pause = min(pause, left)
-            await asyncio.sleep(pause)
+            await self._pause(pause, run, watch_closed=closed_at is None)
             interval = min(interval * 2, max(shortest, process.max_poll_interval_seconds))
+
+    @staticmethod
+    async def _pause(seconds: float, run: _Run, *, watch_closed: bool) -> None:
+        """A loop timer of ``seconds``; until ``closed`` has come, looked at every :data:`CLOSED_CHECK_SECONDS`
+        (no engine call), after which the next poll comes at once."""
+        if not watch_closed:
+            await asyncio.sleep(seconds)
+            return
+        loop = asyncio.get_running_loop()
+        end = loop.time() + seconds
+        while (left := end - loop.time()) > 0:
+            await asyncio.sleep(min(left, CLOSED_CHECK_SECONDS))
+            if run.session is not None and run.session.closed:
+                return
 
     async def _signal(self, process: PipesLaunchedProcess, step: str) -> None:
         if isinstance(process, PipesAsyncLaunchedProcess):

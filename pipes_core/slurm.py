@@ -61,6 +61,7 @@ Errors
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 import re
@@ -70,11 +71,12 @@ import subprocess
 import tempfile
 import threading
 import time
-from collections.abc import Callable, Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from collections.abc import AsyncIterator, Callable, Iterator, Mapping, Sequence
+from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
+from ._async import PipesAsyncTempFileMessageReader
 from ._async_client import PipesAsyncClient, same_arguments_as
 from ._client import (
     PipesClient,
@@ -416,6 +418,40 @@ class _JobOutput:
                 os.close(fd)
 
 
+class _AsyncJobOutput:
+    """The asyncio twin of :class:`_JobOutput`: the same file followed from the loop (reads of a regular file
+    do not block for long; between them a loop timer), no thread."""
+
+    def __init__(self, job: _SlurmJob, stream: str) -> None:
+        self._job = job
+        self._stream = stream
+        self._fd = -1
+
+    async def read(self, size: int = OUTPUT_READ_BYTES) -> bytes:
+        job = self._job
+        while True:
+            ended = job.ended_event.is_set()  # read before reading: what follows is then complete
+            path = job.output_path(self._stream)
+            if self._fd < 0 and path is not None:
+                try:
+                    self._fd = os.open(path, os.O_RDONLY)
+                except OSError:
+                    self._fd = -1
+            if self._fd >= 0:
+                block = os.read(self._fd, OUTPUT_READ_BYTES)
+                if block:
+                    return block
+            if ended or job.closing.is_set():
+                self.close()
+                return b""
+            await asyncio.sleep(OUTPUT_POLL_SECONDS)
+
+    def close(self) -> None:
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
+
+
 class _SlurmJob(PipesLaunchedProcess):
     """A submitted batch job, as the lifecycle drives it."""
 
@@ -460,6 +496,13 @@ class _SlurmJob(PipesLaunchedProcess):
         self.stderr = None if same else _JobOutput(self, "stderr")
 
     # ------------------------------------------------------------------ state
+
+    def open_async_streams(self) -> dict[str, _AsyncJobOutput]:
+        """Its output files followed from an event loop (the async client's), instead of a thread each."""
+        streams = {"stdout": _AsyncJobOutput(self, "stdout")}
+        if self.stderr is not None:
+            streams["stderr"] = _AsyncJobOutput(self, "stderr")
+        return streams
 
     def output_path(self, stream: str) -> str | None:
         path = self._output_paths.get(stream)
@@ -674,12 +717,41 @@ class PipesSlurmMessageReader(PipesTempFileMessageReader):
         where = self.shared_dir or "a local temp dir (one node only)"
         return f"the Slurm messages file under {where}"
 
+    def async_twin(self) -> PipesAsyncTempFileMessageReader | None:
+        """Its asyncio twin (an async Slurm client's session): the same file, followed from the loop; None for a
+        subclass that reads its own way (it keeps its reading, on a thread)."""
+        if type(self).read_messages is not PipesSlurmMessageReader.read_messages:
+            return None
+        return _AsyncSlurmMessageReader(self)
+
     def no_messages_debug_text(self) -> str:
         text = f"Messages were expected through {self.describe()}."
         if self.shared_dir is None:
             text += (" Without shared_dir the file is on this machine: a job running on another node cannot "
                      "write it; pass a directory the nodes share.")
         return text
+
+
+class _AsyncSlurmMessageReader(PipesAsyncTempFileMessageReader):
+    """The asyncio twin of a :class:`PipesSlurmMessageReader`: its settings, its checks and its words."""
+
+    def __init__(self, reader: PipesSlurmMessageReader) -> None:
+        super().__init__(reader.include_stdio_in_messages, reader.dir, log_readers=reader.log_readers,
+                         use_inotify=reader.use_inotify, max_line_bytes=reader.max_line_bytes)
+        self.reader = reader
+
+    @asynccontextmanager
+    async def aread_messages(self, handler: PipesMessageHandler) -> AsyncIterator[dict[str, Any]]:
+        if self.reader.shared_dir is not None and not os.path.isdir(self.reader.shared_dir):
+            raise PipesUsageError(f"shared_dir {self.reader.shared_dir!r} is not a directory")
+        async with super().aread_messages(handler) as params:
+            yield params
+
+    def describe(self) -> str:
+        return self.reader.describe()
+
+    def no_messages_debug_text(self) -> str:
+        return self.reader.no_messages_debug_text()
 
 
 # ---------------------------------------------------------------------------------------------- the client
