@@ -51,13 +51,14 @@ from ._client import (
     _Run,
     _sink,
     _Tail,
+    read_to_end,
 )
 from ._injectors import PipesContextInjector
 from ._lifecycle import KEYBOARD, Action, Begin, Done, Signal, Wait
 from ._options import RunOptions, Unpack, run_signature
 from ._readers import PipesMessageReader
 from ._run_context import PipesRunContext
-from ._stdio import PipesByteSource, _chunks
+from ._stdio import PipesByteSource
 from ._subprocess import PipesSubprocessClient, SubprocessRunOptions, _LocalProcess
 from ._watch import POLL_MAX_SECONDS, POLL_MIN_SECONDS
 
@@ -124,18 +125,8 @@ class _ThreadedSource:
 
     def _run(self) -> None:
         try:
-            for chunk in _chunks(self._source):
-                if not self._put(chunk):
-                    break
-        except (OSError, ValueError):  # the stream was closed under us (close() of a launcher)
-            pass
+            read_to_end(self._source, self._put)
         finally:
-            close = getattr(self._source, "close", None)
-            if close is not None:
-                try:
-                    close()
-                except Exception:
-                    pass
             self._put(b"")
 
     async def read(self, size: int = -1) -> bytes:

@@ -25,12 +25,14 @@ the run to :meth:`PipesClient.run_launcher`, which is written once and does the 
 
 Hook interface (what a launcher writes)
 ---------------------------------------
-* A subclass of :class:`PipesClient` with a ``run(*, context=None, extras=None, <own options>,
-  timeout_seconds=None, strict=None, on_event=None, retain_messages=True, metadata=None, stdout=None,
-  stderr=None, on_launched=None, logger=None, external_stream_handler=None, fail_on_check_error=False,
-  raise_on_event_error=True, on_message=None)`` that returns ``self.run_launcher(launch, context=context,
-  extras=extras, ..., command=<the command as the user gave it>)``: the lifecycle does the rest (the per-run
-  logger and its ``pipes_run_id`` / ``pipes_command`` fields included); the launcher only forwards.
+* A subclass of :class:`PipesClient` whose ``run(*, context=None, extras=None, **options: Unpack[XRunOptions])``
+  takes the shared :class:`~pipes_core.RunOptions` and its own (``XRunOptions``, a ``RunOptions`` subclass;
+  ``@run_signature(XRunOptions)`` lists them all for ``help()``), and a ``launcher(options, where=...)`` that checks
+  its own options and returns ``(launch, command, shared options)``; ``run`` returns ``self.run_launcher(launch,
+  context=context, extras=extras, command=command, **shared)``. The lifecycle does the rest (the per-run logger
+  and its ``pipes_run_id`` / ``pipes_command`` fields included). Its asyncio twin is a
+  :class:`~pipes_core._async_client.PipesAsyncClient` holding the sync client as ``config`` whose async ``run``
+  does the same with ``await self.run_launcher(...)``: no option, no decision and no launch code is written twice.
 * Optionally :meth:`PipesClient.default_context_injector` / :meth:`PipesClient.default_message_reader`: the
   channels used when the user passes none (the base: env context + stdio messages, which need nothing shared
   with the process; the subprocess client: temp files; Slurm: env + a messages file).
@@ -112,7 +114,14 @@ from ._results import (
 )
 from ._run_context import PipesRunContext
 from ._session import PipesSession, never_opened_hint, open_pipes_session
-from ._stdio import PipesByteSource, PipesOutputTarget, PipesStdioMessageReader, _chunks, as_output_writer
+from ._stdio import (
+    PipesByteSource,
+    PipesOutputTarget,
+    PipesStdioMessageReader,
+    _chunks,
+    as_output_writer,
+    close_quietly,
+)
 
 __all__ = [
     "PipesClient",
@@ -371,6 +380,19 @@ def _sink(tail: _Tail, destination: Callable[[bytes], None] | None) -> Callable[
     return write
 
 
+def read_to_end(source: PipesByteSource, sink: Callable[[bytes], object]) -> None:
+    """Read ``source`` chunk by chunk into ``sink`` until its end (or until ``sink`` returns False: no one takes
+    more), then close it. A stream closed under us (``close()`` of a launcher) ends it too."""
+    try:
+        for chunk in _chunks(source):
+            if sink(chunk) is False:
+                break
+    except (OSError, ValueError):  # the stream was closed under us
+        pass
+    finally:
+        close_quietly(source)
+
+
 class _Pump:
     """Reads one output source to its end on a thread into a sink."""
 
@@ -381,18 +403,7 @@ class _Pump:
         self._thread.start()
 
     def _run(self) -> None:
-        try:
-            for chunk in _chunks(self._source):
-                self._sink(chunk)
-        except (OSError, ValueError):  # the stream was closed under us (close() of a launcher)
-            pass
-        finally:
-            close = getattr(self._source, "close", None)
-            if close is not None:
-                try:
-                    close()
-                except Exception:
-                    pass
+        read_to_end(self._source, self._sink)
 
     def join(self, timeout: float) -> bool:
         self._thread.join(timeout)

@@ -116,6 +116,16 @@ def as_output_writer(target: PipesOutputTarget) -> Callable[[bytes], None]:
     return write_text
 
 
+def close_quietly(source: object) -> None:
+    """``source.close()`` when it has one; a failure to close what was read to its end is not worth an error."""
+    close = getattr(source, "close", None)
+    if close is not None:
+        try:
+            close()
+        except Exception:
+            pass
+
+
 def _chunks(source: PipesByteSource) -> Iterator[bytes]:
     read = getattr(source, "read1", None) or getattr(source, "read", None)
     if read is not None:
@@ -336,12 +346,7 @@ class PipesStdioMessageReader(PipesMessageReader):
             finally:
                 with self._lock:
                     self.bytes_read += splitter.bytes_read
-                close = getattr(source, "close", None)
-                if close is not None:
-                    try:
-                        close()
-                    except Exception:
-                        pass
+                close_quietly(source)
 
     def consume(self, source: PipesByteSource, *, output: Callable[[bytes], None] | None = None,
                 name: str | None = None) -> None:
