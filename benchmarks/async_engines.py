@@ -1,6 +1,6 @@
-"""``python -m benchmarks.async_engines [--engine slurm|docker] [--jobs N] [--quick] [--json FILE]``: many Slurm
-jobs (or Docker containers) run at once from one event loop by the async twin (``PipesAsyncSlurmClient``,
-``PipesAsyncDockerClient``), against the sync client on a thread per run.
+"""``python -m benchmarks.async_engines [--engine slurm|docker] [--jobs N] [--slurm-conf PATH] [--quick]
+[--json FILE]``: many Slurm jobs (or Docker containers) run at once from one event loop by the async twin
+(``PipesAsyncSlurmClient``, ``PipesAsyncDockerClient``), against the sync client on a thread per run.
 
 Each side runs ``--jobs`` (default 50; ``--quick``: 5) Pipes-aware jobs at once (open, one message, close) and
 reports the wall time of the batch, the peak of this process's threads while it runs and its resident memory
@@ -96,7 +96,7 @@ def _measure(batch: Callable[[], list[BaseException | None]], jobs: int) -> dict
 
 
 @contextmanager
-def _slurm(jobs: int) -> Iterator[tuple[Callable[[], Any], Callable[[], Any], dict[str, Any]]]:
+def _slurm(slurm_conf: str | None) -> Iterator[tuple[Callable[[], Any], Callable[[], Any], dict[str, Any]]]:
     from pipes_core.slurm import PipesAsyncSlurmClient, PipesSlurmClient, SlurmCommands
 
     from .slurm import _cluster
@@ -105,7 +105,7 @@ def _slurm(jobs: int) -> Iterator[tuple[Callable[[], Any], Callable[[], Any], di
     script = shared / "child.py"
     script.write_text(CHILD, encoding="utf-8")
     try:
-        with _cluster(None) as conf:
+        with _cluster(slurm_conf) as conf:
             options = {"commands": SlurmCommands(slurm_conf=conf), "shared_dir": str(shared), "forward_stdio": False}
             yield (lambda: PipesSlurmClient(**options), lambda: PipesAsyncSlurmClient(**options),
                    {"command": [PYTHON, str(script)]})
@@ -114,7 +114,7 @@ def _slurm(jobs: int) -> Iterator[tuple[Callable[[], Any], Callable[[], Any], di
 
 
 @contextmanager
-def _docker(jobs: int) -> Iterator[tuple[Callable[[], Any], Callable[[], Any], dict[str, Any]]]:
+def _docker(slurm_conf: str | None) -> Iterator[tuple[Callable[[], Any], Callable[[], Any], dict[str, Any]]]:
     from pipes_core.docker import PipesAsyncDockerClient, PipesDockerClient
     from tests.engines_docker import start_engine
 
@@ -130,8 +130,8 @@ def _docker(jobs: int) -> Iterator[tuple[Callable[[], Any], Callable[[], Any], d
 ENGINES = {"slurm": _slurm, "docker": _docker}
 
 
-def run(engine: str, jobs: int) -> dict[str, Any]:
-    with ENGINES[engine](jobs) as (make_sync, make_async, run_options):
+def run(engine: str, jobs: int, slurm_conf: str | None = None) -> dict[str, Any]:
+    with ENGINES[engine](slurm_conf) as (make_sync, make_async, run_options):
         def sync_batch() -> list[BaseException | None]:
             client = make_sync()
 
@@ -178,10 +178,11 @@ def main(argv: list[str] | None = None) -> int:
                               default_repeat=1, quick=f"{QUICK_JOBS} runs at once")
     parser.add_argument("--engine", choices=sorted(ENGINES), default="slurm")
     parser.add_argument("--jobs", type=int, help=f"runs at once (default {DEFAULT_JOBS}, quick {QUICK_JOBS})")
+    parser.add_argument("--slurm-conf", metavar="PATH", help="a running cluster's slurm.conf (default: start one)")
     args = parser.parse_args(argv)
     jobs = args.jobs or (QUICK_JOBS if args.quick else DEFAULT_JOBS)
     report = print_header(f"Async engines: {jobs} concurrent {args.engine} runs", quick=args.quick, repeat=1)
-    result = run(args.engine, jobs)
+    result = run(args.engine, jobs, args.slurm_conf)
     report["results"][f"async_{args.engine}"] = result
     print_report(f"async_{args.engine}", result)
     write_json(args.json, report)
