@@ -156,9 +156,11 @@ class PipesAsyncClient(Generic[_Config]):
         self.message_reader = message_reader if message_reader is not None else config.message_reader
         self._executor: ThreadPoolExecutor | None = None
         self._executor_lock = threading.Lock()
+        self._runs = 0  # runs in progress: the executor's threads go when the last one ends
 
     def executor(self) -> ThreadPoolExecutor:
-        """The client's own bounded pool for blocking SDK calls (made on first use)."""
+        """The client's own bounded pool for blocking SDK calls (made on first use, released when no run is in
+        progress: an idle client holds no thread)."""
         with self._executor_lock:
             if self._executor is None:
                 self._executor = ThreadPoolExecutor(ASYNC_EXECUTOR_WORKERS,
@@ -201,6 +203,18 @@ class PipesAsyncClient(Generic[_Config]):
         config = self.config
         run = config.begin_run(options, command)
         injector, reader = self._channels()
+        self._runs += 1
+        try:
+            return await self._run(launch, run, injector, reader, context, extras)
+        finally:
+            self._runs -= 1
+            if not self._runs:
+                self.close()
+
+    async def _run(self, launch: Callable[[PipesLaunchRequest], PipesLaunchedProcess], run: _Run,
+                   injector: PipesContextInjector, reader: PipesAsyncMessageReader, context: PipesRunContext | None,
+                   extras: Mapping[str, Any] | None) -> PipesClientCompletedInvocation:
+        config = self.config
         try:
             async with config.open_session(run, injector, reader, open_pipes_session_async, context,
                                            extras) as session:

@@ -564,6 +564,11 @@ class PipesAsyncRayJobClient(PipesAsyncClient[PipesRayJobClient]):
                   **options: Unpack[RayRunOptions]) -> PipesClientCompletedInvocation:
         """Submit ``command`` as a Ray job on the running loop; see :meth:`PipesRayJobClient.run`."""
         # on the executor: the first run makes the Jobs API client, which talks to the cluster
-        launch, command, common = await self._blocking(
-            lambda: self.config.launcher(options, where="PipesAsyncRayJobClient.run"))
+        try:
+            launch, command, common = await self._blocking(
+                lambda: self.config.launcher(options, where="PipesAsyncRayJobClient.run"))
+        except BaseException:
+            if not self._runs:
+                self.close()  # no run started: no thread kept
+            raise
         return await self.run_launcher(launch, context=context, extras=extras, command=command, **common)
