@@ -35,7 +35,9 @@ from pipes_ext._protocol import STREAM_STDERR, STREAM_STDOUT
 from ._async import (
     PipesAsyncMessageReader,
     PipesAsyncStdioMessageReader,
+    _close_task,
     _finish_shielded,
+    _loop_closing,
     _pump,
     _stream_reader,
     as_async_reader,
@@ -223,6 +225,8 @@ class PipesAsyncClient(Generic[_Config]):
                     await self._launch_and_wait(launch, reader, run)
                 except asyncio.CancelledError as exc:
                     run.interrupt = exc  # an interruption: drain first (leaving the session), then re-raise
+                except GeneratorExit:  # the loop was closed with the run pending: release everything, no drain
+                    raise
                 except BaseException as exc:
                     run.error = exc
         except asyncio.CancelledError as exc:  # cancelled while the channel drained (the drain was finished)
@@ -235,8 +239,23 @@ class PipesAsyncClient(Generic[_Config]):
             run.channel_error = exc
         finally:
             if run.process is not None:
-                await self._release(run)
+                if _loop_closing():
+                    self._release_now(run)
+                else:
+                    await self._release(run)
         return config.conclude(run)
+
+    @staticmethod
+    def _release_now(run: _Run) -> None:
+        """:meth:`_release` without the loop (it was closed with the run pending): nothing is awaited."""
+        process = run.process
+        assert process is not None
+        for source in run.closing:
+            source.close()
+        try:
+            process.close()
+        except Exception:
+            run.log.exception("[pipes] releasing %s failed", run.description)
 
     async def _release(self, run: _Run) -> None:
         process = run.process
@@ -302,25 +321,36 @@ class PipesAsyncClient(Generic[_Config]):
                 except asyncio.CancelledError as exc:
                     interrupt = interrupt or exc
                     action = core.interrupted_by(KEYBOARD)
+                except GeneratorExit:  # the loop was closed with the run pending: nothing can be awaited
+                    _kill_now(process)
+                    raise
                 except BaseException as exc:  # the run cannot go on (e.g. its output cannot be read)
                     failure = failure or exc
                     action = core.failed()
         finally:
-            if pumps:
-                waiting = asyncio.ensure_future(asyncio.wait(pumps, timeout=OUTPUT_DRAIN_SECONDS))
-                try:
-                    await _finish_shielded(waiting)
-                finally:
-                    for task in waiting.result()[1]:
-                        task.cancel()
-            for source in sources:  # read to their end, or given up on after the drain deadline
-                source.close()
-            if isinstance(process, PipesAsyncLaunchedProcess):
-                process.close()  # its pipes' transports: read to their end, or given up on after the deadline
-            if isinstance(process, PipesAsyncLaunchedProcess):
-                run.status = _final_status(process)
-            else:  # the engine is asked (an SDK call): on the executor
-                run.status = await _finish_shielded_result(self._blocking(_final_status, process))
+            if _loop_closing():  # released without the loop: the child killed, every descriptor closed
+                for task in pumps:
+                    _close_task(task)
+                for source in sources:
+                    source.close()
+                if isinstance(process, PipesAsyncLaunchedProcess):
+                    process.close()
+            else:
+                if pumps:
+                    waiting = asyncio.ensure_future(asyncio.wait(pumps, timeout=OUTPUT_DRAIN_SECONDS))
+                    try:
+                        await _finish_shielded(waiting)
+                    finally:
+                        for task in waiting.result()[1]:
+                            task.cancel()
+                for source in sources:  # read to their end, or given up on after the drain deadline
+                    source.close()
+                if isinstance(process, PipesAsyncLaunchedProcess):
+                    process.close()  # its pipes' transports: read to their end, or given up on after the deadline
+                if isinstance(process, PipesAsyncLaunchedProcess):
+                    run.status = _final_status(process)
+                else:  # the engine is asked (an SDK call): on the executor
+                    run.status = await _finish_shielded_result(self._blocking(_final_status, process))
         if interrupt is not None:
             raise interrupt
         if failure is not None:
@@ -411,6 +441,17 @@ class PipesAsyncClient(Generic[_Config]):
             await _finish_shielded_result(self._blocking(getattr(process, step)))
 
 
+def _kill_now(process: PipesLaunchedProcess) -> None:
+    """Kill ``process`` without the loop (it was closed with the run pending) and, when it is a local child, reap
+    it at once (SIGKILLed: a few milliseconds)."""
+    try:
+        process.kill()
+        if isinstance(process, _AsyncLocalProcess):
+            process.process.wait()
+    except Exception:  # an engine that cannot be reached now: its own close() releases what it can
+        pass
+
+
 def _final_status(process: PipesLaunchedProcess) -> PipesExitStatus:
     """How it ended, or that it was left running."""
     return process.exit_status() if process.poll() else PipesExitStatus(None, description="was left running")
@@ -449,7 +490,7 @@ class _AsyncLocalProcess(PipesAsyncLaunchedProcess):
         self.local = local
         self.process = local.process
         self.description = local.description
-        loop = asyncio.get_running_loop()
+        self._loop = loop = asyncio.get_running_loop()
         self._ended = loop.create_future()
         self._pidfd = -1
         self._timer: asyncio.TimerHandle | None = None
@@ -467,7 +508,7 @@ class _AsyncLocalProcess(PipesAsyncLaunchedProcess):
         if self.process.poll() is None:
             if self._pidfd < 0:
                 self._poll = min(self._poll * 2, POLL_MAX_SECONDS)
-                self._timer = asyncio.get_running_loop().call_later(self._poll, self._check)
+                self._timer = self._loop.call_later(self._poll, self._check)
             return
         self._release()
         if not self._ended.done():
@@ -475,7 +516,7 @@ class _AsyncLocalProcess(PipesAsyncLaunchedProcess):
 
     def _release(self) -> None:
         if self._pidfd >= 0:
-            asyncio.get_running_loop().remove_reader(self._pidfd)
+            self._loop.remove_reader(self._pidfd)  # does nothing once the loop is closed
             os.close(self._pidfd)
             self._pidfd = -1
         if self._timer is not None:
@@ -506,7 +547,7 @@ class _AsyncLocalProcess(PipesAsyncLaunchedProcess):
         return True
 
     def poll(self) -> bool:
-        return self.process.poll() is not None
+        return self.local.poll()  # reaped: its orphan guard is told (the sync process's rule)
 
     def exit_status(self) -> PipesExitStatus:
         return self.local.exit_status()
@@ -522,12 +563,15 @@ class _AsyncLocalProcess(PipesAsyncLaunchedProcess):
 
     def close(self) -> None:
         self._release()
+        closing = self._loop.is_closed() or _loop_closing()  # a closed loop cannot close a transport
         for transport in self._transports:  # read to their end, or given up on after the drain deadline
-            transport.close()
+            if not closing:
+                transport.close()
         self._transports = []
-        for pipe in (self.process.stdout, self.process.stderr):  # never connected (stopped before its output was)
-            if pipe is not None and not pipe.closed and not self._connected:
+        for pipe in (self.process.stdout, self.process.stderr):  # never connected, or their loop is gone
+            if pipe is not None and not pipe.closed and (closing or not self._connected):
                 pipe.close()
+        self.local.close()  # its orphan guard released
 
 
 class PipesAsyncSubprocessClient(PipesAsyncClient[PipesSubprocessClient]):

@@ -34,7 +34,6 @@ missing, the container cannot be created or started (the daemon's message), it e
 from __future__ import annotations
 
 import argparse
-import logging
 import math
 import os
 import re

@@ -41,6 +41,7 @@ from typing import Any, NoReturn
 from ._context import PipesContext, open_pipes
 from ._context_loaders import PipesContextLoader
 from ._errors import PipesError, PipesProtocolError, PipesUsageError
+from ._errors import PipesProtocolErrorKind as _Kind
 from ._params import PipesCliArgsParamsLoader, PipesEnvVarParamsLoader, PipesParamsLoader
 from ._protocol import (
     _STRING_METADATA_TYPES,
@@ -175,33 +176,36 @@ def parse_program_line(line: bytes) -> tuple[str, dict[str, Any]]:
     """
     obj = load_message_line(line)
     if not isinstance(obj, dict):
-        raise PipesProtocolError(f'expected a JSON object {{"method": ..., "params": {{...}}}}, got {_what(obj)}')
+        raise PipesProtocolError(f'expected a JSON object {{"method": ..., "params": {{...}}}}, got {_what(obj)}',
+                                 _Kind.NOT_OBJECT)
     unknown = sorted(set(obj) - {MESSAGE_METHOD_FIELD, MESSAGE_PARAMS_FIELD, PIPES_PROTOCOL_VERSION_FIELD})
     if unknown:
-        raise PipesProtocolError(f'unknown key(s) {unknown}: a line has "method" and "params"')
+        raise PipesProtocolError(f'unknown key(s) {unknown}: a line has "method" and "params"', _Kind.BAD_PARAMS)
     version = obj.get(PIPES_PROTOCOL_VERSION_FIELD, PIPES_PROTOCOL_VERSION)
     if version != PIPES_PROTOCOL_VERSION:
-        raise PipesProtocolError(f'"{PIPES_PROTOCOL_VERSION_FIELD}" is {version!r}; only "0.1" is spoken here')
+        raise PipesProtocolError(f'"{PIPES_PROTOCOL_VERSION_FIELD}" is {version!r}; only "0.1" is spoken here',
+                                 _Kind.BAD_VERSION)
     method = obj.get(MESSAGE_METHOD_FIELD)
     if method == METHOD_SYNC:
         params = obj.get(MESSAGE_PARAMS_FIELD)
         if not (isinstance(params, dict) and isinstance(params.get(PARAM_REPLY), str)):
-            raise PipesProtocolError(f'{METHOD_SYNC}: params must be {{"{PARAM_REPLY}": PATH}}')
+            raise PipesProtocolError(f'{METHOD_SYNC}: params must be {{"{PARAM_REPLY}": PATH}}', _Kind.BAD_PARAMS)
         return method, params
     if method in (METHOD_OPENED, METHOD_CLOSED):
         raise PipesProtocolError(f'"{method}" is sent by pipes-ext exec itself; a program sends one of '
-                                 f"{', '.join(RELAYED_METHODS)}")
+                                 f"{', '.join(RELAYED_METHODS)}", _Kind.BAD_METHOD)
     if method not in RELAYED_METHODS:
-        raise PipesProtocolError(f'"method" must be one of {", ".join(RELAYED_METHODS)}, got {_short(method)}')
+        raise PipesProtocolError(f'"method" must be one of {", ".join(RELAYED_METHODS)}, got {_short(method)}',
+                                 _Kind.UNKNOWN_METHOD)
     params = obj.get(MESSAGE_PARAMS_FIELD)
     if params is None:
         params = {}
     if not isinstance(params, dict):
-        raise PipesProtocolError(f'{method}: "params" must be an object, got {_what(params)}')
+        raise PipesProtocolError(f'{method}: "params" must be an object, got {_what(params)}', _Kind.BAD_PARAMS)
     known = [spec.name for spec in METHOD_SPECS[method].params]
     extra = sorted(set(params) - set(known))
     if extra:
-        raise PipesProtocolError(f"{method}: unknown param(s) {extra} (known: {', '.join(known)})")
+        raise PipesProtocolError(f"{method}: unknown param(s) {extra} (known: {', '.join(known)})", _Kind.BAD_PARAMS)
     return method, params
 
 
