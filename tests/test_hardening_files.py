@@ -348,8 +348,10 @@ def test_a_path_alone_implies_the_file_channel(write_script: Callable[..., Path]
         """
         import os
         from pipes_ext import open_pipes
+        # before opening: the context file is removed once the channel is open (it has been read by then)
+        listing = sorted(os.listdir(os.environ["WATCH_DIR"]))
         with open_pipes() as pipes:
-            pipes.report_custom_message(sorted(os.listdir(os.environ["WATCH_DIR"])))
+            pipes.report_custom_message(listing)
         """
     )
     watch = tmp_path / "watch"
