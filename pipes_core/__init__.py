@@ -62,6 +62,7 @@ from ._injectors import (
 )
 from ._json import event_to_json
 from ._log_readers import PipesBlobStoreLogReader, PipesChunkedLogReader, PipesFileLogReader, PipesLogReader
+from ._observe import RunObserver
 from ._options import RunOptions
 from ._readers import PipesFileMessageReader, PipesMessageReader, PipesTempFileMessageReader
 from ._results import (
@@ -82,6 +83,7 @@ from ._run_context import PipesRunContext
 from ._session import PipesSession, open_pipes_session
 from ._stdio import PipesStdioMessageReader
 from ._subprocess import PipesClientCompletedInvocation, PipesSubprocessClient, SubprocessRunOptions
+from ._trace_file import TraceFileWriter
 
 __all__ = [
     # sessions and clients
@@ -151,6 +153,9 @@ __all__ = [
     "PipesInterruptedError",
     "PipesResourceError",
     "PipesWarning",
+    # observability (OpenTelemetry needs no name: see the README, Observability)
+    "RunObserver",
+    "TraceFileWriter",
     # asyncio twins (loaded on first use: asyncio is not imported by a sync program)
     "open_pipes_session_async",
     "PipesAsyncSubprocessClient",

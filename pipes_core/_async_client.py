@@ -57,6 +57,7 @@ from ._client import (
 )
 from ._injectors import PipesContextInjector
 from ._lifecycle import KEYBOARD, Action, Begin, Done, Signal, Wait
+from ._observe import PHASE_DRAIN, PHASE_LAUNCH, PHASE_WAIT
 from ._options import RunOptions, Unpack, run_signature
 from ._readers import PipesMessageReader
 from ._run_context import PipesRunContext
@@ -220,15 +221,18 @@ class PipesAsyncClient(Generic[_Config]):
         try:
             async with config.open_session(run, injector, reader, open_pipes_session_async, context,
                                            extras) as session:
-                run.session = session
+                config.observe_session(run, session, type(self).__name__)
                 try:
                     await self._launch_and_wait(launch, reader, run)
                 except asyncio.CancelledError as exc:
                     run.interrupt = exc  # an interruption: drain first (leaving the session), then re-raise
-                except GeneratorExit:  # the loop was closed with the run pending: release everything, no drain
+                except GeneratorExit as exc:  # the loop was closed with the run pending: release everything, no drain
+                    if run.observer is not None:  # no verdict comes: the observers end the run here
+                        run.observer.finished(None, exc)
                     raise
                 except BaseException as exc:
                     run.error = exc
+                run.phase(PHASE_DRAIN)  # leaving the block drains the channel
         except asyncio.CancelledError as exc:  # cancelled while the channel drained (the drain was finished)
             if run.session is None:
                 raise
@@ -284,7 +288,8 @@ class PipesAsyncClient(Generic[_Config]):
         options = run.options
         assert run.session is not None
         stdio = reader.stream if isinstance(reader, PipesAsyncStdioMessageReader) else None
-        request = config.launch_request(run.session, stdio, options.get("stdout"), options.get("stderr"))
+        request = config.launch_request(run.session, stdio, options.get("stdout"), options.get("stderr"), run)
+        run.phase(PHASE_LAUNCH)
         # Shielded: a launch cancelled half-way would leave a container or job that nobody stops.
         launching = asyncio.ensure_future(self.launch(launch, request))
         cancelled: asyncio.CancelledError | None = None
@@ -293,6 +298,7 @@ class PipesAsyncClient(Generic[_Config]):
         except asyncio.CancelledError as exc:
             cancelled = exc
         process = launching.result()
+        run.phase(PHASE_WAIT)
         run.process = process
         run.description = process.description
         core = config.new_core(run)
@@ -328,6 +334,7 @@ class PipesAsyncClient(Generic[_Config]):
                     failure = failure or exc
                     action = core.failed()
         finally:
+            run.phase(PHASE_DRAIN)
             if _loop_closing():  # released without the loop: the child killed, every descriptor closed
                 for task in pumps:
                     _close_task(task)

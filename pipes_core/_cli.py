@@ -75,6 +75,7 @@ from ._results import (
 from ._run_context import PipesRunContext
 from ._session import PipesSession
 from ._subprocess import PipesClientCompletedInvocation, PipesSubprocessClient
+from ._trace_file import TraceFileWriter
 
 __all__ = ["main", "event_to_json"]
 
@@ -126,6 +127,9 @@ def _build_parser() -> argparse.ArgumentParser:
     run.add_argument("--fail-on-check-error", action="store_true",
                      help="exit non-zero when a check of severity ERROR fails")
     run.add_argument("--timeout", metavar="S", help="terminate the command after S seconds (positive, finite)")
+    run.add_argument("--trace", metavar="FILE",
+                     help="write the run to FILE as a Chrome trace-event JSON file (open it in Perfetto or "
+                          "chrome://tracing): the lifecycle phases, each message, each protocol issue")
     slurm = run.add_argument_group("Slurm", "run the command as a Slurm batch job (sbatch)")
     slurm.add_argument("--slurm", action="store_true", help="submit COMMAND with sbatch and follow the job")
     slurm.add_argument("--sbatch-arg", action="append", default=[], metavar="ARG",
@@ -482,6 +486,9 @@ def _run(args: argparse.Namespace, out: IO[str]) -> int:
         except PipesUsageError as exc:
             raise _UsageError(str(exc)) from exc
     client, options = _client(args)
+    trace = None if args.trace is None else _trace_writer(args.trace)
+    if trace is not None:
+        options["observer"] = trace
     colour = not args.json and out.isatty() and os.environ.get("NO_COLOR") is None
     printer = _Printer(out, args.json, colour, run_id=context.run_id, context=injected)
     if args.slurm:
@@ -495,37 +502,41 @@ def _run(args: argparse.Namespace, out: IO[str]) -> int:
     session: PipesSession | None = None
     error: str | None = None
     try:
-        options["command"] = command  # every launcher's own option: each run() takes it
-        invocation = client.run(context=context, extras=extras, timeout_seconds=timeout, on_event=printer,
-                                retain_messages=False, stdout=sys.stderr if args.json else None, **options)
-        code = 0
-    except KeyboardInterrupt:
-        code, error = EXIT_INTERRUPTED, "interrupted"
-    except PipesTimeoutError as exc:
-        code, error = EXIT_TIMEOUT, str(exc).splitlines()[0]
-    except PipesInterruptedError as exc:
-        code, error = 128 + 15, str(exc).splitlines()[0]
-    except PipesExecutionError as exc:
-        if _argument_list_too_long(exc):
-            what = ("the context is too large for an environment variable (DAGSTER_PIPES_CONTEXT); use "
-                    "--context-injector tempfile or file"
-                    if isinstance(getattr(client, "context_injector", None), PipesEnvContextInjector)
-                    else "the environment and arguments are too large for the system")
-            raise _UsageError(f"cannot start {command[0]!r}: {what}") from exc
-        error = str(exc).splitlines()[0]
-        invocation = exc.invocation
-        if exc.exit_code is None:
-            code = 127  # the command could not be started, as a shell says
-        elif exc.exit_code < 0:
-            code = 128 - exc.exit_code
-        else:
-            code = exc.exit_code or EXIT_SESSION_FAILED
-    except PipesUsageError as exc:
-        raise _UsageError(str(exc)) from exc
-    except PipesError as exc:  # e.g. the messages file could not be read to its end: what arrived is counted
-        code, error = EXIT_SESSION_FAILED, str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        invocation = getattr(exc, "invocation", None)
-        session = getattr(exc, "session", None)
+        try:
+            options["command"] = command  # every launcher's own option: each run() takes it
+            invocation = client.run(context=context, extras=extras, timeout_seconds=timeout, on_event=printer,
+                                    retain_messages=False, stdout=sys.stderr if args.json else None, **options)
+            code = 0
+        except KeyboardInterrupt:
+            code, error = EXIT_INTERRUPTED, "interrupted"
+        except PipesTimeoutError as exc:
+            code, error = EXIT_TIMEOUT, str(exc).splitlines()[0]
+        except PipesInterruptedError as exc:
+            code, error = 128 + 15, str(exc).splitlines()[0]
+        except PipesExecutionError as exc:
+            if _argument_list_too_long(exc):
+                what = ("the context is too large for an environment variable (DAGSTER_PIPES_CONTEXT); use "
+                        "--context-injector tempfile or file"
+                        if isinstance(getattr(client, "context_injector", None), PipesEnvContextInjector)
+                        else "the environment and arguments are too large for the system")
+                raise _UsageError(f"cannot start {command[0]!r}: {what}") from exc
+            error = str(exc).splitlines()[0]
+            invocation = exc.invocation
+            if exc.exit_code is None:
+                code = 127  # the command could not be started, as a shell says
+            elif exc.exit_code < 0:
+                code = 128 - exc.exit_code
+            else:
+                code = exc.exit_code or EXIT_SESSION_FAILED
+        except PipesUsageError as exc:
+            raise _UsageError(str(exc)) from exc
+        except PipesError as exc:  # e.g. the messages file could not be read to its end: what arrived is counted
+            code, error = EXIT_SESSION_FAILED, str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+            invocation = getattr(exc, "invocation", None)
+            session = getattr(exc, "session", None)
+    finally:
+        if trace is not None:
+            trace.close()  # ends the file when the run never started (after a run: already ended)
     if invocation is not None:
         session = invocation.session
     if code == 0 and args.fail_on_check_error and printer.counts["failed_error_checks"]:
@@ -545,6 +556,14 @@ def _run(args: argparse.Namespace, out: IO[str]) -> int:
     else:
         _print_summary(printer, summary)
     return code
+
+
+def _trace_writer(path: str) -> TraceFileWriter:
+    try:
+        return TraceFileWriter(path)
+    except OSError as exc:
+        raise _UsageError(f"cannot write the trace file {path!r} ({exc.strerror or exc}): pass --trace a path "
+                          "in a writable directory") from exc
 
 
 def _argument_list_too_long(exc: BaseException) -> bool:

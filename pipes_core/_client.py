@@ -104,6 +104,7 @@ from ._lifecycle import (
     judge,
     signal_name,
 )
+from ._observe import PHASE_DRAIN, PHASE_LAUNCH, PHASE_WAIT, RunObservers, observers_for, run_attributes
 from ._options import RUN_OPTION_DEFAULTS, RunOptions, Unpack, check_run_options, run_signature
 from ._readers import PipesMessageReader
 from ._results import (
@@ -435,6 +436,13 @@ class _Run:
     closing: list[Any] = field(default_factory=list)  # what the asyncio driver closes once the channel drained
     description: str = "the external process"
     log: logging.Logger | logging.LoggerAdapter[Any] = client_logger
+    command: str | Sequence[str] | None = None  # as the user gave it
+    observer: RunObservers | None = None  # OpenTelemetry's and the run's observer= (None: none, nothing to pay)
+
+    def phase(self, name: str) -> None:
+        """The run entered phase ``name`` (pipes_core._observe): its observers are told."""
+        if self.observer is not None:
+            self.observer.phase(name)
 
 
 # ---------------------------------------------------------------------------------------------- the client
@@ -535,13 +543,14 @@ class PipesClient(ABC):
         injector, reader = self._channels()
         try:
             with self.open_session(run, injector, reader, open_pipes_session, context, extras) as session:
-                run.session = session
+                self.observe_session(run, session, type(self).__name__)
                 try:
                     self._launch_and_wait(launch, session, reader, run)
                 except KeyboardInterrupt as exc:
                     run.interrupt = exc  # drain first (leaving the session), then re-raise
                 except BaseException as exc:
                     run.error = exc
+                run.phase(PHASE_DRAIN)  # leaving the block drains the channel
         except PipesError as exc:
             if run.session is None:
                 raise  # the channels could not be set up: nothing was launched
@@ -568,7 +577,17 @@ class PipesClient(ABC):
         session_log, own_log = run_loggers(options.get("logger"), command)
         return _Run(options=cast(RunOptions, {**RUN_OPTION_DEFAULTS, **options}),
                     strict=self.strict if strict is None else strict, started=time.monotonic(),
-                    session_log=session_log, log=own_log)
+                    session_log=session_log, log=own_log, command=command,
+                    observer=observers_for(options.get("observer")))
+
+    @staticmethod
+    def observe_session(run: _Run, session: PipesSession, launcher: str) -> None:
+        """The session is open: keep it in the run, and tell the run's observers (they see its messages and
+        events from now on). Shared with the asyncio driver; ``launcher``: the client's class name."""
+        run.session = session
+        if run.observer is not None:
+            session.message_handler.observer = run.observer
+            run.observer.started(run_attributes(launcher, run.command, session.context_data))
 
     def open_session(self, run: _Run, injector: PipesContextInjector, reader: Any, opener: Callable[..., _T],
                      context: PipesRunContext | None, extras: Mapping[str, Any] | None) -> _T:
@@ -592,6 +611,19 @@ class PipesClient(ABC):
         """After the drain: the invocation, then the interruption re-raised or the launch error raised (both
         carrying it), else the verdict. Shared with the asyncio driver (whose cancellation is ``run.interrupt``)."""
         assert run.session is not None  # the session opened, else we raised above
+        observer = run.observer
+        if observer is None:
+            return self._conclude(run)
+        try:
+            invocation = self._conclude(run)
+        except BaseException as exc:
+            observer.finished(getattr(exc, "invocation", None), exc)
+            raise
+        observer.finished(invocation, None)
+        return invocation
+
+    def _conclude(self, run: _Run) -> PipesClientCompletedInvocation:
+        assert run.session is not None
         invocation = PipesClientCompletedInvocation(
             run.session,
             exit_code=None if run.status is None else run.status.exit_code,
@@ -619,12 +651,14 @@ class PipesClient(ABC):
         return invocation
 
     def launch_request(self, session: PipesSession, stdio: str | None, stdout: PipesOutputTarget | None,
-                       stderr: PipesOutputTarget | None) -> PipesLaunchRequest:
-        """What to ask of the launcher; ``stdio``: the stream the stdio message reader reads (or None)."""
+                       stderr: PipesOutputTarget | None, run: _Run | None = None) -> PipesLaunchRequest:
+        """What to ask of the launcher; ``stdio``: the stream the stdio message reader reads (or None); the
+        ``run``'s observers add their env vars (the trace context: ``TRACEPARENT`` / ``TRACESTATE``)."""
         cli = self.bootstrap == BOOTSTRAP_CLI
+        observed = {} if run is None or run.observer is None else run.observer.child_env()
         return PipesLaunchRequest(
             session=session,
-            bootstrap_env={} if cli else session.get_bootstrap_env_vars(),
+            bootstrap_env={**observed, **({} if cli else session.get_bootstrap_env_vars())},
             bootstrap_args=session.get_bootstrap_argv() if cli else [],
             stdout_needed=stdio == STREAM_STDOUT or not self.forward_stdio or not _has_fileno(stdout),
             # stderr forwarded to ours is read and passed on rather than inherited, so that a failure can quote
@@ -655,7 +689,9 @@ class PipesClient(ABC):
         """Launch, then carry out the core's actions (the sync driver)."""
         options = run.options
         stdio = reader.stream if isinstance(reader, PipesStdioMessageReader) else None
-        process = launch(self.launch_request(session, stdio, options.get("stdout"), options.get("stderr")))
+        run.phase(PHASE_LAUNCH)
+        process = launch(self.launch_request(session, stdio, options.get("stdout"), options.get("stderr"), run))
+        run.phase(PHASE_WAIT)
         run.process = process
         run.description = process.description
         core = self.new_core(run)
@@ -690,6 +726,7 @@ class PipesClient(ABC):
                     action = core.failed()
         finally:
             _restore_sigterm_handler(previous_handler)
+            run.phase(PHASE_DRAIN)
             # One shared deadline: a leftover process holding both streams costs it once, not per stream.
             deadline = time.monotonic() + OUTPUT_DRAIN_SECONDS
             for pump in run.pumps:

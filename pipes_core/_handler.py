@@ -87,6 +87,7 @@ from ._results import (
 from ._run_context import PipesRunContext
 
 if TYPE_CHECKING:
+    from ._observe import RunObserver
     from ._readers import PipesMessageReader
 
 __all__ = [
@@ -258,6 +259,9 @@ class PipesMessageHandler:
                           else set(context_data[CONTEXT_ASSET_KEYS]))
         self._on_event = on_event
         self._retain = retain_messages
+        # The run's observers (pipes_core._observe), set by the client once the session is open: told each valid
+        # message (with its size) and each event.
+        self.observer: RunObserver | None = None
         # Every record of this run carries its run id (see LOG_EXTRA_RUN_ID).
         self.logger: logging.LoggerAdapter[Any] = PipesRunLogger(
             logger or logging.getLogger(DEFAULT_LOGGER_NAME), {LOG_EXTRA_RUN_ID: context_data.get(CONTEXT_RUN_ID)})
@@ -406,6 +410,8 @@ class PipesMessageHandler:
     # ------------------------------------------------------------------ dispatch
 
     def _emit(self, event: PipesEvent) -> None:
+        if self.observer is not None:
+            self.observer.event(event)
         if self._on_event is None:
             return
         try:
@@ -433,6 +439,8 @@ class PipesMessageHandler:
         method = message["method"]
         params = message["params"]
         self.message_count += 1
+        if self.observer is not None:
+            self.observer.message(method, params, _line_bytes(line))
         if self._on_message is not None:
             try:
                 self._on_message(message)
@@ -549,6 +557,15 @@ class PipesMessageHandler:
         if len(self._versions_reported) < MAX_REPORTED_VERSIONS:
             self._versions_reported.add(key)
         return True
+
+
+def _line_bytes(line: str | bytes | None) -> int:
+    """A message line's size in bytes (0: the message was not read as a line)."""
+    if line is None:
+        return 0
+    if isinstance(line, str) and not line.isascii():
+        return len(line.encode("utf-8", "surrogatepass"))
+    return len(line)
 
 
 def _repr_excerpt(value: object) -> str:

@@ -26,6 +26,7 @@ elif TYPE_CHECKING:  # Python 3.10: only type checkers read the annotations (``f
 
 if TYPE_CHECKING:
     from ._client import PipesLaunchedProcess
+    from ._observe import RunObserver
     from ._results import PipesEvent
 
 __all__ = ["RunOptions", "RUN_OPTION_DEFAULTS", "RUN_OPTION_NAMES", "Unpack", "check_run_options", "run_signature",
@@ -53,6 +54,9 @@ class RunOptions(TypedDict, total=False):
         fail_on_check_error: a failed check of severity ERROR fails the run (``pipes run --fail-on-check-error``).
         raise_on_event_error: an exception raised by ``on_event`` fails the run, chained (default); False only
             logs it.
+        observer: a :class:`~pipes_core.RunObserver` told the run's phases, messages, events and outcome (e.g. a
+            :class:`~pipes_core.TraceFileWriter`, as ``pipes run --trace``); OpenTelemetry spans and metrics need
+            no option (see the README, Observability).
     """
 
     timeout_seconds: float | None
@@ -68,6 +72,7 @@ class RunOptions(TypedDict, total=False):
     on_message: Callable[[dict[str, Any]], None] | None
     fail_on_check_error: bool
     raise_on_event_error: bool
+    observer: RunObserver | None
 
 
 # The defaults that are not None (an absent option means None otherwise).

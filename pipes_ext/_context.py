@@ -62,6 +62,7 @@ from ._protocol import (
     normalize_metadata,
     serialize_exception,
 )
+from ._trace import attach_trace_context, traceparent, tracestate
 from ._writers import (
     PipesDefaultMessageWriter,
     PipesDiscardMessageWriterChannel,
@@ -288,6 +289,17 @@ class PipesContext:
         return None if window is None else dict(window)
 
     @property
+    def traceparent(self) -> str | None:
+        """The W3C ``traceparent`` of the orchestrator's run span (from ``TRACEPARENT`` in this process's
+        environment), or None when the orchestrator traced nothing; see :mod:`pipes_ext._trace`."""
+        return traceparent()
+
+    @property
+    def tracestate(self) -> str | None:
+        """The W3C ``tracestate`` that goes with :attr:`traceparent` (``TRACESTATE``), or None."""
+        return tracestate()
+
+    @property
     def run_id(self) -> str:
         return str(self._data[CONTEXT_RUN_ID])
 
@@ -486,15 +498,21 @@ def open_pipes(
     context_loader.close()
     channel = message_writer.open(messages_params)
     capture = _stdio_capture(messages_params, channel)
+    # The orchestrator's trace context (TRACEPARENT), current for OpenTelemetry while the block is open; detached
+    # first on close, before the capture drains and closed is sent.
+    trace_context = attach_trace_context()
+    before_close = [resource for resource in (trace_context, capture) if resource is not None]
     context = PipesContext(
         data,
         channel,
         opened_extras=message_writer.get_opened_extras(),
-        before_close=() if capture is None else (capture,),
+        before_close=before_close,
     )
     try:
         context.open()
     except BaseException:
+        if trace_context is not None:
+            trace_context.close()
         channel.close()
         raise
     if capture is not None:
