@@ -13,9 +13,11 @@ Per run (:class:`OTelRunObserver`):
   process, exit code, outcome, counts of results, protocol issues and messages), and child spans ``pipes.launch``,
   ``pipes.wait`` and ``pipes.drain``;
 * span events on ``pipes.run``: ``pipes.opened``, each ``pipes.materialization`` and ``pipes.check``, each
-  ``pipes.protocol_issue``, ``pipes.closed``, and the ``pipes.log`` and ``pipes.custom_message`` messages too (all
-  of them: the SDK's span event limit, ``OTEL_SPAN_EVENT_COUNT_LIMIT``, default 128, bounds what one span keeps;
-  ``log_external_stream`` text is output, not an event, and is left out);
+  ``pipes.protocol_issue`` and ``pipes.closed``, always; ``pipes.log`` and ``pipes.custom_message`` for the first
+  :data:`LOG_EVENTS_PER_RUN` of them, the others counted (``pipes.events_not_recorded``): the SDK keeps at most
+  ``OTEL_SPAN_EVENT_COUNT_LIMIT`` events per span (default 128) and drops the oldest, so a chatty run would
+  otherwise push its results out, and the per-message cost stays bounded (see benchmarks/observability.py).
+  ``log_external_stream`` text is output, not an event, and is left out;
 * a failed run: the span's status is ERROR with the error's first line, and the exception is recorded;
 * the run span's W3C trace context goes to the external process as ``TRACEPARENT`` / ``TRACESTATE`` in its
   environment (:meth:`OTelRunObserver.child_env`; the pipes_ext side attaches it while ``open_pipes()`` is open).
@@ -90,6 +92,11 @@ EVENT_ATTR_REASON = "pipes.reason"
 EVENT_ATTR_LEVEL = "pipes.level"
 EVENT_ATTR_MESSAGE = "pipes.message"
 EVENT_ATTR_EXCEPTION = "pipes.exception"
+
+# Logs and custom messages recorded as span events per run (the rest are counted): with the SDK's default limit of
+# 128 events per span this leaves room for the results, checks, issues, opened and closed of a run. None: all.
+LOG_EVENTS_PER_RUN: int | None = 64
+ATTR_NOT_RECORDED = "pipes.events_not_recorded"
 
 # Metric names (OpenTelemetry semantic-convention style) and their attributes.
 METRIC_MESSAGES = "pipes.messages"
@@ -189,6 +196,8 @@ class OTelRunObserver(RunObserver):
         self._checks = 0
         self._issues = 0
         self._active = False  # counted among the active sessions
+        self._chatter = 0  # logs and custom messages recorded as span events
+        self._not_recorded = 0  # ... and those past LOG_EVENTS_PER_RUN
 
     def started(self, attributes: Mapping[str, Any]) -> None:
         self._labels = {ATTR_LAUNCHER: str(attributes.get(ATTR_LAUNCHER, ""))}
@@ -251,10 +260,15 @@ class OTelRunObserver(RunObserver):
                                                    EVENT_ATTR_REASON: cut_text(event.reason)})
         elif self._span is None:
             return
+        elif isinstance(event, (PipesLogEvent, PipesCustomMessageEvent)) and LOG_EVENTS_PER_RUN is not None \
+                and self._chatter >= LOG_EVENTS_PER_RUN:
+            self._not_recorded += 1
         elif isinstance(event, PipesLogEvent):
+            self._chatter += 1
             self._span.add_event(EVENT_LOG, {EVENT_ATTR_LEVEL: event.level,
                                              EVENT_ATTR_MESSAGE: cut_text(event.message)})
         elif isinstance(event, PipesCustomMessageEvent):
+            self._chatter += 1
             self._span.add_event(EVENT_CUSTOM)
         elif isinstance(event, PipesOpenedEvent):
             self._span.add_event(EVENT_OPENED)
@@ -275,7 +289,8 @@ class OTelRunObserver(RunObserver):
             self._phase.end()
             self._phase = None
         attributes: dict[str, Any] = {ATTR_OUTCOME: outcome, ATTR_RESULTS: self._materializations + self._checks,
-                                      ATTR_ISSUES: self._issues, ATTR_MESSAGES: sum(self._methods.values())}
+                                      ATTR_ISSUES: self._issues, ATTR_MESSAGES: sum(self._methods.values()),
+                                      ATTR_NOT_RECORDED: self._not_recorded}
         if invocation is not None:
             attributes[ATTR_PROCESS] = invocation.description
             if invocation.exit_code is not None:

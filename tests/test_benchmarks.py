@@ -40,3 +40,16 @@ def test_quick_lines_benchmark_run_reports_its_figures(tmp_path: Path) -> None:
     report = json.loads(out.read_text())
     assert report["handler_msgs_per_s"] > 0 and report["long_line_peak_x"] > 0
     assert report["skip_peak_x"] is not None and "msg/s" in proc.stdout
+
+
+def test_quick_observability_benchmark_reports_tracing_on_against_off(tmp_path: Path) -> None:
+    out = tmp_path / "observability.json"
+    proc = subprocess.run([sys.executable, "-m", "benchmarks.observability", "--quick", "--json", str(out)],
+                          cwd=REPO_ROOT, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads(out.read_text())
+    assert set(report["results"]) == {"otel", "trace_file"}
+    for result in report["results"].values():
+        for metric in result["metrics"]:
+            assert metric["ratio_ours_over_reference"] > 0, metric["name"]
+    assert "ratio ours/ref" in proc.stdout

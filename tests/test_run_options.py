@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import inspect
+import json
 import logging
 import subprocess
 import sys
@@ -23,6 +24,7 @@ from pipes_core import (
     PipesSubprocessClient,
     PipesTimeoutError,
     RunOptions,
+    TraceFileWriter,
 )
 from pipes_core._options import RUN_OPTION_DEFAULTS, option_names
 from pipes_core._subprocess import SubprocessRunOptions
@@ -173,6 +175,10 @@ OPTION_CASES: dict[str, tuple[Callable[[Seen, Path], dict[str, Any]], list[str],
                             lambda inv, err, seen, tmp: _is(err, PipesExecutionError, "failed check(s)")),
     "raise_on_event_error": (lambda seen, tmp: {"raise_on_event_error": False, "on_event": _raise}, [],
                              lambda inv, err, seen, tmp: _ok(err) or inv.session.closed),
+    "observer": (lambda seen, tmp: {"observer": TraceFileWriter(tmp / "run.json")}, [],
+                 lambda inv, err, seen, tmp: _ok(err) or [e["name"] for e in json.loads(
+                     (tmp / "run.json").read_text(encoding="utf-8")) if e["ph"] == "X"] ==
+                 ["launch", "wait", "drain", "run"]),
     # the subprocess clients' own
     "command": (lambda seen, tmp: {}, [], lambda inv, err, seen, tmp: _ok(err) or inv.session.closed),
     "env": (lambda seen, tmp: {"env": {"FROM_RUN": "yes"}}, [],
