@@ -10,7 +10,7 @@ a line, so memory stays flat however many messages arrive) and closed with ``]``
   (``args.asset_key``) when it has one, a log's level and text (``args.level``, ``args.message``), a check's name;
   each protocol issue as an instant event ``protocol_issue`` with its kind and reason.
 
-Times (``ts``, ``dur``) are microseconds from the writer's creation, on the monotonic clock.
+Times (``ts``, ``dur``) are whole microseconds from the writer's creation, on the monotonic clock.
 """
 
 from __future__ import annotations
@@ -74,13 +74,14 @@ class TraceFileWriter(RunObserver):
         self._origin = time.monotonic_ns()
         self._first = True
         self._ended = False
-        self._run_started: float | None = None
+        self._run_started: int | None = None
         self._attributes: dict[str, Any] = {}
-        self._phase: tuple[str, float] | None = None
+        self._phase: tuple[str, int] | None = None
         self._file.write("[\n")
 
-    def _now(self) -> float:
-        return (time.monotonic_ns() - self._origin) / 1000
+    def _now(self) -> int:
+        """Whole microseconds since the writer's creation (integers: a phase's end, ts + dur, is exact)."""
+        return (time.monotonic_ns() - self._origin) // 1000
 
     def _write(self, event: dict[str, Any]) -> None:
         """One event, as a line of the array (under the lock)."""
@@ -101,7 +102,7 @@ class TraceFileWriter(RunObserver):
             self._write({**base, "tid": TRACK_MESSAGES, "ph": TRACE_PHASE_METADATA, "name": METADATA_THREAD_NAME,
                          "args": {"name": "messages"}})
 
-    def _end_phase(self, now: float) -> None:
+    def _end_phase(self, now: int) -> None:
         if self._phase is not None:
             name, began = self._phase
             self._write({"name": name, "cat": CATEGORY_LIFECYCLE, "ph": TRACE_PHASE_COMPLETE, "ts": began,
