@@ -2,19 +2,23 @@
 environment (``TRACEPARENT`` / ``TRACESTATE``, the convention for process environments), never on the wire.
 
 Standard library only. :func:`traceparent` / :func:`tracestate` read them (also as ``PipesContext.traceparent`` /
-``.tracestate``). When this process has OpenTelemetry (``opentelemetry-api``) and a ``TRACEPARENT`` is set,
-:func:`open_pipes` attaches that context while the pipes block is open (:func:`attach_trace_context`), so spans
-started inside it are children of the orchestrator's run span; without OpenTelemetry nothing is imported.
+``.tracestate``). When this process uses OpenTelemetry (it has imported ``opentelemetry``, e.g. configured its SDK,
+before ``open_pipes()``) and a ``TRACEPARENT`` is set, :func:`open_pipes` attaches that context while the pipes
+block is open (:func:`attach_trace_context`), so spans started inside it are children of the orchestrator's run
+span. A process that has not imported OpenTelemetry imports nothing (a child's start-up stays lean).
 """
 
 from __future__ import annotations
 
 import os
+import sys
 
 __all__ = ["TRACEPARENT_ENV_VAR", "TRACESTATE_ENV_VAR", "traceparent", "tracestate", "attach_trace_context"]
 
 TRACEPARENT_ENV_VAR = "TRACEPARENT"
 TRACESTATE_ENV_VAR = "TRACESTATE"
+# OpenTelemetry's top package: the context is attached only in a process that has imported it (configured its SDK).
+_OPENTELEMETRY = "opentelemetry"
 # The W3C carrier keys the propagator reads.
 _CARRIER_TRACEPARENT = "traceparent"
 _CARRIER_TRACESTATE = "tracestate"
@@ -51,10 +55,10 @@ class _AttachedTraceContext:
 
 def attach_trace_context() -> _AttachedTraceContext | None:
     """Attach ``TRACEPARENT`` / ``TRACESTATE`` as OpenTelemetry's current context; None (and nothing imported)
-    when there is no ``TRACEPARENT`` or OpenTelemetry is not installed."""
+    when there is no ``TRACEPARENT`` or this process has not imported OpenTelemetry."""
     parent = traceparent()
-    if parent is None:
-        return None
+    if parent is None or _OPENTELEMETRY not in sys.modules:
+        return None  # no trace, or this process does not use OpenTelemetry (importing it would cost start-up)
     try:
         from opentelemetry import context
         from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator

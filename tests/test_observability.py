@@ -355,6 +355,15 @@ def test_without_a_configured_provider_a_run_has_no_observer_and_no_traceparent(
     assert invocation.get_custom_messages() == [[None, ""]]
 
 
+def test_a_child_that_does_not_use_opentelemetry_reads_the_traceparent_and_imports_nothing() -> None:
+    traceparent = f"00-{'1' * 32}-{'2' * 16}-01"
+    code = "import sys\nfrom pipes_ext import open_pipes\nwith open_pipes() as p:\n" \
+           "    p.report_custom_message([p.traceparent, p.tracestate, 'opentelemetry' in sys.modules])\n"
+    invocation = PipesSubprocessClient().run(command=[PYTHON, "-c", code],
+                                             env={"TRACEPARENT": traceparent, "TRACESTATE": "k=v"})
+    assert invocation.get_custom_messages() == [[traceparent, "k=v", False]]
+
+
 def test_without_opentelemetry_nothing_is_imported(tmp_path: Path) -> None:
     # opentelemetry made unimportable: a run works, and neither side imports it
     code = textwrap.dedent("""
