@@ -489,3 +489,59 @@ def test_a_protocol_issue_is_an_instant_event_and_a_bad_observer_changes_nothing
     assert not [e for e in events if e["name"] in ("opened", "closed")]  # message() raised each time
     said = [r for r in caplog.records if "the run observer Broken raised in message()" in r.getMessage()]
     assert len(said) == 1  # logged once, not once per message
+
+
+# ---------------------------------------------------------------------------------------------- every launcher
+
+TRACEPARENT = f"00-{'a' * 32}-{'b' * 16}-01"
+REPORT_TRACE_ENV = """
+import os
+from pipes_ext import open_pipes
+with open_pipes() as pipes:
+    pipes.report_custom_message([pipes.traceparent, pipes.tracestate])
+"""
+
+
+class ContextObserver(TraceFileWriter):
+    """A trace file writer that also hands the process a trace context (as the OpenTelemetry observer does)."""
+
+    def child_env(self) -> dict[str, str]:
+        return {"TRACEPARENT": TRACEPARENT, "TRACESTATE": "k=v"}
+
+
+def test_an_observers_env_reaches_the_process_with_the_cli_bootstrap_too(tmp_path: Path) -> None:
+    code = REPORT_TRACE_ENV.replace("open_pipes()", "open_pipes(params_loader=PipesCliArgsParamsLoader())").replace(
+        "from pipes_ext import open_pipes", "from pipes_ext import PipesCliArgsParamsLoader, open_pipes")
+    invocation = PipesSubprocessClient(bootstrap="cli").run(command=[PYTHON, "-c", code],
+                                                             observer=ContextObserver(tmp_path / "run.json"))
+    assert invocation.get_custom_messages() == [[TRACEPARENT, "k=v"]]
+
+
+def test_a_slurm_job_gets_the_trace_context_in_its_environment(slurm_cluster: Any, tmp_path: Path) -> None:
+    from pipes_core.slurm import PipesSlurmClient, SlurmCommands
+
+    script = tmp_path / "job.py"
+    script.write_text(REPORT_TRACE_ENV, encoding="utf-8")
+    trace = tmp_path / "run.json"
+    client = PipesSlurmClient(commands=SlurmCommands(slurm_conf=str(slurm_cluster.conf)), shared_dir=str(tmp_path))
+    invocation = client.run(command=[PYTHON, str(script)], observer=ContextObserver(trace),
+                            timeout_seconds=RUN_LIMIT_SECONDS)
+    assert invocation.get_custom_messages() == [[TRACEPARENT, "k=v"]]
+    events = validate_trace_events(trace.read_text(encoding="utf-8"))
+    run = next(e for e in events if e["name"] == "run")
+    assert run["args"]["pipes.launcher"] == "PipesSlurmClient" and "Slurm job" in run["args"]["pipes.process"]
+    assert [e["name"] for e in events if e["ph"] == "X"] == ["launch", "wait", "drain", "run"]
+
+
+def test_a_ray_job_gets_the_trace_context_in_its_runtime_env(ray_head: Any, tmp_path: Path) -> None:
+    from pipes_core.ray import PipesRayJobClient
+
+    script = tmp_path / "job.py"
+    script.write_text(REPORT_TRACE_ENV, encoding="utf-8")
+    trace = tmp_path / "run.json"
+    invocation = PipesRayJobClient(ray_head.address).run(command=[PYTHON, str(script)],
+                                                         observer=ContextObserver(trace),
+                                                         timeout_seconds=RUN_LIMIT_SECONDS)
+    assert invocation.get_custom_messages() == [[TRACEPARENT, "k=v"]]
+    events = validate_trace_events(trace.read_text(encoding="utf-8"))
+    assert [e["name"] for e in events if e["ph"] == "X"] == ["launch", "wait", "drain", "run"]
