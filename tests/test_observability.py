@@ -57,6 +57,10 @@ trace.set_tracer_provider(provider)
 from pipes_ext import open_pipes
 
 with open_pipes() as pipes:
+    if "chatty" in sys.argv:  # more logs than become span events, and a message of no known method (an issue)
+        for i in range(100):
+            pipes.log.info(f"chat {i}")
+        pipes._send("no_such_method", {})
     with trace.get_tracer("child").start_as_current_span("child-work"):
         pipes.log.info("working")
         pipes.report_asset_materialization(metadata={"rows": 3}, data_version="v1")
@@ -106,8 +110,9 @@ with trace.get_tracer("test").start_as_current_span("job"):
     try:
         if mode == "sync":
             invocation = PipesSubprocessClient().run(command=[sys.executable, child], context=context)
-        elif mode == "fail":
-            invocation = PipesSubprocessClient().run(command=[sys.executable, child, "fail"], context=context)
+        elif mode in ("fail", "chatty"):
+            invocation = PipesSubprocessClient(strict=False).run(command=[sys.executable, child, mode],
+                                                                 context=context)
         elif mode == "async":
             invocation = asyncio.run(PipesAsyncSubprocessClient().run(command=[sys.executable, child],
                                                                       context=context))
@@ -330,6 +335,22 @@ def test_a_failed_run_has_error_status_and_the_exception_recorded(collector: Col
     assert "boom" in events["pipes.closed"]["pipes.exception"]
     child = collector.span("child-work")  # the child's span ended with the error, in the run's trace
     assert child["trace_id"] == run["trace_id"] and child["status"] == STATUS_CODE_ERROR
+
+
+def test_logs_past_the_budget_are_counted_and_results_and_issues_are_always_events(
+        collector: Collector, tmp_path: Path) -> None:
+    out = _orchestrate(collector, "chatty", _child_script(tmp_path), tmp_path)
+    assert out["error"] is None  # strict=False: the issue does not fail the run
+    run = _assert_run_tree(collector, "PipesSubprocessClient")
+    names = [name for name, _ in run["events"]]
+    # 64 of the 102 logs and custom messages (LOG_EVENTS_PER_RUN), every result, the issue, opened and closed
+    assert names.count("pipes.log") == 64 and "pipes.custom_message" not in names
+    assert run["attributes"]["pipes.events_not_recorded"] == 102 - 64
+    assert names[0] == "pipes.opened" and names[-1] == "pipes.closed"
+    assert {"pipes.materialization", "pipes.check", "pipes.protocol_issue"} <= set(names)
+    issue = dict(run["events"])["pipes.protocol_issue"]
+    assert issue["pipes.issue_kind"] and "no_such_method" in issue["pipes.reason"]
+    assert run["attributes"]["pipes.protocol_issues"] == 1
 
 
 @pytest.mark.docker
