@@ -28,6 +28,8 @@ import logging
 from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
+from pipes_ext._protocol import CONTEXT_ASSET_KEYS, CONTEXT_PARTITION_KEY, CONTEXT_RUN_ID
+
 if TYPE_CHECKING:
     from ._client import PipesClientCompletedInvocation
     from ._results import PipesEvent
@@ -86,8 +88,6 @@ ATTR_MESSAGES = "pipes.messages"
 def run_attributes(launcher: str, command: str | Sequence[str] | None, context_data: Mapping[str, Any]
                    ) -> dict[str, Any]:
     """The attributes a run starts with (each a str or a list of str: what every observer can record)."""
-    from pipes_ext._protocol import CONTEXT_ASSET_KEYS, CONTEXT_PARTITION_KEY, CONTEXT_RUN_ID
-
     attributes: dict[str, Any] = {ATTR_LAUNCHER: launcher, ATTR_RUN_ID: str(context_data.get(CONTEXT_RUN_ID))}
     if command is not None:
         attributes[ATTR_COMMAND] = command if isinstance(command, str) else [str(word) for word in command]
