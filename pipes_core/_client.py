@@ -23,6 +23,10 @@ the run to :meth:`PipesClient.run_launcher`, which is written once and does the 
 7. judge, by one set of rules (see :meth:`PipesClient.check`), raising one family of errors that all carry the
    :class:`PipesClientCompletedInvocation` (what was received so far) as ``.invocation``.
 
+The run's observers (:mod:`pipes_core._observe`: OpenTelemetry's, the run's ``observer=``) are told when the
+session opens, each phase (launch: step 2; wait: 3-5; drain: 6), each message and event, and the verdict; the env
+vars they give (the trace context) are added to the launch request's ``bootstrap_env``.
+
 Hook interface (what a launcher writes)
 ---------------------------------------
 * A subclass of :class:`PipesClient` whose ``run(*, context=None, extras=None, **options: Unpack[XRunOptions])``

@@ -17,9 +17,10 @@ few places where these happen:
   OpenTelemetry observer's ``TRACEPARENT`` / ``TRACESTATE``).
 
 Two observers come with the library: OpenTelemetry spans and metrics (:mod:`pipes_core._otel`, on by itself when
-``opentelemetry-api`` is importable) and the Chrome trace-event file of ``pipes run --trace`` (:mod:`pipes_core.
-_trace_file`). A run's ``observer=`` option adds one of the user's. An observer must not raise; the fan-out
-(:class:`RunObservers`) logs what one raises and goes on, so that an observer never changes a run's outcome.
+``opentelemetry-api`` is importable and a provider is configured) and the Chrome trace-event file of ``pipes run
+--trace`` (:mod:`pipes_core._trace_file`). A run's ``observer=`` option adds one of the user's. An observer must
+not raise; the fan-out (:class:`RunObservers`) logs what one raises and goes on, so that an observer never changes
+a run's outcome.
 """
 
 from __future__ import annotations
