@@ -80,6 +80,7 @@ from ._results import (
     PipesRemoteException,
 )
 from ._run_context import PipesRunContext
+from ._run_store import PipesRunRecord, PipesRunStore, PipesRunStoreError
 from ._session import PipesSession, open_pipes_session
 from ._stdio import PipesStdioMessageReader
 from ._subprocess import PipesClientCompletedInvocation, PipesSubprocessClient, SubprocessRunOptions
@@ -99,6 +100,10 @@ __all__ = [
     "PipesExitStatus",
     "RunOptions",
     "PipesMessageHandler",
+    # durable runs
+    "PipesRunStore",
+    "PipesRunRecord",
+    "PipesRunStoreError",
     # channels
     "PipesContextInjector",
     "PipesEnvContextInjector",
