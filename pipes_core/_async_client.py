@@ -205,7 +205,12 @@ class PipesAsyncClient(Generic[_Config]):
         """
         config = self.config
         run = config.begin_run(options, command)
-        injector, reader = self._channels()
+        if run.durable is None:
+            injector, reader = self._channels()
+        else:
+            durable_injector, durable_reader = run.durable.channels()
+            injector, reader = durable_injector, as_async_reader(durable_reader)
+            launch = run.durable.launcher(launch)
         self._runs += 1
         try:
             return await self._run(launch, run, injector, reader, context, extras)
@@ -625,4 +630,5 @@ class PipesAsyncSubprocessClient(PipesAsyncClient[PipesSubprocessClient]):
     async def launch(self, launch: Callable[[PipesLaunchRequest], PipesLaunchedProcess],
                      request: PipesLaunchRequest) -> PipesLaunchedProcess:
         # fork + exec take a few milliseconds: not worth a thread
-        return _AsyncLocalProcess(cast(_LocalProcess, launch(request)))
+        process = launch(request)
+        return _AsyncLocalProcess(process) if isinstance(process, _LocalProcess) else process  # durable: polled

@@ -81,7 +81,7 @@ from collections import deque
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from types import FrameType
-from typing import Any, ClassVar, TypeVar, cast
+from typing import TYPE_CHECKING, Any, ClassVar, TypeVar, cast
 
 from pipes_ext._errors import PipesError, PipesUsageError
 from pipes_ext._protocol import STREAM_STDERR, STREAM_STDOUT
@@ -158,6 +158,9 @@ OUTPUT_DRAIN_SECONDS = 5.0
 # The source of an invocation's ``last_output_line`` when the launcher has one log for both streams.
 LOG_SOURCE = "log"
 
+if TYPE_CHECKING:
+    from ._durable import DurableLaunch, DurableRun
+
 client_logger = logging.getLogger("pipes_core")
 _T = TypeVar("_T")
 
@@ -176,6 +179,9 @@ class PipesLaunchRequest:
         stdout_needed: the lifecycle needs the process's stdout as ``PipesLaunchedProcess.stdout`` (it carries the
             stdio message channel, or output is redirected or not forwarded).
         stderr_needed: the same for stderr.
+        durable: set for a run with a ``launch_key`` (README "Durable runs"): the run's key, its directory and
+            the lock to hand to what is launched; a launcher that supports it (:meth:`PipesClient.attach`) makes
+            the launch outlive this process and findable by the key.
     """
 
     session: PipesSession
@@ -183,6 +189,7 @@ class PipesLaunchRequest:
     bootstrap_args: list[str] = field(default_factory=list)
     stdout_needed: bool = False
     stderr_needed: bool = False
+    durable: DurableLaunch | None = None
 
 
 class PipesLaunchedProcess(ABC):
@@ -235,6 +242,11 @@ class PipesLaunchedProcess(ABC):
 
     def close(self) -> None:  # noqa: B027 - optional hook, nothing to release by default
         """Release what the run holds; called once, last, after the channel was drained."""
+
+    def handle(self) -> dict[str, Any]:
+        """How to find it again (a JSON object), recorded for a durable run; :meth:`PipesClient.attach` rebuilds
+        the process from it. Only launchers that support ``launch_key`` have one."""
+        raise NotImplementedError(f"{self.description} has no handle: its launcher does not support launch_key")
 
 
 # ---------------------------------------------------------------------------------------------- invocation
@@ -443,6 +455,8 @@ class _Run:
     command: str | Sequence[str] | None = None  # as the user gave it
     observer: RunObservers | None = None  # OpenTelemetry's and the run's observer= (None: none, nothing to pay)
 
+    durable: DurableRun | None = None  # a run with a launch_key
+
     def phase(self, name: str) -> None:
         """The run entered phase ``name`` (pipes_core._observe): its observers are told."""
         if self.observer is not None:
@@ -509,6 +523,11 @@ class PipesClient(ABC):
         """The message reader when none was given: messages on the process's stdout."""
         return PipesStdioMessageReader()
 
+    def attach(self, handle: dict[str, Any]) -> PipesLaunchedProcess:
+        """The launched process of a durable run, rebuilt from its recorded handle
+        (:meth:`PipesLaunchedProcess.handle`); a launcher that supports ``launch_key`` overrides it."""
+        raise PipesUsageError(f"{type(self).__name__} cannot re-attach to a run (launch_key= is not supported)")
+
     def _channels(self) -> tuple[PipesContextInjector, PipesMessageReader]:
         return (self.context_injector or self.default_context_injector(),
                 self.message_reader or self.default_message_reader())
@@ -544,7 +563,9 @@ class PipesClient(ABC):
                 ``invocation`` attribute.
         """
         run = self.begin_run(options, command)
-        injector, reader = self._channels()
+        injector, reader = self._channels() if run.durable is None else run.durable.channels()
+        if run.durable is not None:
+            launch = run.durable.launcher(launch)
         try:
             with self.open_session(run, injector, reader, open_pipes_session, context, extras) as session:
                 self.observe_session(run, session, type(self).__name__)
@@ -579,10 +600,17 @@ class PipesClient(ABC):
             raise PipesUsageError(f"timeout_seconds must be positive, got {timeout_seconds!r}")
         strict = options.get("strict")
         session_log, own_log = run_loggers(options.get("logger"), command)
+        durable: DurableRun | None = None
+        if options.get("launch_key") is not None:
+            from ._durable import DurableRun  # (imports this module)
+
+            durable = DurableRun(self, options)
+        elif options.get("store") is not None:
+            raise PipesUsageError("store= is only used with launch_key=: pass launch_key too, or leave store out")
         return _Run(options=cast(RunOptions, {**RUN_OPTION_DEFAULTS, **options}),
                     strict=self.strict if strict is None else strict, started=time.monotonic(),
                     session_log=session_log, log=own_log, command=command,
-                    observer=observers_for(options.get("observer")))
+                    observer=observers_for(options.get("observer")), durable=durable)
 
     @staticmethod
     def observe_session(run: _Run, session: PipesSession, launcher: str) -> None:
@@ -645,6 +673,18 @@ class PipesClient(ABC):
             if isinstance(run.error, PipesError):
                 run.error.invocation = invocation
             raise run.error
+        if run.durable is not None:
+            try:
+                self._check_run(run, invocation)
+            except BaseException as exc:
+                run.durable.conclude(run.status, exc)
+                raise
+            run.durable.conclude(run.status, None)
+            return invocation
+        self._check_run(run, invocation)
+        return invocation
+
+    def _check_run(self, run: _Run, invocation: PipesClientCompletedInvocation) -> None:
         core = run.core
         options = run.options
         self.check(invocation, strict=run.strict, timed_out=core is not None and core.timed_out,
@@ -652,7 +692,6 @@ class PipesClient(ABC):
                    timeout_seconds=options.get("timeout_seconds"), channel_error=run.channel_error, logger=run.log,
                    fail_on_check_error=options["fail_on_check_error"],
                    raise_on_event_error=options["raise_on_event_error"])
-        return invocation
 
     def launch_request(self, session: PipesSession, stdio: str | None, stdout: PipesOutputTarget | None,
                        stderr: PipesOutputTarget | None, run: _Run | None = None) -> PipesLaunchRequest:

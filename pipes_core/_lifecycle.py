@@ -35,6 +35,7 @@ from pipes_ext._errors import PipesError, PipesTransportError
 
 from ._errors import PipesEngineErrorKind, PipesExecutionError, PipesInterruptedError, PipesTimeoutError
 from ._failures import excerpt_line, failure_details
+from ._run_store import RUN_CONCLUDED, RUN_ENDED, RUN_RUNNING
 
 if TYPE_CHECKING:
     from ._results import PipesRemoteException
@@ -59,6 +60,13 @@ __all__ = [
     "Verdict",
     "judge",
     "signal_name",
+    "DURABLE_LAUNCH",
+    "DURABLE_ATTACH",
+    "DURABLE_DRAIN",
+    "DURABLE_REPLAY",
+    "DURABLE_FIND",
+    "DURABLE_WAIT",
+    "durable_step",
 ]
 
 # After terminate(), how long the process gets before kill(). interrupt() already had the full
@@ -417,3 +425,29 @@ def judge(facts: RunFacts) -> Verdict:
         warnings.append((CLIENT_LOG, f"[pipes] {subject} opened the channel but never sent closed; buffered "
                                      "messages may be missing"))
     return Verdict(None, warnings=tuple(warnings))
+
+
+# ---------------------------------------------------------------------------------------------- durable runs
+
+# What a run with a launch key does first, by what the store holds for the key (see :func:`durable_step`).
+DURABLE_LAUNCH = "launch"  # no run had the key (this process just claimed it): launch, record the handle
+DURABLE_ATTACH = "attach"  # a live run: rebuild its launched process from the handle, read on from the position
+DURABLE_DRAIN = "drain"  # it ended while nobody watched: drain from the recorded position, conclude
+DURABLE_REPLAY = "replay"  # concluded: the recorded messages and outcome, nothing launched or read
+DURABLE_FIND = "find"  # claimed by an owner now gone, no handle recorded: find the launch by its key, else launch
+DURABLE_WAIT = "wait"  # claimed by a live owner that is launching it: wait for its handle, then attach
+
+
+def durable_step(state: str, *, created: bool, owner_alive: bool | None) -> str:
+    """The first step of a run with a launch key (no I/O): ``state`` is the run's state in the store
+    (:data:`pipes_core._run_store.RUN_STATES`), ``created`` that this process's claim created it, ``owner_alive``
+    whether the owner recorded for it is alive (None: on another host, taken for alive)."""
+    if created:
+        return DURABLE_LAUNCH
+    if state == RUN_CONCLUDED:
+        return DURABLE_REPLAY
+    if state == RUN_ENDED:
+        return DURABLE_DRAIN
+    if state == RUN_RUNNING:
+        return DURABLE_ATTACH
+    return DURABLE_FIND if owner_alive is False else DURABLE_WAIT

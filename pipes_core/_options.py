@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import inspect
 import logging
+import os
 import sys
 from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any, TypedDict, TypeVar, cast
@@ -28,6 +29,7 @@ if TYPE_CHECKING:
     from ._client import PipesLaunchedProcess
     from ._observe import RunObserver
     from ._results import PipesEvent
+    from ._run_store import PipesRunStore
 
 __all__ = ["RunOptions", "RUN_OPTION_DEFAULTS", "RUN_OPTION_NAMES", "Unpack", "check_run_options", "run_signature",
            "common_options"]
@@ -57,6 +59,10 @@ class RunOptions(TypedDict, total=False):
         observer: a :class:`~pipes_core.RunObserver` told the run's phases, messages, events and outcome (e.g. a
             :class:`~pipes_core.TraceFileWriter`, as ``pipes run --trace``); OpenTelemetry spans and metrics need
             no option (see the README, Observability).
+        launch_key: makes the run durable (README "Durable runs"): a run with this key in ``store`` is re-attached
+            (live), drained (ended unwatched) or returned as recorded (concluded) instead of launched again.
+        store: the :class:`~pipes_core.PipesRunStore` (or its file's path) of durable runs; default the one in
+            ``$PIPES_STATE_DIR`` (else the user's state directory). Only with ``launch_key``.
     """
 
     timeout_seconds: float | None
@@ -73,6 +79,8 @@ class RunOptions(TypedDict, total=False):
     fail_on_check_error: bool
     raise_on_event_error: bool
     observer: RunObserver | None
+    launch_key: str | None
+    store: PipesRunStore | str | os.PathLike[str] | None
 
 
 # The defaults that are not None (an absent option means None otherwise).

@@ -20,7 +20,7 @@ import os
 import tempfile
 import threading
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from typing import Any
 
@@ -158,8 +158,10 @@ class _FileFollowThread:
         use_inotify: bool = True,
         fd: int | None = None,
         max_line_bytes: int = DEFAULT_MAX_LINE_BYTES,
+        follower: Callable[[str, PipesMessageHandler, int, int], _FileFollower] = _FileFollower,
     ) -> None:
         self.path = path
+        self._follower = follower  # makes the follower of the file (a durable run's records what it reads)
         self._fd = fd  # an open, readable descriptor of the file (owned by this thread), or None: open path
         self.handler = handler
         self.max_line_bytes = max_line_bytes
@@ -206,7 +208,7 @@ class _FileFollowThread:
             except OSError as exc:
                 self.error = exc
                 return
-        follower = self.follower = _FileFollower(self.path, self.handler, fd, self.max_line_bytes)
+        follower = self.follower = self._follower(self.path, self.handler, fd, self.max_line_bytes)
         try:
             while True:
                 finishing = self._finish.is_set()

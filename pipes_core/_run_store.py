@@ -380,9 +380,12 @@ class PipesRunStore:
         """The job is launched: how to find it again (state "running")."""
         return self._update(launch_key, handle=_dump(handle), state=RUN_RUNNING)
 
-    def record_ended(self, launch_key: str) -> PipesRunRecord:
-        """The job has ended; draining what it sent may still be under way (state "ended")."""
-        return self._update(launch_key, state=RUN_ENDED)
+    def record_ended(self, launch_key: str, handle: dict[str, Any] | None = None) -> PipesRunRecord:
+        """The job has ended; draining what it sent may still be under way (state "ended"). ``handle``: the
+        handle with how the job ended added, so that the verdict needs nothing from the engine any more."""
+        if handle is None:
+            return self._update(launch_key, state=RUN_ENDED)
+        return self._update(launch_key, state=RUN_ENDED, handle=_dump(handle))
 
     def record_messages(self, launch_key: str, first_position: int, lines: Sequence[str],
                         position: dict[str, Any] | None = None) -> PipesRunRecord:

@@ -388,6 +388,12 @@ class PipesSubprocessClient(PipesClient):
     def default_message_reader(self) -> PipesMessageReader:
         return PipesTempFileMessageReader()
 
+    def attach(self, handle: dict[str, Any]) -> PipesLaunchedProcess:
+        """The durable child of a run with a ``launch_key``, found again from its handle (README "Durable runs")."""
+        from ._durable_local import DurableLocalProcess
+
+        return DurableLocalProcess(handle)
+
     @run_signature(SubprocessRunOptions, required=("command",))
     def run(self, *, context: PipesRunContext | None = None, extras: Mapping[str, Any] | None = None,
             **options: Unpack[SubprocessRunOptions]) -> PipesClientCompletedInvocation:
@@ -425,6 +431,11 @@ class PipesSubprocessClient(PipesClient):
         stdin, stdout, stderr = options.get("stdin"), options.get("stdout"), options.get("stderr")
 
         def launch(request: PipesLaunchRequest) -> PipesLaunchedProcess:
+            if request.durable is not None:  # a run with a launch_key: the child outlives this process
+                from ._durable_local import start_durable_child
+
+                return start_durable_child(argv + request.bootstrap_args, {**base_env, **request.bootstrap_env},
+                                           child_cwd, request.durable, f"the external process {command_name(argv)!r}")
             return self._start(argv + request.bootstrap_args, {**base_env, **request.bootstrap_env}, child_cwd,
                                stdin, _popen_target(stdout, request.stdout_needed),
                                _popen_target(stderr, request.stderr_needed), request.session)

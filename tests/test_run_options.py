@@ -21,8 +21,10 @@ from pipes_core import (
     PipesAsyncSubprocessClient,
     PipesExecutionError,
     PipesRunContext,
+    PipesRunStore,
     PipesSubprocessClient,
     PipesTimeoutError,
+    PipesUsageError,
     RunOptions,
     TraceFileWriter,
 )
@@ -179,6 +181,10 @@ OPTION_CASES: dict[str, tuple[Callable[[Seen, Path], dict[str, Any]], list[str],
                  lambda inv, err, seen, tmp: _ok(err) or [e["name"] for e in json.loads(
                      (tmp / "run.json").read_text(encoding="utf-8")) if e["ph"] == "X"] ==
                  ["launch", "wait", "drain", "run"]),
+    "launch_key": (lambda seen, tmp: {"launch_key": "the-run", "store": str(tmp / "runs.sqlite3")}, [],
+                   lambda inv, err, seen, tmp: _ok(err) or (inv.session.closed and _concluded(tmp, "the-run"))),
+    "store": (lambda seen, tmp: {"store": str(tmp / "runs.sqlite3")}, [],
+              lambda inv, err, seen, tmp: _is(err, PipesUsageError, "store= is only used with launch_key=")),
     # the subprocess clients' own
     "command": (lambda seen, tmp: {}, [], lambda inv, err, seen, tmp: _ok(err) or inv.session.closed),
     "env": (lambda seen, tmp: {"env": {"FROM_RUN": "yes"}}, [],
@@ -188,6 +194,13 @@ OPTION_CASES: dict[str, tuple[Callable[[Seen, Path], dict[str, Any]], list[str],
     "stdin": (lambda seen, tmp: {"stdin": subprocess.DEVNULL}, [],
               lambda inv, err, seen, tmp: _ok(err) or inv.get_custom_messages()[0]["stdin"] == ""),
 }
+
+
+def _concluded(tmp: Path, launch_key: str) -> bool:
+    with PipesRunStore(tmp / "runs.sqlite3") as store:
+        record = store.get(launch_key)
+    assert record is not None and record.state == "concluded" and record.outcome is not None
+    return record.outcome["exit_code"] == 0
 
 
 def _ok(error: BaseException | None) -> bool:

@@ -1,0 +1,204 @@
+"""A durable local child: a command that outlives the orchestrator that launched it (README "Durable runs").
+
+The orchestrator starts a small supervisor (``python -m pipes_core._durable_local RUN_DIR LOCK_FD -- COMMAND...``)
+in a session of its own, without the orphan guard, handing it the run directory's lock. The supervisor writes its
+pid and start time to ``pid`` (atomically), runs the command with its output going to the files ``stdout`` and
+``stderr`` of the run directory, waits for it, and writes its return code to ``exit`` (atomically) before it
+ends; until then it holds the lock. Any orchestrator can then find it (the handle: the supervisor's pid and start
+time, so that a reused pid is never taken for it), signal its process group, forward its output from the files,
+and learn how it ended from ``exit`` (a supervisor killed with the group leaves none: the run was killed).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import IO, Any, Final
+
+from ._client import PipesExitStatus, PipesLaunchedProcess
+from ._durable import EXIT_FILE, PID_FILE, STDERR_FILE, STDOUT_FILE, DurableLaunch
+from ._errors import PipesEngineErrorKind, PipesExecutionError
+from ._run_store import process_start_time
+
+__all__ = ["DurableLocalProcess", "start_durable_child", "read_pid_file", "OUTPUT_POLL_SECONDS"]
+
+# The handle's fields.
+HANDLE_PID: Final = "pid"
+HANDLE_STARTED: Final = "started"
+HANDLE_DIRECTORY: Final = "directory"
+HANDLE_DESCRIPTION: Final = "description"
+# The exit file's field.
+EXIT_RETURNCODE: Final = "returncode"
+# How often the output files are looked at for more while the child runs (they are plain files: no end to wait
+# for); a forwarded line is late by at most this much.
+OUTPUT_POLL_SECONDS: Final = 0.05
+# One read of an output file.
+OUTPUT_READ_BYTES: Final = 64 * 1024
+# After writing its exit file the supervisor only closes the lock and exits: how long it gets for that.
+SUPERVISOR_EXIT_SECONDS: Final = 5.0
+# The supervisor's exit code when the command cannot be started (as a shell's "command not found").
+CANNOT_START_EXIT_CODE: Final = 127
+
+
+def _write_json_atomically(path: Path, data: dict[str, Any]) -> None:
+    temporary = path.with_name(path.name + ".tmp")
+    with open(temporary, "w", encoding="utf-8") as file:
+        json.dump(data, file)
+        file.flush()
+        os.fsync(file.fileno())
+    os.replace(temporary, path)
+
+
+def _read_json(path: Path) -> dict[str, Any] | None:
+    try:
+        with open(path, encoding="utf-8") as file:
+            return dict(json.load(file))
+    except (OSError, ValueError):
+        return None
+
+
+def read_pid_file(directory: Path) -> dict[str, Any] | None:
+    """The handle written by the supervisor of ``directory`` (None: not written yet)."""
+    data = _read_json(directory / PID_FILE)
+    if data is None:
+        return None
+    return {HANDLE_PID: int(data[HANDLE_PID]), HANDLE_STARTED: data.get(HANDLE_STARTED),
+            HANDLE_DIRECTORY: str(directory), HANDLE_DESCRIPTION: str(data.get(HANDLE_DESCRIPTION, ""))}
+
+
+def start_durable_child(argv: list[str], env: dict[str, str], cwd: str | None, durable: DurableLaunch,
+                        description: str) -> DurableLocalProcess:
+    """Start ``argv`` under a supervisor that outlives this process (module doc)."""
+    supervisor = [sys.executable, "-m", __name__, str(durable.directory), str(durable.lock_fd), description, "--",
+                  *argv]
+    try:
+        process = subprocess.Popen(supervisor, env=env, cwd=cwd, stdin=subprocess.DEVNULL,
+                                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+                                   pass_fds=(durable.lock_fd,))
+    except OSError as exc:
+        raise PipesExecutionError(f"cannot start {description}: {exc}") from exc
+    handle = {HANDLE_PID: process.pid, HANDLE_STARTED: process_start_time(process.pid),
+              HANDLE_DIRECTORY: str(durable.directory), HANDLE_DESCRIPTION: description}
+    return DurableLocalProcess(handle, process)
+
+
+class DurableLocalProcess(PipesLaunchedProcess):
+    """A durable local child, launched here (``popen``) or found again from its handle."""
+
+    poll_interval_seconds = 0.05
+
+    def __init__(self, handle: dict[str, Any], popen: subprocess.Popen[bytes] | None = None) -> None:
+        self._handle = dict(handle)
+        self.pid = int(handle[HANDLE_PID])
+        self.started = handle.get(HANDLE_STARTED)
+        self.directory = Path(handle[HANDLE_DIRECTORY])
+        self.popen = popen
+        self.description = str(handle.get(HANDLE_DESCRIPTION) or f"the durable process {self.pid}")
+        self.stdout = _follow(self.directory / STDOUT_FILE, self.poll)
+        self.stderr = _follow(self.directory / STDERR_FILE, self.poll)
+
+    def handle(self) -> dict[str, Any]:
+        return dict(self._handle)
+
+    def _alive(self) -> bool:
+        """The supervisor still runs (a reused pid has another start time; a zombie of ours is reaped)."""
+        if self.popen is not None:
+            return self.popen.poll() is None
+        started = process_start_time(self.pid)
+        return started is not None and (self.started is None or started == self.started)
+
+    def poll(self) -> bool:
+        return (self.directory / EXIT_FILE).exists() or not self._alive()
+
+    def exit_status(self) -> PipesExitStatus:
+        data = _read_json(self.directory / EXIT_FILE)
+        if data is None:
+            return PipesExitStatus(None, killed=True, description="was killed (with its supervisor)",
+                                   kind=PipesEngineErrorKind.KILLED)
+        return PipesExitStatus.from_returncode(int(data[EXIT_RETURNCODE]))
+
+    def _signal(self, sig: int) -> None:
+        if not self._alive():
+            return
+        try:
+            os.killpg(self.pid, sig)
+        except (ProcessLookupError, PermissionError):
+            pass
+
+    def interrupt(self) -> None:
+        self._signal(signal.SIGINT)
+
+    def terminate(self) -> None:
+        self._signal(signal.SIGTERM)
+
+    def kill(self) -> None:
+        self._signal(signal.SIGKILL)
+
+    def close(self) -> None:
+        if self.popen is None:
+            return
+        if (self.directory / EXIT_FILE).exists():  # it is ending (the exit file is its last act): reap it
+            try:
+                self.popen.wait(SUPERVISOR_EXIT_SECONDS)
+            except subprocess.TimeoutExpired:
+                pass
+        # else still running (left running): a later run re-attaches; nothing of ours to release
+
+
+def _follow(path: Path, ended: Callable[[], bool]) -> Iterator[bytes]:
+    """The chunks of an output file as they are written, until the child has ended and all is read."""
+    pause = threading.Event()
+    file: IO[bytes] | None = None
+    try:
+        while True:
+            finished = ended()
+            if file is None:
+                try:
+                    file = open(path, "rb")
+                except FileNotFoundError:
+                    if finished:
+                        return
+                    pause.wait(OUTPUT_POLL_SECONDS)
+                    continue
+            chunk = file.read(OUTPUT_READ_BYTES)
+            if chunk:
+                yield chunk
+            elif finished:
+                return
+            else:
+                pause.wait(OUTPUT_POLL_SECONDS)
+    finally:
+        if file is not None:
+            file.close()
+
+
+def _supervise(arguments: list[str]) -> int:
+    """The supervisor (module doc); ``arguments``: RUN_DIR LOCK_FD DESCRIPTION -- COMMAND..."""
+    directory, lock_fd, description = Path(arguments[0]), int(arguments[1]), arguments[2]
+    command = arguments[4:]
+    for sig in (signal.SIGINT, signal.SIGTERM):  # the group's signals are for the command: outlive it, say how
+        signal.signal(sig, lambda number, frame: None)
+    me = os.getpid()
+    _write_json_atomically(directory / PID_FILE, {HANDLE_PID: me, HANDLE_STARTED: process_start_time(me),
+                                                  HANDLE_DESCRIPTION: description})
+    with open(directory / STDOUT_FILE, "ab") as out, open(directory / STDERR_FILE, "ab") as err:
+        try:
+            child = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=out, stderr=err)
+        except OSError as exc:
+            err.write(f"cannot start {command[0]!r}: {exc}\n".encode())
+            returncode = CANNOT_START_EXIT_CODE
+        else:
+            returncode = child.wait()
+    _write_json_atomically(directory / EXIT_FILE, {EXIT_RETURNCODE: returncode})
+    os.close(lock_fd)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(_supervise(sys.argv[1:]))
