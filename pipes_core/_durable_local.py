@@ -111,7 +111,8 @@ class DurableLocalProcess(PipesLaunchedProcess):
         if self.popen is not None:
             return self.popen.poll() is None
         started = process_start_time(self.pid)
-        return started is not None and (self.started is None or started == self.started)
+        return (started is not None and (self.started is None or started == self.started)
+                and not _is_zombie(self.pid))
 
     def poll(self) -> bool:
         return (self.directory / EXIT_FILE).exists() or not self._alive()
@@ -149,6 +150,16 @@ class DurableLocalProcess(PipesLaunchedProcess):
             except subprocess.TimeoutExpired:
                 pass
         # else still running (left running): a later run re-attaches; nothing of ours to release
+
+
+def _is_zombie(pid: int) -> bool:
+    """The process has ended but was not reaped yet (its parent, this process's init, has not waited for it)."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as file:
+            stat = file.read()
+    except OSError:
+        return False
+    return stat[stat.rfind(b")") + 2:].startswith(b"Z")
 
 
 def _follow(path: Path, ended: Callable[[], bool]) -> Iterator[bytes]:
