@@ -53,6 +53,7 @@ from pipes_ext._protocol import (
 )
 
 from ._channels import PipesChannelOptions, make_context_injector, make_message_reader
+from ._cli_runs import add_run_arguments, add_runs_parser, durable_options, runs_main
 from ._client import BOOTSTRAPS, PipesClient
 from ._errors import PipesError, PipesExecutionError, PipesInterruptedError, PipesTimeoutError, PipesUsageError
 from ._failures import escape_controls
@@ -149,7 +150,9 @@ def _build_parser() -> argparse.ArgumentParser:
                           "http://127.0.0.1:8265; messages over the job's log unless --message-reader is given")
     run.add_argument("--max-line-bytes", type=_positive_int, metavar="N", default=DEFAULT_MAX_LINE_BYTES,
                      help="skip and report message lines longer than N bytes (default 64 MiB)")
+    add_run_arguments(run)
     run.add_argument("command", nargs=argparse.REMAINDER, help="-- COMMAND [ARG]...")
+    add_runs_parser(sub)
     return parser
 
 
@@ -489,6 +492,10 @@ def _run(args: argparse.Namespace, out: IO[str]) -> int:
     trace = None if args.trace is None else _trace_writer(args.trace)
     if trace is not None:
         options["observer"] = trace
+    try:
+        options.update(durable_options(args))
+    except PipesUsageError as exc:
+        raise _UsageError(str(exc)) from exc
     colour = not args.json and out.isatty() and os.environ.get("NO_COLOR") is None
     printer = _Printer(out, args.json, colour, run_id=context.run_id, context=injected)
     if args.slurm:
@@ -598,6 +605,11 @@ def main(argv: Sequence[str] | None = None, out: IO[str] | None = None) -> int:
         if args.version:
             out.write(version_text() + "\n")
             return 0
+        if args.subcommand == "runs":
+            try:
+                return runs_main(args, out)
+            except PipesError as exc:  # a usage problem, or a store that cannot be used: said, no traceback
+                raise _UsageError(str(exc)) from exc
         if args.subcommand != "run":
             raise _UsageError("usage: pipes run [OPTIONS] -- COMMAND [ARG]...  (or pipes --version)")
         return _run(args, out)

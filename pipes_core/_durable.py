@@ -53,12 +53,13 @@ from ._readers import (
     _FileFollower,
     _FileFollowThread,
 )
-from ._run_store import PipesRunRecord, PipesRunStore
+from ._run_store import RUN_CONCLUDED, RUN_LAUNCHING, RUN_RUNNING, PipesRunRecord, PipesRunStore
 
 if TYPE_CHECKING:
     from ._options import RunOptions
 
-__all__ = ["DurableRun", "DurableLaunch", "run_directory", "open_store", "RUNS_DIR_NAME", "HANDLE_WAIT_SECONDS"]
+__all__ = ["DurableRun", "DurableLaunch", "run_directory", "open_store", "live_process", "stop_run", "forget_run",
+           "sweep", "status_to_json", "status_from_json", "RUNS_DIR_NAME", "HANDLE_WAIT_SECONDS", "STOP_GRACE_SECONDS"]
 
 # The run directories live here, beside the store's file.
 RUNS_DIR_NAME: Final = "runs"
@@ -449,3 +450,78 @@ class DurableMessageReader(PipesFileMessageReader):
     def describe(self) -> str:
         return f"the durable run's messages file ({self.path})"
 
+
+
+# ---------------------------------------------------------------------------------------------- managing runs
+
+# How long `stop` gives a run after SIGTERM to its group before SIGKILL.
+STOP_GRACE_SECONDS: Final = 5.0
+
+
+def _client_for(launcher: str) -> PipesClient:
+    """A client of the launcher a run was recorded with, to rebuild its process from the handle."""
+    from ._subprocess import PipesSubprocessClient
+
+    if launcher in (PipesSubprocessClient.__name__, "PipesAsyncSubprocessClient"):
+        return PipesSubprocessClient()
+    raise PipesUsageError(f"runs of {launcher} cannot be managed from here (only the subprocess launcher's can)")
+
+
+def live_process(record: PipesRunRecord) -> PipesLaunchedProcess | None:
+    """The run's launched process when it still runs, else None."""
+    if record.handle is None or record.state not in (RUN_RUNNING, RUN_LAUNCHING):
+        return None
+    process = _client_for(record.launcher).attach(record.handle)
+    return None if process.poll() else process
+
+
+def stop_run(store: PipesRunStore, launch_key: str) -> bool:
+    """Stop the run's job (SIGTERM to its group, SIGKILL after :data:`STOP_GRACE_SECONDS`); False when it was not
+    running. The run is not concluded: the next run with the key drains it and says how it ended."""
+    record = store.get(launch_key)
+    if record is None:
+        raise KeyError(launch_key)
+    process = live_process(record)
+    if process is None:
+        return False
+    process.terminate()
+    if not process.wait(STOP_GRACE_SECONDS):
+        process.kill()
+        process.wait(STOP_GRACE_SECONDS)
+    return True
+
+
+def forget_run(store: PipesRunStore, launch_key: str) -> None:
+    """Remove the run and its files from the store; a run that still runs is refused (stop it first)."""
+    record = store.get(launch_key)
+    if record is None:
+        raise KeyError(launch_key)
+    if live_process(record) is not None:
+        raise PipesUsageError(f"the run {launch_key!r} is still running: stop it first (`pipes runs stop KEY`)")
+    store.forget(launch_key)
+    shutil.rmtree(run_directory(store, launch_key), ignore_errors=True)
+
+
+def sweep(store: PipesRunStore) -> list[str]:
+    """Remove what no run owns any more: run directories that no run of the store names (a run forgotten while
+    its files were in use), and those of concluded runs (a crash between the conclusion and the clean-up).
+    Returns what was removed, each said in a line."""
+    removed: list[str] = []
+    runs_dir = Path(store.path).resolve().parent / RUNS_DIR_NAME
+    if not runs_dir.is_dir():
+        return removed
+    wanted = {run_directory(store, record.launch_key).name: record for record in store.runs()}
+    for directory in sorted(runs_dir.iterdir()):
+        record = wanted.get(directory.name)
+        if record is None:
+            lock_fd = _lock(directory / LOCK_FILE, wait=False) if (directory / LOCK_FILE).exists() else -1
+            if lock_fd is None:
+                continue  # a launch under way, or a job still running: not ours to remove
+            if lock_fd >= 0:
+                os.close(lock_fd)
+            shutil.rmtree(directory, ignore_errors=True)
+            removed.append(f"removed {directory} (no run in the store names it)")
+        elif record.state == RUN_CONCLUDED:
+            shutil.rmtree(directory, ignore_errors=True)
+            removed.append(f"removed {directory} (the run {record.launch_key!r} is concluded)")
+    return removed

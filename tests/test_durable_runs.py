@@ -170,7 +170,7 @@ class Scenario:
                 pass
 
 
-def _live_members(group: int) -> list[int]:
+def live_members(group: int) -> list[int]:
     """The processes of a process group that still run (zombies, ended but not reaped yet, do not count)."""
     members = []
     for entry in Path("/proc").iterdir():
@@ -240,7 +240,7 @@ def test_a_killed_orchestrator_is_replaced_and_the_run_finishes_once(scenario_fa
     assert result["exit_code"] == exit_code
     handle = scenario.record_handle()
     assert handle is not None
-    assert _live_members(int(handle["pid"])) == []  # no orphan: the job's whole group has ended
+    assert live_members(int(handle["pid"])) == []  # no orphan: the job's whole group has ended
     assert not scenario.run_directory().exists()  # no file left behind
     # Once concluded, the key returns the recorded outcome without launching.
     code, out, err = scenario.orchestrate("none", flavour)
