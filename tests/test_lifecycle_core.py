@@ -11,6 +11,12 @@ import pytest
 from pipes_core import PipesExecutionError, PipesInterruptedError, PipesTimeoutError, PipesTransportError
 from pipes_core._lifecycle import (
     CLIENT_LOG,
+    DURABLE_ATTACH,
+    DURABLE_DRAIN,
+    DURABLE_FIND,
+    DURABLE_LAUNCH,
+    DURABLE_REPLAY,
+    DURABLE_WAIT,
     INTERRUPT,
     KEYBOARD,
     KILL,
@@ -28,6 +34,7 @@ from pipes_core._lifecycle import (
     RunFacts,
     Signal,
     Wait,
+    durable_step,
     judge,
 )
 
@@ -187,3 +194,25 @@ def test_the_verdict_chains_the_callbacks_first_exception_and_the_channels_error
     assert judge(facts(callback_errors=[first, KeyError("y")])).cause is first
     broken = OSError("gone")
     assert judge(facts(channel_error=broken)).cause is broken
+
+
+# ---------------------------------------------------------------------------------------------- durable runs
+
+DURABLE_TABLE = [
+    # (state in the store, this process created the run, its owner is alive) -> first step
+    ("launching", True, True, DURABLE_LAUNCH),
+    ("launching", False, True, DURABLE_WAIT),  # another live process is launching it
+    ("launching", False, None, DURABLE_WAIT),  # an owner on another host is taken for alive
+    ("launching", False, False, DURABLE_FIND),  # its owner died before recording the launch
+    ("running", False, True, DURABLE_ATTACH),
+    ("running", False, False, DURABLE_ATTACH),
+    ("ended", False, False, DURABLE_DRAIN),
+    ("concluded", False, False, DURABLE_REPLAY),
+    ("concluded", False, True, DURABLE_REPLAY),
+]
+
+
+@pytest.mark.parametrize(("state", "created", "owner_alive", "step"), DURABLE_TABLE)
+def test_the_first_step_of_a_run_with_a_launch_key(state: str, created: bool, owner_alive: bool | None,
+                                                    step: str) -> None:
+    assert durable_step(state, created=created, owner_alive=owner_alive) == step
