@@ -54,6 +54,7 @@ from ._readers import (
     _FileFollowThread,
 )
 from ._run_store import RUN_CONCLUDED, RUN_LAUNCHING, RUN_RUNNING, PipesRunRecord, PipesRunStore
+from ._supervisor import LOCK_FILE, MESSAGES_FILE, PID_FILE
 
 if TYPE_CHECKING:
     from ._options import RunOptions
@@ -63,14 +64,6 @@ __all__ = ["DurableRun", "DurableLaunch", "run_directory", "open_store", "live_p
 
 # The run directories live here, beside the store's file.
 RUNS_DIR_NAME: Final = "runs"
-# In a run directory: the messages file, the child's output, the launched supervisor's pid and exit status, and
-# the lock held for as long as a launch is under way or its supervisor lives.
-MESSAGES_FILE: Final = "messages"
-STDOUT_FILE: Final = "stdout"
-STDERR_FILE: Final = "stderr"
-PID_FILE: Final = "pid"
-EXIT_FILE: Final = "exit"
-LOCK_FILE: Final = "lock"
 # How long a run waits for another live orchestrator to record the handle of the launch it is making, and for a
 # supervisor just forked to write its pid file: a launch takes milliseconds (a local fork) to seconds (an engine).
 HANDLE_WAIT_SECONDS: Final = 30.0
@@ -240,7 +233,8 @@ class DurableRun:
 
         deadline = time.monotonic() + HANDLE_WAIT_SECONDS
         pause = threading.Event()
-        while (handle := read_pid_file(self.directory)) is None:
+        described = f"the durable run {self.launch_key!r}"
+        while (handle := read_pid_file(self.directory, described)) is None:
             if time.monotonic() > deadline:
                 raise PipesUsageError(
                     f"the run with launch_key {self.launch_key!r} was launched but left no pid file in "

@@ -1,12 +1,12 @@
 """A durable local child: a command that outlives the orchestrator that launched it (README "Durable runs").
 
-The orchestrator starts a small supervisor (``python -m pipes_core._durable_local RUN_DIR LOCK_FD -- COMMAND...``)
-in a session of its own, without the orphan guard, handing it the run directory's lock. The supervisor writes its
-pid and start time to ``pid`` (atomically), runs the command with its output going to the files ``stdout`` and
-``stderr`` of the run directory, waits for it, and writes its return code to ``exit`` (atomically) before it
-ends; until then it holds the lock. Any orchestrator can then find it (the handle: the supervisor's pid and start
-time, so that a reused pid is never taken for it), signal its process group, forward its output from the files,
-and learn how it ended from ``exit`` (a supervisor killed with the group leaves none: the run was killed).
+The orchestrator starts a small supervisor (:mod:`pipes_core._supervisor`, run by its path) in a session of its
+own, without the orphan guard, handing it the run directory's lock. The supervisor writes its pid to ``pid``, runs
+the command with its output going to the files ``stdout`` and ``stderr`` of the run directory, waits for it, and
+writes its return code to ``exit`` before it ends; until then it holds the lock. Any orchestrator can then find
+it (the handle: the supervisor's pid and start time, so that a reused pid is never taken for it), signal its
+process group, forward its output from the files, and learn how it ended from ``exit`` (a supervisor killed with
+the group leaves none: the run was killed).
 """
 
 from __future__ import annotations
@@ -21,10 +21,12 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import IO, Any, Final
 
+from . import _supervisor
 from ._client import PipesExitStatus, PipesLaunchedProcess
-from ._durable import EXIT_FILE, PID_FILE, STDERR_FILE, STDOUT_FILE, DurableLaunch
+from ._durable import DurableLaunch
 from ._errors import PipesEngineErrorKind, PipesExecutionError
 from ._run_store import process_start_time
+from ._supervisor import EXIT_FILE, PID_FIELD, PID_FILE, RETURNCODE_FIELD, STDERR_FILE, STDOUT_FILE
 
 __all__ = ["DurableLocalProcess", "start_durable_child", "read_pid_file", "OUTPUT_POLL_SECONDS"]
 
@@ -33,8 +35,6 @@ HANDLE_PID: Final = "pid"
 HANDLE_STARTED: Final = "started"
 HANDLE_DIRECTORY: Final = "directory"
 HANDLE_DESCRIPTION: Final = "description"
-# The exit file's field.
-EXIT_RETURNCODE: Final = "returncode"
 # How often the output files are looked at for more while the child runs (they are plain files: no end to wait
 # for); a forwarded line is late by at most this much.
 OUTPUT_POLL_SECONDS: Final = 0.05
@@ -42,17 +42,6 @@ OUTPUT_POLL_SECONDS: Final = 0.05
 OUTPUT_READ_BYTES: Final = 64 * 1024
 # After writing its exit file the supervisor only closes the lock and exits: how long it gets for that.
 SUPERVISOR_EXIT_SECONDS: Final = 5.0
-# The supervisor's exit code when the command cannot be started (as a shell's "command not found").
-CANNOT_START_EXIT_CODE: Final = 127
-
-
-def _write_json_atomically(path: Path, data: dict[str, Any]) -> None:
-    temporary = path.with_name(path.name + ".tmp")
-    with open(temporary, "w", encoding="utf-8") as file:
-        json.dump(data, file)
-        file.flush()
-        os.fsync(file.fileno())
-    os.replace(temporary, path)
 
 
 def _read_json(path: Path) -> dict[str, Any] | None:
@@ -63,19 +52,21 @@ def _read_json(path: Path) -> dict[str, Any] | None:
         return None
 
 
-def read_pid_file(directory: Path) -> dict[str, Any] | None:
-    """The handle written by the supervisor of ``directory`` (None: not written yet)."""
+def read_pid_file(directory: Path, description: str) -> dict[str, Any] | None:
+    """The handle of the supervisor of ``directory`` from its pid file (None: not written yet). Its start time is
+    read now: the caller knows it still runs (it holds the run's lock), or that it has ended (then it is unused)."""
     data = _read_json(directory / PID_FILE)
     if data is None:
         return None
-    return {HANDLE_PID: int(data[HANDLE_PID]), HANDLE_STARTED: data.get(HANDLE_STARTED),
-            HANDLE_DIRECTORY: str(directory), HANDLE_DESCRIPTION: str(data.get(HANDLE_DESCRIPTION, ""))}
+    pid = int(data[PID_FIELD])
+    return {HANDLE_PID: pid, HANDLE_STARTED: process_start_time(pid), HANDLE_DIRECTORY: str(directory),
+            HANDLE_DESCRIPTION: description}
 
 
 def start_durable_child(argv: list[str], env: dict[str, str], cwd: str | None, durable: DurableLaunch,
                         description: str) -> DurableLocalProcess:
     """Start ``argv`` under a supervisor that outlives this process (module doc)."""
-    supervisor = [sys.executable, "-m", __name__, str(durable.directory), str(durable.lock_fd), description, "--",
+    supervisor = [sys.executable, "-I", "-S", _supervisor.__file__, str(durable.directory), str(durable.lock_fd), "--",
                   *argv]
     try:
         process = subprocess.Popen(supervisor, env=env, cwd=cwd, stdin=subprocess.DEVNULL,
@@ -122,7 +113,7 @@ class DurableLocalProcess(PipesLaunchedProcess):
         if data is None:
             return PipesExitStatus(None, killed=True, description="was killed (with its supervisor)",
                                    kind=PipesEngineErrorKind.KILLED)
-        return PipesExitStatus.from_returncode(int(data[EXIT_RETURNCODE]))
+        return PipesExitStatus.from_returncode(int(data[RETURNCODE_FIELD]))
 
     def _signal(self, sig: int) -> None:
         if not self._alive():
@@ -187,29 +178,3 @@ def _follow(path: Path, ended: Callable[[], bool]) -> Iterator[bytes]:
     finally:
         if file is not None:
             file.close()
-
-
-def _supervise(arguments: list[str]) -> int:
-    """The supervisor (module doc); ``arguments``: RUN_DIR LOCK_FD DESCRIPTION -- COMMAND..."""
-    directory, lock_fd, description = Path(arguments[0]), int(arguments[1]), arguments[2]
-    command = arguments[4:]
-    for sig in (signal.SIGINT, signal.SIGTERM):  # the group's signals are for the command: outlive it, say how
-        signal.signal(sig, lambda number, frame: None)
-    me = os.getpid()
-    _write_json_atomically(directory / PID_FILE, {HANDLE_PID: me, HANDLE_STARTED: process_start_time(me),
-                                                  HANDLE_DESCRIPTION: description})
-    with open(directory / STDOUT_FILE, "ab") as out, open(directory / STDERR_FILE, "ab") as err:
-        try:
-            child = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=out, stderr=err)
-        except OSError as exc:
-            err.write(f"cannot start {command[0]!r}: {exc}\n".encode())
-            returncode = CANNOT_START_EXIT_CODE
-        else:
-            returncode = child.wait()
-    _write_json_atomically(directory / EXIT_FILE, {EXIT_RETURNCODE: returncode})
-    os.close(lock_fd)
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(_supervise(sys.argv[1:]))

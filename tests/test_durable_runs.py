@@ -28,7 +28,8 @@ from typing import Any
 import pytest
 
 from pipes_core import PipesRunStore
-from pipes_core._durable import EXIT_FILE, run_directory
+from pipes_core._durable import run_directory
+from pipes_core._supervisor import EXIT_FILE
 
 PYTHON = sys.executable
 REPO = Path(__file__).resolve().parent.parent

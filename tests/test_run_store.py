@@ -140,6 +140,35 @@ def test_a_store_of_a_newer_schema_is_refused(tmp_path: Path) -> None:
     assert f"schema version {SCHEMA_VERSION + 1}" in str(error.value) and str(path) in str(error.value)
 
 
+# Version 1 of the schema, as a store written by the first release holds it (a row per message).
+_SCHEMA_V1 = """
+CREATE TABLE runs (launch_key TEXT PRIMARY KEY, launcher TEXT NOT NULL, state TEXT NOT NULL, handle TEXT,
+    channel TEXT, position TEXT, outcome TEXT, owner_host TEXT NOT NULL, owner_pid INTEGER NOT NULL,
+    owner_started REAL, created REAL NOT NULL, updated REAL NOT NULL);
+CREATE TABLE messages (launch_key TEXT NOT NULL REFERENCES runs(launch_key) ON DELETE CASCADE,
+    position INTEGER NOT NULL, line TEXT NOT NULL, PRIMARY KEY (launch_key, position));
+INSERT INTO runs VALUES ('old', 'subprocess', 'running', '{"pid": 1}', NULL, '{"offset": 30}', NULL, 'h', 1, NULL,
+    1.0, 2.0);
+INSERT INTO messages VALUES ('old', 0, '{"m": 0}'), ('old', 1, '{"m": 1}'), ('old', 2, '{"m": 2}');
+PRAGMA user_version = 1;
+"""
+
+
+def test_a_store_of_schema_version_1_is_migrated_keeping_its_runs_and_messages(tmp_path: Path) -> None:
+    path = tmp_path / "runs.sqlite3"
+    with sqlite3.connect(path) as db:
+        db.executescript(_SCHEMA_V1)
+    with PipesRunStore(path) as store:
+        record = store.get("old")
+        assert record is not None and record.messages == 3 and record.position == {"offset": 30}
+        assert store.messages("old") == [(0, '{"m": 0}'), (1, '{"m": 1}'), (2, '{"m": 2}')]
+        assert store.record_messages("old", 3, ['{"m": 3}']).messages == 4
+    with sqlite3.connect(path) as db:
+        assert db.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 2
+        tables = {name for (name,) in db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+        assert tables == {"runs", "message_blocks"}
+
+
 _HOLD_LOCK = textwrap.dedent("""
     import sqlite3, sys
     db = sqlite3.connect(sys.argv[1], isolation_level=None)
