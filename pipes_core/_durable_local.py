@@ -108,6 +108,15 @@ class DurableLocalProcess(PipesLaunchedProcess):
     def poll(self) -> bool:
         return (self.directory / EXIT_FILE).exists() or not self._alive()
 
+    def wait(self, timeout: float | None) -> bool:
+        if self.popen is None:  # not our child: poll for its exit file
+            return super().wait(timeout)
+        try:  # our child: its end wakes us at once
+            self.popen.wait(timeout)
+        except subprocess.TimeoutExpired:
+            return self.poll()
+        return True
+
     def exit_status(self) -> PipesExitStatus:
         data = _read_json(self.directory / EXIT_FILE)
         if data is None:
