@@ -36,7 +36,7 @@ from pipes_ext._errors import PipesUsageError
 
 from ._client import PipesClient, PipesLaunchedProcess, PipesLaunchRequest
 from ._errors import PipesEngineErrorKind
-from ._handler import PipesMessageHandler
+from ._handler import LINE_JSON_WHITESPACE, PipesMessageHandler
 from ._injectors import PipesContextInjector, PipesEnvContextInjector
 from ._lifecycle import (
     DURABLE_ATTACH,
@@ -352,13 +352,24 @@ class _Recorder:
         return getattr(self.handler, name)
 
     def handle_lines(self, data: bytes, source: str = "") -> None:
-        self.handler.handle_lines(data, source)
-        self.lines.extend(line for line in data.decode("utf-8", "replace").split("\n") if line.strip(" \t\r\n"))
+        """As :meth:`PipesMessageHandler.handle_lines`, decoding the block once for both."""
+        try:
+            lines = data.decode("utf-8").split("\n")
+        except UnicodeDecodeError:  # the handler goes line by line, so that only the bad line is an issue
+            self.handler.handle_lines(data, source)
+            self.lines.extend(line for line in data.decode("utf-8", "replace").split("\n")
+                              if line.strip(LINE_JSON_WHITESPACE))
+            return
+        kept = [line for line in lines if line.strip(LINE_JSON_WHITESPACE)]
+        handle_line = self.handler.handle_line
+        for line in kept:
+            handle_line(line, source)
+        self.lines.extend(kept)
 
     def handle_line(self, line: str | bytes, source: str = "") -> None:
         self.handler.handle_line(line, source)
         text = line.decode("utf-8", "replace") if isinstance(line, bytes) else line
-        if text.strip(" \t\r\n"):
+        if text.strip(LINE_JSON_WHITESPACE):
             self.lines.append(text)
 
 

@@ -182,7 +182,8 @@ MAX_REPORTED_VERSIONS = 16
 
 _Kind = PipesProtocolErrorKind
 _SIZE_OF_RAW = -1  # report_issue's default: the size of ``raw`` itself
-_LINE_JSON_WHITESPACE = JSON_WHITESPACE.replace("\n", "")
+# What makes a message line blank (skipped, not an issue): JSON whitespace (the newline is the separator).
+LINE_JSON_WHITESPACE = _LINE_JSON_WHITESPACE = JSON_WHITESPACE.replace("\n", "")
 _LINE_JSON_WHITESPACE_BYTES = _LINE_JSON_WHITESPACE.encode("ascii")
 _excerpt_repr = reprlib.Repr()
 _excerpt_repr.maxstring = _excerpt_repr.maxother = ISSUE_EXCERPT_BYTES // 4
