@@ -48,7 +48,6 @@ from ._lifecycle import (
     durable_step,
 )
 from ._readers import (
-    READ_BLOCK_BYTES,
     PipesFileMessageReader,
     _FileFollower,
     _FileFollowThread,
@@ -384,21 +383,11 @@ class _RecordingFollower(_FileFollower):
         self.offset = offset
         self.position = position
 
-    def read_available(self) -> bool:
-        got_data = False
-        while True:
-            block = os.read(self.fd, READ_BLOCK_BYTES)
-            if not block:
-                return got_data
-            got_data = True
-            self.splitter.feed(block)
-            self._record()
-
     def end(self) -> None:
         super().end()
-        self._record()
+        self.block_handled()
 
-    def _record(self) -> None:
+    def block_handled(self) -> None:
         lines = self.recorder.lines
         if not lines:
             return

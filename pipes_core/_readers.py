@@ -115,6 +115,10 @@ class _FileFollower:
                 return got_data
             got_data = True
             self.splitter.feed(block)
+            self.block_handled()
+
+    def block_handled(self) -> None:
+        """Called after each block read is handled (a durable run's follower records its messages here)."""
 
     @property
     def bytes_read(self) -> int:

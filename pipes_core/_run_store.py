@@ -77,6 +77,16 @@ RUN_ENDED: Final = "ended"  # the job ended; what it sent may not all be drained
 RUN_CONCLUDED: Final = "concluded"  # drained and judged: the outcome is final
 RUN_STATES: Final = (RUN_LAUNCHING, RUN_RUNNING, RUN_ENDED, RUN_CONCLUDED)
 
+# The messages table of schema version 2 (a later change of it is a migration of its own).
+_MESSAGE_BLOCKS_TABLE = """
+CREATE TABLE message_blocks (
+    launch_key TEXT NOT NULL REFERENCES runs(launch_key) ON DELETE CASCADE,
+    position INTEGER NOT NULL,
+    count INTEGER NOT NULL,
+    lines TEXT NOT NULL,
+    PRIMARY KEY (launch_key, position)
+);
+"""
 _SCHEMA = """
 CREATE TABLE runs (
     launch_key TEXT PRIMARY KEY,
@@ -92,25 +102,11 @@ CREATE TABLE runs (
     created REAL NOT NULL,
     updated REAL NOT NULL
 );
-CREATE TABLE message_blocks (
-    launch_key TEXT NOT NULL REFERENCES runs(launch_key) ON DELETE CASCADE,
-    position INTEGER NOT NULL,
-    count INTEGER NOT NULL,
-    lines TEXT NOT NULL,
-    PRIMARY KEY (launch_key, position)
-);
-"""
+""" + _MESSAGE_BLOCKS_TABLE
 # Schema migrations, by the version they start from: each brings a store one version up.
 _MIGRATIONS: dict[int, str] = {
     # 1 -> 2: a row per block of messages instead of a row per message (each old message its own block).
-    1: """
-CREATE TABLE message_blocks (
-    launch_key TEXT NOT NULL REFERENCES runs(launch_key) ON DELETE CASCADE,
-    position INTEGER NOT NULL,
-    count INTEGER NOT NULL,
-    lines TEXT NOT NULL,
-    PRIMARY KEY (launch_key, position)
-);
+    1: _MESSAGE_BLOCKS_TABLE + """
 INSERT INTO message_blocks (launch_key, position, count, lines) SELECT launch_key, position, 1, line FROM messages;
 DROP TABLE messages
 """,

@@ -19,7 +19,7 @@ from typing import Any
 import pytest
 
 from pipes_core import PipesRunStore
-from tests.test_durable_runs import live_members
+from tests.test_durable_runs import live_members, stop_groups
 
 PIPES = [sys.executable, "-m", "pipes_core"]
 REPO = Path(__file__).resolve().parent.parent
@@ -75,11 +75,7 @@ class Cli:
             pause.wait(0.05)
 
     def stop_all(self) -> None:
-        for group in self.groups:
-            try:
-                os.killpg(group, signal.SIGKILL)
-            except (ProcessLookupError, PermissionError):
-                pass
+        stop_groups(self.groups)
 
 
 @pytest.fixture

@@ -164,11 +164,16 @@ class Scenario:
             pause.wait(0.05)
 
     def stop_all(self) -> None:
-        for group in self.groups:
-            try:
-                os.killpg(group, signal.SIGKILL)
-            except (ProcessLookupError, PermissionError):
-                pass
+        stop_groups(self.groups)
+
+
+def stop_groups(groups: list[int]) -> None:
+    """SIGKILL each process group (those a test started: its orchestrators', its job's), gone or not."""
+    for group in groups:
+        try:
+            os.killpg(group, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
 
 
 def live_members(group: int) -> list[int]:
