@@ -53,3 +53,15 @@ def test_quick_observability_benchmark_reports_tracing_on_against_off(tmp_path: 
         for metric in result["metrics"]:
             assert metric["ratio_ours_over_reference"] > 0, metric["name"]
     assert "ratio ours/ref" in proc.stdout
+
+
+def test_quick_durable_benchmark_run_reports_both_sides(tmp_path: Path) -> None:
+    out = tmp_path / "durable.json"
+    proc = subprocess.run([sys.executable, "-m", "benchmarks.durable", "--quick", "--json", str(out)], cwd=REPO_ROOT,
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads(out.read_text())
+    assert set(report["results"]) == {"throughput", "reattach"}
+    for name, result in report["results"].items():
+        (metric,) = result["metrics"]
+        assert metric["ours"] and metric["reference"], name
