@@ -366,10 +366,8 @@ class _Recorder:
         self.lines.extend(kept)
 
     def handle_line(self, line: str | bytes, source: str = "") -> None:
-        self.handler.handle_line(line, source)
-        text = line.decode("utf-8", "replace") if isinstance(line, bytes) else line
-        if text.strip(LINE_JSON_WHITESPACE):
-            self.lines.append(text)
+        self.handler.handle_line(line, source)  # (counted by the handler: recorded too, blank or not)
+        self.lines.append(line.decode("utf-8", "replace") if isinstance(line, bytes) else line)
 
 
 class _RecordingFollower(_FileFollower):

@@ -263,6 +263,10 @@ class PipesMessageHandler:
         # The run's observers (pipes_core._observe), set by the client once the session is open: told each valid
         # message (with its size) and each event.
         self.observer: RunObserver | None = None
+        # The position in the channel of the next message line (see PipesEvent's ``position``), and of the one
+        # being handled.
+        self.next_position = 0
+        self._position: int | None = None
         # Every record of this run carries its run id (see LOG_EXTRA_RUN_ID).
         self.logger: logging.LoggerAdapter[Any] = PipesRunLogger(
             logger or logging.getLogger(DEFAULT_LOGGER_NAME), {LOG_EXTRA_RUN_ID: context_data.get(CONTEXT_RUN_ID)})
@@ -299,6 +303,8 @@ class PipesMessageHandler:
     def handle_line(self, line: str | bytes, source: str = "") -> None:
         """Parse and handle one message line. Never raises: a bad line, or any exception while handling it,
         becomes an issue with its kind."""
+        self._position = self.next_position
+        self.next_position += 1
         try:
             self._handle_obj(load_message_line(line), line, source)
         except PipesProtocolError as exc:
@@ -340,6 +346,8 @@ class PipesMessageHandler:
 
     def handle_message(self, message: Any, source: str = "") -> None:
         """Handle one already-decoded message (e.g. from a custom reader). Never raises."""
+        self._position = self.next_position
+        self.next_position += 1
         try:
             self._handle_obj(message, None, source)
         except PipesProtocolError as exc:
@@ -411,6 +419,8 @@ class PipesMessageHandler:
     # ------------------------------------------------------------------ dispatch
 
     def _emit(self, event: PipesEvent) -> None:
+        if event.position is None and self._position is not None:
+            object.__setattr__(event, "position", self._position)  # frozen: set once, as it is made
         if self.observer is not None:
             self.observer.event(event)
         if self._on_event is None:

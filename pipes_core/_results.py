@@ -31,11 +31,15 @@ __all__ = [
 ]
 
 
+@dataclass(frozen=True)
 class _JsonEvent:
     """Gives an event ``to_dict()``: its JSON object as ``pipes run --json`` prints it (one encoder,
-    :func:`pipes_core._json.event_to_json`)."""
+    :func:`pipes_core._json.event_to_json`), and its ``position``: the index in the channel of the message line it
+    came from (from 0, each non-blank line counted, bad ones included), stable across restarts of a durable run,
+    so that an ``on_event`` consumer can drop a message it saw before; None for an event no line carried (an
+    implicit materialization). Not compared, not printed."""
 
-    __slots__ = ()
+    position: int | None = field(default=None, compare=False, repr=False, kw_only=True)
 
     def to_dict(self) -> dict[str, Any]:
         """The JSON-ready dict of this event, as printed by ``pipes run --json`` (``{"event": ..., ...}``)."""
@@ -87,6 +91,8 @@ class MaterializeResult(_JsonEvent):
         data_version: the data version the process reported (a ``str``), or None.
         implicit: True when the process did not report it: the asset was selected for the run and the process
             finished without reporting it (see ``implicit_materializations``); False when reported.
+        position: the index in the channel of its message line (from 0; stable across the restarts of a durable
+            run, so that an ``on_event`` consumer can drop repeats), or None when no line carried it.
     """
 
     asset_key: str
@@ -110,6 +116,8 @@ class AssetCheckResult(_JsonEvent):
         severity: how much a failure matters: ``"ERROR"`` (the default) or ``"WARN"``; a failed ``ERROR`` check
             fails the run with ``fail_on_check_error``.
         metadata: the reported metadata, by label (``dict[str, MetadataValue]``).
+        position: the index in the channel of its message line (from 0; stable across the restarts of a durable
+            run, so that an ``on_event`` consumer can drop repeats), or None when no line carried it.
     """
 
     asset_key: str
@@ -204,6 +212,8 @@ class PipesOpenedEvent(_JsonEvent):
     Attributes:
         extras: what the process sent with ``opened`` (a JSON object as a ``dict``; empty from most peers). Not
             the run's ``extras=``, which went the other way, in the context.
+        position: the index in the channel of its message line (from 0; stable across the restarts of a durable
+            run, so that an ``on_event`` consumer can drop repeats), or None when no line carried it.
     """
 
     extras: dict[str, Any]
@@ -216,6 +226,8 @@ class PipesClosedEvent(_JsonEvent):
     Attributes:
         exception: the exception it reported leaving the Pipes block (a :class:`PipesRemoteException`, with its
             chain), or None when it closed normally.
+        position: the index in the channel of its message line (from 0; stable across the restarts of a durable
+            run, so that an ``on_event`` consumer can drop repeats), or None when no line carried it.
     """
 
     exception: PipesRemoteException | None
@@ -229,6 +241,8 @@ class PipesLogEvent(_JsonEvent):
         level: its level name as sent (a ``str``): ``"DEBUG"``, ``"INFO"``, ``"WARNING"`` (or ``"WARN"``),
             ``"ERROR"``, ``"CRITICAL"`` (or ``"FATAL"``).
         message: its text (a ``str``, possibly of several lines).
+        position: the index in the channel of its message line (from 0; stable across the restarts of a durable
+            run, so that an ``on_event`` consumer can drop repeats), or None when no line carried it.
     """
 
     level: str
@@ -242,6 +256,8 @@ class PipesCustomMessageEvent(_JsonEvent):
     Attributes:
         payload: what it sent, any JSON value (``dict``, ``list``, ``str``, ``int``, ``float``, ``bool`` or
             ``None``), as decoded.
+        position: the index in the channel of its message line (from 0; stable across the restarts of a durable
+            run, so that an ``on_event`` consumer can drop repeats), or None when no line carried it.
     """
 
     payload: Any
@@ -256,6 +272,8 @@ class PipesExternalStreamEvent(_JsonEvent):
         stream: which stream it came from, as the process named it (``"stdout"``, ``"stderr"``).
         text: the captured text (a ``str``; a chunk, not necessarily whole lines).
         extras: what the process sent with it (a JSON object as a ``dict``; often empty).
+        position: the index in the channel of its message line (from 0; stable across the restarts of a durable
+            run, so that an ``on_event`` consumer can drop repeats), or None when no line carried it.
     """
 
     stream: str
@@ -283,6 +301,8 @@ class PipesProtocolIssue(_JsonEvent):
             was an already-decoded message rather than a line.
         handled: True when the message was still handled (its event follows the issue), e.g. a message that
             carries another protocol version, or a ``closed`` whose exception was repaired.
+        position: the index in the channel of its message line (from 0; stable across the restarts of a durable
+            run, so that an ``on_event`` consumer can drop repeats), or None when no line carried it.
     """
 
     reason: str

@@ -88,7 +88,9 @@ class KillingStore(PipesRunStore):
         return record
 
 
-options = dict(command=[sys.executable, child], launch_key=key, store=KillingStore(store_path))
+seen = []
+options = dict(command=[sys.executable, child], launch_key=key, store=KillingStore(store_path),
+               on_event=lambda event: seen.append((type(event).__name__, event.position)))
 error = None
 try:
     if flavour == "async":
@@ -103,6 +105,7 @@ print("RESULT " + json.dumps({
     "error": None if error is None else type(error).__name__,
     "text": "" if error is None else str(error).split("\\n", 1)[0],
     "exit_code": invocation.exit_code,
+    "seen": seen,
 }), flush=True)
 """
 
@@ -244,6 +247,10 @@ def test_a_killed_orchestrator_is_replaced_and_the_run_finishes_once(scenario_fa
     assert result["error"] == error
     assert text in result["text"]
     assert result["exit_code"] == exit_code
+    # on_event of the last orchestrator saw only what had not been recorded before, each at its stable position
+    # in the channel: the custom message i is line i + 1 (after opened), whichever orchestrator read it.
+    custom = [position for name, position in result["seen"] if name == "PipesCustomMessageEvent"]
+    assert custom == list(range(MESSAGES + 1 - len(custom), MESSAGES + 1))
     handle = scenario.record_handle()
     assert handle is not None
     assert live_members(int(handle["pid"])) == []  # no orphan: the job's whole group has ended
@@ -279,3 +286,18 @@ def test_a_launch_key_on_a_launcher_without_attach_is_a_clear_error(tmp_path: Pa
         from pipes_core import PipesSubprocessClient
 
         PipesSubprocessClient().run(command=["true"], launch_key="", store=str(tmp_path / "runs.sqlite3"))
+
+
+def test_each_event_carries_its_line_position_in_the_channel(tmp_path: Path) -> None:
+    from pipes_core import PipesRunContext, PipesSubprocessClient
+
+    child = tmp_path / "child.py"
+    child.write_text("from pipes_ext import open_pipes\nwith open_pipes() as pipes:\n"
+                     "    pipes.report_custom_message(1)\n    pipes.report_asset_materialization()\n")
+    seen: list[tuple[str, int | None]] = []
+    invocation = PipesSubprocessClient().run(command=[PYTHON, str(child)], context=PipesRunContext(asset_keys=["a"]),
+                                             on_event=lambda event: seen.append((type(event).__name__,
+                                                                                 event.position)))
+    assert seen == [("PipesOpenedEvent", 0), ("PipesCustomMessageEvent", 1), ("MaterializeResult", 2),
+                    ("PipesClosedEvent", 3)]
+    assert [result.position for result in invocation.get_results()] == [2]
