@@ -24,8 +24,9 @@ from typing import IO, Any, Final
 from . import _supervisor
 from ._client import PipesExitStatus, PipesLaunchedProcess
 from ._durable import DurableLaunch
-from ._errors import PipesEngineErrorKind, PipesExecutionError
+from ._errors import PipesEngineErrorKind
 from ._run_store import process_start_time
+from ._subprocess import start_local_process
 from ._supervisor import EXIT_FILE, PID_FIELD, PID_FILE, RETURNCODE_FIELD, STDERR_FILE, STDOUT_FILE
 
 __all__ = ["DurableLocalProcess", "start_durable_child", "read_pid_file", "OUTPUT_POLL_SECONDS"]
@@ -68,12 +69,10 @@ def start_durable_child(argv: list[str], env: dict[str, str], cwd: str | None, d
     """Start ``argv`` under a supervisor that outlives this process (module doc)."""
     supervisor = [sys.executable, "-I", "-S", _supervisor.__file__, str(durable.directory), str(durable.lock_fd), "--",
                   *argv]
-    try:
-        process = subprocess.Popen(supervisor, env=env, cwd=cwd, stdin=subprocess.DEVNULL,
-                                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
-                                   pass_fds=(durable.lock_fd,))
-    except OSError as exc:
-        raise PipesExecutionError(f"cannot start {description}: {exc}") from exc
+    # Its own session, and unguarded: the opt-out of end_with_orchestrator that a durable run is.
+    process, _ = start_local_process(supervisor, env=env, cwd=cwd, stdin=subprocess.DEVNULL,
+                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, own_group=True,
+                                     session=None, guarded=False, pass_fds=(durable.lock_fd,))
     handle = {HANDLE_PID: process.pid, HANDLE_STARTED: process_start_time(process.pid),
               HANDLE_DIRECTORY: str(durable.directory), HANDLE_DESCRIPTION: description}
     return DurableLocalProcess(handle, process)

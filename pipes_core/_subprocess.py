@@ -190,11 +190,11 @@ def _session_paths(session: PipesSession) -> list[SessionPath]:
 
 def start_local_process(argv: list[str], *, env: dict[str, str], cwd: str | None, stdin: int | IO[Any] | None,
                         stdout: int | IO[Any] | None, stderr: int | IO[Any] | None, own_group: bool,
-                        session: PipesSession | None, guarded: bool,
+                        session: PipesSession | None, guarded: bool, pass_fds: Sequence[int] = (),
                         ) -> tuple[subprocess.Popen[bytes], _OrphanGuard | None]:
     """Start a local child for a run (the one launch primitive of the sync and asyncio clients): its own
     session when ``own_group`` and, when ``guarded``, an :class:`_OrphanGuard` that ends it and removes the
-    ``session``'s local files should this process die first.
+    ``session``'s local files should this process die first; ``pass_fds`` are inherited (a durable run's lock).
 
     Raises:
         PipesResourceError: no file descriptor was left (nothing is started).
@@ -211,7 +211,7 @@ def start_local_process(argv: list[str], *, env: dict[str, str], cwd: str | None
         process = subprocess.Popen(argv, env=env, cwd=cwd, stdin=stdin, stdout=stdout, stderr=stderr,
                                    # Own process group, so termination reaches grandchildren; a terminal's
                                    # Ctrl-C then reaches only us, and we forward it.
-                                   start_new_session=own_group)
+                                   start_new_session=own_group, pass_fds=tuple(pass_fds))
     except OSError as exc:
         if guard is not None:
             guard.release()
