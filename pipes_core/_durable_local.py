@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
 import threading
@@ -22,11 +21,11 @@ from pathlib import Path
 from typing import IO, Any, Final
 
 from . import _supervisor
-from ._client import PipesExitStatus, PipesLaunchedProcess
+from ._client import PipesExitStatus
 from ._durable import DurableLaunch
 from ._errors import PipesEngineErrorKind
 from ._run_store import process_start_time
-from ._subprocess import start_local_process
+from ._subprocess import LocalSignals, start_local_process
 from ._supervisor import EXIT_FILE, PID_FIELD, PID_FILE, RETURNCODE_FIELD, STDERR_FILE, STDOUT_FILE
 
 __all__ = ["DurableLocalProcess", "start_durable_child", "read_pid_file", "OUTPUT_POLL_SECONDS"]
@@ -78,7 +77,7 @@ def start_durable_child(argv: list[str], env: dict[str, str], cwd: str | None, d
     return DurableLocalProcess(handle, process)
 
 
-class DurableLocalProcess(PipesLaunchedProcess):
+class DurableLocalProcess(LocalSignals):
     """A durable local child, launched here (``popen``) or found again from its handle."""
 
     poll_interval_seconds = 0.05
@@ -130,15 +129,6 @@ class DurableLocalProcess(PipesLaunchedProcess):
             os.killpg(self.pid, sig)
         except (ProcessLookupError, PermissionError):
             pass
-
-    def interrupt(self) -> None:
-        self._signal(signal.SIGINT)
-
-    def terminate(self) -> None:
-        self._signal(signal.SIGTERM)
-
-    def kill(self) -> None:
-        self._signal(signal.SIGKILL)
 
     def close(self) -> None:
         if self.popen is None:

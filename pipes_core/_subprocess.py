@@ -246,7 +246,23 @@ def check_env(env: Mapping[Any, Any]) -> None:
                                   "'='); fix it in env=")
 
 
-class _LocalProcess(PipesLaunchedProcess):
+class LocalSignals(PipesLaunchedProcess):
+    """The escalation steps of a local process as signals (SIGINT, SIGTERM, SIGKILL) through its ``_signal``."""
+
+    def _signal(self, sig: int) -> None:
+        raise NotImplementedError
+
+    def interrupt(self) -> None:
+        self._signal(signal.SIGINT)
+
+    def terminate(self) -> None:
+        self._signal(signal.SIGTERM)
+
+    def kill(self) -> None:
+        self._signal(signal.SIGKILL)
+
+
+class _LocalProcess(LocalSignals):
     """A :class:`subprocess.Popen` child; signals go to its whole process group when it has its own."""
 
     def __init__(self, process: subprocess.Popen[bytes], argv0: str, own_group: bool,
@@ -293,15 +309,6 @@ class _LocalProcess(PipesLaunchedProcess):
                 self.process.send_signal(sig)
         except (ProcessLookupError, PermissionError):
             pass
-
-    def interrupt(self) -> None:
-        self._signal(signal.SIGINT)
-
-    def terminate(self) -> None:
-        self._signal(signal.SIGTERM)
-
-    def kill(self) -> None:
-        self._signal(signal.SIGKILL)
 
 
 class SubprocessRunOptions(RunOptions, total=False):
