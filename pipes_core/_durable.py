@@ -208,20 +208,16 @@ class DurableRun:
         lock_fd = _lock(self.directory / LOCK_FILE, wait=False)
         if lock_fd is None:  # the launch happened: its supervisor holds the lock
             return self._attach_found()
+        if (self.directory / PID_FILE).exists():  # it happened and has ended already
+            os.close(lock_fd)
+            return self._attach_found()
         try:
-            if (self.directory / PID_FILE).exists():  # it happened and has ended already
-                os.close(lock_fd)
-                return self._attach_found()
             process = launch(replace(request, durable=DurableLaunch(self.launch_key, self.directory, lock_fd)))
         except BaseException:
             self.store.forget(self.launch_key)  # nothing runs under the key: a retry launches
             raise
         finally:
-            if lock_fd >= 0:
-                try:
-                    os.close(lock_fd)  # the launched supervisor holds its own copy
-                except OSError:
-                    pass
+            os.close(lock_fd)  # the launched supervisor holds its own copy
         handle = process.handle()
         self.record = self.store.record_handle(self.launch_key, handle)
         return process

@@ -301,3 +301,18 @@ def test_each_event_carries_its_line_position_in_the_channel(tmp_path: Path) -> 
     assert seen == [("PipesOpenedEvent", 0), ("PipesCustomMessageEvent", 1), ("MaterializeResult", 2),
                     ("PipesClosedEvent", 3)]
     assert [result.position for result in invocation.get_results()] == [2]
+
+
+def test_a_durable_command_that_cannot_start_fails_with_the_reason_and_is_concluded(tmp_path: Path) -> None:
+    from pipes_core import PipesExecutionError, PipesSubprocessClient
+
+    store = tmp_path / "runs.sqlite3"
+    with pytest.raises(PipesExecutionError) as error:
+        PipesSubprocessClient(forward_stdio=False).run(command=[str(tmp_path / "missing")], launch_key="k",
+                                                       store=str(store))
+    assert error.value.exit_code == 127 and "cannot start" in str(error.value)
+    with PipesRunStore(store) as opened:
+        record = opened.get("k")
+    assert record is not None and record.state == "concluded" and record.outcome is not None
+    assert record.outcome["exit_code"] == 127 and record.outcome["error"] == "PipesExecutionError"
+    assert not run_directory(PipesRunStore(store), "k").exists()
