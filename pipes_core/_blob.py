@@ -463,6 +463,8 @@ class PipesBlobStoreMessageReader(PipesMessageReader):
             with a :class:`PipesTransportError` naming the store; see :data:`DEFAULT_REQUEST_TIMEOUT`.
         max_chunk_bytes: the largest chunk read; a larger one is reported (``line_too_long``) and skipped
             without being downloaded whole; see :data:`DEFAULT_MAX_READ_CHUNK_BYTES`.
+        key_prefix: put each session's chunks under this prefix (``<key_prefix><random>/1.json``); None: at the
+            top of the bucket.
     """
 
     def __init__(
@@ -475,7 +477,9 @@ class PipesBlobStoreMessageReader(PipesMessageReader):
         retry: RetryPolicy = DEFAULT_RETRY_POLICY,
         request_timeout: float = DEFAULT_REQUEST_TIMEOUT,
         max_chunk_bytes: int = DEFAULT_MAX_READ_CHUNK_BYTES,
+        key_prefix: str | None = None,
     ) -> None:
+        self.key_prefix = key_prefix
         if not request_timeout > 0:
             raise PipesUsageError(f"request_timeout must be a positive number of seconds, got {request_timeout!r}")
         if not (isinstance(max_chunk_bytes, int) and max_chunk_bytes >= 1):
@@ -512,7 +516,7 @@ class PipesBlobStoreMessageReader(PipesMessageReader):
         ``{"bucket", "key_prefix", "include_stdio_in_messages"}``.
         """
         store = self.make_store()
-        key_prefix = random_key_component()
+        key_prefix = f"{self.key_prefix or ''}{random_key_component()}"
         self._stores[key_prefix] = store
         try:
             yield {
@@ -602,8 +606,8 @@ class PipesBackendContextInjector(PipesBlobStoreContextInjector, Generic[ClientT
 
 class PipesBackendMessageReader(PipesBlobStoreMessageReader, Generic[ClientT]):
     """The message reader of one declared backend: ``(bucket, client=None, interval, include_stdio_in_messages,
-    *, log_readers, missing_chunk_grace, retry, request_timeout, max_chunk_bytes)`` (the reference's argument order),
-    the client built by the backend when omitted."""
+    *, log_readers, missing_chunk_grace, retry, request_timeout, max_chunk_bytes, key_prefix)`` (the reference's
+    argument order), the client built by the backend when omitted."""
 
     backend: ClassVar[PipesBlobBackend]
 
@@ -619,10 +623,11 @@ class PipesBackendMessageReader(PipesBlobStoreMessageReader, Generic[ClientT]):
         retry: RetryPolicy = DEFAULT_RETRY_POLICY,
         request_timeout: float = DEFAULT_REQUEST_TIMEOUT,
         max_chunk_bytes: int = DEFAULT_MAX_READ_CHUNK_BYTES,
+        key_prefix: str | None = None,
     ) -> None:
         super().__init__(interval, log_readers, include_stdio_in_messages=include_stdio_in_messages,
                          missing_chunk_grace=missing_chunk_grace, retry=retry, request_timeout=request_timeout,
-                         max_chunk_bytes=max_chunk_bytes)
+                         max_chunk_bytes=max_chunk_bytes, key_prefix=key_prefix)
         self.bucket = bucket
         self.client: ClientT = client if client is not None else self.backend.default_client()
 

@@ -51,6 +51,7 @@ class PipesChannelOptions:
             ``tempfile`` and blob-store readers; the ``stdio`` reader gets the output with the messages anyway).
         max_line_bytes: the line limit of the ``file``, ``tempfile`` and ``stdio`` readers (None: their default).
         stdio_drain_timeout_seconds: how long the ``stdio`` reader waits for its stream's end (None: default).
+        key_prefix: where under the bucket the blob-store channels put their objects (None: at its top).
     """
 
     path: str | None = None
@@ -60,6 +61,7 @@ class PipesChannelOptions:
     include_stdio_in_messages: bool = False
     max_line_bytes: int | None = None
     stdio_drain_timeout_seconds: float | None = None
+    key_prefix: str | None = None
 
 
 def _need_path(options: PipesChannelOptions, what: str) -> str:
@@ -93,7 +95,7 @@ def _blob_class(channel: str, role: str) -> Any:
 def _blob_injector(channel: str) -> Callable[[PipesChannelOptions], PipesContextInjector]:
     def make(options: PipesChannelOptions) -> PipesContextInjector:
         injector: PipesContextInjector = _blob_class(channel, "context")(
-            _need_bucket(options, f"{channel} context injector"), options.client)
+            _need_bucket(options, f"{channel} context injector"), options.client, key_prefix=options.key_prefix)
         return injector
 
     return make
@@ -101,7 +103,8 @@ def _blob_injector(channel: str) -> Callable[[PipesChannelOptions], PipesContext
 
 def _blob_reader(channel: str) -> Callable[[PipesChannelOptions], PipesMessageReader]:
     def make(options: PipesChannelOptions) -> PipesMessageReader:
-        kwargs: dict[str, Any] = {"include_stdio_in_messages": options.include_stdio_in_messages}
+        kwargs: dict[str, Any] = {"include_stdio_in_messages": options.include_stdio_in_messages,
+                                  "key_prefix": options.key_prefix}
         if options.interval is not None:
             kwargs["interval"] = options.interval
         reader: PipesMessageReader = _blob_class(channel, "messages")(

@@ -2,10 +2,11 @@
 
     pipes --version
     pipes run [--asset KEY]... [--partition KEY] [--extras JSON | --extras-file PATH]
-              [--context-injector env|file|tempfile] [--message-reader file|tempfile|stdio] [--bootstrap env|cli]
+              [--context-injector env|file|tempfile|s3|gcs|azure] [--message-reader file|tempfile|stdio|s3|gcs|azure]
+              [--bucket NAME | --container NAME] [--prefix PREFIX] [--bootstrap env|cli]
               [--slurm [--sbatch-arg ARG]... [--shared-dir DIR] [--slurm-conf PATH]]
               [--docker IMAGE [--docker-arg ARG]...]
-              [--ray ADDRESS]
+              [--ray ADDRESS [--runtime-env JSON|@FILE]]
               [--json] [--no-strict] [--fail-on-check-error] [--timeout S]
               [--max-line-bytes N] -- COMMAND [ARG]...
 
@@ -17,7 +18,11 @@ concurrent runs can be told apart and ordered; ``opened`` also carries ``context
 was injected (asset keys, partition, run id, job name, the ``--extras`` given, ...), while its ``extras`` stays
 what the process itself sent in ``opened`` (usually nothing). In human mode every
 string taken from the child's messages has its control characters escaped and its continuation lines indented,
-so a child cannot drive the terminal or forge a line of ours; its own stdout/stderr pass through raw.
+so a child cannot drive the terminal or forge a line of ours; its own stdout/stderr pass through raw. A
+traceback the child reports is shown once: by its headline when the child printed it on its stderr too, in full
+after the summary otherwise. A child that opened the channel but never sent ``closed`` is a warning in the summary
+(and in ``--json``'s summary object, ``warnings``). Every hint that came from the library names the flag to use
+(see :mod:`pipes_core._cli_words`); a mistyped flag gets a "did you mean".
 
 ``--context-path`` / ``--messages-path`` alone imply ``--context-injector file`` / ``--message-reader file``
 (with another injector or reader named, they are an error). The session creates those files itself and refuses
@@ -31,6 +36,7 @@ session failed (remote exception, never opened, protocol issues in strict mode, 
 from __future__ import annotations
 
 import argparse
+import difflib
 import errno
 import json
 import logging
@@ -39,10 +45,10 @@ import os
 import sys
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from datetime import datetime, timezone
 from importlib import metadata
-from typing import IO, Any, NoReturn
+from typing import IO, Any, NoReturn, TypeVar
 
 from pipes_ext._protocol import (
     MAX_DECODED_PARAM_BYTES,
@@ -52,11 +58,19 @@ from pipes_ext._protocol import (
     parse_asset_key,
 )
 
-from ._channels import PipesChannelOptions, make_context_injector, make_message_reader
+from ._channels import (
+    BLOB_CHANNELS,
+    CONTEXT_CHANNELS,
+    MESSAGE_CHANNELS,
+    PipesChannelOptions,
+    make_context_injector,
+    make_message_reader,
+)
 from ._cli_runs import add_run_arguments, add_runs_parser, durable_options, runs_main
-from ._client import BOOTSTRAPS, PipesClient
+from ._cli_words import in_cli_words
+from ._client import BOOTSTRAPS, FACT_MISSING_CLOSED, LOG_FACT, PipesClient, client_logger
 from ._errors import PipesError, PipesExecutionError, PipesInterruptedError, PipesTimeoutError, PipesUsageError
-from ._failures import escape_controls
+from ._failures import escape_controls, shows_traceback
 from ._handler import DEFAULT_LOGGER_NAME
 from ._injectors import PipesContextInjector, PipesEnvContextInjector
 from ._json import event_to_json
@@ -85,6 +99,8 @@ EXIT_SESSION_FAILED = 1
 EXIT_TIMEOUT = 124
 EXIT_INTERRUPTED = 130
 
+_T = TypeVar("_T")
+
 DISTRIBUTION = "pipes-sdk"  # the package whose version ``pipes --version`` prints
 
 
@@ -94,7 +110,42 @@ class _UsageError(Exception):
 
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str) -> NoReturn:
-        raise _UsageError(message)
+        raise _UsageError(message + _did_you_mean(self, message))
+
+
+_UNRECOGNIZED = "unrecognized arguments: "
+# How alike a mistyped flag and a known one must be to suggest it (difflib's ratio; its own default).
+_SUGGEST_CUTOFF = 0.6
+
+
+def _option_strings(parser: argparse.ArgumentParser) -> list[str]:
+    """Every flag of ``parser`` and of its subcommands."""
+    flags: list[str] = []
+    for action in parser._actions:
+        flags.extend(action.option_strings)
+        if isinstance(action, argparse._SubParsersAction):
+            for sub in action.choices.values():
+                flags.extend(_option_strings(sub))
+    return flags
+
+
+def _did_you_mean(parser: argparse.ArgumentParser, message: str) -> str:
+    """`` (did you mean --asset?)`` for argparse's "unrecognized arguments: --asest"; "" without a close flag."""
+    if not message.startswith(_UNRECOGNIZED):
+        return ""
+    known = sorted(set(_option_strings(parser)))
+    guesses = []
+    for word in message[len(_UNRECOGNIZED):].split():
+        flag = word.split("=", 1)[0]
+        if flag.startswith("--"):
+            close = difflib.get_close_matches(flag, known, n=1, cutoff=_SUGGEST_CUTOFF)
+            if close:
+                guesses.append((flag, close[0]))
+    if not guesses:
+        return ""
+    if len(guesses) == 1:
+        return f" (did you mean {guesses[0][1]}?)"
+    return " (did you mean " + ", ".join(f"{right} for {wrong}" for wrong, right in guesses) + "?)"
 
 
 def _build_parser() -> argparse.ArgumentParser:
@@ -110,13 +161,22 @@ def _build_parser() -> argparse.ArgumentParser:
     extras.add_argument("--extras-file", metavar="PATH", help="extras from a JSON file")
     run.add_argument("--run-id", help="run id (default: a new UUID)")
     run.add_argument("--job-name", help="job name sent in the context")
-    run.add_argument("--context-injector", choices=["env", "file", "tempfile"],
-                     help="default tempfile (env with --slurm; file with --context-path)")
+    run.add_argument("--context-injector", choices=list(CONTEXT_CHANNELS),
+                     help="default tempfile (env with --slurm; file with --context-path); s3, gcs, azure: an "
+                          "object in --bucket (Azure: --container)")
     run.add_argument("--context-path", help="context file to create (implies --context-injector file)")
-    run.add_argument("--message-reader", choices=["file", "tempfile", "stdio"],
+    run.add_argument("--message-reader", choices=list(MESSAGE_CHANNELS),
                      help="default tempfile (with --slurm: a file under --shared-dir; file with --messages-path); "
-                          "stdio: messages as lines on the command's stdout, its other lines passed through")
+                          "stdio: messages as lines on the command's stdout, its other lines passed through; "
+                          "s3, gcs, azure: chunks in --bucket (Azure: --container)")
     run.add_argument("--messages-path", help="messages file to create (implies --message-reader file)")
+    blob = run.add_argument_group(
+        "Blob stores", "for --context-injector / --message-reader s3, gcs, azure; the client is the SDK's default "
+        "(S3: the AWS_* variables, AWS_ENDPOINT_URL for another endpoint; GCS: application default credentials, "
+        "STORAGE_EMULATOR_HOST for the emulator; Azure: AZURE_STORAGE_CONNECTION_STRING)")
+    blob.add_argument("--bucket", metavar="NAME", help="the S3 or GCS bucket")
+    blob.add_argument("--container", metavar="NAME", help="the Azure Blob Storage container")
+    blob.add_argument("--prefix", metavar="PREFIX", help="put the objects under this key prefix (e.g. runs/)")
     run.add_argument("--bootstrap", choices=list(BOOTSTRAPS), default="env",
                      help="cli: append --dagster-pipes-context/--dagster-pipes-messages to the command instead of "
                           "setting the env vars")
@@ -148,6 +208,10 @@ def _build_parser() -> argparse.ArgumentParser:
     ray.add_argument("--ray", metavar="ADDRESS",
                      help="submit COMMAND as a Ray job to this Jobs API (dashboard) address, e.g. "
                           "http://127.0.0.1:8265; messages over the job's log unless --message-reader is given")
+    ray.add_argument("--runtime-env", metavar="JSON|@FILE",
+                     help="the job's Ray runtime_env as a JSON object, or @FILE to read it from FILE, e.g. "
+                          "'{\"working_dir\": \".\", \"excludes\": [\".venv\"], \"pip\": [\"requests\"], "
+                          "\"env_vars\": {\"A\": \"1\"}}'; the job runs in the working_dir's copy on the cluster")
     run.add_argument("--max-line-bytes", type=_positive_int, metavar="N", default=DEFAULT_MAX_LINE_BYTES,
                      help="skip and report message lines longer than N bytes (default 64 MiB)")
     add_run_arguments(run)
@@ -177,13 +241,29 @@ def _load_extras(args: argparse.Namespace) -> dict[str, Any]:
     if args.extras is None and args.extras_file is None:
         return {}
     if args.extras is not None:
-        where, text = "--extras", args.extras
-    else:
-        where, text = f"--extras-file {args.extras_file}", _read_extras_file(args.extras_file)
+        return _json_object("--extras", args.extras, "extras")
+    where = f"--extras-file {args.extras_file}"
+    return _json_object(where, _read_json_file(where, args.extras_file), "extras")
+
+
+def _load_runtime_env(args: argparse.Namespace) -> dict[str, Any] | None:
+    """``--runtime-env JSON`` or ``--runtime-env @FILE``: a JSON object, for ``--ray`` only."""
+    if args.runtime_env is None:
+        return None
+    if args.ray is None:
+        raise _UsageError("--runtime-env needs --ray ADDRESS")
+    text: str = args.runtime_env
+    if text.startswith("@"):
+        where = f"--runtime-env {text}"
+        return _json_object(where, _read_json_file(where, text[1:]), "a runtime_env")
+    return _json_object("--runtime-env", text, "a runtime_env")
+
+
+def _json_object(where: str, text: str, what: str) -> dict[str, Any]:
     try:
         value = json.loads(text)
     except RecursionError as exc:
-        raise _UsageError(f"{where} is nested too deeply to be extras") from exc
+        raise _UsageError(f"{where} is nested too deeply to be {what}") from exc
     except ValueError as exc:
         raise _UsageError(f"{where} is not valid JSON: {exc}") from exc
     if not isinstance(value, dict):
@@ -191,19 +271,20 @@ def _load_extras(args: argparse.Namespace) -> dict[str, Any]:
     return value
 
 
-def _read_extras_file(path: str) -> str:
-    """The text of ``--extras-file``, at most the bootstrap cap (so ``/dev/zero`` cannot exhaust memory)."""
+def _read_json_file(where: str, path: str) -> str:
+    """The text of a JSON file named on the command line, at most the bootstrap cap (so ``/dev/zero`` cannot
+    exhaust memory); ``where`` names the flag in errors."""
     try:
         with open(path, "rb") as f:
             data = f.read(MAX_DECODED_PARAM_BYTES + 1)
     except OSError as exc:
-        raise _UsageError(f"cannot read --extras-file {path}: {exc.strerror or exc}") from exc
+        raise _UsageError(f"cannot read {where}: {exc.strerror or exc}") from exc
     if len(data) > MAX_DECODED_PARAM_BYTES:
-        raise _UsageError(f"--extras-file {path} is over the {MAX_DECODED_PARAM_BYTES}-byte limit")
+        raise _UsageError(f"{where} is over the {MAX_DECODED_PARAM_BYTES}-byte limit")
     try:
         return data.decode("utf-8")
     except UnicodeDecodeError as exc:
-        raise _UsageError(f"--extras-file {path} is not UTF-8: {exc}") from exc
+        raise _UsageError(f"{where} is not UTF-8: {exc}") from exc
 
 
 def _timeout(text: str | None) -> float | None:
@@ -292,6 +373,7 @@ class _Printer:
         self.counts = {"materializations": 0, "checks_passed": 0, "checks_failed": 0, "failed_error_checks": 0,
                        "custom_messages": 0, "logs": 0, "protocol_issues": 0}
         self.assets: list[str] = []
+        self.remote: Any = None  # the exception the process reported in closed (a PipesRemoteException)
 
     def paint(self, text: str, colour: str) -> str:
         return f"\033[{_COLOURS[colour]}m{text}\033[0m" if self.colour else text
@@ -335,9 +417,10 @@ class _Printer:
         elif isinstance(event, PipesClosedEvent):
             if event.exception is None:
                 self.line(f"{tag} closed")
-            else:
-                text = _safe(event.exception.format().rstrip())
-                self.line(f"{tag} closed with {self.paint('exception', 'red')}:\n{_CONTINUATION}{text}")
+            else:  # its headline: the traceback is shown once, see traceback()
+                self.remote = event.exception
+                text = _safe(in_cli_words(event.exception.message.rstrip()))
+                self.line(f"{tag} closed with {self.paint('exception', 'red')}: {text}")
         elif isinstance(event, PipesLogEvent):
             level = self.paint(f"{_safe(event.level):<8}", _LEVEL_COLOURS.get(event.level, "blue"))
             self.line(f"{tag} {level} {_safe(event.message)}")
@@ -355,7 +438,15 @@ class _Printer:
         elif isinstance(event, PipesExternalStreamEvent):
             self.line(f"{tag} {_safe(event.stream)}: {_safe(event.text.rstrip())}")
         else:
-            self.line(f"{tag} {self.paint('protocol issue', 'red')}: {_safe(str(event))}")
+            self.line(f"{tag} {self.paint('protocol issue', 'red')}: {_safe(in_cli_words(str(event)))}")
+
+    def traceback(self, output_tail: str) -> None:
+        """The traceback reported in ``closed``, in full, unless the process printed it (``output_tail``, its
+        last output, holds the printout): shown once either way."""
+        if self.as_json or self.remote is None or shows_traceback(output_tail, self.remote):
+            return
+        text = _safe(self.remote.format().rstrip())
+        self.line(f"{self.paint('[pipes]', 'dim')} the traceback it reported:\n{_CONTINUATION}{text}")
 
     def job_state(self, info: Any) -> None:
         """A Slurm job's state change (a :class:`pipes_core.slurm.SlurmJobInfo`)."""
@@ -389,7 +480,39 @@ def _injector(args: argparse.Namespace) -> PipesContextInjector:
         raise _UsageError(f"--context-path is for --context-injector file, not {kind}")
     if kind == "file" and not args.context_path:
         raise _UsageError("--context-injector file needs --context-path PATH")
-    return make_context_injector(kind, PipesChannelOptions(path=args.context_path))
+    options = PipesChannelOptions(path=args.context_path, **_blob_options(args, "--context-injector", kind))
+    return _channel("--context-injector", kind, lambda: make_context_injector(kind, options))
+
+
+def _check_blob_flags(args: argparse.Namespace) -> None:
+    """``--bucket`` / ``--container`` / ``--prefix`` only with a blob channel, the bucket word matching it."""
+    kinds = {args.context_injector, args.message_reader} & set(BLOB_CHANNELS)
+    for given, flag in ((args.bucket, "--bucket"), (args.container, "--container"), (args.prefix, "--prefix")):
+        if given is not None and not kinds:
+            raise _UsageError(f"{flag} is for --context-injector or --message-reader {'|'.join(BLOB_CHANNELS)}")
+    if args.bucket is not None and args.container is not None:
+        raise _UsageError("give --bucket (S3, GCS) or --container (Azure), not both")
+
+
+def _blob_options(args: argparse.Namespace, flag: str, kind: str) -> dict[str, Any]:
+    """The ``bucket`` and ``key_prefix`` of a blob channel from ``--bucket`` / ``--container`` and ``--prefix``."""
+    if kind not in BLOB_CHANNELS:
+        return {}
+    word, other = ("--container", "--bucket") if kind == "azure" else ("--bucket", "--container")
+    bucket = args.container if kind == "azure" else args.bucket
+    if not bucket:
+        given = f" (not {other}: that is for {'s3, gcs' if kind == 'azure' else 'azure'})" if (
+            args.container if kind != "azure" else args.bucket) else ""
+        raise _UsageError(f"{flag} {kind} needs {word} NAME{given}")
+    return {"bucket": bucket, "key_prefix": args.prefix}
+
+
+def _channel(flag: str, kind: str, make: Callable[[], _T]) -> _T:
+    """A channel from the registry; its missing SDK or configuration is a usage error naming the flag."""
+    try:
+        return make()
+    except (ImportError, PipesUsageError) as exc:
+        raise _UsageError(f"{flag} {kind}: {in_cli_words(str(exc))}") from exc
 
 
 def _reader(args: argparse.Namespace) -> PipesMessageReader:
@@ -407,13 +530,16 @@ def _reader(args: argparse.Namespace) -> PipesMessageReader:
 
         return PipesSlurmMessageReader(args.shared_dir, include_stdio_in_messages=args.include_stdio,
                                        max_line_bytes=args.max_line_bytes)
-    return make_message_reader(kind, PipesChannelOptions(
-        path=args.messages_path, include_stdio_in_messages=args.include_stdio, max_line_bytes=args.max_line_bytes))
+    options = PipesChannelOptions(path=args.messages_path, include_stdio_in_messages=args.include_stdio,
+                                  max_line_bytes=args.max_line_bytes, **_blob_options(args, "--message-reader", kind))
+    return _channel("--message-reader", kind, lambda: make_message_reader(kind, options))
 
 
 def _client(args: argparse.Namespace) -> tuple[PipesClient, dict[str, Any]]:
     """The client for the run, and the options its ``run`` takes beyond the common ones."""
     strict = not args.no_strict
+    _check_blob_flags(args)
+    _load_runtime_env(args)  # checked before any client is made: --runtime-env needs --ray
     if args.ray is not None:
         return _ray_client(args, strict)
     if args.docker is not None or args.docker_arg:
@@ -465,7 +591,7 @@ def _ray_client(args: argparse.Namespace, strict: bool) -> tuple[PipesClient, di
         client = PipesRayJobClient(
             args.ray, context_injector=None if args.context_injector is None else _injector(args),
             message_reader=None if args.message_reader is None else _reader(args), strict=strict,
-            bootstrap=args.bootstrap)
+            bootstrap=args.bootstrap, runtime_env=_load_runtime_env(args))
     except PipesUsageError as exc:
         raise _UsageError(str(exc)) from exc
     return client, {}
@@ -504,6 +630,9 @@ def _run(args: argparse.Namespace, out: IO[str]) -> int:
     if not any(isinstance(h, logging.NullHandler) for h in external.handlers):  # once, however many runs
         external.addHandler(logging.NullHandler())
     external.propagate = False
+    if _LIBRARY_WARNINGS not in client_logger.handlers:  # once, however many runs
+        client_logger.addHandler(_LIBRARY_WARNINGS)
+    client_logger.propagate = False
     started = time.monotonic()
     invocation: PipesClientCompletedInvocation | None = None
     session: PipesSession | None = None
@@ -548,6 +677,9 @@ def _run(args: argparse.Namespace, out: IO[str]) -> int:
         session = invocation.session
     if code == 0 and args.fail_on_check_error and printer.counts["failed_error_checks"]:
         code, error = EXIT_SESSION_FAILED, "a check of severity ERROR failed"
+    warnings = []
+    if error is None and session is not None and session.opened and not session.closed:  # a failure says more
+        warnings.append(MISSING_CLOSED_WARNING)
     summary = {
         "event": "summary",
         "exit_code": code,
@@ -556,11 +688,13 @@ def _run(args: argparse.Namespace, out: IO[str]) -> int:
         "closed": bool(session and session.closed),
         "assets": printer.assets,
         **printer.counts,
-        "error": error,
+        "error": None if error is None else in_cli_words(error),
+        "warnings": warnings,
     }
     if args.json:
         printer.emit(summary)
     else:
+        printer.traceback(invocation.output_tail if invocation is not None else "")
         _print_summary(printer, summary)
     return code
 
@@ -571,6 +705,30 @@ def _trace_writer(path: str) -> TraceFileWriter:
     except OSError as exc:
         raise _UsageError(f"cannot write the trace file {path!r} ({exc.strerror or exc}): pass --trace a path "
                           "in a writable directory") from exc
+
+
+MISSING_CLOSED_WARNING = ("the command opened the Pipes channel but never sent closed: messages it buffered may be "
+                          "missing (does it leave open_pipes()'s with block, or call close()?)")
+
+
+class _LibraryWarnings(logging.Handler):
+    """The library's warnings (logger ``pipes_core``) on stderr, in the command line's words; a fact the summary
+    says (a missing ``closed``) is left to it."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.WARNING)
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if getattr(record, LOG_FACT, None) == FACT_MISSING_CLOSED:
+            return
+        try:
+            sys.stderr.write(_safe(in_cli_words(record.getMessage())) + "\n")
+            sys.stderr.flush()
+        except Exception:  # a warning must not end the run
+            self.handleError(record)
+
+
+_LIBRARY_WARNINGS = _LibraryWarnings()
 
 
 def _argument_list_too_long(exc: BaseException) -> bool:
@@ -590,6 +748,7 @@ def _print_summary(printer: _Printer, s: dict[str, Any]) -> None:
     ]
     if s["error"]:
         rows.append(("error", _safe(s["error"])))
+    rows.extend(("warning", printer.paint(_safe(text), "yellow")) for text in s["warnings"])
     width = max(len(name) for name, _ in rows)
     printer.line(printer.paint(f"{printer.rule * 2} summary {printer.rule * 30}", "bold"))
     for name, value in rows:
@@ -614,7 +773,7 @@ def main(argv: Sequence[str] | None = None, out: IO[str] | None = None) -> int:
             raise _UsageError("usage: pipes run [OPTIONS] -- COMMAND [ARG]...  (or pipes --version)")
         return _run(args, out)
     except _UsageError as exc:
-        sys.stderr.write(f"pipes: error: {_safe(str(exc))}\n")
+        sys.stderr.write(f"pipes: error: {_safe(in_cli_words(str(exc)))}\n")
         return EXIT_USAGE
     except Exception as exc:  # the command line never prints a traceback
         sys.stderr.write(f"pipes: internal error: {type(exc).__name__}: {_safe(str(exc))}\n")

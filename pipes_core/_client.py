@@ -91,6 +91,7 @@ from ._failures import last_line
 from ._handler import DEFAULT_LOGGER_NAME, command_logger
 from ._injectors import PipesContextInjector, PipesEnvContextInjector
 from ._lifecycle import (
+    CLIENT_LOG,
     ERROR_ISSUES_LISTED,
     KEYBOARD,
     KILL_WAIT_SECONDS,
@@ -162,6 +163,10 @@ if TYPE_CHECKING:
     from ._durable import DurableLaunch, DurableRun
 
 client_logger = logging.getLogger("pipes_core")
+# The attribute of a log record that names the fact it warns about, for a caller that says it another way (the
+# command line's summary says a missing ``closed``), and the facts so named.
+LOG_FACT = "pipes_fact"
+FACT_MISSING_CLOSED = "missing_closed"
 _T = TypeVar("_T")
 
 
@@ -853,7 +858,10 @@ class PipesClient(ABC):
             missing_closed=invocation.missing_closed,
         ))
         for where, text in verdict.warnings:
-            (handler.logger if where == SESSION_LOG else logger or client_logger).warning("%s", text)
+            # The client's warning of a run that succeeded is its missing ``closed`` (see judge): tagged, so that
+            # a caller that says it elsewhere (pipes run's summary) can leave the log line out.
+            fact = {LOG_FACT: FACT_MISSING_CLOSED} if where == CLIENT_LOG and invocation.missing_closed else {}
+            (handler.logger if where == SESSION_LOG else logger or client_logger).warning("%s", text, extra=fact)
         if verdict.error is None:
             return
         if issubclass(verdict.error, PipesExecutionError) and verdict.carries_details:

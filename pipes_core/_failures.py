@@ -13,7 +13,8 @@ import re
 
 from ._results import PipesRemoteException
 
-__all__ = ["ERROR_TAIL_CHARS", "ERROR_LINE_CHARS", "escape_controls", "excerpt_line", "last_line", "failure_details"]
+__all__ = ["ERROR_TAIL_CHARS", "ERROR_LINE_CHARS", "escape_controls", "excerpt_line", "last_line", "failure_details",
+           "shows_traceback"]
 
 # How much of the output tail an error message quotes.
 ERROR_TAIL_CHARS = 4000
@@ -93,6 +94,12 @@ def failure_details(remote: PipesRemoteException | None, tail: str, stated_line:
     if left_out:
         title += f" (without {' and '.join(left_out)})"
     return details + f"\n\n{title}:\n" + shown.strip("\n")[-ERROR_TAIL_CHARS:]
+
+
+def shows_traceback(tail: str, remote: PipesRemoteException) -> bool:
+    """Does the output ``tail`` hold the interpreter's printout of ``remote`` (so a reader has seen it)?"""
+    lines = tail.replace("\r\n", "\n").split("\n")
+    return len(_without_printed_traceback(lines, remote)) < len(lines)
 
 
 _TRACEBACK_HEADER = "Traceback (most recent call last):"

@@ -38,7 +38,7 @@ class PipesAzureBlobStorageContextInjector(_blob.PipesBackendContextInjector[Azu
 
 
 class PipesAzureBlobStorageMessageReader(_blob.PipesBackendMessageReader[AzureBlobServiceClientLike]):
-    """Reads numbered message chunks from ``<container>/<30 letters>/<n>.json``."""
+    """Reads numbered message chunks from ``<container>/<key_prefix><30 letters>/<n>.json``."""
 
     backend = AZURE_BACKEND
 
@@ -54,10 +54,11 @@ class PipesAzureBlobStorageMessageReader(_blob.PipesBackendMessageReader[AzureBl
         retry: RetryPolicy = DEFAULT_RETRY_POLICY,
         request_timeout: float = DEFAULT_REQUEST_TIMEOUT,
         max_chunk_bytes: int = DEFAULT_MAX_READ_CHUNK_BYTES,
+        key_prefix: str | None = None,
     ) -> None:
         super().__init__(container, client, interval, include_stdio_in_messages, log_readers=log_readers,
                          missing_chunk_grace=missing_chunk_grace, retry=retry, request_timeout=request_timeout,
-                         max_chunk_bytes=max_chunk_bytes)
+                         max_chunk_bytes=max_chunk_bytes, key_prefix=key_prefix)
 
     @property
     def container(self) -> str:

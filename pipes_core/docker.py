@@ -61,6 +61,7 @@ from ._injectors import PipesContextInjector
 from ._options import RunOptions, Unpack, check_run_options, common_options, run_signature
 from ._readers import PipesMessageReader
 from ._run_context import PipesRunContext
+from ._subprocess import command_name
 
 __all__ = [
     "PipesDockerClient",
@@ -154,12 +155,13 @@ class PipesDockerContainer(PipesLaunchedProcess):
     """
 
     def __init__(self, client: Any, container: Any, image: str, *, stdout: Any, stderr: Any, keep: bool,
-                 own_client: bool) -> None:
+                 own_client: bool, argv: Sequence[str] | None = None) -> None:
         self.client = client
         self.container = container
         self.id: str = container.id
         self.image = image
-        self.description = f"the container {self.id[:12]} (image {image!r})"
+        running = f" running {command_name(argv)!r}" if argv else ""  # the script, not its interpreter
+        self.description = f"the container {self.id[:12]} (image {image!r}){running}"
         self.stdout = stdout
         self.stderr = stderr
         self._keep = keep
@@ -486,7 +488,7 @@ class PipesDockerClient(PipesClient):
             out = client.api.attach(container.id, stdout=True, stderr=False, stream=True, logs=False)
             err = client.api.attach(container.id, stdout=False, stderr=True, stream=True, logs=False)
             launched = PipesDockerContainer(client, container, image, stdout=out, stderr=err, keep=keep,
-                                            own_client=own_client)
+                                            own_client=own_client, argv=argv)
             try:
                 client.api.start(container.id)
             except docker.errors.APIError as exc:

@@ -61,6 +61,7 @@ from ._options import RunOptions, Unpack, check_run_options, common_options, run
 from ._readers import PipesMessageReader
 from ._run_context import PipesRunContext
 from ._stdio import PipesStdioMessageReader
+from ._subprocess import command_name
 
 __all__ = [
     "PipesRayJobClient",
@@ -247,6 +248,16 @@ class _RayLogStream:
                 loop.close()
 
 
+def _entrypoint_name(entrypoint: str) -> str:
+    """The script an entrypoint runs, for messages (``python etl.py --x`` -> ``etl.py``); a shell line that does
+    not split is named as is."""
+    try:
+        argv = shlex.split(entrypoint)
+    except ValueError:
+        return entrypoint
+    return command_name(argv) if argv else entrypoint
+
+
 class PipesRayJob(PipesLaunchedProcess):
     """One submitted Ray job, as the lifecycle drives it (passed to ``on_launched``).
 
@@ -259,11 +270,13 @@ class PipesRayJob(PipesLaunchedProcess):
     poll_interval_seconds = RAY_STATUS_POLL_SECONDS
     one_log = True  # Ray writes the driver's stdout and stderr, and its own lines, to one log
 
-    def __init__(self, client: Any, address: str, submission_id: str, log: _RayLogStream, log_stream: str) -> None:
+    def __init__(self, client: Any, address: str, submission_id: str, log: _RayLogStream, log_stream: str,
+                 entrypoint: str = "") -> None:
         self.client = client
         self.address = address
         self.submission_id = submission_id
-        self.description = f"the Ray job {submission_id} at {address}"
+        running = f" running {_entrypoint_name(entrypoint)!r}" if entrypoint.strip() else ""
+        self.description = f"the Ray job {submission_id} at {address}{running}"
         self._log = log
         if log_stream == "stderr":
             self.stderr = log
@@ -522,7 +535,8 @@ class PipesRayJobClient(PipesClient):
             client_logger.info("[pipes] submitted the Ray job %s to %s", submitted, address)
             reader = request.session.message_reader
             log_stream = reader.stream if isinstance(reader, PipesStdioMessageReader) else "stdout"
-            return PipesRayJob(client, address, str(submitted), _RayLogStream(client, str(submitted)), log_stream)
+            return PipesRayJob(client, address, str(submitted), _RayLogStream(client, str(submitted)), log_stream,
+                               entrypoint)
 
         common = common_options(options)
         common["stderr"] = common.get("stdout")

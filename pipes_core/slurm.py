@@ -94,6 +94,7 @@ from ._options import RunOptions, Unpack, check_run_options, common_options, run
 from ._readers import PipesMessageReader, PipesTempFileMessageReader
 from ._run_context import PipesRunContext
 from ._session import PipesSession
+from ._subprocess import command_name
 
 __all__ = [
     "PipesSlurmClient",
@@ -935,7 +936,7 @@ class PipesSlurmClient(PipesClient):
             argv = shlex.split(command) if isinstance(command, str) else list(command)
             if not argv:
                 raise PipesUsageError("command is empty")
-            what = repr(argv[0])
+            what = repr(command_name(argv))  # the script, not its interpreter
         else:
             assert script is not None
             script_path = os.fspath(script)
