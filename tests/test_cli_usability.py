@@ -338,7 +338,8 @@ def test_slurm_headline_names_the_script(slurm_cluster: SlurmCluster, tmp_path: 
     child = script(tmp_path, FAIL, "etl_job.py")
     proc = pipes("run", "--slurm", "--shared-dir", str(tmp_path), "--", PY, child, env=slurm_cluster.env)
     assert proc.returncode == 4, proc.stdout + proc.stderr
-    assert "('etl_job.py')" in proc.stdout and f"({os.path.basename(PY)!r})" not in proc.stdout
+    assert f"({child!r}) failed with exit code 4" in proc.stdout
+    assert f"({os.path.basename(PY)!r})" not in proc.stdout and f"({PY!r})" not in proc.stdout
 
 
 @pytest.mark.docker
