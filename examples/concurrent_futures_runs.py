@@ -6,7 +6,7 @@ Each run logs to its own logger (``logger=``), so their lines can be told apart;
 remote exception. With ``--processes`` the runs happen in worker processes, and what they return or raise comes
 back pickled. ``scripts/refunds.py`` raises on purpose, so this exits with status 1:
     python examples/concurrent_futures_runs.py [--processes]
-See docs/recipes/concurrent-futures.md and docs/recipes/process-pools.md.
+See docs/embedding/concurrent-futures.md and docs/embedding/process-pools.md.
 """
 
 from __future__ import annotations

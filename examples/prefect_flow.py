@@ -7,7 +7,7 @@
 
 Run it against a Prefect server (``PREFECT_API_URL`` set), or alone (Prefect then starts a temporary one):
     python examples/prefect_flow.py
-``scripts/refunds.py`` raises on purpose, so the flow ends Failed (exit status 1). See docs/recipes/prefect.md.
+``scripts/refunds.py`` raises on purpose, so the flow ends Failed (exit status 1). See docs/embedding/prefect.md.
 """
 
 from __future__ import annotations
