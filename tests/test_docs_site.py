@@ -222,7 +222,6 @@ def test_the_programs_of_a_page_run(page: str, tmp_path: Path, request: pytest.F
         proc = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True,
                               timeout=HANG_SECONDS, start_new_session=True)
         assert proc.returncode == 0, f"{where} exited {proc.returncode}:\n{proc.stdout}\n{proc.stderr}"
-        assert "Traceback" not in proc.stderr, f"{where}:\n{proc.stderr}"
         ran += 1
     assert ran >= 1
 
