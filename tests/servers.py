@@ -10,6 +10,8 @@ from __future__ import annotations
 import shutil
 import subprocess
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from conformance._servers import AZURITE_ACCOUNT, AZURITE_KEY, free_port, stop_process, wait_http
@@ -73,3 +75,26 @@ def start_azurite() -> Server:
 def azurite_connection_string(blob_endpoint: str) -> str:
     return (f"DefaultEndpointsProtocol=http;AccountName={AZURITE_ACCOUNT};AccountKey={AZURITE_KEY};"
             f"BlobEndpoint={blob_endpoint};")
+
+
+@contextmanager
+def blob_servers_for_default_clients() -> Iterator[dict[str, dict[str, str]]]:
+    """The three local servers (moto, the GCS emulator, Azurite), and for each channel name (``s3``, ``gcs``,
+    ``azure``) the environment that points that SDK's default client at its server; stopped on exit."""
+    started: list[Server] = []
+    try:
+        moto = start_moto()
+        started.append(moto)
+        gcs = start_gcs()
+        started.append(gcs)
+        azurite = start_azurite()
+        started.append(azurite)
+        yield {
+            "s3": {"AWS_ENDPOINT_URL": moto.url, "AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
+                   "AWS_DEFAULT_REGION": "us-east-1"},
+            "gcs": {"STORAGE_EMULATOR_HOST": gcs.url},
+            "azure": {"AZURE_STORAGE_CONNECTION_STRING": azurite_connection_string(azurite.url)},
+        }
+    finally:
+        for server in started:
+            server.stop()

@@ -13,7 +13,6 @@ import textwrap
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import pytest
 
@@ -22,7 +21,7 @@ from tests.conftest import REPO_ROOT, cli_json_events
 from tests.engines_docker import DockerEngine
 from tests.engines_ray import RayHead
 from tests.engines_slurm import SlurmCluster
-from tests.servers import Server, azurite_connection_string, start_azurite, start_gcs, start_moto
+from tests.servers import blob_servers_for_default_clients
 
 PIPES = [sys.executable, "-m", "pipes_core"]
 PY = sys.executable
@@ -164,25 +163,10 @@ CHILDREN = {
 
 
 @pytest.fixture(scope="module")
-def blob_stores() -> Iterator[dict[str, tuple[Server, dict[str, str]]]]:
-    """The three local servers and the environment each SDK's default client reads."""
-    started: list[Server] = []
-    try:
-        moto = start_moto()
-        started.append(moto)
-        gcs = start_gcs()
-        started.append(gcs)
-        azurite = start_azurite()
-        started.append(azurite)
-        yield {
-            "s3": (moto, {"AWS_ENDPOINT_URL": moto.url, "AWS_ACCESS_KEY_ID": "testing",
-                          "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}),
-            "gcs": (gcs, {"STORAGE_EMULATOR_HOST": gcs.url}),
-            "azure": (azurite, {"AZURE_STORAGE_CONNECTION_STRING": azurite_connection_string(azurite.url)}),
-        }
-    finally:
-        for server in started:
-            server.stop()
+def blob_stores() -> Iterator[dict[str, dict[str, str]]]:
+    """The three local servers, and the environment each SDK's default client reads."""
+    with blob_servers_for_default_clients() as envs:
+        yield envs
 
 
 def make_bucket(kind: str, env: dict[str, str]) -> str:
@@ -206,8 +190,8 @@ def make_bucket(kind: str, env: dict[str, str]) -> str:
 
 
 @pytest.mark.parametrize("kind", ["s3", "gcs", "azure"])
-def test_blob_channels_chosen_by_name(kind: str, blob_stores: dict[str, Any], tmp_path: Path) -> None:
-    _, env = blob_stores[kind]
+def test_blob_channels_chosen_by_name(kind: str, blob_stores: dict[str, dict[str, str]], tmp_path: Path) -> None:
+    env = blob_stores[kind]
     bucket = make_bucket(kind, env)
     module, loader, writer = CHILDREN[kind]
     child = script(tmp_path, BLOB_CHILD.format(module=module, loader=loader, writer=writer))

@@ -32,7 +32,7 @@ from typing import Any
 import pytest
 
 from tests.conftest import REPO_ROOT
-from tests.servers import Server, azurite_connection_string, start_azurite, start_gcs, start_moto
+from tests.servers import blob_servers_for_default_clients
 
 DOCS = REPO_ROOT / "docs"
 MKDOCS = Path(sys.executable).parent / "mkdocs"
@@ -162,24 +162,8 @@ def test_the_migration_table_names_every_dagster_pipes_name() -> None:
 
 @pytest.fixture(scope="module")
 def blob_env() -> Iterator[dict[str, dict[str, str]]]:
-    """The local S3, GCS and Azure servers and the environment each SDK's default client reads."""
-    started: list[Server] = []
-    try:
-        moto = start_moto()
-        started.append(moto)
-        gcs = start_gcs()
-        started.append(gcs)
-        azurite = start_azurite()
-        started.append(azurite)
-        yield {
-            "s3": {"AWS_ENDPOINT_URL": moto.url, "AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
-                   "AWS_DEFAULT_REGION": "us-east-1"},
-            "gcs": {"STORAGE_EMULATOR_HOST": gcs.url},
-            "azure": {"AZURE_STORAGE_CONNECTION_STRING": azurite_connection_string(azurite.url)},
-        }
-    finally:
-        for server in started:
-            server.stop()
+    with blob_servers_for_default_clients() as envs:
+        yield envs
 
 
 def engine_env(needs: str | None, request: pytest.FixtureRequest) -> dict[str, str]:
