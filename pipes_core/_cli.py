@@ -724,8 +724,8 @@ class _LibraryWarnings(logging.Handler):
         try:
             sys.stderr.write(_safe(in_cli_words(record.getMessage())) + "\n")
             sys.stderr.flush()
-        except Exception:  # a warning must not end the run
-            self.handleError(record)
+        except Exception:  # a warning that cannot be written must not end the run, nor print a traceback
+            pass
 
 
 _LIBRARY_WARNINGS = _LibraryWarnings()
