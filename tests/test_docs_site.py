@@ -361,3 +361,11 @@ def test_the_site_in_a_real_browser(served: str, site: Path, chromium: str) -> N
     assert {url.removeprefix(served) for url in reached} == site_pages(site)
     assert {page: found for page, found in errors.items() if found} == {}
     assert SEARCH_TERM in found
+
+
+def test_troubleshooting_covers_every_protocol_error_kind() -> None:
+    from pipes_ext import PipesProtocolErrorKind
+
+    text = (DOCS / "troubleshooting.md").read_text(encoding="utf-8")
+    listed = set(re.findall(r"^\| `([a-z_]+)` \|", text, re.MULTILINE))
+    assert {kind.value for kind in PipesProtocolErrorKind} <= listed
