@@ -367,5 +367,5 @@ def test_troubleshooting_covers_every_protocol_error_kind() -> None:
     from pipes_ext import PipesProtocolErrorKind
 
     text = (DOCS / "troubleshooting.md").read_text(encoding="utf-8")
-    listed = set(re.findall(r"^\| `([a-z_]+)` \|", text, re.MULTILINE))
+    listed = set(re.findall(r"^\| `([a-z0-9_]+)` \|", text, re.MULTILINE))
     assert {kind.value for kind in PipesProtocolErrorKind} <= listed
