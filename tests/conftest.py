@@ -32,7 +32,8 @@ PYTHON = sys.executable
 os.environ.setdefault("PIPES_CONFORMANCE_JOBS", "8")
 
 # Engine fixtures (session-scoped, each skipping with its reason when the engine cannot run here).
-pytest_plugins = ["tests.engines_slurm", "tests.engines_docker", "tests.engines_ray", "tests.engines_prefect"]
+pytest_plugins = ["tests.engines_slurm", "tests.engines_docker", "tests.engines_ray", "tests.engines_prefect",
+                  "tests.engines_browser"]
 
 
 @pytest.fixture(autouse=True)

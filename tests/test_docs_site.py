@@ -19,8 +19,6 @@ import inspect
 import json
 import os
 import re
-import shutil
-import signal
 import subprocess
 import sys
 import threading
@@ -36,10 +34,6 @@ from tests.servers import blob_servers_for_default_clients
 
 DOCS = REPO_ROOT / "docs"
 MKDOCS = Path(sys.executable).parent / "mkdocs"
-CHROMIUM = shutil.which("chromium")
-# The flags that work on these machines (closed network: no background connections, no QUIC).
-CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-                  "--disable-background-networking", "--disable-component-update", "--disable-sync"]
 # A bound that only catches a hang (a page, a program); never a timed assertion.
 HANG_SECONDS = 300.0
 SEARCH_TERM = "PipesDockerClient"
@@ -279,39 +273,6 @@ class DevTools:
         result = await self.call("Runtime.evaluate", expression=expression, returnByValue=True, awaitPromise=True)
         assert "exceptionDetails" not in result, result
         return result["result"].get("value")
-
-
-@pytest.fixture
-def chromium(tmp_path: Path) -> Iterator[str]:
-    """A headless Chromium with a fresh profile; yields its DevTools websocket URL of a blank page."""
-    if CHROMIUM is None:
-        pytest.skip("Debian's chromium is not installed (.ci/test installs it)")
-    process = subprocess.Popen([CHROMIUM, *CHROMIUM_FLAGS, f"--user-data-dir={tmp_path / 'profile'}",
-                                "--remote-debugging-port=0", "about:blank"], stdout=subprocess.DEVNULL,
-                               stderr=subprocess.PIPE, text=True, start_new_session=True)
-    assert process.stderr is not None
-    drain: threading.Thread | None = None
-    try:
-        for line in process.stderr:  # Chromium says where it listens before anything else can be asked
-            found = re.search(r"DevTools listening on (ws://\S+)", line)
-            if found:
-                break
-        else:
-            raise AssertionError(f"chromium exited {process.wait()} without listening")
-        port = found.group(1).split(":")[2].split("/")[0]
-        drain = threading.Thread(target=process.stderr.read, daemon=True)  # keep its stderr drained
-        drain.start()
-        import urllib.request
-
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}/json/list", timeout=HANG_SECONDS) as answer:
-            targets = json.load(answer)
-        yield next(t["webSocketDebuggerUrl"] for t in targets if t["type"] == "page")
-    finally:
-        os.killpg(process.pid, signal.SIGKILL)  # the browser and every process it started
-        process.wait()
-        if drain is not None:
-            drain.join()
-        process.stderr.close()
 
 
 NAV_LINKS = "Array.from(document.querySelectorAll('nav.md-nav--primary a.md-nav__link[href]')).map(a => a.href)"
