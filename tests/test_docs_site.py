@@ -330,3 +330,19 @@ def test_troubleshooting_covers_every_protocol_error_kind() -> None:
     text = (DOCS / "troubleshooting.md").read_text(encoding="utf-8")
     listed = set(re.findall(r"^\| `([a-z0-9_]+)` \|", text, re.MULTILINE))
     assert {kind.value for kind in PipesProtocolErrorKind} <= listed
+
+
+# README lines at most: what it is, install, the two commands, a quick start and a map of the docs (issue 23).
+README_MAX_LINES = 250
+
+
+def test_the_readme_is_short_and_its_links_resolve() -> None:
+    readme = (REPO_ROOT / "README.md").read_text(encoding="utf-8")
+    assert len(readme.splitlines()) <= README_MAX_LINES
+    targets = re.findall(r"\]\(([^)#]+)(?:#[^)]*)?\)", readme)
+    local = [t for t in targets if not t.startswith(("http://", "https://"))]
+    assert local and all((REPO_ROOT / t).exists() for t in local), [t for t in local if not (REPO_ROOT / t).exists()]
+    mapped = {t.removeprefix("docs/") for t in local if t.startswith("docs/") and t.endswith(".md")}
+    pages = {p.relative_to(DOCS).as_posix() for p in DOCS.rglob("*.md")}
+    assert pages <= mapped, sorted(pages - mapped)  # the map names every page
+    assert "bash .ci/docs" in readme
