@@ -2,30 +2,17 @@
 
 from __future__ import annotations
 
-import json
 import os
-import sys
 import textwrap
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
+# Shared helpers live in tests.support.helpers; these names stay importable from here for older imports.
+from tests.support.helpers import PYTHON, REPO_ROOT, cli_json_events, raw_cli_json_events
 
-
-def raw_cli_json_events(stdout: str) -> list[dict[str, object]]:
-    """The objects ``pipes run --json`` printed, one per line."""
-    return [json.loads(line) for line in stdout.splitlines() if line.strip()]
-
-
-def cli_json_events(stdout: str) -> list[dict[str, object]]:
-    """The objects ``pipes run --json`` printed, without the ``time`` and ``run_id`` that each must carry."""
-    events = raw_cli_json_events(stdout)
-    for event in events:
-        assert isinstance(event.pop("time"), str) and isinstance(event.pop("run_id"), str), event
-    return events
-PYTHON = sys.executable
+__all__ = ["PYTHON", "REPO_ROOT", "cli_json_events", "raw_cli_json_events"]
 
 # The conformance suite runs one harness per CPU by default; the suite's reference runs (three harnesses at once,
 # most of each run spent waiting on the other side) keep the 8 they always had, or they take minutes longer.

@@ -58,6 +58,7 @@ from pipes_ext.azure import (
 )
 from tests.faultproxy import FaultProxy
 from tests.servers import Server, azurite_connection_string, start_azurite
+from tests.support.helpers import wait_until
 
 PYTHON = sys.executable
 CONN_ENV = "AZURE_STORAGE_CONNECTION_STRING"
@@ -127,13 +128,6 @@ def save_stats(writer):
 
 """
 
-
-def wait_until(predicate: Callable[[], bool], timeout: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError("condition not met within the timeout")
-        time.sleep(0.01)
 
 
 def stored_chunks(service: BlobServiceClient, container: str, key_prefix: str) -> dict[int, bytes]:

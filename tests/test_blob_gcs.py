@@ -24,6 +24,8 @@ from typing import Any
 
 import pytest
 
+from tests.support.helpers import wait_until
+
 with warnings.catch_warnings():
     # google-api-core warns at import when grpcio is installed (dagster brings it) without grpcio-status; this
     # runs at collection time, where pytest marks do not apply.
@@ -168,13 +170,6 @@ def chunks_in(client: Any, bucket: str) -> list[bytes]:
     assert sorted(found) == list(range(1, len(found) + 1))
     return [found[i] for i in sorted(found)]
 
-
-def wait_until(predicate: Callable[[], bool], timeout: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError("condition not met within the timeout")
-        time.sleep(0.01)
 
 
 def custom_payloads(events: list[PipesEvent]) -> list[Any]:

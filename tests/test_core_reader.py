@@ -31,6 +31,7 @@ from pipes_core import (
     open_pipes_session,
 )
 from pipes_ext._protocol import dumps_message
+from tests.support.helpers import wait_until
 
 PYTHON = sys.executable
 OPENED = dumps_message("opened", {"extras": {}})
@@ -40,13 +41,6 @@ CLOSED = dumps_message("closed", {})
 def custom(payload: Any) -> str:
     return dumps_message("report_custom_message", {"payload": payload})
 
-
-def wait_until(predicate: Callable[[], bool], timeout: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError("condition not met within the timeout")
-        time.sleep(0.002)
 
 
 @contextmanager

@@ -9,9 +9,8 @@ from __future__ import annotations
 import json
 import logging
 import os
-import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import datetime, timezone
 from typing import Any
@@ -42,6 +41,7 @@ from pipes_core import (
 )
 from pipes_ext import PipesCliArgsParamsLoader, PipesContext, PipesMappingParamsLoader, open_pipes
 from pipes_ext._protocol import dumps_message
+from tests.support.helpers import wait_until
 
 CONTEXT_KEYS = {
     "asset_keys",
@@ -56,13 +56,6 @@ CONTEXT_KEYS = {
     "extras",
 }
 
-
-def wait_until(predicate: Callable[[], bool], timeout: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError("condition not met within the timeout")
-        time.sleep(0.005)
 
 
 def external(session: PipesSession) -> PipesContext:

@@ -28,6 +28,7 @@ from pipes_core import (
     PipesTimeoutError,
     PipesUsageError,
 )
+from tests.support.helpers import wait_until
 
 PYTHON = sys.executable
 WriteScript = Callable[..., Path]
@@ -84,14 +85,6 @@ def open_fds() -> dict[str, str]:
             pass
     return fds
 
-
-def wait_until(predicate: Callable[[], bool], timeout: float = 10.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.01)
-    return True
 
 
 # ---------------------------------------------------------------------------------------------- success
@@ -583,7 +576,7 @@ def run_interrupted_orchestrator(
         elapsed = time.monotonic() - sent
         survivors = {
             name: pid for name, pid in pids.items()
-            if not wait_until(lambda p=pid: not is_alive(p), timeout=30)
+            if not wait_until(lambda p=pid: not is_alive(p), timeout=30, fail=False)
         }
     finally:
         for pid in (proc.pid, *pids.values()):  # only processes this test started
