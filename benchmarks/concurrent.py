@@ -130,7 +130,7 @@ def _child_env() -> dict[str, str]:
 def run_async(probe: Probe, command: list[str]) -> None:
     import asyncio
 
-    from pipes_core._async import PipesAsyncSubprocessClient
+    from pipes_core._async_client import PipesAsyncSubprocessClient
 
     async def one(index: int) -> None:
         started = time.monotonic()

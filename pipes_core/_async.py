@@ -638,12 +638,3 @@ async def _stream_reader(pipe: Any) -> tuple[asyncio.StreamReader, asyncio.BaseT
     transport, _ = await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader, loop=loop), pipe)
     return reader, transport
 
-
-def __getattr__(name: str) -> object:
-    """``PipesAsyncSubprocessClient`` lives in :mod:`pipes_core._async_client` (with the asyncio driver of the
-    lifecycle); still importable from here."""
-    if name == "PipesAsyncSubprocessClient":
-        from ._async_client import PipesAsyncSubprocessClient
-
-        return PipesAsyncSubprocessClient
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

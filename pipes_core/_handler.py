@@ -88,7 +88,6 @@ from ._run_context import PipesRunContext
 
 if TYPE_CHECKING:
     from ._observe import RunObserver
-    from ._readers import PipesMessageReader
 
 __all__ = [
     "PipesMessageHandler",
@@ -244,7 +243,7 @@ class PipesMessageHandler:
     def __init__(
         self,
         context_data: Mapping[str, Any] | PipesRunContext,
-        message_reader: PipesMessageReader | None = None,
+        message_reader: object | None = None,
         *,
         on_event: Callable[[PipesEvent], None] | None = None,
         retain_messages: bool = True,

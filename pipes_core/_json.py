@@ -40,6 +40,7 @@ from ._results import (
     PipesOpenedEvent,
     PipesProtocolIssue,
     PipesRemoteException,
+    register_json_encoder,
 )
 
 __all__ = [
@@ -160,3 +161,6 @@ def event_to_json(event: PipesEvent, form: EventJsonForm = "cli") -> dict[str, A
     event_name, method = EVENT_NAMES[type(event)]
     head = {"method": method} if form == "wire" else {"event": event_name}
     return {**head, **encode(event, form)}
+
+
+register_json_encoder(event_to_json)

@@ -14,16 +14,31 @@ over-long output line included, as it streams.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import Protocol
 
-from pipes_ext._errors import PipesUsageError
+from pipes_ext._errors import PipesProtocolErrorKind, PipesUsageError
 
 from ._results import ISSUE_EXCERPT_BYTES
 
-if TYPE_CHECKING:
-    from ._handler import PipesMessageHandler
+__all__ = ["LineSplitter", "LineSink", "DEFAULT_MAX_LINE_BYTES"]
 
-__all__ = ["LineSplitter", "DEFAULT_MAX_LINE_BYTES"]
+
+class LineSink(Protocol):
+    """What a :class:`LineSplitter` hands its lines to: :class:`pipes_core._handler.PipesMessageHandler` (named
+    by its methods here so that the splitter, below the handler, does not import it)."""
+
+    def handle_line(self, line: str | bytes, source: str = "") -> None: ...
+
+    def handle_lines(self, data: bytes, source: str = "") -> None: ...
+
+    def report_line_too_long(
+        self, head: bytes | bytearray | memoryview, size: int, source: str, max_line_bytes: int, *, ended: bool = True
+    ) -> None: ...
+
+    def report_issue(
+        self, reason: str, raw: str | bytes, source: str = ..., kind: PipesProtocolErrorKind = ..., *,
+        size: int | None = ..., handled: bool = ...,
+    ) -> None: ...
 
 # The default bound on one message line. 64 MiB is the cap on a decoded bootstrap value too: far more than any
 # message a control channel should carry (large data belongs in storage, referenced from a message), and small
@@ -68,7 +83,7 @@ class LineSplitter:
         max_line_bytes: the longest line parsed, newline excluded; longer ones are skipped and reported.
     """
 
-    def __init__(self, handler: PipesMessageHandler, source: str, max_line_bytes: int = DEFAULT_MAX_LINE_BYTES) -> None:
+    def __init__(self, handler: LineSink, source: str, max_line_bytes: int = DEFAULT_MAX_LINE_BYTES) -> None:
         self.handler = handler
         self.source = source
         self.max_line_bytes = max_line_bytes
@@ -210,8 +225,6 @@ class LineSplitter:
         reported, not parsed: its writer may have been killed mid-write, and nothing says it is complete."""
         if _is_blank(buffer):
             return
-        from pipes_ext._errors import PipesProtocolErrorKind
-
         self.handler.report_issue(
             "truncated final line: the messages ended without a newline (was the writer killed mid-write?); "
             "the partial line was not parsed",

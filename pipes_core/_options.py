@@ -26,7 +26,7 @@ elif TYPE_CHECKING:  # Python 3.10: only type checkers read the annotations (``f
     from typing_extensions import Unpack
 
 if TYPE_CHECKING:
-    from ._client import PipesLaunchedProcess
+    from ._launched import PipesLaunchedProcess
     from ._observe import RunObserver
     from ._results import PipesEvent
     from ._run_store import PipesRunStore

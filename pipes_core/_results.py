@@ -7,6 +7,7 @@ components. Every event is an immutable dataclass; :data:`PipesEvent` is their u
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -30,6 +31,16 @@ __all__ = [
     "metadata_from_wire",
 ]
 
+# The one JSON encoder of events (``event_to_json``, in the JSON module beside this one), which imports this module
+# for the event types: it registers itself here when imported (``pipes_core`` imports it), so that this module needs
+# no import of it. A list of one, so that registering replaces it.
+_JSON_ENCODER: list[Callable[[Any], dict[str, Any]]] = []
+
+
+def register_json_encoder(encoder: Callable[[Any], dict[str, Any]]) -> None:
+    """Make ``encoder`` the function ``to_dict()`` of every event calls (the JSON module does, once)."""
+    _JSON_ENCODER[:] = [encoder]
+
 
 @dataclass(frozen=True)
 class _JsonEvent:
@@ -43,9 +54,7 @@ class _JsonEvent:
 
     def to_dict(self) -> dict[str, Any]:
         """The JSON-ready dict of this event, as printed by ``pipes run --json`` (``{"event": ..., ...}``)."""
-        from ._json import event_to_json  # the encoders import this module
-
-        return event_to_json(self)  # type: ignore[arg-type]  # every subclass is a PipesEvent
+        return _JSON_ENCODER[0](self)
 
 
 @dataclass(frozen=True)

@@ -24,7 +24,7 @@ from pipes_core import (
     PipesSubprocessClient,
     PipesTimeoutError,
 )
-from pipes_core._async import PipesAsyncSubprocessClient
+from pipes_core._async_client import PipesAsyncSubprocessClient
 from pipes_core._json import event_to_json
 from pipes_core._subprocess import command_name
 
