@@ -13,6 +13,7 @@ nothing beyond ``pipes_core``.
 
 from __future__ import annotations
 
+import importlib
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -33,6 +34,8 @@ __all__ = [
     "CONTEXT_CHANNELS",
     "MESSAGE_CHANNELS",
     "BLOB_CHANNELS",
+    "BlobChannel",
+    "blob_channel_class",
     "make_context_injector",
     "make_message_reader",
 ]
@@ -76,25 +79,41 @@ def _need_bucket(options: PipesChannelOptions, what: str) -> str:
     return options.bucket
 
 
-def _blob_class(channel: str, role: str) -> Any:
-    """The backend's injector (``role="context"``) or reader class, imported on first use."""
-    if channel == "s3":
-        from . import s3
+@dataclass(frozen=True)
+class BlobChannel:
+    """A blob-store channel: the module holding its classes (imported on first use, as it needs the backend's
+    SDK extra) and the names of its context injector and message reader there."""
 
-        return s3.PipesS3ContextInjector if role == "context" else s3.PipesS3MessageReader
-    if channel == "gcs":
-        from . import gcs
+    module: str
+    injector: str
+    reader: str
 
-        return gcs.PipesGCSContextInjector if role == "context" else gcs.PipesGCSMessageReader
-    from . import azure
 
-    return (azure.PipesAzureBlobStorageContextInjector if role == "context"
-            else azure.PipesAzureBlobStorageMessageReader)
+BLOB_CHANNELS: dict[str, BlobChannel] = {
+    "s3": BlobChannel("pipes_core.s3", "PipesS3ContextInjector", "PipesS3MessageReader"),
+    "gcs": BlobChannel("pipes_core.gcs", "PipesGCSContextInjector", "PipesGCSMessageReader"),
+    "azure": BlobChannel(
+        "pipes_core.azure", "PipesAzureBlobStorageContextInjector", "PipesAzureBlobStorageMessageReader"),
+}
+"""Blob channel name -> where its classes are; a new blob store is one entry here."""
+
+
+def blob_channel_class(channel: str, role: str) -> Any:
+    """The backend's injector (``role="context"``) or reader class, imported on first use.
+
+    Raises:
+        PipesUsageError: ``channel`` is not a blob channel (the message lists the known ones).
+    """
+    entry = BLOB_CHANNELS.get(channel)
+    if entry is None:
+        raise PipesUsageError(f"unknown blob channel {channel!r}; known: {', '.join(BLOB_CHANNELS)}")
+    module = importlib.import_module(entry.module)
+    return getattr(module, entry.injector if role == "context" else entry.reader)
 
 
 def _blob_injector(channel: str) -> Callable[[PipesChannelOptions], PipesContextInjector]:
     def make(options: PipesChannelOptions) -> PipesContextInjector:
-        injector: PipesContextInjector = _blob_class(channel, "context")(
+        injector: PipesContextInjector = blob_channel_class(channel, "context")(
             _need_bucket(options, f"{channel} context injector"), options.client, key_prefix=options.key_prefix)
         return injector
 
@@ -107,7 +126,7 @@ def _blob_reader(channel: str) -> Callable[[PipesChannelOptions], PipesMessageRe
                                   "key_prefix": options.key_prefix}
         if options.interval is not None:
             kwargs["interval"] = options.interval
-        reader: PipesMessageReader = _blob_class(channel, "messages")(
+        reader: PipesMessageReader = blob_channel_class(channel, "messages")(
             _need_bucket(options, f"{channel} message reader"), options.client, **kwargs)
         return reader
 
@@ -125,7 +144,6 @@ def _stdio_reader(options: PipesChannelOptions) -> PipesMessageReader:
     return PipesStdioMessageReader(**kwargs)
 
 
-BLOB_CHANNELS = ("s3", "gcs", "azure")
 
 CONTEXT_CHANNELS: dict[str, Callable[[PipesChannelOptions], PipesContextInjector]] = {
     "env": lambda options: PipesEnvContextInjector(),

@@ -11,9 +11,11 @@ from pathlib import Path
 import pytest
 
 from pipes_core import (
+    PipesContextInjector,
     PipesEnvContextInjector,
     PipesFileContextInjector,
     PipesFileMessageReader,
+    PipesMessageReader,
     PipesStdioMessageReader,
     PipesTempFileContextInjector,
     PipesTempFileMessageReader,
@@ -24,6 +26,7 @@ from pipes_core._channels import (
     CONTEXT_CHANNELS,
     MESSAGE_CHANNELS,
     PipesChannelOptions,
+    blob_channel_class,
     make_context_injector,
     make_message_reader,
 )
@@ -137,3 +140,18 @@ def test_pipes_run_include_stdio_with_the_stdio_reader_is_refused(write_script: 
 def test_pipes_run_bad_bootstrap() -> None:
     done = run_pipes("run", "--bootstrap", "smoke", "--", "true")
     assert done.returncode == 2 and "--bootstrap" in done.stderr and "Traceback" not in done.stderr
+
+
+def test_blob_channels_are_a_registry_by_name() -> None:
+    # every entry names a module and two classes that exist there, of the right kind
+    for name in BLOB_CHANNELS:
+        injector, reader = blob_channel_class(name, "context"), blob_channel_class(name, "messages")
+        assert issubclass(injector, PipesContextInjector) and issubclass(reader, PipesMessageReader)
+        assert injector.__module__ == reader.__module__ == f"pipes_core.{name}"
+
+
+@pytest.mark.parametrize("name", ["minio", "AZURE", ""])
+def test_an_unknown_blob_channel_is_an_error_listing_the_known_ones(name: str) -> None:
+    # before the registry, any name that was not s3 or gcs got the Azure classes
+    with pytest.raises(PipesUsageError, match=rf"^unknown blob channel {name!r}; known: s3, gcs, azure$"):
+        blob_channel_class(name, "context")
