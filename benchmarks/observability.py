@@ -67,7 +67,8 @@ def _block(n: int) -> bytes:
 
 def _handler_rate(block: bytes, n: int, observed: bool) -> float:
     from pipes_core import PipesMessageHandler
-    from pipes_core._observe import observers_for, run_attributes
+    from pipes_core._observe import run_attributes
+    from pipes_core._observers import observers_for
 
     handler = PipesMessageHandler({}, retain_messages=False, logger=logging.getLogger("bench-observability"))
     observer = observers_for(None) if observed else None
@@ -107,7 +108,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.disable(logging.CRITICAL)  # the child's log messages are events here, not output
     report = print_header(f"observability: {n:,} messages per run", quick=args.quick, repeat=repeat)
     from pipes_core import TraceFileWriter
-    from pipes_core._observe import observers_for
+    from pipes_core._observers import observers_for
 
     with tempfile.TemporaryDirectory(prefix="bench-observability-") as tmp:
         child = os.path.join(tmp, "child.py")

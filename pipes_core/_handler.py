@@ -30,7 +30,7 @@ import shlex
 import sys
 import threading
 from collections.abc import Callable, Mapping, Sequence
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 from pipes_ext._errors import PipesProtocolError, PipesProtocolErrorKind
 from pipes_ext._protocol import (
@@ -86,11 +86,9 @@ from ._results import (
 )
 from ._run_context import PipesRunContext
 
-if TYPE_CHECKING:
-    from ._observe import RunObserver
-
 __all__ = [
     "PipesMessageHandler",
+    "MessageObserver",
     "PipesRunLogger",
     "DEFAULT_LOGGER_NAME",
     "MAX_RETAINED_ISSUES",
@@ -100,6 +98,15 @@ __all__ = [
     "command_logger",
     "PipesHandlerSnapshot",
 ]
+
+
+class MessageObserver(Protocol):
+    """What the handler tells a run's observers (:class:`pipes_core._observe.RunObserver` has these two methods;
+    named here by them so that the handler, below the observers, does not import them)."""
+
+    def message(self, method: str, params: Mapping[str, Any], size: int) -> None: ...
+
+    def event(self, event: PipesEvent) -> None: ...
 
 # Records of the external process's `log` messages go to this logger unless another one is given.
 DEFAULT_LOGGER_NAME = "pipes_core.external"
@@ -261,7 +268,7 @@ class PipesMessageHandler:
         self._retain = retain_messages
         # The run's observers (pipes_core._observe), set by the client once the session is open: told each valid
         # message (with its size) and each event.
-        self.observer: RunObserver | None = None
+        self.observer: MessageObserver | None = None
         # The position in the channel of the next message line (see PipesEvent's ``position``), and of the one
         # being handled.
         self.next_position = 0

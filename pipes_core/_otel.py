@@ -62,7 +62,7 @@ from ._results import (
 )
 
 if TYPE_CHECKING:
-    from ._client import PipesClientCompletedInvocation
+    from ._invocation import PipesClientCompletedInvocation
     from ._results import PipesEvent
 
 __all__ = ["OTelRunObserver", "otel_observer", "otel_available", "INSTRUMENTATION_NAME", "SPAN_RUN"]

@@ -34,7 +34,7 @@ from ._observe import ATTR_EXIT_CODE, ATTR_OUTCOME, ATTR_PROCESS, RunObserver, c
 from ._results import PipesProtocolIssue
 
 if TYPE_CHECKING:
-    from ._client import PipesClientCompletedInvocation
+    from ._invocation import PipesClientCompletedInvocation
     from ._results import PipesEvent
 
 __all__ = ["TraceFileWriter", "TRACE_PHASE_COMPLETE", "TRACE_PHASE_INSTANT", "TRACE_PHASE_METADATA",

@@ -33,7 +33,7 @@ from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
 )
 
 from pipes_core import PipesRunContext, PipesStdioMessageReader, PipesSubprocessClient, TraceFileWriter
-from pipes_core._observe import observers_for
+from pipes_core._observers import observers_for
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 PYTHON = sys.executable
