@@ -324,3 +324,66 @@ def test_no_subcommand_is_a_usage_error_that_mentions_version() -> None:
     assert proc.stdout == ""
     assert "pipes run [OPTIONS] -- COMMAND" in proc.stderr and "pipes --version" in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+# ---------------------------------------------------------------------------------------------- registries
+
+
+def test_every_event_type_has_its_printed_line() -> None:
+    # the human output looks each event's line up by its type: every type of PipesEvent has one
+    from typing import get_args
+
+    from pipes_core import PipesEvent
+    from pipes_core._cli import EVENT_LINES
+
+    assert set(get_args(PipesEvent)) == set(EVENT_LINES)
+
+
+def test_an_event_type_without_a_line_prints_as_itself_not_as_a_protocol_issue() -> None:
+    # a new event type that was not given its line yet: printed with its class name, never as a protocol issue
+    import io
+    from dataclasses import dataclass
+
+    from pipes_core import PipesProtocolErrorKind, PipesProtocolIssue
+    from pipes_core._cli import _Printer
+
+    @dataclass(frozen=True)
+    class PipesHeartbeatEvent:
+        beat: int
+
+    out = io.StringIO()
+    printer = _Printer(out, as_json=False, colour=False)
+    printer(PipesHeartbeatEvent(beat=3))  # type: ignore[arg-type]  # not (yet) a PipesEvent
+    printer(PipesProtocolIssue(reason="bad line", raw="x", kind=PipesProtocolErrorKind.OTHER))
+    first, second = out.getvalue().splitlines()
+    assert first == "[pipes] PipesHeartbeatEvent: " + str(PipesHeartbeatEvent(beat=3))
+    assert second.startswith("[pipes] protocol issue: ")
+    assert printer.counts["protocol_issues"] == 1
+
+
+LAUNCHER_FLAGS = {"docker": ["--docker", "img"], "ray": ["--ray", "127.0.0.1:1"], "slurm": ["--slurm"]}
+
+
+def test_the_launchers_are_a_registry_of_the_command_line() -> None:
+    from pipes_core._cli import LAUNCHERS
+
+    assert set(LAUNCHERS) == set(LAUNCHER_FLAGS)  # a new launcher joins the tests below through this table
+    assert all(launcher.flag == LAUNCHER_FLAGS[name][0] for name, launcher in LAUNCHERS.items())
+
+
+@pytest.mark.parametrize(("first", "second"), [("docker", "ray"), ("docker", "slurm"), ("ray", "slurm")])
+def test_two_launchers_are_a_usage_error_naming_both(first: str, second: str) -> None:
+    proc = run_pipes("run", *LAUNCHER_FLAGS[second], *LAUNCHER_FLAGS[first], "--", "true")
+    assert proc.returncode == 2 and proc.stdout == ""
+    flags = f"{LAUNCHER_FLAGS[first][0]} and {LAUNCHER_FLAGS[second][0]} cannot be combined"
+    assert proc.stderr.count("\n") == 1 and flags in proc.stderr, proc.stderr
+
+
+@pytest.mark.parametrize(("flag", "needs"), [
+    (["--docker-arg=--network=none"], "--docker-arg needs --docker IMAGE"),
+    (["--slurm-conf", "/etc/slurm.conf"], "--slurm-conf needs --slurm"),
+    (["--ray", "127.0.0.1:1", "--sbatch-arg=-p=x"], "--sbatch-arg needs --slurm"),
+])
+def test_a_launcher_flag_without_its_launcher_is_a_usage_error(flag: list[str], needs: str) -> None:
+    proc = run_pipes("run", *flag, "--", "true")
+    assert proc.returncode == 2 and proc.stderr.count("\n") == 1 and needs in proc.stderr, proc.stderr
