@@ -94,10 +94,28 @@ def cycles(graph: dict[str, set[str]]) -> list[list[str]]:
     return result
 
 
+# Cycles known and not untangled yet. Each is named here, so that any other cycle fails the test, and the test
+# fails too once one of these is gone (remove it then). The durable-runs modules landed after this test: the run
+# driver builds a DurableRun, which types the client; the durable run waits on the local child's pid file; the
+# subprocess launcher starts and re-attaches its durable child, which uses its local-process primitives.
+KNOWN_CYCLES = [
+    {
+        "pipes_core._client",
+        "pipes_core._durable",
+        "pipes_core._durable_local",
+        "pipes_core._subprocess",
+    },
+]
+
+
 def test_pipes_core_has_no_import_cycle() -> None:
     graph = import_graph()
     assert len(graph) > 20 and "pipes_core.docker" in graph  # the walk found the package
-    assert cycles(graph) == [], "import cycles (each list is one strongly connected set of modules)"
+    found = [set(cycle) for cycle in cycles(graph)]
+    unknown = [sorted(cycle) for cycle in found if cycle not in KNOWN_CYCLES]
+    assert unknown == [], "import cycles (each list is one strongly connected set of modules)"
+    gone = [sorted(cycle) for cycle in KNOWN_CYCLES if cycle not in found]
+    assert gone == [], "these cycles are gone: remove them from KNOWN_CYCLES"
 
 
 def test_the_cycle_finder_finds_cycles() -> None:
