@@ -50,6 +50,7 @@ from pipes_ext._blob import RetryPolicy
 from pipes_ext.s3 import PipesS3ContextLoader, PipesS3MessageWriter
 from tests import servers
 from tests.faultproxy import FaultProxy
+from tests.support.helpers import wait_until
 
 PYTHON = sys.executable
 REGION = "us-east-1"
@@ -125,13 +126,6 @@ def proxied(proxy: FaultProxy, make_client: Callable[..., Any]) -> Any:
 
 # ---------------------------------------------------------------------------------------------- helpers
 
-
-def wait_for(condition: Callable[[], bool], timeout: float = 15.0, what: str = "condition") -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
-        time.sleep(0.01)
 
 
 def chunk_objects(client: Any, bucket: str, prefix: str) -> list[bytes]:
@@ -412,14 +406,14 @@ def test_an_outage_longer_than_the_retry_budget_does_not_stop_either_side(
     with s3_session(client, bucket, proxied, interval=0.05, retry=retry) as session:
         with external(session, proxied, interval=0.05, retry=retry) as (pipes, channel):
             pipes.report_custom_message("before")
-            wait_for(lambda: payloads(session) == ["before"], what="the first message")
+            wait_until(lambda: payloads(session) == ["before"], what="the first message")
             proxy.fail_next(4, 503, method="PUT")
             pipes.report_custom_message("after a PUT outage")
-            wait_for(lambda: payloads(session)[-1:] == ["after a PUT outage"], what="delivery after the PUT outage")
+            wait_until(lambda: payloads(session)[-1:] == ["after a PUT outage"], what="delivery after the PUT outage")
             proxy.fail_next(4, 503, method="GET")
-            wait_for(lambda: proxy.faults == 8, what="the GET outage")
+            wait_until(lambda: proxy.faults == 8, what="the GET outage")
             pipes.report_custom_message("after a GET outage")
-            wait_for(lambda: payloads(session)[-1:] == ["after a GET outage"], what="delivery after the GET outage")
+            wait_until(lambda: payloads(session)[-1:] == ["after a GET outage"], what="delivery after the GET outage")
             assert channel.error is None
     assert payloads(session) == ["before", "after a PUT outage", "after a GET outage"]
     assert session.closed and session.issue_count == 0
@@ -432,7 +426,7 @@ def test_slow_responses_and_read_timeouts(
 ) -> None:
     slow = make_client(proxy.url, one_attempt=True, read_timeout=0.5, connect_timeout=2)
     with s3_session(client, bucket, slow, interval=30) as session:
-        wait_for(lambda: proxy.requests >= 1, what="the reader's first poll")  # it looks for chunk 1 only
+        wait_until(lambda: proxy.requests >= 1, what="the reader's first poll")  # it looks for chunk 1 only
         with external(session, slow, interval=30, max_chunk_bytes=500) as (pipes, channel):
             # chunk 2's PUT answers after the client gave up: retried, and stored once under the same number
             proxy.delay_next(1, 1.2, path_contains="/2.json")
@@ -545,10 +539,10 @@ def test_missing_chunk_is_reported_and_reading_goes_on(
         with external(session, client, interval=30, max_chunk_bytes=1) as (pipes, channel):
             for text in ("in chunk 2", "in chunk 3", "in chunk 4"):  # opened is chunk 1
                 pipes.report_custom_message(text)
-            wait_for(lambda: channel.chunks_uploaded == 4, what="4 chunks")
+            wait_until(lambda: channel.chunks_uploaded == 4, what="4 chunks")
             client.delete_object(Bucket=bucket, Key=f"{prefix}/2.json")
-            wait_for(lambda: session.issue_count == 1, what="the missing chunk to be reported")
-            wait_for(lambda: len(payloads(session)) == 2, what="the chunks after the gap")  # while still running
+            wait_until(lambda: session.issue_count == 1, what="the missing chunk to be reported")
+            wait_until(lambda: len(payloads(session)) == 2, what="the chunks after the gap")  # while still running
             assert not session.closed
             pipes.report_custom_message("after the gap")
     assert payloads(session) == ["in chunk 3", "in chunk 4", "after the gap"]
@@ -570,7 +564,7 @@ def test_writer_uploads_on_size_with_chunks_near_the_cap(client: Any, bucket: st
     for line in lines:
         channel.write_line(line)
     # uploaded because of size, long before the 60 s interval
-    wait_for(lambda: channel.chunks_uploaded >= total // cap - 3, timeout=20, what="size-triggered uploads")
+    wait_until(lambda: channel.chunks_uploaded >= total // cap - 3, timeout=20, what="size-triggered uploads")
     channel.close()
     chunks = chunk_objects(client, bucket, "burst")
     assert b"\n".join(chunks).decode().split("\n") == lines
@@ -590,10 +584,10 @@ def test_writer_keeps_messages_across_a_failed_upload(
     proxy.fail_next(2, 503, method="PUT")
     channel = writer.open({"bucket": bucket, "key_prefix": "kept"})
     channel.write_line("first")
-    wait_for(lambda: proxy.faults == 2, what="the failed upload")
+    wait_until(lambda: proxy.faults == 2, what="the failed upload")
     assert all_keys(client, bucket) == []
     channel.write_line("second")
-    wait_for(lambda: channel.chunks_uploaded == 1, what="the retried upload")
+    wait_until(lambda: channel.chunks_uploaded == 1, what="the retried upload")
     assert chunk_objects(client, bucket, "kept") == [b"first\nsecond"]
     channel.write_line("third")
     channel.close()
@@ -654,7 +648,7 @@ def test_close_timeout_exceeded_is_reported(client: Any, bucket: str, proxy: Fau
     with pytest.raises(PipesTransportError, match="closed"):
         channel.write_line("too late")
     # The late upload still lands (the daemon thread finishes it if the process lives on).
-    wait_for(lambda: channel.chunks_uploaded == 1, timeout=30, what="the delayed upload")
+    wait_until(lambda: channel.chunks_uploaded == 1, timeout=30, what="the delayed upload")
     assert chunk_objects(client, bucket, "late") == ["\n".join(json.dumps(i) for i in range(25)).encode()]
 
 

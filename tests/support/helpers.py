@@ -19,15 +19,17 @@ PYTHON = sys.executable
 WAIT_POLL_SECONDS = 0.005
 
 
-def wait_until(predicate: Callable[[], bool], timeout: float = 10.0, *, fail: bool = True) -> bool:
+def wait_until(predicate: Callable[[], bool], timeout: float = 15.0, *, fail: bool = True,
+               what: str = "the condition") -> bool:
     """Wait until ``predicate()`` holds: True once it does. At ``timeout`` seconds, raise an AssertionError
-    (``fail=True``, for a condition the test requires) or return False (``fail=False``, for a test that
-    reports what did not happen). For conditions another process makes true, where no event can be awaited."""
+    naming ``what`` (``fail=True``, for a condition the test requires) or return False (``fail=False``, for a
+    test that reports what did not happen). For conditions another process makes true, where no event can be
+    awaited."""
     deadline = time.monotonic() + timeout
     while not predicate():
         if time.monotonic() > deadline:
             if fail:
-                raise AssertionError(f"condition not met within {timeout} s")
+                raise AssertionError(f"timed out after {timeout} s waiting for {what}")
             return False
         time.sleep(WAIT_POLL_SECONDS)
     return True
