@@ -5,7 +5,8 @@
 Each side runs ``--jobs`` (default 50; ``--quick``: 5) Pipes-aware jobs at once (open, one message, close) and
 reports the wall time of the batch, the peak of this process's threads while it runs and its resident memory
 (the peak growth over the start of the batch, and both per run). The engine is private to the run
-(tests/engines_slurm.py, tests/engines_docker.py), started first and stopped at the end. Not a test: nothing here
+(tests/support/engines_slurm.py,
+tests/support/engines_docker.py), started first and stopped at the end. Not a test: nothing here
 asserts on time; read the ratios.
 """
 
@@ -24,9 +25,10 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from tests.support.helpers import PYTHON
+
 from ._report import benchmark_parser, print_header, print_report, write_json
 
-PYTHON = sys.executable
 # How many runs at once by default, and with --quick (keeps it working on a small machine).
 DEFAULT_JOBS = 50
 QUICK_JOBS = 5
@@ -116,7 +118,7 @@ def _slurm(slurm_conf: str | None) -> Iterator[tuple[Callable[[], Any], Callable
 @contextmanager
 def _docker(slurm_conf: str | None) -> Iterator[tuple[Callable[[], Any], Callable[[], Any], dict[str, Any]]]:
     from pipes_core.docker import PipesAsyncDockerClient, PipesDockerClient
-    from tests.engines_docker import start_engine
+    from tests.support.engines_docker import start_engine
 
     engine = start_engine()
     try:

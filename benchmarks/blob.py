@@ -1,7 +1,7 @@
 """Benchmark 6: 10,000 messages through each local blob-store server, ours vs the reference.
 
 Both sides run against the same local server (moto, gcp-storage-emulator, Azurite), with a counting proxy
-(``tests/faultproxy.py``, no faults) in front of it, so the HTTP requests of writer and reader together are
+(``tests/support/faultproxy.py``, no faults) in front of it, so the HTTP requests of writer and reader together are
 counted the same way for both. Chunks are the message objects the run left in its bucket. The reference is
 ``dagster_pipes``' writer in the child and ``dagster_aws`` / ``dagster_gcp`` / ``dagster_azure``'s reader in a
 Dagster op; both writers and both readers use the same 1 s interval.
@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import os
 import subprocess
-import sys
 import tempfile
 import textwrap
 import time
@@ -19,9 +18,9 @@ import uuid
 from typing import Any
 
 from conformance._servers import AZURITE_ACCOUNT, AZURITE_KEY, BlobServer, start_store, unavailable_reason
-from tests.faultproxy import FaultProxy
+from tests.support.faultproxy import FaultProxy
+from tests.support.helpers import PYTHON
 
-PYTHON = sys.executable
 INTERVAL = 1.0
 
 CLIENT_CODE = {

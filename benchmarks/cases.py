@@ -8,7 +8,6 @@ import os
 import resource
 import statistics
 import subprocess
-import sys
 import tempfile
 import textwrap
 import time
@@ -16,7 +15,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
-PYTHON = sys.executable
+from tests.support.helpers import PYTHON
 
 OURS_THROUGHPUT_CHILD = """
 import sys

@@ -31,9 +31,10 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
+from tests.support.helpers import REPO_ROOT as REPO
+
 from ._report import machine_info, write_json
 
-REPO = Path(__file__).resolve().parent.parent
 # The child opens, waits at a barrier until every child has opened (opening a FIFO for reading blocks, at no CPU
 # cost, until the orchestrator opens its other end), sleeps, sends its messages and closes. Without the barrier
 # the sleeps would not overlap: starting 500 Python processes takes longer than 2 s on 2 CPUs.
@@ -130,7 +131,7 @@ def _child_env() -> dict[str, str]:
 def run_async(probe: Probe, command: list[str]) -> None:
     import asyncio
 
-    from pipes_core._async_client import PipesAsyncSubprocessClient
+    from pipes_core.launch.async_client import PipesAsyncSubprocessClient
 
     async def one(index: int) -> None:
         started = time.monotonic()
@@ -228,7 +229,7 @@ def measure(variant: str, sessions: int, sleep: float, messages: int) -> dict[st
         if variant == "dagster":  # import the framework before the baseline, as the others import ours
             import dagster  # noqa: F401
         import pipes_core
-        import pipes_core._async  # noqa: F401
+        import pipes_core.launch.async_session  # noqa: F401
 
         probe = Probe(sessions)
         stop = threading.Event()

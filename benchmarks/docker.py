@@ -2,7 +2,7 @@
 Docker client against plain ``docker run`` and against Dagster's ``PipesDockerClient``, side by side in one run.
 
 Without ``--docker-host`` a private daemon is started for the run and the test image built in it
-(tests/engines_docker.py: needs root and Debian's docker.io + busybox-static), and stopped at the end. Every
+(tests/support/engines_docker.py: needs root and Debian's docker.io + busybox-static), and stopped at the end. Every
 container runs with ``--network none`` and an init process (our client's default; the same for the others).
 
 * **launch to exit**, the same image and Pipes-aware command (start Python, open, one message, close; its
@@ -85,7 +85,7 @@ def _engine(docker_host: str | None, image: str | None) -> Iterator[tuple[Any, s
         finally:
             client.close()
         return
-    from tests.engines_docker import DockerUnavailable, start_engine
+    from tests.support.engines_docker import DockerUnavailable, start_engine
 
     try:
         engine = start_engine()

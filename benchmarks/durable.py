@@ -27,10 +27,11 @@ import time
 from pathlib import Path
 from typing import Any
 
+from tests.support.helpers import PYTHON
+from tests.support.helpers import REPO_ROOT as REPO
+
 from ._report import benchmark_parser, print_header, print_report, repetitions, write_json
 
-PYTHON = sys.executable
-REPO = Path(__file__).resolve().parent.parent
 MESSAGES = 100_000
 QUICK_MESSAGES = 2_000
 

@@ -13,7 +13,7 @@ half ``log``, half custom messages, through the default temp-file channel), side
    OpenTelemetry observer against none: the per-message cost without the process and the channel.
 
 The global providers can be set once per process: the SDK is configured once, and "off" is the library's own
-"OpenTelemetry is not importable" switch (``pipes_core._otel._available``), so that the sides alternate. Not a
+"OpenTelemetry is not importable" switch (``pipes_core.observe.otel._available``), so that the sides alternate. Not a
 test: nothing asserts on time; figures on a shared machine are noisy (medians of ``--repeat`` runs).
 """
 
@@ -67,8 +67,8 @@ def _block(n: int) -> bytes:
 
 def _handler_rate(block: bytes, n: int, observed: bool) -> float:
     from pipes_core import PipesMessageHandler
-    from pipes_core._observe import run_attributes
-    from pipes_core._observers import observers_for
+    from pipes_core.observe.fanout import observers_for
+    from pipes_core.observe.observer import run_attributes
 
     handler = PipesMessageHandler({}, retain_messages=False, logger=logging.getLogger("bench-observability"))
     observer = observers_for(None) if observed else None
@@ -108,7 +108,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.disable(logging.CRITICAL)  # the child's log messages are events here, not output
     report = print_header(f"observability: {n:,} messages per run", quick=args.quick, repeat=repeat)
     from pipes_core import TraceFileWriter
-    from pipes_core._observers import observers_for
+    from pipes_core.observe.fanout import observers_for
 
     with tempfile.TemporaryDirectory(prefix="bench-observability-") as tmp:
         child = os.path.join(tmp, "child.py")
@@ -118,7 +118,7 @@ def main(argv: list[str] | None = None) -> int:
         block = _block(n)
         assert observers_for(None) is None, "an OpenTelemetry provider is configured already: 'off' would be on"
         exporter = _configure_sdk()
-        from pipes_core import _otel
+        from pipes_core.observe import otel as _otel
 
         sampled = _otel.LOG_EVENTS_PER_RUN
         samples: dict[str, list[float]] = {name: [] for name in (

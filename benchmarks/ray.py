@@ -1,6 +1,6 @@
 """``python -m benchmarks.ray [--repeat N] [--messages N] [--json FILE]``: PipesRayJobClient on a real local Ray head.
 
-One private head (tests/engines_ray.py) for the whole run, then, side by side in one run:
+One private head (tests/support/engines_ray.py) for the whole run, then, side by side in one run:
 
 * per-job overhead: the same trivial command (a Pipes script that opens, sends one message and closes) as a bare
   ``JobSubmissionClient`` submit-and-wait (status polled at the same interval as ours) vs ``PipesRayJobClient``,
@@ -24,7 +24,7 @@ from typing import Any
 
 from pipes_core import PipesCustomMessageEvent, PipesEvent
 from pipes_core.ray import RAY_STATUS_POLL_SECONDS, PipesRayJobClient
-from tests.engines_ray import start_head
+from tests.support.engines_ray import start_head
 
 from ._report import machine_info, summarise, write_json
 

@@ -30,9 +30,9 @@ import textwrap
 import threading
 from typing import Any
 
-from ._report import write_json
+from tests.support.helpers import PYTHON
 
-PYTHON = sys.executable
+from ._report import write_json
 
 CHILD = textwrap.dedent(
     """

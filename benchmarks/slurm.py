@@ -1,7 +1,7 @@
 """``python -m benchmarks.slurm [--quick] [--repeat N] [--json FILE] [--slurm-conf PATH]``: the Slurm client
 against the bare engine, side by side in one run.
 
-Without ``--slurm-conf`` a private one-node cluster is started for the run (tests/engines_slurm.py: munged,
+Without ``--slurm-conf`` a private one-node cluster is started for the run (tests/support/engines_slurm.py: munged,
 slurmctld, slurmd under a temp dir; needs root and Debian's slurm-wlm + munge) and stopped at the end.
 
 * **per-job wall time**, the same Pipes-aware command (start Python, open, one message, close): ours
@@ -34,9 +34,9 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from ._report import benchmark_parser, print_header, print_report, repetitions, write_json
+from tests.support.helpers import PYTHON
 
-PYTHON = sys.executable
+from ._report import benchmark_parser, print_header, print_report, repetitions, write_json
 
 ONE_MESSAGE_CHILD = """
 from pipes_ext import open_pipes
@@ -72,7 +72,7 @@ def _cluster(slurm_conf: str | None) -> Iterator[str]:
     if slurm_conf is not None:
         yield slurm_conf
         return
-    from tests.engines_slurm import slurm_unavailable_reason, start_slurm_cluster
+    from tests.support.engines_slurm import slurm_unavailable_reason, start_slurm_cluster
 
     reason = slurm_unavailable_reason()
     if reason is not None:

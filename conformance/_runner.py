@@ -35,8 +35,8 @@ from pipes_core import (
     PipesTransportError,
     event_to_json,
 )
-from pipes_core._channels import PipesChannelOptions, make_context_injector, make_message_reader
-from pipes_core._failures import last_line
+from pipes_core.channels.registry import PipesChannelOptions, make_context_injector, make_message_reader
+from pipes_core.protocol.failures import last_line
 from pipes_ext._protocol import (
     DAGSTER_PIPES_CONTEXT_ENV_VAR,
     DAGSTER_PIPES_MESSAGES_ENV_VAR,

@@ -2,7 +2,7 @@
 
 Each server runs as its own process on 127.0.0.1 on a free port, in its own process group, and is stopped by
 its own process id. A store whose client package or server is not installed is *unavailable*: its channels
-are skipped, with the reason. (The same approach as the project's ``tests/servers.py``, which is not shipped.)
+are skipped, with the reason. (The same approach as the project's ``tests/support/servers.py``, which is not shipped.)
 """
 
 from __future__ import annotations

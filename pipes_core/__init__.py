@@ -18,26 +18,34 @@ arguments you pass to it.
 
 from __future__ import annotations
 
-from pipes_ext._blob import PipesBlobStore
-from pipes_ext._protocol import (
-    DAGSTER_PIPES_CONTEXT_CLI_ARGUMENT,
-    DAGSTER_PIPES_CONTEXT_ENV_VAR,
-    DAGSTER_PIPES_MESSAGES_CLI_ARGUMENT,
-    DAGSTER_PIPES_MESSAGES_ENV_VAR,
-    PIPES_PROTOCOL_VERSION,
-    decode_param,
-    encode_param,
+from pipes_core.channels.blob import PipesBlobStoreMessageReader
+from pipes_core.channels.injectors import (
+    PipesContextInjector,
+    PipesEnvContextInjector,
+    PipesFileContextInjector,
+    PipesTempFileContextInjector,
 )
-from pipes_ext._types import PipesContextData, PipesExtras, PipesMessage, PipesParams
-
-from ._blob import PipesBlobStoreMessageReader
-from ._client import (
+from pipes_core.channels.log_readers import (
+    PipesBlobStoreLogReader,
+    PipesChunkedLogReader,
+    PipesFileLogReader,
+    PipesLogReader,
+)
+from pipes_core.channels.readers import PipesFileMessageReader, PipesMessageReader, PipesTempFileMessageReader
+from pipes_core.channels.stdio import PipesStdioMessageReader
+from pipes_core.launch.client import (
     PipesClient,
     PipesExitStatus,
     PipesLaunchedProcess,
     PipesLaunchRequest,
 )
-from ._errors import (
+from pipes_core.launch.options import RunOptions
+from pipes_core.launch.run_store import PipesRunRecord, PipesRunStore, PipesRunStoreError
+from pipes_core.launch.session import PipesSession, open_pipes_session
+from pipes_core.launch.subprocess import PipesClientCompletedInvocation, PipesSubprocessClient, SubprocessRunOptions
+from pipes_core.observe.observer import RunObserver
+from pipes_core.observe.trace_file import TraceFileWriter
+from pipes_core.protocol.errors import (
     PipesEngineErrorKind,
     PipesError,
     PipesExecutionError,
@@ -50,22 +58,12 @@ from ._errors import (
     PipesUsageError,
     PipesWarning,
 )
-from ._errors import (
+from pipes_core.protocol.errors import (
     PipesError as DagsterPipesError,
 )
-from ._handler import PipesMessageHandler
-from ._injectors import (
-    PipesContextInjector,
-    PipesEnvContextInjector,
-    PipesFileContextInjector,
-    PipesTempFileContextInjector,
-)
-from ._json import event_to_json
-from ._log_readers import PipesBlobStoreLogReader, PipesChunkedLogReader, PipesFileLogReader, PipesLogReader
-from ._observe import RunObserver
-from ._options import RunOptions
-from ._readers import PipesFileMessageReader, PipesMessageReader, PipesTempFileMessageReader
-from ._results import (
+from pipes_core.protocol.handler import PipesMessageHandler
+from pipes_core.protocol.json_events import event_to_json
+from pipes_core.protocol.results import (
     AssetCheckResult,
     MaterializeResult,
     MetadataValue,
@@ -79,12 +77,18 @@ from ._results import (
     PipesProtocolIssue,
     PipesRemoteException,
 )
-from ._run_context import PipesRunContext
-from ._run_store import PipesRunRecord, PipesRunStore, PipesRunStoreError
-from ._session import PipesSession, open_pipes_session
-from ._stdio import PipesStdioMessageReader
-from ._subprocess import PipesClientCompletedInvocation, PipesSubprocessClient, SubprocessRunOptions
-from ._trace_file import TraceFileWriter
+from pipes_core.protocol.run_context import PipesRunContext
+from pipes_ext._blob import PipesBlobStore
+from pipes_ext._protocol import (
+    DAGSTER_PIPES_CONTEXT_CLI_ARGUMENT,
+    DAGSTER_PIPES_CONTEXT_ENV_VAR,
+    DAGSTER_PIPES_MESSAGES_CLI_ARGUMENT,
+    DAGSTER_PIPES_MESSAGES_ENV_VAR,
+    PIPES_PROTOCOL_VERSION,
+    decode_param,
+    encode_param,
+)
+from pipes_ext._types import PipesContextData, PipesExtras, PipesMessage, PipesParams
 
 __all__ = [
     # sessions and clients
@@ -179,7 +183,8 @@ _ASYNC_NAMES = frozenset(__all__[__all__.index("open_pipes_session_async"):])
 def __getattr__(name: str) -> object:
     if name not in _ASYNC_NAMES:
         raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    from . import _async, _async_client
+    from pipes_core.launch import async_client as _async_client
+    from pipes_core.launch import async_session as _async
 
     value = getattr(_async_client if name in _async_client.__all__ else _async, name)
     globals()[name] = value

@@ -2,6 +2,6 @@
 
 import sys
 
-from ._cli import main
+from pipes_core.cli.main import main
 
 sys.exit(main())

@@ -8,17 +8,16 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from pipes_ext._blob import DEFAULT_RETRY_POLICY, RetryPolicy
-from pipes_ext.azure import AZURE_BACKEND, AzureBlobServiceClientLike
-
-from . import _blob  # the bases by module, so that this module names only its own classes
-from ._blob import (
+from pipes_core.channels import blob as _blob  # the bases by module, so that this module names only its own classes
+from pipes_core.channels.blob import (
     DEFAULT_MAX_READ_CHUNK_BYTES,
     DEFAULT_MISSING_CHUNK_GRACE,
     DEFAULT_POLL_INTERVAL,
     DEFAULT_REQUEST_TIMEOUT,
 )
-from ._log_readers import PipesLogReader
+from pipes_core.channels.log_readers import PipesLogReader
+from pipes_ext._blob import DEFAULT_RETRY_POLICY, RetryPolicy
+from pipes_ext.azure import AZURE_BACKEND, AzureBlobServiceClientLike
 
 __all__ = ["PipesAzureBlobStorageContextInjector", "PipesAzureBlobStorageMessageReader"]
 

@@ -43,11 +43,10 @@ import threading
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, NoReturn
 
-from pipes_ext._errors import install_hint
-from pipes_ext._protocol import CONTEXT_RUN_ID, PARAM_PATH
-
-from ._async_client import PipesAsyncClient, same_arguments_as
-from ._client import (
+from pipes_core.channels.injectors import PipesContextInjector
+from pipes_core.channels.readers import PipesMessageReader
+from pipes_core.launch.async_client import PipesAsyncClient, same_arguments_as
+from pipes_core.launch.client import (
     BOOTSTRAP_ENV,
     PipesClient,
     PipesClientCompletedInvocation,
@@ -56,12 +55,12 @@ from ._client import (
     PipesLaunchRequest,
     signal_name,
 )
-from ._errors import PipesEngineErrorKind, PipesExecutionError, PipesUsageError
-from ._injectors import PipesContextInjector
-from ._options import RunOptions, Unpack, check_run_options, common_options, run_signature
-from ._readers import PipesMessageReader
-from ._run_context import PipesRunContext
-from ._subprocess import command_name
+from pipes_core.launch.options import RunOptions, Unpack, check_run_options, common_options, run_signature
+from pipes_core.launch.subprocess import command_name
+from pipes_core.protocol.errors import PipesEngineErrorKind, PipesExecutionError, PipesUsageError
+from pipes_core.protocol.run_context import PipesRunContext
+from pipes_ext._errors import install_hint
+from pipes_ext._protocol import CONTEXT_RUN_ID, PARAM_PATH
 
 __all__ = [
     "PipesDockerClient",

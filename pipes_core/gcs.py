@@ -5,9 +5,8 @@ the backend (:data:`pipes_ext.gcs.GCS_BACKEND`)."""
 
 from __future__ import annotations
 
+from pipes_core.channels import blob as _blob  # the bases by module, so that this module names only its own classes
 from pipes_ext.gcs import GCS_BACKEND, GCSClientLike
-
-from . import _blob  # the bases by module, so that this module names only its own classes
 
 __all__ = ["PipesGCSContextInjector", "PipesGCSMessageReader"]
 

@@ -42,10 +42,11 @@ import uuid
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
-from pipes_ext._errors import PipesTransportError, PipesUsageError, install_hint
-
-from ._async_client import PipesAsyncClient, same_arguments_as
-from ._client import (
+from pipes_core.channels.injectors import PipesContextInjector
+from pipes_core.channels.readers import PipesMessageReader
+from pipes_core.channels.stdio import PipesStdioMessageReader
+from pipes_core.launch.async_client import PipesAsyncClient, same_arguments_as
+from pipes_core.launch.client import (
     BOOTSTRAP_ENV,
     PipesClient,
     PipesClientCompletedInvocation,
@@ -55,13 +56,11 @@ from ._client import (
     client_logger,
     signal_name,
 )
-from ._errors import PipesEngineErrorKind, PipesExecutionError
-from ._injectors import PipesContextInjector
-from ._options import RunOptions, Unpack, check_run_options, common_options, run_signature
-from ._readers import PipesMessageReader
-from ._run_context import PipesRunContext
-from ._stdio import PipesStdioMessageReader
-from ._subprocess import command_name
+from pipes_core.launch.options import RunOptions, Unpack, check_run_options, common_options, run_signature
+from pipes_core.launch.subprocess import command_name
+from pipes_core.protocol.errors import PipesEngineErrorKind, PipesExecutionError
+from pipes_core.protocol.run_context import PipesRunContext
+from pipes_ext._errors import PipesTransportError, PipesUsageError, install_hint
 
 __all__ = [
     "PipesRayJobClient",

@@ -4,9 +4,8 @@ itself (store, default client, label, extra) is declared once, in :data:`pipes_e
 
 from __future__ import annotations
 
+from pipes_core.channels import blob as _blob  # the bases by module, so that this module names only its own classes
 from pipes_ext.s3 import S3_BACKEND, S3ClientLike
-
-from . import _blob  # the bases by module, so that this module names only its own classes
 
 __all__ = ["PipesS3ContextInjector", "PipesS3MessageReader"]
 

@@ -76,9 +76,11 @@ from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
-from ._async import PipesAsyncTempFileMessageReader
-from ._async_client import PipesAsyncClient, same_arguments_as
-from ._client import (
+from pipes_core.channels.injectors import PipesContextInjector, PipesEnvContextInjector
+from pipes_core.channels.readers import PipesMessageReader, PipesTempFileMessageReader
+from pipes_core.launch.async_client import PipesAsyncClient, same_arguments_as
+from pipes_core.launch.async_session import PipesAsyncTempFileMessageReader
+from pipes_core.launch.client import (
     PipesClient,
     PipesClientCompletedInvocation,
     PipesExitStatus,
@@ -86,15 +88,13 @@ from ._client import (
     PipesLaunchRequest,
     signal_name,
 )
-from ._errors import PipesEngineErrorKind, PipesExecutionError, PipesUsageError
-from ._handler import PipesMessageHandler
-from ._injectors import PipesContextInjector, PipesEnvContextInjector
-from ._lines import DEFAULT_MAX_LINE_BYTES
-from ._options import RunOptions, Unpack, check_run_options, common_options, run_signature
-from ._readers import PipesMessageReader, PipesTempFileMessageReader
-from ._run_context import PipesRunContext
-from ._session import PipesSession
-from ._subprocess import command_name
+from pipes_core.launch.options import RunOptions, Unpack, check_run_options, common_options, run_signature
+from pipes_core.launch.session import PipesSession
+from pipes_core.launch.subprocess import command_name
+from pipes_core.protocol.errors import PipesEngineErrorKind, PipesExecutionError, PipesUsageError
+from pipes_core.protocol.handler import PipesMessageHandler
+from pipes_core.protocol.lines import DEFAULT_MAX_LINE_BYTES
+from pipes_core.protocol.run_context import PipesRunContext
 
 __all__ = [
     "PipesSlurmClient",

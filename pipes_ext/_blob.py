@@ -6,7 +6,7 @@ no trailing newline. The context is one JSON object at ``key`` in ``bucket``.
 
 A backend (``pipes_ext.s3``, ``.gcs``, ``.azure``) only supplies a :class:`PipesBlobStore` (put, get, delete
 and a classification of its SDK's errors) and one :class:`PipesBlobBackend` declaration (store class, default
-client, label, extra), which the shared bases here (and ``pipes_core._blob``'s) consume; its public classes
+client, label, extra), which the shared bases here (and ``pipes_core.channels.blob``'s) consume; its public classes
 are thin names over those bases. Everything else is here:
 
 * the writer uploads every ``interval`` seconds **and** whenever ``max_chunk_bytes`` are buffered, so a burst

@@ -1102,8 +1102,8 @@ def _error_severity() -> str:
 
 
 # The one table of what each method carries: validation is driven by it. A new method is its constant in
-# METHODS and its row here; the orchestrator then dispatches it (pipes_core._handler) and encodes its event
-# (pipes_core._json); tests check that the three tables name the same methods.
+# METHODS and its row here; the orchestrator then dispatches it (pipes_core.protocol.handler) and encodes its event
+# (pipes_core.protocol.json_events); tests check that the three tables name the same methods.
 METHOD_SPECS: dict[str, MethodSpec] = {
     spec.name: spec
     for spec in (

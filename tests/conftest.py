@@ -19,8 +19,13 @@ __all__ = ["PYTHON", "REPO_ROOT", "cli_json_events", "raw_cli_json_events"]
 os.environ.setdefault("PIPES_CONFORMANCE_JOBS", "8")
 
 # Engine fixtures (session-scoped, each skipping with its reason when the engine cannot run here).
-pytest_plugins = ["tests.engines_slurm", "tests.engines_docker", "tests.engines_ray", "tests.engines_prefect",
-                  "tests.engines_browser"]
+pytest_plugins = [
+    "tests.support.engines_slurm",
+    "tests.support.engines_docker",
+    "tests.support.engines_ray",
+    "tests.support.engines_prefect",
+    "tests.support.engines_browser",
+]
 
 
 @pytest.fixture(autouse=True)

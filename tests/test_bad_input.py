@@ -308,7 +308,8 @@ BAD_LINES: list[tuple[str, bytes, str]] = [
      'log_external_stream: param "stream" must be "stdout" or "stderr"'),
 ]
 # A closed with a malformed exception is no longer dropped as a bad line: it is salvaged (counted, its valid
-# parts kept) with a bad_exception issue; see tests/test_hostile_lines.py::test_malformed_closed_is_salvaged.
+# parts kept) with a bad_exception issue; see
+# tests/test_protocol_handler_hostile_lines.py::test_malformed_closed_is_salvaged.
 
 
 @pytest.mark.parametrize(("line", "reason"), [c[1:] for c in BAD_LINES], ids=[c[0] for c in BAD_LINES])

@@ -56,11 +56,10 @@ from pipes_ext.azure import (
     PipesAzureBlobStorageMessageWriter,
     default_azure_client,
 )
-from tests.faultproxy import FaultProxy
-from tests.servers import Server, azurite_connection_string, start_azurite
-from tests.support.helpers import wait_until
+from tests.support.faultproxy import FaultProxy
+from tests.support.helpers import PYTHON, wait_until
+from tests.support.servers import Server, azurite_connection_string, start_azurite
 
-PYTHON = sys.executable
 CONN_ENV = "AZURE_STORAGE_CONNECTION_STRING"
 # Fast polling so the tests do not wait on the defaults (1 s).
 POLL = 0.05

@@ -2,7 +2,7 @@
 
 One emulator process for the test session (started on a free port, stopped by its pid); a new bucket per test.
 Children are real subprocesses that build their client from ``STORAGE_EMULATOR_HOST`` with anonymous
-credentials. Faults come from tests/faultproxy.py, a real HTTP proxy between the clients and the emulator.
+credentials. Faults come from tests/support/faultproxy.py, a real HTTP proxy between the clients and the emulator.
 No mocks.
 """
 
@@ -14,7 +14,6 @@ import os
 import re
 import signal
 import subprocess
-import sys
 import time
 import uuid
 import warnings
@@ -24,7 +23,7 @@ from typing import Any
 
 import pytest
 
-from tests.support.helpers import wait_until
+from tests.support.helpers import PYTHON, wait_until
 
 with warnings.catch_warnings():
     # google-api-core warns at import when grpcio is installed (dagster brings it) without grpcio-status; this
@@ -54,11 +53,9 @@ from pipes_core.gcs import PipesGCSContextInjector, PipesGCSMessageReader
 from pipes_ext._blob import RetryPolicy
 from pipes_ext._protocol import dumps_message
 from pipes_ext.gcs import GCSBlobStore, PipesGCSContextLoader, PipesGCSMessageWriter
+from tests.support.faultproxy import FaultProxy
+from tests.support.servers import Server, start_gcs
 
-from .faultproxy import FaultProxy
-from .servers import Server, start_gcs
-
-PYTHON = sys.executable
 FAST_RETRY = RetryPolicy(attempts=8, base_delay=0.01, max_delay=0.2)
 CHUNK_KEY = re.compile(r"^[A-Za-z]{30}/(\d+)\.json$")
 

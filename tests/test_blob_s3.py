@@ -1,7 +1,7 @@
 """The S3 channels (pipes_ext.s3 / pipes_core.s3) against a real local S3 server (moto), no mocks.
 
-One moto server per test session (started by tests.servers, stopped by its own pid), one bucket per test.
-Faults (503s, dropped connections, slow answers) come from tests.faultproxy.FaultProxy sitting between a
+One moto server per test session (started by tests.support.servers, stopped by its own pid), one bucket per test.
+Faults (503s, dropped connections, slow answers) come from tests.support.faultproxy.FaultProxy sitting between a
 boto3 client and moto; those clients make exactly one attempt per call (``total_max_attempts=1``: botocore's
 ``max_attempts`` counts *retries*), so the retries observed are the library's own.
 
@@ -15,7 +15,6 @@ import secrets
 import select
 import signal
 import subprocess
-import sys
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -43,16 +42,15 @@ from pipes_core import (
     PipesTransportError,
     open_pipes_session,
 )
-from pipes_core._blob import GAP_PROBE_CHUNKS
+from pipes_core.channels.blob import GAP_PROBE_CHUNKS
 from pipes_core.s3 import PipesS3ContextInjector, PipesS3MessageReader
 from pipes_ext import PipesContext, PipesMappingParamsLoader, open_pipes
 from pipes_ext._blob import RetryPolicy
 from pipes_ext.s3 import PipesS3ContextLoader, PipesS3MessageWriter
-from tests import servers
-from tests.faultproxy import FaultProxy
-from tests.support.helpers import wait_until
+from tests.support import servers
+from tests.support.faultproxy import FaultProxy
+from tests.support.helpers import PYTHON, wait_until
 
-PYTHON = sys.executable
 REGION = "us-east-1"
 KEYS = {"aws_access_key_id": "testing", "aws_secret_access_key": "testing"}
 # One attempt per SDK call: the retries under test are pipes_ext's (RetryPolicy), not botocore's.

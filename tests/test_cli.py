@@ -334,7 +334,7 @@ def test_every_event_type_has_its_printed_line() -> None:
     from typing import get_args
 
     from pipes_core import PipesEvent
-    from pipes_core._cli import EVENT_LINES
+    from pipes_core.cli.main import EVENT_LINES
 
     assert set(get_args(PipesEvent)) == set(EVENT_LINES)
 
@@ -345,7 +345,7 @@ def test_an_event_type_without_a_line_prints_as_itself_not_as_a_protocol_issue()
     from dataclasses import dataclass
 
     from pipes_core import PipesProtocolErrorKind, PipesProtocolIssue
-    from pipes_core._cli import _Printer
+    from pipes_core.cli.main import _Printer
 
     @dataclass(frozen=True)
     class PipesHeartbeatEvent:
@@ -365,7 +365,7 @@ LAUNCHER_FLAGS = {"docker": ["--docker", "img"], "ray": ["--ray", "127.0.0.1:1"]
 
 
 def test_the_launchers_are_a_registry_of_the_command_line() -> None:
-    from pipes_core._cli import LAUNCHERS
+    from pipes_core.cli.main import LAUNCHERS
 
     assert set(LAUNCHERS) == set(LAUNCHER_FLAGS)  # a new launcher joins the tests below through this table
     assert all(launcher.flag == LAUNCHER_FLAGS[name][0] for name, launcher in LAUNCHERS.items())

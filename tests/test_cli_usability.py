@@ -16,12 +16,12 @@ from pathlib import Path
 
 import pytest
 
-from pipes_core._cli_words import CLI_WORDS, in_cli_words
+from pipes_core.cli.words import CLI_WORDS, in_cli_words
 from tests.conftest import REPO_ROOT, cli_json_events
-from tests.engines_docker import DockerEngine
-from tests.engines_ray import RayHead
-from tests.engines_slurm import SlurmCluster
-from tests.servers import blob_servers_for_default_clients
+from tests.support.engines_docker import DockerEngine
+from tests.support.engines_ray import RayHead
+from tests.support.engines_slurm import SlurmCluster
+from tests.support.servers import blob_servers_for_default_clients
 
 PIPES = [sys.executable, "-m", "pipes_core"]
 PY = sys.executable
@@ -69,7 +69,7 @@ LIBRARY_SAYS = [
 
 def _library_source() -> str:
     return "\n".join(path.read_text(encoding="utf-8") for folder in ("pipes_core", "pipes_ext")
-                     for path in sorted((REPO_ROOT / folder).glob("*.py")) if path.name != "_cli_words.py")
+                     for path in sorted((REPO_ROOT / folder).rglob("*.py")) if path.name != "words.py")
 
 
 @pytest.mark.parametrize(("said", "fragment", "cli"), LIBRARY_SAYS)

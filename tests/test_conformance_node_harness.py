@@ -13,7 +13,6 @@ import sys
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -31,8 +30,8 @@ from pipes_core import (
     open_pipes_session,
 )
 from pipes_ext._protocol import decode_param
+from tests.support.helpers import REPO_ROOT as REPO
 
-REPO = Path(__file__).resolve().parent.parent
 HARNESS_DIR = REPO / "conformance" / "harnesses" / "node"
 HARNESS = HARNESS_DIR / "harness.js"
 NODE = shutil.which("node")

@@ -25,11 +25,11 @@ from conformance.__main__ import select_cases
 from conformance._capabilities import Capabilities, CapabilitiesError, load_capabilities
 from conformance._cases import CASES
 from conformance._compare import first_difference
+from tests.support.helpers import PYTHON
+from tests.support.helpers import REPO_ROOT as REPO
 
-REPO = Path(__file__).resolve().parent.parent
 HARNESSES = REPO / "conformance" / "harnesses"
 README = REPO / "conformance" / "README.md"
-PYTHON = sys.executable
 EXT_HARNESS = [PYTHON, str(HARNESSES / "pipes_ext_harness.py")]
 DAGSTER_HARNESS = [PYTHON, str(HARNESSES / "dagster_pipes_harness.py")]
 SUMMARY = re.compile(r"^(\d+) passed, (\d+) failed, (\d+) skipped$")

@@ -27,9 +27,9 @@ import tomllib
 
 from pipes_core import PipesRunContext
 from pipes_core.docker import PipesDockerClient
-from tests.engines_docker import DockerEngine
+from tests.support.engines_docker import DockerEngine
+from tests.support.helpers import REPO_ROOT
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
 RECIPE = REPO_ROOT / "docs" / "recipes" / "docker" / "Dockerfile"
 # What a copy of the checkout leaves out: environments, caches, build output, VCS data.
 _NOT_SOURCES = shutil.ignore_patterns(".venv", ".git", "node", "cache", "__pycache__", "*.egg-info", "build",
@@ -119,7 +119,7 @@ def test_the_wheels_hold_their_own_packages_only(wheels: Wheels) -> None:
         metadata = sdk.read(f"pipes_sdk-{version}.dist-info/METADATA").decode()
         entry_points = sdk.read(f"pipes_sdk-{version}.dist-info/entry_points.txt").decode()
     assert f"Requires-Dist: pipes-ext=={version}" in metadata.splitlines()
-    assert "pipes = pipes_core._cli:main" in entry_points
+    assert "pipes = pipes_core.cli.main:main" in entry_points
 
 
 def test_pipes_ext_installs_alone(wheels: Wheels, tmp_path: Path) -> None:

@@ -18,7 +18,7 @@ import pytest
 from pipes_core import PipesUsageError
 from pipes_core.docker import RUN_ID_LABEL, run_options_from_docker_args
 from tests.conftest import REPO_ROOT, cli_json_events
-from tests.engines_docker import DockerEngine
+from tests.support.engines_docker import DockerEngine
 
 PIPES = [sys.executable, "-m", "pipes_core"]
 

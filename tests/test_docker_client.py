@@ -1,4 +1,4 @@
-"""PipesDockerClient against the private Docker daemon (tests/engines_docker.py): channels, container options,
+"""PipesDockerClient against the private Docker daemon (tests/support/engines_docker.py): channels, container options,
 every failure named, termination, floods. Containers always run with ``network="none"``."""
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ from pipes_core import (
     PipesUsageError,
 )
 from pipes_core.docker import RUN_ID_LABEL, PipesDockerClient, describe_docker_host
-from tests.engines_docker import DockerEngine
+from tests.support.engines_docker import DockerEngine
 
 pytestmark = pytest.mark.docker
 

@@ -16,7 +16,7 @@ from dagster_docker import PipesDockerClient as DagsterPipesDockerClient
 
 from pipes_core import PipesRunContext
 from pipes_core.docker import PipesDockerClient
-from tests.engines_docker import DockerEngine
+from tests.support.engines_docker import DockerEngine
 
 pytestmark = [
     pytest.mark.docker,

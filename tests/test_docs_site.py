@@ -30,7 +30,7 @@ from typing import Any
 import pytest
 
 from tests.conftest import REPO_ROOT
-from tests.servers import blob_servers_for_default_clients
+from tests.support.servers import blob_servers_for_default_clients
 
 DOCS = REPO_ROOT / "docs"
 MKDOCS = Path(sys.executable).parent / "mkdocs"
@@ -115,7 +115,7 @@ def test_every_markdown_page_is_in_the_navigation_and_built(site: Path) -> None:
 
 
 def test_the_command_line_reference_is_the_parsers(site: Path) -> None:
-    from pipes_core._cli import _build_parser, _option_strings
+    from pipes_core.cli.main import _build_parser, _option_strings
 
     sys.path.insert(0, str(DOCS / "_hooks"))
     try:

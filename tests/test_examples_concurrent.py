@@ -5,14 +5,13 @@ from __future__ import annotations
 
 import json
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
+from tests.support.helpers import PYTHON, REPO_ROOT
+
 EXAMPLE = REPO_ROOT / "examples" / "concurrent_futures_runs.py"
-PYTHON = sys.executable
 TIMEOUT_SECONDS = 120  # a bound that only catches hangs; the example takes about a second
 
 

@@ -1,7 +1,8 @@
-"""The Prefect example (examples/prefect_flow.py) run against a real local Prefect server (tests/engines_prefect.py).
+"""The Prefect example (examples/prefect_flow.py) run against a real local Prefect server
+(tests/support/engines_prefect.py).
 
 The flow runs as a child process pointed at the server (PREFECT_API_URL), as a user runs it; what the server
-recorded is then read with the Prefect client in another child (tests/prefect_query.py): task runs and their
+recorded is then read with the Prefect client in another child (tests/support/prefect_query.py): task runs and their
 states, the task runs' logs, the artifacts, and the persisted (pickled) task results loaded back.
 """
 
@@ -9,18 +10,16 @@ from __future__ import annotations
 
 import json
 import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from tests.engines_prefect import PrefectServer
+from tests.support.engines_prefect import PrefectServer
+from tests.support.helpers import PYTHON, REPO_ROOT
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
 EXAMPLE = REPO_ROOT / "examples" / "prefect_flow.py"
-QUERY = Path(__file__).resolve().parent / "prefect_query.py"
-PYTHON = sys.executable
+QUERY = Path(__file__).resolve().parent / "support" / "prefect_query.py"
 # Generous bounds that only catch hangs: the flow takes a few seconds, the server records its task runs within one.
 FLOW_TIMEOUT_SECONDS = 300
 RECORDED_TIMEOUT_SECONDS = 120

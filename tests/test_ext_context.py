@@ -52,8 +52,8 @@ from pipes_ext import (
     open_pipes,
 )
 from pipes_ext._protocol import empty_context_data, parse_message_line
+from tests.support.helpers import REPO_ROOT
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
 CHILD_TIMEOUT = 30.0
 
 # ----------------------------------------------------------------------------------------------------------

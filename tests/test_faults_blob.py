@@ -17,7 +17,6 @@ from __future__ import annotations
 import asyncio
 import os
 import socket
-import sys
 import time
 import uuid
 import warnings
@@ -30,6 +29,8 @@ import boto3
 import pytest
 from azure.storage.blob import BlobServiceClient
 from botocore.config import Config
+
+from tests.support.helpers import PYTHON
 
 with warnings.catch_warnings():
     # google-api-core warns at import when grpcio is installed without grpcio-status (see test_blob_gcs).
@@ -48,8 +49,8 @@ from pipes_core import (
     open_pipes_session,
     open_pipes_session_async,
 )
-from pipes_core._blob import PipesBlobStoreMessageReader
 from pipes_core.azure import PipesAzureBlobStorageMessageReader
+from pipes_core.channels.blob import PipesBlobStoreMessageReader
 from pipes_core.gcs import PipesGCSMessageReader
 from pipes_core.s3 import PipesS3ContextInjector, PipesS3MessageReader
 from pipes_ext._blob import PipesBlobStore, chunk_key
@@ -57,14 +58,12 @@ from pipes_ext._protocol import dumps_message
 from pipes_ext.azure import AzureBlobStore
 from pipes_ext.gcs import GCSBlobStore
 from pipes_ext.s3 import S3BlobStore
-
-from . import servers
+from tests.support import servers
 
 S3_KEYS = {"aws_access_key_id": "testing", "aws_secret_access_key": "testing", "region_name": "us-east-1"}
 # One attempt per SDK call: the library's RetryPolicy is the only retry layer (as in test_blob_s3).
 S3_ONE_ATTEMPT = Config(retries={"total_max_attempts": 1, "mode": "standard"})
 POLL = 0.05
-PYTHON = sys.executable
 
 
 # ---------------------------------------------------------------------------------------------- stores

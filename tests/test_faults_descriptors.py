@@ -27,8 +27,8 @@ RUN_SECONDS = 300  # bound for one scripted case on a loaded machine
 COMMON = """
 import asyncio, gc, json, os, resource, sys, threading
 from pipes_core import PipesError, PipesSubprocessClient
-from pipes_core._async_client import PipesAsyncSubprocessClient
-from pipes_core._channels import make_message_reader
+from pipes_core.launch.async_client import PipesAsyncSubprocessClient
+from pipes_core.channels.registry import make_message_reader
 
 CHILD = [sys.executable, "-c", "from pipes_ext import open_pipes\\nwith open_pipes() as p: p.log.info('hi')"]
 SOFT, HARD = resource.getrlimit(resource.RLIMIT_NOFILE)

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import os
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -23,11 +22,10 @@ from pipes_core import (
     PipesTempFileContextInjector,
     PipesTempFileMessageReader,
 )
-from pipes_core._log_readers import LOG_READ_BLOCK_BYTES, LOG_REWRITE_CHECK_BYTES
+from pipes_core.channels.log_readers import LOG_READ_BLOCK_BYTES, LOG_REWRITE_CHECK_BYTES
+from tests.support.helpers import PYTHON
+from tests.test_channels_log_readers import Collector
 
-from .test_log_readers import Collector
-
-PYTHON = sys.executable
 # A reader that never polls on its own during a test: its reads are the first one at start and the final
 # drain at stop, so what happens between them is exactly "between two polls".
 NEVER = 3600.0

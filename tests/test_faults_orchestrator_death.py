@@ -1,7 +1,7 @@
 """Fault injection: the orchestrator itself dies (SIGKILL, nothing runs after it) in the middle of a run (issue
 20, item 2). Whatever the channel and whichever way the run was started (the sync client, the asyncio client,
 ``pipes run``), its local child's whole process group ends within a few seconds and no file holding the context
-or the messages is left on disk: the orphan guard of :mod:`pipes_core._subprocess` does it.
+or the messages is left on disk: the orphan guard of :mod:`pipes_core.launch.subprocess` does it.
 
 Each case runs under a small reaper (a child subreaper that reaps every descendant and exits when none is left),
 so "the group is gone" means reaped, not a zombie: the reaper exiting on its own is the proof that the
@@ -65,7 +65,7 @@ threading.Event().wait()
 SYNC = """
 import sys
 from pipes_core import PipesSubprocessClient
-from pipes_core._channels import PipesChannelOptions, make_context_injector, make_message_reader
+from pipes_core.channels.registry import PipesChannelOptions, make_context_injector, make_message_reader
 context, messages, path_dir, child = sys.argv[1:5]
 options = PipesChannelOptions(path=f"{path_dir}/context.json")
 injector = make_context_injector(context, options)
@@ -76,7 +76,7 @@ PipesSubprocessClient(context_injector=injector, message_reader=reader).run(comm
 ASYNC = """
 import asyncio, sys
 from pipes_core import PipesAsyncSubprocessClient
-from pipes_core._channels import PipesChannelOptions, make_context_injector, make_message_reader
+from pipes_core.channels.registry import PipesChannelOptions, make_context_injector, make_message_reader
 context, messages, path_dir, child = sys.argv[1:5]
 injector = make_context_injector(context, PipesChannelOptions(path=f"{path_dir}/context.json"))
 reader = make_message_reader(messages, PipesChannelOptions(path=f"{path_dir}/messages.jsonl"))

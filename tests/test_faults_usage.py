@@ -18,8 +18,8 @@ from typing import Any
 import pytest
 
 from pipes_core import PipesSubprocessClient, PipesTempFileContextInjector, PipesUsageError
-from pipes_core._async_client import PipesAsyncSubprocessClient
 from pipes_core.docker import PipesDockerClient
+from pipes_core.launch.async_client import PipesAsyncSubprocessClient
 from pipes_ext._protocol import MAX_DECODED_PARAM_BYTES
 from tests.conftest import REPO_ROOT
 

@@ -12,7 +12,6 @@ import shutil
 import socket
 import stat
 import subprocess
-import sys
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -32,14 +31,14 @@ from pipes_core import (
     PipesUsageError,
     open_pipes_session,
 )
-from pipes_core._handler import PipesMessageHandler
+from pipes_core.protocol.handler import PipesMessageHandler
 from pipes_ext import PipesMappingParamsLoader, open_pipes
 from pipes_ext._context_loaders import PipesDefaultContextLoader, read_context_file
 from pipes_ext._errors import PipesProtocolError, PipesTransportError
 from pipes_ext._protocol import MAX_DECODED_PARAM_BYTES, encode_param
 from tests.conftest import REPO_ROOT, cli_json_events
+from tests.support.helpers import PYTHON
 
-PYTHON = sys.executable
 PIPES = [PYTHON, "-m", "pipes_core"]
 VICTIM_TEXT = "precious: must never be overwritten\n"
 

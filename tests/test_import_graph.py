@@ -100,10 +100,10 @@ def cycles(graph: dict[str, set[str]]) -> list[list[str]]:
 # subprocess launcher starts and re-attaches its durable child, which uses its local-process primitives.
 KNOWN_CYCLES = [
     {
-        "pipes_core._client",
-        "pipes_core._durable",
-        "pipes_core._durable_local",
-        "pipes_core._subprocess",
+        "pipes_core.launch.client",
+        "pipes_core.launch.durable",
+        "pipes_core.launch.durable_local",
+        "pipes_core.launch.subprocess",
     },
 ]
 

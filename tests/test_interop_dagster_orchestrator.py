@@ -11,7 +11,6 @@ No ``from __future__ import annotations`` here: Dagster inspects the asset funct
 import json
 import os
 import subprocess
-import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -27,6 +26,8 @@ from dagster._core.definitions.metadata.table import (
     TableSchema,
 )
 
+from tests.support.helpers import PYTHON
+
 pytestmark = [
     pytest.mark.interop,
     # Dagster 1.13's own open_pipes_session reads PipesMessageReader.expected_writer_count, which warns that
@@ -37,7 +38,6 @@ pytestmark = [
     ),
 ]
 
-PYTHON = sys.executable
 
 KEY_ESCAPED = dg.AssetKey(["a", "b/c"])  # "/" inside a component: travels as "a/b\/c"
 KEY_OTHER = dg.AssetKey(["grp", "other"])

@@ -11,7 +11,6 @@ import json
 import logging
 import os
 import subprocess
-import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -38,10 +37,10 @@ from pipes_core import (
     PipesTempFileMessageReader,
     open_pipes_session,
 )
+from tests.support.helpers import PYTHON
 
 pytestmark = pytest.mark.interop
 
-PYTHON = sys.executable
 EXTERNAL_LOGGER = "pipes_core.external"
 
 # The two selected assets; the first one needs escaping ("/" inside a component).

@@ -17,7 +17,6 @@ import json
 import os
 import shutil
 import subprocess
-import sys
 import threading
 import typing
 import zlib
@@ -58,13 +57,12 @@ from pipes_core import (
     PipesUsageError,
     open_pipes_session,
 )
-from pipes_core._blob import DEFAULT_POLL_INTERVAL
+from pipes_core.channels.blob import DEFAULT_POLL_INTERVAL
 from pipes_ext import PipesContext, PipesMappingParamsLoader, open_pipes
 from pipes_ext import _types as ext_types
 from pipes_ext._blob import RetryPolicy
 from pipes_ext._protocol import dumps_message
-
-PYTHON = sys.executable
+from tests.support.helpers import PYTHON
 
 
 class Arrivals:

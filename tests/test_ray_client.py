@@ -1,4 +1,4 @@
-"""PipesRayJobClient against a real local Ray head (tests/engines_ray.py): one head for the run, about ten jobs.
+"""PipesRayJobClient against a real local Ray head (tests/support/engines_ray.py): one head for the run, about ten jobs.
 
 Every job runs this interpreter (the test venv, which has pipes_ext and dagster_pipes) on the head's node.
 """
@@ -30,7 +30,7 @@ from pipes_core import (
     PipesUsageError,
 )
 from pipes_core.ray import PipesRayJob, PipesRayJobClient, _normalise_address
-from tests.engines_ray import RayHead
+from tests.support.engines_ray import RayHead
 
 PY = sys.executable
 # A generous bound that only catches hangs: a job takes 2-4 s here, much more on a loaded machine.

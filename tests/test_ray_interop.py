@@ -13,7 +13,7 @@ import dagster as dg
 import pytest
 from dagster_ray import PipesRayJobClient
 
-from tests.engines_ray import RayHead
+from tests.support.engines_ray import RayHead
 
 pytestmark = [
     pytest.mark.interop,

@@ -7,7 +7,6 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -18,10 +17,10 @@ from conformance._runner import LiteralChecker
 from conformance._schema import build_schemas, message_problem, schema_text, validate
 from pipes_core import PipesRunContext, PipesSubprocessClient
 from pipes_ext._protocol import METHOD_SPECS, METHODS, encode_param
+from tests.support.helpers import PYTHON
+from tests.support.helpers import REPO_ROOT as REPO
 
-REPO = Path(__file__).resolve().parent.parent
 COMMITTED = REPO / "conformance" / "schema"
-PYTHON = sys.executable
 SCHEMAS = build_schemas()
 VALIDATOR = jsonschema.Draft202012Validator
 

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import REPO_ROOT, cli_json_events
-from tests.engines_slurm import SlurmCluster
+from tests.support.engines_slurm import SlurmCluster
 
 PIPES = [sys.executable, "-m", "pipes_core"]
 EXAMPLE = str(REPO_ROOT / "examples" / "hello_pipes.py")

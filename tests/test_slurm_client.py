@@ -1,4 +1,4 @@
-"""PipesSlurmClient against a real one-node Slurm cluster (tests/engines_slurm.py): no mocks.
+"""PipesSlurmClient against a real one-node Slurm cluster (tests/support/engines_slurm.py): no mocks.
 
 Each test submits at most a couple of jobs; a job here takes 0.1-3 s (Slurm's scheduler runs on a tick).
 What happens for each bad input is said in the test names: an unknown partition or option, a missing sbatch, an
@@ -26,8 +26,8 @@ from pipes_core import (
     PipesTimeoutError,
     PipesUsageError,
 )
-from pipes_core._client import PipesLaunchedProcess
-from pipes_core._stdio import PipesStdioMessageReader
+from pipes_core.channels.stdio import PipesStdioMessageReader
+from pipes_core.launch.client import PipesLaunchedProcess
 from pipes_core.slurm import (
     SLURM_ERROR_REFUSED,
     SLURM_ERROR_SBATCH_MISSING,
@@ -38,7 +38,7 @@ from pipes_core.slurm import (
     SlurmCommands,
     SlurmJobInfo,
 )
-from tests.engines_slurm import SlurmCluster
+from tests.support.engines_slurm import SlurmCluster
 
 # Generous bound on one job's life here (queue tick + start + run): catches hangs, never a timing assertion.
 JOB_BOUND_SECONDS = 120

@@ -1,7 +1,7 @@
 """Slurm job states and how they map to a run's verdict.
 
 TIMEOUT_TEXT was printed by the real ``scontrol show job`` of Slurm 22.05 on the one-node cluster of
-tests/engines_slurm.py (a TIMEOUT takes a 75 s job there, too slow for the suite; trimmed, and its paths given
+tests/support/engines_slurm.py (a TIMEOUT takes a 75 s job there, too slow for the suite; trimmed, and its paths given
 spaces); the other states are written in the same format (OUT_OF_MEMORY needs a cgroup memory limit that the
 shared machine's set-up cannot give). COMPLETED, FAILED, CANCELLED and NODE_FAIL also run for real in
 tests/test_slurm_client.py.
@@ -31,7 +31,7 @@ from pipes_core.slurm import (
     parse_scontrol_job,
     slurm_exit_status,
 )
-from tests.engines_slurm import SlurmCluster
+from tests.support.engines_slurm import SlurmCluster
 
 TIMEOUT_TEXT = """JobId=15 JobName=wrap
    UserId=root(0) GroupId=root(0) MCS_label=N/A

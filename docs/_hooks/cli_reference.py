@@ -43,7 +43,7 @@ def _table(actions: list[argparse.Action]) -> list[str]:
 def reference(parser: argparse.ArgumentParser | None = None) -> str:
     """The Markdown of the reference: ``pipes`` and each subcommand."""
     if parser is None:
-        from pipes_core._cli import _build_parser
+        from pipes_core.cli.main import _build_parser
 
         parser = _build_parser()
     old = os.environ.get("COLUMNS")

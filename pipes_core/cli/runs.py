@@ -1,0 +1,120 @@
+"""The command line's durable runs (README "Durable runs"): ``pipes run --launch-key KEY [--state-dir DIR]`` and
+``pipes runs [list|stop KEY|forget KEY|sweep] [--state-dir DIR] [--json]``. Kept apart from the rest of
+:mod:`pipes_core.cli.main`, which only calls these functions."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from datetime import datetime, timezone
+from typing import IO, Any, Final
+
+from pipes_core.launch.durable import forget_run, stop_run, sweep
+from pipes_core.launch.run_store import PipesRunRecord, PipesRunStore
+from pipes_core.protocol.errors import PipesUsageError
+
+__all__ = ["add_run_arguments", "add_runs_parser", "durable_options", "runs_main", "RUNS_ACTIONS"]
+
+# `pipes runs ACTION`: list (the default), and the three that change something.
+LIST: Final = "list"
+STOP: Final = "stop"
+FORGET: Final = "forget"
+SWEEP: Final = "sweep"
+RUNS_ACTIONS: Final = (LIST, STOP, FORGET, SWEEP)
+
+
+def add_run_arguments(run: argparse.ArgumentParser) -> None:
+    """``pipes run``'s durable options."""
+    group = run.add_argument_group("durable runs", "survive this process: run the same command again to finish it")
+    group.add_argument("--launch-key", metavar="KEY",
+                       help="the run's key: a run with this key in the store is re-attached, drained or reported "
+                            "instead of launched again")
+    group.add_argument("--state-dir", metavar="DIR",
+                       help="where the run store is (default $PIPES_STATE_DIR, else ~/.local/state/pipes)")
+
+
+def add_runs_parser(sub: Any) -> None:
+    """``pipes runs``."""
+    runs = sub.add_parser("runs", help="list, stop or forget durable runs (pipes run --launch-key)")
+    runs.add_argument("action", nargs="?", default=LIST, choices=RUNS_ACTIONS,
+                      help="list (default); stop KEY: stop its job; forget KEY: remove it from the store; sweep: "
+                           "remove files that no run owns")
+    runs.add_argument("key", nargs="?", metavar="KEY", help="the run's launch key (for stop and forget)")
+    runs.add_argument("--state-dir", metavar="DIR",
+                      help="where the run store is (default $PIPES_STATE_DIR, else ~/.local/state/pipes)")
+    runs.add_argument("--json", action="store_true", help="one JSON object per run on stdout")
+
+
+def _store(args: argparse.Namespace) -> PipesRunStore:
+    return PipesRunStore.in_state_dir(args.state_dir)
+
+
+def durable_options(args: argparse.Namespace) -> dict[str, Any]:
+    """The run options of ``pipes run --launch-key KEY [--state-dir DIR]``."""
+    if args.launch_key is None:
+        if args.state_dir is not None:
+            raise PipesUsageError("--state-dir is for durable runs: give --launch-key KEY too")
+        return {}
+    return {"launch_key": args.launch_key, "store": _store(args)}
+
+
+def _row(record: PipesRunRecord) -> dict[str, Any]:
+    handle = record.handle or {}
+    outcome = record.outcome or {}
+    return {
+        "key": record.launch_key,
+        "launcher": record.launcher,
+        "handle": {name: handle[name] for name in ("pid", "started") if name in handle} or None,
+        "state": record.state,
+        "started": datetime.fromtimestamp(record.created, timezone.utc).isoformat(timespec="seconds"),
+        "position": {"messages": record.messages, **(record.position or {})},
+        "outcome": None if not outcome else {"exit_code": outcome.get("exit_code"), "error": outcome.get("error"),
+                                             "message": outcome.get("message")},
+    }
+
+
+def _text(row: dict[str, Any]) -> str:
+    outcome = row["outcome"]
+    if outcome is None:
+        said = "-"
+    elif outcome["error"]:
+        said = f"{outcome['error']}: {outcome['message']}"
+    else:
+        said = f"succeeded (exit {outcome['exit_code']})"
+    pid = (row["handle"] or {}).get("pid", "-")
+    return (f"{row['key']}  {row['launcher']}  pid {pid}  {row['state']}  {row['started']}  "
+            f"{row['position']['messages']} messages  {said}")
+
+
+def runs_main(args: argparse.Namespace, out: IO[str]) -> int:
+    """``pipes runs ...``; a usage problem raises :class:`PipesUsageError` (the caller prints it)."""
+    store = _store(args)
+    if args.action in (STOP, FORGET) and not args.key:
+        raise PipesUsageError(f"pipes runs {args.action} needs the run's KEY (see `pipes runs`)")
+    if args.action not in (STOP, FORGET) and args.key:
+        raise PipesUsageError(f"pipes runs {args.action} takes no KEY")
+    with store:
+        try:
+            if args.action == STOP:
+                stopped = stop_run(store, args.key)
+                out.write(f"stopped the job of {args.key!r}; `pipes run --launch-key {args.key} ...` concludes it\n"
+                          if stopped else f"the run {args.key!r} was not running; nothing stopped\n")
+                return 0
+            if args.action == FORGET:
+                forget_run(store, args.key)
+                out.write(f"forgot the run {args.key!r}; the next run with this key launches anew\n")
+                return 0
+        except KeyError:
+            raise PipesUsageError(f"no run with launch key {args.key!r} in {store.path} (see `pipes runs`)") from None
+        if args.action == SWEEP:
+            said = sweep(store)
+            for line in said:
+                out.write(line + "\n")
+            out.write(f"swept {len(said)} leftover run director{'y' if len(said) == 1 else 'ies'}\n")
+            return 0
+        rows = [_row(record) for record in store.runs()]
+    for row in rows:
+        out.write((json.dumps(row, sort_keys=True) if args.json else _text(row)) + "\n")
+    if not rows and not args.json:
+        out.write(f"no durable runs in {store.path} (pipes run --launch-key KEY starts one)\n")
+    return 0
