@@ -174,7 +174,9 @@ def test_many_sessions_in_one_loop_deliver_every_message_in_order(
     assert peak_threads[0] - threads_before <= min(32, (os.cpu_count() or 1) + 4)
     # No thread left behind (compared by identity: a thread of an earlier test may end meanwhile).
     assert set(threading.enumerate()) <= threads_alive_before
-    assert fd_count() == fds_before
+    # No descriptor left behind; fewer is fine: one that an earlier test left for the GC may be closed meanwhile
+    # (seen in a full run, where this file now runs after the engine tests: 40 after, 42 before).
+    assert fd_count() <= fds_before
     # One inotify descriptor for the whole loop at most (none when the user's instances, shared with every other
     # process of the same user on the machine, are all taken: the readers then poll, and still lose nothing).
     assert peak_inotify[0] <= 1
