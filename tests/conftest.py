@@ -20,6 +20,7 @@ os.environ.setdefault("PIPES_CONFORMANCE_JOBS", "8")
 
 # Engine fixtures (session-scoped, each skipping with its reason when the engine cannot run here).
 pytest_plugins = [
+    "tests.support.blob_servers",
     "tests.support.engines_slurm",
     "tests.support.engines_docker",
     "tests.support.engines_ray",

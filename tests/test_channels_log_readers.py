@@ -364,15 +364,6 @@ def test_file_log_reader_on_a_process_whose_output_goes_to_a_file(tmp_path: Path
 # ---------------------------------------------------------------------------------------------- blob store, moto
 
 
-@pytest.fixture(scope="module")
-def moto() -> Iterator[servers.Server]:
-    server = servers.start_moto()
-    try:
-        yield server
-    finally:
-        server.stop()
-
-
 S3_ENV = {
     "AWS_ACCESS_KEY_ID": "testing",
     "AWS_SECRET_ACCESS_KEY": "testing",

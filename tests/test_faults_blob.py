@@ -20,7 +20,7 @@ import socket
 import time
 import uuid
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -67,33 +67,6 @@ POLL = 0.05
 
 
 # ---------------------------------------------------------------------------------------------- stores
-
-
-@pytest.fixture(scope="module")
-def moto() -> Iterator[servers.Server]:
-    server = servers.start_moto()
-    try:
-        yield server
-    finally:
-        server.stop()
-
-
-@pytest.fixture(scope="module")
-def gcs_server() -> Iterator[servers.Server]:
-    server = servers.start_gcs()
-    try:
-        yield server
-    finally:
-        server.stop()
-
-
-@pytest.fixture(scope="module")
-def azurite() -> Iterator[servers.Server]:
-    server = servers.start_azurite()
-    try:
-        yield server
-    finally:
-        server.stop()
 
 
 def s3_client(endpoint: str) -> Any:
