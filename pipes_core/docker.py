@@ -55,8 +55,8 @@ from pipes_core.launch.client import (
     PipesLaunchRequest,
     signal_name,
 )
+from pipes_core.launch.local import command_name
 from pipes_core.launch.options import RunOptions, Unpack, check_run_options, common_options, run_signature
-from pipes_core.launch.subprocess import command_name
 from pipes_core.protocol.errors import PipesEngineErrorKind, PipesExecutionError, PipesUsageError
 from pipes_core.protocol.run_context import PipesRunContext
 from pipes_ext._errors import install_hint

@@ -88,9 +88,9 @@ from pipes_core.launch.client import (
     PipesLaunchRequest,
     signal_name,
 )
+from pipes_core.launch.local import command_name
 from pipes_core.launch.options import RunOptions, Unpack, check_run_options, common_options, run_signature
 from pipes_core.launch.session import PipesSession
-from pipes_core.launch.subprocess import command_name
 from pipes_core.protocol.errors import PipesEngineErrorKind, PipesExecutionError, PipesUsageError
 from pipes_core.protocol.handler import PipesMessageHandler
 from pipes_core.protocol.lines import DEFAULT_MAX_LINE_BYTES

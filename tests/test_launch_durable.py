@@ -279,7 +279,7 @@ def test_a_launch_key_on_a_launcher_without_attach_is_a_clear_error(tmp_path: Pa
         def run(self, **options: Any) -> Any:
             return self.run_launcher(lambda request: None, **options)  # type: ignore[arg-type,return-value]
 
-    with pytest.raises(PipesUsageError, match="launch_key= is not supported by it yet"):
+    with pytest.raises(PipesUsageError, match="launch_key= is not supported by it"):
         NoAttach().run(launch_key="k", store=str(tmp_path / "runs.sqlite3"))
     with pytest.raises(PipesUsageError, match="launch_key must be a non-empty string"):
         from pipes_core import PipesSubprocessClient

@@ -24,7 +24,7 @@ from pipes_core import (
     PipesTimeoutError,
 )
 from pipes_core.launch.async_client import PipesAsyncSubprocessClient
-from pipes_core.launch.subprocess import command_name
+from pipes_core.launch.local import command_name
 from pipes_core.protocol.json_events import event_to_json
 from tests.support.helpers import PYTHON
 

@@ -9,7 +9,7 @@ import json
 from datetime import datetime, timezone
 from typing import IO, Any, Final
 
-from pipes_core.launch.durable import forget_run, stop_run, sweep
+from pipes_core.launch.manage import forget_run, stop_run, sweep
 from pipes_core.launch.run_store import PipesRunRecord, PipesRunStore
 from pipes_core.protocol.errors import PipesUsageError
 

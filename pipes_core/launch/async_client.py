@@ -57,8 +57,9 @@ from pipes_core.launch.client import (
     read_to_end,
 )
 from pipes_core.launch.lifecycle import KEYBOARD, Action, Begin, Done, Signal, Wait
+from pipes_core.launch.local import _LocalProcess
 from pipes_core.launch.options import RunOptions, Unpack, run_signature
-from pipes_core.launch.subprocess import PipesSubprocessClient, SubprocessRunOptions, _LocalProcess
+from pipes_core.launch.subprocess import PipesSubprocessClient, SubprocessRunOptions
 from pipes_core.observe.observer import PHASE_DRAIN, PHASE_LAUNCH, PHASE_WAIT
 from pipes_core.protocol.run_context import PipesRunContext
 from pipes_ext._errors import PipesUsageError

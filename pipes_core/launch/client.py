@@ -114,7 +114,7 @@ from pipes_core.launch.lifecycle import (
     signal_name,
 )
 from pipes_core.launch.options import RUN_OPTION_DEFAULTS, RunOptions, Unpack, check_run_options, run_signature
-from pipes_core.launch.process import PipesLaunchedProcess
+from pipes_core.launch.process import DurableLaunch, PipesLaunchedProcess, PipesLaunchRequest
 from pipes_core.launch.session import PipesSession, never_opened_hint, open_pipes_session
 from pipes_core.observe.fanout import RunObservers, observers_for
 from pipes_core.observe.observer import PHASE_DRAIN, PHASE_LAUNCH, PHASE_WAIT, run_attributes
@@ -153,7 +153,7 @@ OUTPUT_DRAIN_SECONDS = 5.0
 LOG_SOURCE = "log"
 
 if TYPE_CHECKING:
-    from pipes_core.launch.durable import DurableLaunch, DurableRun
+    from pipes_core.launch.durable import DurableRun
 
 client_logger = logging.getLogger("pipes_core")
 # The attribute of a log record that names the fact it warns about, for a caller that says it another way (the
@@ -161,33 +161,6 @@ client_logger = logging.getLogger("pipes_core")
 LOG_FACT = "pipes_fact"
 FACT_MISSING_CLOSED = "missing_closed"
 _T = TypeVar("_T")
-
-
-# ---------------------------------------------------------------------------------------------- hook types
-
-
-@dataclass(frozen=True)
-class PipesLaunchRequest:
-    """What the lifecycle asks a launcher to start.
-
-    Attributes:
-        session: the open session (its context data, params and handler), for launchers that need more.
-        bootstrap_env: env vars to set in the process (empty with the CLI bootstrap).
-        bootstrap_args: arguments to append to its command (empty with the env bootstrap).
-        stdout_needed: the lifecycle needs the process's stdout as ``PipesLaunchedProcess.stdout`` (it carries the
-            stdio message channel, or output is redirected or not forwarded).
-        stderr_needed: the same for stderr.
-        durable: set for a run with a ``launch_key`` (README "Durable runs"): the run's key, its directory and
-            the lock to hand to what is launched; a launcher that supports it (:meth:`PipesClient.attach`) makes
-            the launch outlive this process and findable by the key.
-    """
-
-    session: PipesSession
-    bootstrap_env: dict[str, str] = field(default_factory=dict)
-    bootstrap_args: list[str] = field(default_factory=list)
-    stdout_needed: bool = False
-    stderr_needed: bool = False
-    durable: DurableLaunch | None = None
 
 
 # ---------------------------------------------------------------------------------------------- invocation
@@ -361,6 +334,19 @@ class PipesClient(ABC):
         (:meth:`PipesLaunchedProcess.handle`); a launcher that supports ``launch_key`` overrides it."""
         raise PipesUsageError(f"{type(self).__name__} cannot re-attach to a run (launch_key= is not supported)")
 
+    def find_launch(self, durable: DurableLaunch) -> dict[str, Any] | None:
+        """The handle of the launch made for ``durable`` (a run's launch key) when it exists, else None: asked
+        before launching, so that a launch whose handle never reached the store (its orchestrator died in
+        between) is re-attached, not made twice. A launcher names what it launches by ``durable.name`` (a
+        container's name, a Ray submission id, a Slurm job name) and looks it up by that name here."""
+        return None
+
+    def sweep_orphans(self) -> list[str]:
+        """Stop what this launcher's engine runs that an orchestrator on this host launched without a launch key
+        and that orchestrator is gone (:func:`pipes_core.launch.process.orphan_owner` of its labels); one line
+        said per launch stopped. Called by ``pipes runs sweep`` and at the start of each durable run."""
+        return []
+
     def _channels(self) -> tuple[PipesContextInjector, PipesMessageReader]:
         return (self.context_injector or self.default_context_injector(),
                 self.message_reader or self.default_message_reader())
@@ -436,7 +422,11 @@ class PipesClient(ABC):
         session_log, own_log = run_loggers(options.get("logger"), command)
         durable: DurableRun | None = None
         if options.get("launch_key") is not None:
-            from pipes_core.launch.durable import DurableRun  # (imports this module)
+            if type(self).attach is PipesClient.attach:
+                raise PipesUsageError(
+                    f"{type(self).__name__} cannot re-attach to a run: launch_key= is not supported by it; run "
+                    "without launch_key")
+            from pipes_core.launch.durable import DurableRun
 
             durable = DurableRun(self, options)
         elif options.get("store") is not None:

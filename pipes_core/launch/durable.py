@@ -5,10 +5,13 @@ drivers (sync and asyncio) at three points: the channels (:meth:`DurableRun.chan
 (:meth:`DurableRun.launcher`) and the conclusion (:meth:`DurableRun.conclude`). What to do first is decided by
 :func:`pipes_core.launch.lifecycle.durable_step` from what the store holds for the key:
 
-* launch: claim the key (one transaction: of racing processes one creates the run), launch with the key's run
-  directory (``runs/<digest of the key>`` beside the store's file) holding its ``lock`` file locked: the lock is
-  inherited by the launched supervisor, so a later orchestrator finds a launch whose handle was never recorded
-  (the lock is held, or a ``pid`` file is left) and never launches twice; then record the handle;
+* launch: claim the key (one transaction: of racing processes one creates the run), sweep the engine's orphans
+  (:meth:`pipes_core.PipesClient.sweep_orphans`), then launch with the key's run directory (``runs/<digest of the
+  key>`` beside the store's file) holding its ``lock`` file locked; then record the handle. A launch whose handle
+  was never recorded (its orchestrator died in between) is found before launching again, never made twice: a
+  local supervisor inherits the lock and leaves a ``pid`` file; a remote launch is named by the key
+  (:attr:`DurableLaunch.name`: a container's name, a Ray submission id, a Slurm job name) and found by that name
+  (:meth:`pipes_core.PipesClient.find_launch`);
 * attach / drain: rebuild the launched process from the handle (:meth:`pipes_core.PipesClient.attach`), replay the
   recorded messages through the fresh handler (without ``on_event``), read on from the recorded offset;
 * replay: a concluded run: the recorded messages and exit status, judged again; nothing launched or read.
@@ -22,15 +25,16 @@ from __future__ import annotations
 
 import fcntl
 import hashlib
+import logging
 import os
 import shutil
 import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Final
+from typing import TYPE_CHECKING, Any, Final, Protocol
 
 from pipes_core.channels.injectors import PipesContextInjector, PipesEnvContextInjector
 from pipes_core.channels.readers import (
@@ -38,18 +42,19 @@ from pipes_core.channels.readers import (
     _FileFollower,
     _FileFollowThread,
 )
-from pipes_core.launch.client import PipesClient, PipesLaunchedProcess, PipesLaunchRequest
 from pipes_core.launch.lifecycle import (
     DURABLE_ATTACH,
     DURABLE_DRAIN,
     DURABLE_FIND,
+    DURABLE_LAUNCH,
     DURABLE_REPLAY,
     DURABLE_WAIT,
     PipesExitStatus,
     durable_step,
 )
-from pipes_core.launch.run_store import RUN_CONCLUDED, RUN_LAUNCHING, RUN_RUNNING, PipesRunRecord, PipesRunStore
-from pipes_core.launch.supervisor import LOCK_FILE, MESSAGES_FILE, PID_FILE
+from pipes_core.launch.process import DurableLaunch, PipesLaunchedProcess, PipesLaunchRequest
+from pipes_core.launch.run_store import PipesRunRecord, PipesRunStore
+from pipes_core.launch.supervisor import LOCK_FILE, MESSAGES_FILE
 from pipes_core.protocol.errors import PipesEngineErrorKind
 from pipes_core.protocol.handler import LINE_JSON_WHITESPACE, PipesMessageHandler
 from pipes_ext._errors import PipesUsageError
@@ -57,8 +62,10 @@ from pipes_ext._errors import PipesUsageError
 if TYPE_CHECKING:
     from pipes_core.launch.options import RunOptions
 
-__all__ = ["DurableRun", "DurableLaunch", "run_directory", "open_store", "live_process", "stop_run", "forget_run",
-           "sweep", "status_to_json", "status_from_json", "RUNS_DIR_NAME", "HANDLE_WAIT_SECONDS", "STOP_GRACE_SECONDS"]
+__all__ = ["DurableRun", "DurableLaunch", "DurableClient", "run_directory", "runs_directory", "open_store", "lock",
+           "status_to_json", "status_from_json", "RUNS_DIR_NAME", "HANDLE_WAIT_SECONDS"]
+
+logger = logging.getLogger("pipes_core")
 
 # The run directories live here, beside the store's file.
 RUNS_DIR_NAME: Final = "runs"
@@ -89,20 +96,25 @@ def open_store(store: PipesRunStore | str | os.PathLike[str] | None) -> PipesRun
     return PipesRunStore(store)
 
 
+def runs_directory(store: PipesRunStore) -> Path:
+    """Where the store's run directories are: beside its file."""
+    return Path(store.path).resolve().parent / RUNS_DIR_NAME
+
+
 def run_directory(store: PipesRunStore, launch_key: str) -> Path:
     """Where a run's files are: beside the store, named by a digest of the key (any string is a valid key)."""
     digest = hashlib.sha256(launch_key.encode("utf-8")).hexdigest()[:32]
-    return Path(store.path).resolve().parent / RUNS_DIR_NAME / digest
+    return runs_directory(store) / digest
 
 
-@dataclass(frozen=True)
-class DurableLaunch:
-    """What a launcher gets in :attr:`PipesLaunchRequest.durable`: the run's key, its directory, and the lock's
-    descriptor (to hand to what it launches, so that the lock lives as long as the launched work)."""
+class DurableClient(Protocol):
+    """What a durable run asks of its launcher's client (:class:`pipes_core.PipesClient` has all of it)."""
 
-    launch_key: str
-    directory: Path
-    lock_fd: int
+    def attach(self, handle: dict[str, Any]) -> PipesLaunchedProcess: ...
+
+    def find_launch(self, durable: DurableLaunch) -> dict[str, Any] | None: ...
+
+    def sweep_orphans(self) -> list[str]: ...
 
 
 def status_to_json(status: PipesExitStatus) -> dict[str, Any]:
@@ -117,7 +129,7 @@ def status_from_json(data: dict[str, Any]) -> PipesExitStatus:
                            kind=None if kind is None else PipesEngineErrorKind(kind))
 
 
-def _lock(path: Path, *, wait: bool) -> int | None:
+def lock(path: Path, *, wait: bool) -> int | None:
     """The lock file's descriptor, locked (None: another process holds it and ``wait`` is False)."""
     fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
     try:
@@ -134,15 +146,11 @@ def _lock(path: Path, *, wait: bool) -> int | None:
 class DurableRun:
     """The durable side of one run with a launch key (module doc)."""
 
-    def __init__(self, client: PipesClient, options: RunOptions) -> None:
+    def __init__(self, client: DurableClient, options: RunOptions) -> None:
         key = options.get("launch_key")
         assert key is not None
         if not isinstance(key, str) or not key:
             raise PipesUsageError(f"launch_key must be a non-empty string, got {key!r}")
-        if type(client).attach is PipesClient.attach:
-            raise PipesUsageError(
-                f"{type(client).__name__} cannot re-attach to a run: launch_key= is not supported by it yet "
-                "(the subprocess client supports it); run without launch_key")
         self.client = client
         self.launch_key = key
         self.store = open_store(options.get("store"))
@@ -187,9 +195,22 @@ class DurableRun:
         """``launch`` made durable: launched once per key, else re-attached or replayed."""
 
         def durable_launch(request: PipesLaunchRequest) -> PipesLaunchedProcess:
+            if self.step in (DURABLE_LAUNCH, DURABLE_FIND):
+                self.sweep_orphans()
             return _Watched(self, self._launch_or_attach(launch, request))
 
         return durable_launch
+
+    def sweep_orphans(self) -> None:
+        """Before launching: stop what an orchestrator of this host that is gone launched without a key on the
+        same engine (README "Durable runs", "Nothing orphaned"); each said on the ``pipes_core`` logger."""
+        try:
+            said = self.client.sweep_orphans()
+        except Exception as exc:  # the run goes on: the sweep is a courtesy, the launch is what was asked
+            logger.warning("[pipes] looking for orphaned launches of %s failed: %s", self.launcher_name, exc)
+            return
+        for line in said:
+            logger.warning("[pipes] %s", line)
 
     def _launch_or_attach(self, launch: Callable[[PipesLaunchRequest], PipesLaunchedProcess],
                           request: PipesLaunchRequest) -> PipesLaunchedProcess:
@@ -204,14 +225,22 @@ class DurableRun:
             return self.client.attach(self.record.handle)
         if step == DURABLE_FIND:
             self.store.take_over(self.launch_key)
-        lock_fd = _lock(self.directory / LOCK_FILE, wait=False)
-        if lock_fd is None:  # the launch happened: its supervisor holds the lock
+        self.directory.mkdir(parents=True, exist_ok=True, mode=0o700)
+        lock_fd = lock(self.directory / LOCK_FILE, wait=False)
+        if lock_fd is None:  # the launch happened: what it launched holds the lock (a local supervisor)
             return self._attach_found()
-        if (self.directory / PID_FILE).exists():  # it happened and has ended already
-            os.close(lock_fd)
-            return self._attach_found()
+        durable = DurableLaunch(self.launch_key, self.directory, lock_fd)
         try:
-            process = launch(replace(request, durable=DurableLaunch(self.launch_key, self.directory, lock_fd)))
+            found = self.client.find_launch(durable)  # made before, its handle never recorded
+        except BaseException:
+            os.close(lock_fd)
+            raise
+        if found is not None:
+            os.close(lock_fd)
+            self.record = self.store.record_handle(self.launch_key, found)
+            return self.client.attach(found)
+        try:
+            process = launch(replace(request, durable=durable))
         except BaseException:
             self.store.forget(self.launch_key)  # nothing runs under the key: a retry launches
             raise
@@ -222,17 +251,16 @@ class DurableRun:
         return process
 
     def _attach_found(self) -> PipesLaunchedProcess:
-        """A launch made under the key whose handle was never recorded: its handle from its pid file."""
-        from pipes_core.launch.durable_local import read_pid_file
-
+        """A launch made under the key whose handle was never recorded, still holding the run's lock: its handle
+        as the launcher finds it (a supervisor just forked may not have said who it is yet: waited for)."""
         deadline = time.monotonic() + HANDLE_WAIT_SECONDS
         pause = threading.Event()
-        described = f"the durable run {self.launch_key!r}"
-        while (handle := read_pid_file(self.directory, described)) is None:
+        durable = DurableLaunch(self.launch_key, self.directory, -1)
+        while (handle := self.client.find_launch(durable)) is None:
             if time.monotonic() > deadline:
                 raise PipesUsageError(
-                    f"the run with launch_key {self.launch_key!r} was launched but left no pid file in "
-                    f"{self.directory}; stop what runs there, then `pipes runs forget {self.launch_key}`")
+                    f"the run with launch_key {self.launch_key!r} was launched (its lock in {self.directory} is "
+                    f"held) but cannot be found; stop what runs there, then `pipes runs forget {self.launch_key}`")
             pause.wait(HANDLE_POLL_SECONDS)
         self.record = self.store.record_handle(self.launch_key, handle)
         return self.client.attach(handle)
@@ -436,79 +464,3 @@ class DurableMessageReader(PipesFileMessageReader):
 
     def describe(self) -> str:
         return f"the durable run's messages file ({self.path})"
-
-
-
-# ---------------------------------------------------------------------------------------------- managing runs
-
-# How long `stop` gives a run after SIGTERM to its group before SIGKILL.
-STOP_GRACE_SECONDS: Final = 5.0
-
-
-def _client_for(launcher: str) -> PipesClient:
-    """A client of the launcher a run was recorded with, to rebuild its process from the handle."""
-    from pipes_core.launch.subprocess import PipesSubprocessClient
-
-    if launcher in (PipesSubprocessClient.__name__, "PipesAsyncSubprocessClient"):
-        return PipesSubprocessClient()
-    raise PipesUsageError(f"runs of {launcher} cannot be managed from here (only the subprocess launcher's can)")
-
-
-def live_process(record: PipesRunRecord) -> PipesLaunchedProcess | None:
-    """The run's launched process when it still runs, else None."""
-    if record.handle is None or record.state not in (RUN_RUNNING, RUN_LAUNCHING):
-        return None
-    process = _client_for(record.launcher).attach(record.handle)
-    return None if process.poll() else process
-
-
-def stop_run(store: PipesRunStore, launch_key: str) -> bool:
-    """Stop the run's job (SIGTERM to its group, SIGKILL after :data:`STOP_GRACE_SECONDS`); False when it was not
-    running. The run is not concluded: the next run with the key drains it and says how it ended."""
-    record = store.get(launch_key)
-    if record is None:
-        raise KeyError(launch_key)
-    process = live_process(record)
-    if process is None:
-        return False
-    process.terminate()
-    if not process.wait(STOP_GRACE_SECONDS):
-        process.kill()
-        process.wait(STOP_GRACE_SECONDS)
-    return True
-
-
-def forget_run(store: PipesRunStore, launch_key: str) -> None:
-    """Remove the run and its files from the store; a run that still runs is refused (stop it first)."""
-    record = store.get(launch_key)
-    if record is None:
-        raise KeyError(launch_key)
-    if live_process(record) is not None:
-        raise PipesUsageError(f"the run {launch_key!r} is still running: stop it first (`pipes runs stop KEY`)")
-    store.forget(launch_key)
-    shutil.rmtree(run_directory(store, launch_key), ignore_errors=True)
-
-
-def sweep(store: PipesRunStore) -> list[str]:
-    """Remove what no run owns any more: run directories that no run of the store names (a run forgotten while
-    its files were in use), and those of concluded runs (a crash between the conclusion and the clean-up).
-    Returns what was removed, each said in a line."""
-    removed: list[str] = []
-    runs_dir = Path(store.path).resolve().parent / RUNS_DIR_NAME
-    if not runs_dir.is_dir():
-        return removed
-    wanted = {run_directory(store, record.launch_key).name: record for record in store.runs()}
-    for directory in sorted(runs_dir.iterdir()):
-        record = wanted.get(directory.name)
-        if record is None:
-            lock_fd = _lock(directory / LOCK_FILE, wait=False) if (directory / LOCK_FILE).exists() else -1
-            if lock_fd is None:
-                continue  # a launch under way, or a job still running: not ours to remove
-            if lock_fd >= 0:
-                os.close(lock_fd)
-            shutil.rmtree(directory, ignore_errors=True)
-            removed.append(f"removed {directory} (no run in the store names it)")
-        elif record.state == RUN_CONCLUDED:
-            shutil.rmtree(directory, ignore_errors=True)
-            removed.append(f"removed {directory} (the run {record.launch_key!r} is concluded)")
-    return removed

@@ -21,10 +21,10 @@ from pathlib import Path
 from typing import IO, Any, Final
 
 from pipes_core.launch import supervisor as _supervisor
-from pipes_core.launch.client import PipesExitStatus
-from pipes_core.launch.durable import DurableLaunch
+from pipes_core.launch.lifecycle import PipesExitStatus
+from pipes_core.launch.local import LocalSignals, start_local_process
+from pipes_core.launch.process import DurableLaunch
 from pipes_core.launch.run_store import process_start_time
-from pipes_core.launch.subprocess import LocalSignals, start_local_process
 from pipes_core.launch.supervisor import EXIT_FILE, PID_FIELD, PID_FILE, RETURNCODE_FIELD, STDERR_FILE, STDOUT_FILE
 from pipes_core.protocol.errors import PipesEngineErrorKind
 
