@@ -138,7 +138,7 @@ def test_stop_forget_and_sweep(cli: Cli) -> None:
     leftover = cli.state / "runs" / "leftover"
     leftover.mkdir(parents=True)
     code, out, err = cli.call("runs", "sweep", "--state-dir", str(cli.state))
-    assert code == 0 and "swept 1 leftover run directory" in out and not leftover.exists()
+    assert code == 0 and "swept 1 leftover (name engines to sweep for orphans too" in out and not leftover.exists()
     code, out, err = cli.call("runs", "--state-dir", str(cli.state))
     assert code == 0 and "no durable runs" in out
 
@@ -147,6 +147,9 @@ def test_stop_forget_and_sweep(cli: Cli) -> None:
     (["runs", "stop"], "pipes runs stop needs the run's KEY"),
     (["runs", "forget", "nothing"], "no run with launch key 'nothing'"),
     (["runs", "sweep", "extra"], "pipes runs sweep takes no KEY"),
+    (["runs", "stop", "k", "--docker"], "--docker is for `pipes runs sweep`: it names an engine to sweep"),
+    (["runs", "--ray", "127.0.0.1:1"], "--ray is for `pipes runs sweep`"),
+    (["runs", "sweep", "--slurm-conf", "x"], "--slurm-conf is for --slurm: give --slurm too"),
     (["run", "--state-dir", "x", "--", "true"], "--state-dir is for durable runs: give --launch-key KEY too"),
 ])
 def test_misuse_is_one_line_and_exit_2(cli: Cli, args: list[str], said: str) -> None:

@@ -9,6 +9,7 @@ import json
 from datetime import datetime, timezone
 from typing import IO, Any, Final
 
+from pipes_core.launch.client import PipesClient
 from pipes_core.launch.manage import forget_run, stop_run, sweep
 from pipes_core.launch.run_store import PipesRunRecord, PipesRunStore
 from pipes_core.protocol.errors import PipesUsageError
@@ -38,11 +39,17 @@ def add_runs_parser(sub: Any) -> None:
     runs = sub.add_parser("runs", help="list, stop or forget durable runs (pipes run --launch-key)")
     runs.add_argument("action", nargs="?", default=LIST, choices=RUNS_ACTIONS,
                       help="list (default); stop KEY: stop its job; forget KEY: remove it from the store; sweep: "
-                           "remove files that no run owns")
+                           "remove files that no run owns, and stop orphans on the engines named")
     runs.add_argument("key", nargs="?", metavar="KEY", help="the run's launch key (for stop and forget)")
     runs.add_argument("--state-dir", metavar="DIR",
                       help="where the run store is (default $PIPES_STATE_DIR, else ~/.local/state/pipes)")
     runs.add_argument("--json", action="store_true", help="one JSON object per run on stdout")
+    engines = runs.add_argument_group("sweep's engines", "also stop, on these engines, what an orchestrator of this "
+                                      "host that is gone launched without --launch-key")
+    engines.add_argument("--docker", action="store_true", help="the Docker daemon of the environment (DOCKER_HOST)")
+    engines.add_argument("--ray", metavar="ADDRESS", help="the Ray cluster at ADDRESS (its dashboard/jobs address)")
+    engines.add_argument("--slurm", action="store_true", help="this user's Slurm jobs")
+    engines.add_argument("--slurm-conf", metavar="PATH", help="SLURM_CONF for the Slurm commands (with --slurm)")
 
 
 def _store(args: argparse.Namespace) -> PipesRunStore:
@@ -86,8 +93,34 @@ def _text(row: dict[str, Any]) -> str:
             f"{row['position']['messages']} messages  {said}")
 
 
+def sweep_clients(args: argparse.Namespace) -> list[PipesClient]:
+    """The clients of the engines ``pipes runs sweep`` was asked to sweep (``--docker``, ``--ray``, ``--slurm``)."""
+    clients: list[PipesClient] = []
+    if args.slurm_conf is not None and not args.slurm:
+        raise PipesUsageError("--slurm-conf is for --slurm: give --slurm too")
+    if args.docker:
+        from pipes_core.docker import PipesDockerClient
+
+        clients.append(PipesDockerClient())
+    if args.ray is not None:
+        from pipes_core.ray import PipesRayJobClient
+
+        clients.append(PipesRayJobClient(args.ray))
+    if args.slurm:
+        from pipes_core.slurm import PipesSlurmClient, SlurmCommands
+
+        clients.append(PipesSlurmClient(commands=SlurmCommands(slurm_conf=args.slurm_conf)))
+    return clients
+
+
 def runs_main(args: argparse.Namespace, out: IO[str]) -> int:
     """``pipes runs ...``; a usage problem raises :class:`PipesUsageError` (the caller prints it)."""
+    engine_flags = [flag for flag, given in (("--docker", args.docker), ("--ray", args.ray is not None),
+                                             ("--slurm", args.slurm), ("--slurm-conf", args.slurm_conf is not None))
+                    if given]
+    if engine_flags and args.action != SWEEP:
+        raise PipesUsageError(f"{engine_flags[0]} is for `pipes runs sweep`: it names an engine to sweep")
+    clients = sweep_clients(args) if args.action == SWEEP else []
     store = _store(args)
     if args.action in (STOP, FORGET) and not args.key:
         raise PipesUsageError(f"pipes runs {args.action} needs the run's KEY (see `pipes runs`)")
@@ -107,10 +140,11 @@ def runs_main(args: argparse.Namespace, out: IO[str]) -> int:
         except KeyError:
             raise PipesUsageError(f"no run with launch key {args.key!r} in {store.path} (see `pipes runs`)") from None
         if args.action == SWEEP:
-            said = sweep(store)
+            said = sweep(store, clients)
             for line in said:
                 out.write(line + "\n")
-            out.write(f"swept {len(said)} leftover run director{'y' if len(said) == 1 else 'ies'}\n")
+            engines = "" if clients else " (name engines to sweep for orphans too: --docker, --ray ADDRESS, --slurm)"
+            out.write(f"swept {len(said)} leftover{'' if len(said) == 1 else 's'}{engines}\n")
             return 0
         rows = [_row(record) for record in store.runs()]
     for row in rows:
