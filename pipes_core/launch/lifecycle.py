@@ -1,8 +1,8 @@
 """The decisions of a run, with no I/O: what to do next, and the verdict (in the spirit of a sans-IO protocol core).
 
-A driver (the sync one in :mod:`pipes_core.launch.client`, the asyncio one in :mod:`pipes_core._async_lifecycle`)
-launches the process, then feeds a :class:`RunCore` the facts as they happen and carries out the actions it
-returns:
+A driver (the sync one in :mod:`pipes_core.launch.client`, the asyncio one in
+:mod:`pipes_core.launch.async_client`) launches the process, then feeds a :class:`RunCore` the facts as they
+happen and carries out the actions it returns:
 
 * facts: the launch was set up (:meth:`RunCore.begun`), a wait ended with the process ended or not
   (:meth:`RunCore.waited`), a signal was sent or a line logged (:meth:`RunCore.proceed`), an interruption arrived
