@@ -9,6 +9,7 @@ launching. Orchestrators run in their own session and are killed by process grou
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -108,3 +109,30 @@ def test_a_durable_command_that_cannot_start_fails_with_the_reason_and_is_conclu
     assert record is not None and record.state == "concluded" and record.outcome is not None
     assert record.outcome["exit_code"] == 127 and record.outcome["error"] == "PipesExecutionError"
     assert not run_directory(PipesRunStore(store), "k").exists()
+
+
+@pytest.mark.parametrize("flavour", ["sync", "async"])
+def test_a_store_given_by_its_path_is_closed_after_the_run(tmp_path: Path, flavour: str) -> None:
+    import asyncio
+
+    from pipes_core import PipesAsyncSubprocessClient, PipesSubprocessClient
+
+    store = tmp_path / "runs.sqlite3"
+
+    def open_store_files() -> list[str]:
+        names = []
+        for fd in os.listdir("/proc/self/fd"):
+            try:
+                names.append(os.readlink(f"/proc/self/fd/{fd}"))
+            except OSError:
+                pass
+        return [name for name in names if name.startswith(str(store))]
+
+    for key in ("first", "second"):  # a launch, then (the same key again) a replay of the concluded run
+        options: dict[str, Any] = {"command": [PYTHON, "-c", "pass"], "launch_key": key, "store": str(store),
+                                   "strict": False}
+        if flavour == "async":
+            asyncio.run(PipesAsyncSubprocessClient(forward_stdio=False).run(**options))
+        else:
+            PipesSubprocessClient(forward_stdio=False).run(**options)
+        assert open_store_files() == []

@@ -218,6 +218,8 @@ class PipesAsyncClient(Generic[_Config]):
             self._runs -= 1
             if not self._runs:
                 self.close()
+            if run.durable is not None:
+                run.durable.release()
 
     async def _run(self, launch: Callable[[PipesLaunchRequest], PipesLaunchedProcess], run: _Run,
                    injector: PipesContextInjector, reader: PipesAsyncMessageReader, context: PipesRunContext | None,

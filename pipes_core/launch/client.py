@@ -383,34 +383,38 @@ class PipesClient(ABC):
                 ``invocation`` attribute.
         """
         run = self.begin_run(options, command)
-        injector, reader = self._channels() if run.durable is None else run.durable.channels()
-        if run.durable is not None:
-            launch = run.durable.launcher(launch)
         try:
-            with self.open_session(run, injector, reader, open_pipes_session, context, extras) as session:
-                self.observe_session(run, session, type(self).__name__)
-                try:
-                    self._launch_and_wait(launch, session, reader, run)
-                except KeyboardInterrupt as exc:
-                    run.interrupt = exc  # drain first (leaving the session), then re-raise
-                except BaseException as exc:
-                    run.error = exc
-                run.phase(PHASE_DRAIN)  # leaving the block drains the channel
-        except PipesError as exc:
-            if run.session is None:
-                raise  # the channels could not be set up: nothing was launched
-            run.channel_error = exc
-        except Exception as exc:  # a channel's SDK failed while draining
-            if run.session is None:
-                raise
-            run.channel_error = exc
+            injector, reader = self._channels() if run.durable is None else run.durable.channels()
+            if run.durable is not None:
+                launch = run.durable.launcher(launch)
+            try:
+                with self.open_session(run, injector, reader, open_pipes_session, context, extras) as session:
+                    self.observe_session(run, session, type(self).__name__)
+                    try:
+                        self._launch_and_wait(launch, session, reader, run)
+                    except KeyboardInterrupt as exc:
+                        run.interrupt = exc  # drain first (leaving the session), then re-raise
+                    except BaseException as exc:
+                        run.error = exc
+                    run.phase(PHASE_DRAIN)  # leaving the block drains the channel
+            except PipesError as exc:
+                if run.session is None:
+                    raise  # the channels could not be set up: nothing was launched
+                run.channel_error = exc
+            except Exception as exc:  # a channel's SDK failed while draining
+                if run.session is None:
+                    raise
+                run.channel_error = exc
+            finally:
+                if run.process is not None:
+                    try:
+                        run.process.close()
+                    except Exception:
+                        run.log.exception("[pipes] releasing %s failed", run.description)
+            return self.conclude(run)
         finally:
-            if run.process is not None:
-                try:
-                    run.process.close()
-                except Exception:
-                    run.log.exception("[pipes] releasing %s failed", run.description)
-        return self.conclude(run)
+            if run.durable is not None:
+                run.durable.release()
 
     def begin_run(self, options: RunOptions, command: str | Sequence[str] | None) -> _Run:
         """Check a run's options (each once, for the sync and the async driver) and start its record."""

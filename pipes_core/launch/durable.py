@@ -153,10 +153,21 @@ class DurableRun:
             raise PipesUsageError(f"launch_key must be a non-empty string, got {key!r}")
         self.client = client
         self.launch_key = key
-        self.store = open_store(options.get("store"))
+        given = options.get("store")
+        self.store = open_store(given)
+        self._own_store = not isinstance(given, PipesRunStore)  # opened here from a path: closed here
         self.directory = run_directory(self.store, key)
         self.launcher_name = type(client).__name__
-        self.step, self.record = self._decide()
+        try:
+            self.step, self.record = self._decide()
+        except BaseException:
+            self.release()
+            raise
+
+    def release(self) -> None:
+        """After the run: close the store when this run opened it (from a path, or the state directory's)."""
+        if self._own_store:
+            self.store.close()
 
     # ------------------------------------------------------------------ the first step
 
