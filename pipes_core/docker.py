@@ -26,6 +26,16 @@ Termination (``timeout_seconds``, Ctrl-C with ``forward_termination``, SIGTERM t
 gets SIGINT, then after ``termination_timeout_seconds`` SIGTERM, then SIGKILL (``docker kill -s``); its output
 is drained, then it is removed, and the error is raised as :class:`~pipes_core.PipesSubprocessClient` does.
 
+Durable runs (``launch_key=``, README "Durable runs"): the container is named by the key
+(:attr:`~pipes_core.launch.process.DurableLaunch.name`, ``pipes-`` and 32 hex digits), labelled with it, and
+outlives its orchestrator (it is removed only once a run has seen it end); a create refused because the name is
+taken (409) means another orchestrator made it: that one is attached to, never a second one. Its handle holds the
+container's id and name, the image and the daemon's URL; a later orchestrator re-attaches on that daemon (its
+output from the container's logs, from the start; its end from ``wait`` and ``inspect``). The messages file in the
+run directory is bind-mounted at the same path (``mount_channel_files``): the daemon must run on this machine.
+Every container carries its orchestrator's owner labels (:func:`~pipes_core.launch.process.launch_labels`), so
+that :meth:`PipesDockerClient.sweep_orphans` can stop what an orchestrator that died left running without a key.
+
 Errors name the cause: the daemon cannot be reached (saying which ``DOCKER_HOST`` or socket), the image is
 missing, the container cannot be created or started (the daemon's message), it exited non-zero, it was killed
 (an OOM kill is said as such), it never opened the channel (the shared lifecycle's rules).
@@ -40,8 +50,9 @@ import re
 import shlex
 import signal
 import threading
+import urllib.parse
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any, NoReturn
+from typing import Any, Final, NoReturn
 
 from pipes_core.channels.injectors import PipesContextInjector
 from pipes_core.channels.readers import PipesMessageReader
@@ -55,8 +66,10 @@ from pipes_core.launch.client import (
     PipesLaunchRequest,
     signal_name,
 )
+from pipes_core.launch.durable import HANDLE_EXIT, _Concluded, status_from_json
 from pipes_core.launch.local import command_name
 from pipes_core.launch.options import RunOptions, Unpack, check_run_options, common_options, run_signature
+from pipes_core.launch.process import LAUNCH_LABEL, OWNER_HOST_LABEL, DurableLaunch, launch_labels, orphan_owner
 from pipes_core.protocol.errors import PipesEngineErrorKind, PipesExecutionError, PipesUsageError
 from pipes_core.protocol.run_context import PipesRunContext
 from pipes_ext._errors import install_hint
@@ -70,6 +83,7 @@ __all__ = [
     "describe_docker_host",
     "DEFAULT_DOCKER_HOST",
     "RUN_ID_LABEL",
+    "KEEP_LABEL",
     "DOCKER_RUN_FLAGS",
     "run_options_from_docker_args",
 ]
@@ -78,6 +92,24 @@ __all__ = [
 DEFAULT_DOCKER_HOST = "unix:///var/run/docker.sock"
 # Every container we start carries the run id under this label (to find leftovers of a crashed orchestrator).
 RUN_ID_LABEL = "io.pipes-sdk.run-id"
+# A container launched with keep_container carries this label: sweep_orphans stops it when its owner is gone but
+# leaves it (and, once ended, never removes it): it was asked to stay.
+KEEP_LABEL: Final = "io.pipes-sdk.keep"
+# The handle of a launched container (PipesDockerContainer.handle, PipesDockerClient.attach): its id and name, the
+# image, the daemon's URL (unix:///path or http(s)://host:port; None when it cannot be said, e.g. over ssh), its
+# description, and whether it is kept after its end.
+HANDLE_CONTAINER: Final = "container"
+HANDLE_NAME: Final = "name"
+HANDLE_IMAGE: Final = "image"
+HANDLE_DOCKER_HOST: Final = "docker_host"
+HANDLE_DESCRIPTION: Final = "description"
+HANDLE_KEEP: Final = "keep_container"
+# A container's states (inspect's State.Status) after which it never runs again by itself, and before its start.
+_ENDED_STATES: Final = frozenset({"exited", "dead"})
+_CREATED_STATE: Final = "created"
+# The daemon's answer to a create whose name is taken, and to a signal sent to a container not running.
+_CONFLICT: Final = 409
+_NOT_FOUND: Final = 404
 # containers.create arguments the client sets itself: passing them in container_kwargs is a usage error.
 _OWN_KWARGS = frozenset({"image", "command", "detach", "stdout", "stderr", "stream", "remove", "auto_remove",
                          "tty", "stdin_open"})
@@ -130,6 +162,35 @@ def _check_socket(path: str | None, where: str) -> None:
                                   "running, and is DOCKER_HOST right?)", kind=PipesEngineErrorKind.UNREACHABLE)
 
 
+def _daemon_url(client: Any) -> str | None:
+    """The URL of the daemon a client talks to, as ``DOCKER_HOST`` takes it (``unix:///path``, or the client's
+    ``http(s)://host:port``); None when it cannot be said (an ssh connection)."""
+    socket_path = _socket_of(client)
+    if socket_path:
+        return f"unix://{socket_path}"
+    base_url = getattr(getattr(client, "api", client), "base_url", None)
+    return base_url if isinstance(base_url, str) and base_url.startswith(("http://", "https://")) else None
+
+
+def _daemon_address(url: str) -> tuple[str, str]:
+    """What identifies a daemon in its URL: a unix socket's path, else the host and port (``tcp://`` and the
+    ``http(s)://`` the SDK turns it into name the same daemon)."""
+    parsed = urllib.parse.urlparse(url)
+    if parsed.scheme in ("unix", "http+unix"):
+        return "unix", os.path.normpath((parsed.netloc or "") + parsed.path)
+    return "tcp", parsed.netloc
+
+
+def _same_daemon(url: str | None, other: str | None) -> bool:
+    return url is not None and other is not None and _daemon_address(url) == _daemon_address(other)
+
+
+def _status_of(exc: BaseException) -> int | None:
+    """The HTTP status of a Docker SDK error (None: not an answer of the daemon)."""
+    status = getattr(getattr(exc, "response", None), "status_code", None)
+    return status if isinstance(status, int) else None
+
+
 def describe_docker_host(client: Any = None, environ: Mapping[str, str] | None = None) -> str:
     """Which daemon a client talks to, for error messages: its unix socket or URL, and where that came from."""
     environ = os.environ if environ is None else environ
@@ -146,21 +207,31 @@ def describe_docker_host(client: Any = None, environ: Mapping[str, str] | None =
 
 
 class PipesDockerContainer(PipesLaunchedProcess):
-    """One started container, as the lifecycle drives it; made by :class:`PipesDockerClient`.
+    """One started container, as the lifecycle drives it; made by :class:`PipesDockerClient` (launched, or found
+    again for a durable run: :meth:`PipesDockerClient.attach`).
 
     Attributes:
         container: the Docker SDK ``Container``.
         id: the container id.
+        name: the container's name (a durable run's is its key's launch name).
+        durable: it was launched for a run with a ``launch_key`` (its :data:`LAUNCH_LABEL`): it is removed only
+            once it has ended, and outlives this process otherwise.
     """
 
     def __init__(self, client: Any, container: Any, image: str, *, stdout: Any, stderr: Any, keep: bool,
-                 own_client: bool, argv: Sequence[str] | None = None) -> None:
+                 own_client: bool, argv: Sequence[str] | None = None, description: str | None = None,
+                 docker_host: str | None = None) -> None:
         self.client = client
         self.container = container
         self.id: str = container.id
+        self.name = str(container.name or "")
         self.image = image
-        running = f" running {command_name(argv)!r}" if argv else ""  # the script, not its interpreter
-        self.description = f"the container {self.id[:12]} (image {image!r}){running}"
+        self.durable = bool((container.labels or {}).get(LAUNCH_LABEL))
+        if description is None:
+            running = f" running {command_name(argv)!r}" if argv else ""  # the script, not its interpreter
+            description = f"the container {self.id[:12]} (image {image!r}){running}"
+        self.description = description
+        self.docker_host = docker_host
         self.stdout = stdout
         self.stderr = stderr
         self._keep = keep
@@ -172,8 +243,18 @@ class PipesDockerContainer(PipesLaunchedProcess):
         self._waiter = threading.Thread(target=self._wait_for_exit, daemon=True,
                                         name=f"pipes-docker-wait:{self.id[:12]}")
 
+    def handle(self) -> dict[str, Any]:
+        """How to find it again (README "Durable runs"): :meth:`PipesDockerClient.attach` takes it."""
+        return {HANDLE_CONTAINER: self.id, HANDLE_NAME: self.name, HANDLE_IMAGE: self.image,
+                HANDLE_DOCKER_HOST: self.docker_host, HANDLE_DESCRIPTION: self.description, HANDLE_KEEP: self._keep}
+
     def start_waiting(self) -> None:
         self._waiter.start()
+
+    def waited(self) -> None:
+        """Its end, asked now (a container found ended: the daemon answers at once), so that :meth:`poll` says
+        it has ended from the start."""
+        self._wait_for_exit()
 
     def _wait_for_exit(self) -> None:
         try:
@@ -222,8 +303,7 @@ class PipesDockerContainer(PipesLaunchedProcess):
         try:
             self.client.api.kill(self.id, signal=sig)
         except Exception as exc:  # not running any more (409), gone (404): nothing to stop
-            status = getattr(getattr(exc, "response", None), "status_code", None)
-            if status not in (404, 409):
+            if _status_of(exc) not in (_NOT_FOUND, _CONFLICT):
                 raise PipesExecutionError(f"sending {sig} to {self.description} failed: {exc}") from exc
 
     def interrupt(self) -> None:
@@ -244,11 +324,12 @@ class PipesDockerContainer(PipesLaunchedProcess):
         try:
             for stream in (self.stdout, self.stderr):
                 _close_stream(stream)
-            if not self._keep:
+            # A durable run's container still running is left running (a later run with the key re-attaches).
+            if not self._keep and (not self.durable or self._wait_result is not None):
                 try:
                     self.client.api.remove_container(self.id, v=True, force=True)
                 except Exception as exc:
-                    if getattr(getattr(exc, "response", None), "status_code", None) != 404:
+                    if _status_of(exc) != _NOT_FOUND:
                         raise
         finally:
             if self._own_client:
@@ -409,6 +490,10 @@ class PipesDockerClient(PipesClient):
         keep_container = options.get("keep_container")
         if not isinstance(image, str) or not image:
             raise PipesUsageError(f"image must be a non-empty string, got {image!r}")
+        if options.get("launch_key") is not None and (options.get("name") is not None
+                                                      or "name" in (options.get("container_kwargs") or {})):
+            raise PipesUsageError("name= cannot be given with launch_key=: a durable run's container is named by its "
+                                  "key (pipes- and a digest of it); leave name out")
         argv: list[str] | None = None
         if command is not None:
             argv = shlex.split(command) if isinstance(command, str) else [str(part) for part in command]
@@ -443,14 +528,20 @@ class PipesDockerClient(PipesClient):
 
     # ------------------------------------------------------------------ launching
 
-    def _docker_client(self) -> tuple[Any, bool]:
-        """The client for this run, and whether it is ours (to close after the run)."""
+    def _docker_client(self, daemon: str | None = None) -> tuple[Any, bool]:
+        """The client for this run, and whether it is ours (to close after the run). ``daemon``: the URL of the
+        daemon to talk to (a durable run's handle's), when it is not the one the client is configured for."""
         docker = _import_docker()
-        if self.client is not None:
+        if self.client is not None and (daemon is None or _same_daemon(_daemon_url(self.client), daemon)):
             _check_socket(_socket_of(self.client), describe_docker_host(self.client))
             return self.client, False
         kwargs = docker.utils.kwargs_from_env()
         where = describe_docker_host()
+        if daemon is not None and not _same_daemon(kwargs.get("base_url") or DEFAULT_DOCKER_HOST, daemon):
+            # The environment's TLS settings are kept for a TCP daemon (the run's record holds only the URL).
+            kwargs = {"base_url": daemon, **({} if daemon.startswith("unix://") or "tls" not in kwargs
+                                             else {"tls": kwargs["tls"]})}
+            where = f"{daemon} (where the run was launched)"
         host = kwargs.get("base_url") or DEFAULT_DOCKER_HOST
         if host.startswith("unix://"):
             _check_socket(host[len("unix://"):], where)
@@ -474,20 +565,28 @@ class PipesDockerClient(PipesClient):
         where = describe_docker_host(None if own_client else client)
         create = dict(options)
         create["environment"] = {**environment, **request.bootstrap_env}
+        durable = request.durable
         create["labels"] = {RUN_ID_LABEL: str(request.session.context_data.get(CONTEXT_RUN_ID, "")),
-                            **dict(create.get("labels") or {})}
+                            **dict(create.get("labels") or {}), **launch_labels(request.owner, durable),
+                            **({KEEP_LABEL: "true"} if keep else {})}
+        if durable is not None:  # findable by the key (never auto-removed: close() removes it once it has ended)
+            create["name"] = durable.name
         if self.mount_channel_files:
             create["volumes"] = _with_channel_mounts(create.get("volumes"), request)
         container: Any = None
         launched: PipesDockerContainer | None = None
         try:
-            container = self._create(client, docker, image, argv, request, create, pull, where)
+            try:
+                container = self._create(client, docker, image, argv, request, create, pull, where)
+            except _NameTaken:  # another orchestrator created the key's container: that one is the launch
+                assert durable is not None
+                return self._found(client, own_client, durable.name, where)
             # Attached before the start, as `docker run` does, so no output is missed; one stream each, so the
             # stdout carrying the messages and the stderr are read apart.
             out = client.api.attach(container.id, stdout=True, stderr=False, stream=True, logs=False)
             err = client.api.attach(container.id, stdout=False, stderr=True, stream=True, logs=False)
             launched = PipesDockerContainer(client, container, image, stdout=out, stderr=err, keep=keep,
-                                            own_client=own_client, argv=argv)
+                                            own_client=own_client, argv=argv, docker_host=_daemon_url(client))
             try:
                 client.api.start(container.id)
             except docker.errors.APIError as exc:
@@ -534,6 +633,8 @@ class PipesDockerClient(PipesClient):
             except TypeError as exc:  # an argument containers.create does not know
                 raise PipesUsageError(f"container options: {exc}") from exc
             except docker.errors.APIError as exc:
+                if request.durable is not None and _status_of(exc) == _CONFLICT:
+                    raise _NameTaken(request.durable.name) from exc
                 raise PipesExecutionError(
                     f"cannot create a container of image {image!r} on {where}: {_explain(exc)}",
                     kind=PipesEngineErrorKind.REFUSED) from exc
@@ -541,6 +642,126 @@ class PipesDockerClient(PipesClient):
                 raise PipesExecutionError(f"cannot reach the Docker daemon at {where}: {exc}",
                                           kind=PipesEngineErrorKind.UNREACHABLE) from exc
         raise AssertionError("unreachable")  # pragma: no cover
+
+
+    # ------------------------------------------------------------------ durable runs
+
+    def attach(self, handle: dict[str, Any]) -> PipesLaunchedProcess:
+        """The container of a durable run, found again from its handle (:meth:`PipesDockerContainer.handle`) on
+        the daemon it was launched on (README "Durable runs"): running or ended; its output from its logs, from
+        the start. A container removed after its end was recorded is that recorded end (no output)."""
+        docker = _import_docker()
+        daemon = handle.get(HANDLE_DOCKER_HOST)
+        client, own_client = self._docker_client(daemon if isinstance(daemon, str) else None)
+        where = describe_docker_host(None if own_client else client) if daemon is None else str(daemon)
+        try:
+            return self._found(client, own_client, str(handle[HANDLE_CONTAINER]), where,
+                               description=handle.get(HANDLE_DESCRIPTION), keep=handle.get(HANDLE_KEEP))
+        except docker.errors.NotFound as exc:
+            if own_client:
+                client.close()
+            described = str(handle.get(HANDLE_DESCRIPTION) or f"the container {handle[HANDLE_CONTAINER]}")
+            ended = handle.get(HANDLE_EXIT)
+            if isinstance(ended, dict):  # removed after its end was seen (and recorded): that end
+                return _Concluded(status_from_json(ended), described)
+            raise PipesExecutionError(
+                f"{described} is gone from the Docker daemon at {where} before anybody saw it end: how it ended is "
+                "unknown; forget the run (`pipes runs forget KEY`) and run it again") from exc
+        except BaseException:
+            if own_client:
+                client.close()
+            raise
+
+    def find_launch(self, durable: DurableLaunch) -> dict[str, Any] | None:
+        """The handle of the container named by the key (running or ended), else None."""
+        docker = _import_docker()
+        client, own_client = self._docker_client()
+        try:
+            try:
+                container = client.containers.get(durable.name)
+            except docker.errors.NotFound:
+                return None
+            _check_ours(container, durable.name, describe_docker_host(None if own_client else client))
+            image = str((container.attrs.get("Config") or {}).get("Image") or "")
+            return {HANDLE_CONTAINER: container.id, HANDLE_NAME: durable.name, HANDLE_IMAGE: image,
+                    HANDLE_DOCKER_HOST: _daemon_url(client),
+                    HANDLE_DESCRIPTION: f"the container {container.id[:12]} (image {image!r})",
+                    HANDLE_KEEP: KEEP_LABEL in (container.labels or {})}
+        finally:
+            if own_client:
+                client.close()
+
+    def sweep_orphans(self) -> list[str]:
+        """Stop and remove the containers (running or not) launched without a launch key by an orchestrator of
+        this host that is gone (their owner labels); one line said per container. A container launched with
+        ``keep_container`` is stopped but kept."""
+        docker = _import_docker()
+        client, own_client = self._docker_client()
+        said: list[str] = []
+        try:
+            for container in client.containers.list(all=True, filters={"label": OWNER_HOST_LABEL}):
+                labels = container.labels or {}
+                owner = orphan_owner(labels)
+                if owner is None:
+                    continue
+                ended = container.status in _ENDED_STATES
+                kept = KEEP_LABEL in labels
+                if ended and kept:
+                    continue
+                image = (container.attrs.get("Config") or {}).get("Image")
+                try:
+                    if kept:
+                        client.api.kill(container.id)
+                    else:
+                        client.api.remove_container(container.id, v=True, force=True)
+                except docker.errors.APIError as exc:
+                    if _status_of(exc) in (_NOT_FOUND, _CONFLICT):  # gone or ended meanwhile (another sweep)
+                        continue
+                    raise
+                done = ("removed the ended" if ended else "stopped and kept the" if kept
+                        else "stopped and removed the")
+                said.append(f"{done} container {container.id[:12]} (image {image!r}) launched by process "
+                            f"{owner.pid} on host {owner.host}, which is gone")
+        finally:
+            if own_client:
+                client.close()
+        return said
+
+    def _found(self, client: Any, own_client: bool, reference: str, where: str, *, description: Any = None,
+               keep: Any = None) -> PipesDockerContainer:
+        """A durable run's container (by id or name) as a launched process: a container created but never
+        started (its orchestrator died in between) is started; its output is read from its logs; one found
+        ended says so from the start. Raises ``docker.errors.NotFound`` when there is none."""
+        container = client.containers.get(reference)
+        _check_ours(container, container.name, where)
+        state = str((container.attrs.get("State") or {}).get("Status") or "")
+        if state == _CREATED_STATE:
+            client.api.start(container.id)
+        image = str((container.attrs.get("Config") or {}).get("Image") or "")
+        out = client.api.logs(container.id, stdout=True, stderr=False, stream=True, follow=True)
+        err = client.api.logs(container.id, stdout=False, stderr=True, stream=True, follow=True)
+        found = PipesDockerContainer(
+            client, container, image, stdout=out, stderr=err,
+            keep=bool(keep) if keep is not None else KEEP_LABEL in (container.labels or {}),
+            own_client=own_client, description=None if description is None else str(description),
+            docker_host=_daemon_url(client))
+        if state in _ENDED_STATES:
+            found.waited()
+        else:
+            found.start_waiting()
+        return found
+
+
+class _NameTaken(Exception):
+    """A durable run's container could not be created: its name is taken (another orchestrator created it)."""
+
+
+def _check_ours(container: Any, name: str, where: str) -> None:
+    """A container found by a durable run's name must carry that name as its launch label."""
+    if (container.labels or {}).get(LAUNCH_LABEL) != name.lstrip("/"):
+        raise PipesExecutionError(
+            f"the container {name!r} on the Docker daemon at {where} was not launched for this run (it has no "
+            f"{LAUNCH_LABEL}={name} label): remove or rename it, then run again", kind=PipesEngineErrorKind.REFUSED)
 
 
 def _explain(exc: Any) -> str:
@@ -560,14 +781,17 @@ def _check_container_kwargs(kwargs: Mapping[str, Any] | None) -> dict[str, Any]:
 
 def _with_channel_mounts(volumes: Any, request: PipesLaunchRequest) -> Any:
     """``volumes`` plus a same-path bind mount of each file channel (context read-only): the file itself when it
-    exists (the session creates both before the launch), else its directory."""
+    exists (the session creates both before the launch), else its directory; a durable run's messages file, its
+    run directory (writable: the file stays reachable however it is rewritten)."""
     wanted: dict[str, str] = {}
     session = request.session
+    durable = request.durable
     for params, mode in ((session.message_reader_params, "rw"), (session.context_injector_params, "ro")):
         path = params.get(PARAM_PATH) if isinstance(params, Mapping) else None
         if isinstance(path, str) and path:
             path = os.path.abspath(path)
-            source = path if os.path.isfile(path) else os.path.dirname(path)
+            in_run_directory = durable is not None and os.path.dirname(path) == os.path.abspath(durable.directory)
+            source = path if os.path.isfile(path) and not in_run_directory else os.path.dirname(path)
             if wanted.get(source) != "rw":
                 wanted[source] = mode
     if not wanted:
