@@ -10,7 +10,7 @@ import shutil
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Final
 
-from pipes_core.launch.durable import lock, run_directory, runs_directory
+from pipes_core.launch.durable import HANDLE_EXIT, lock, run_directory, runs_directory, status_to_json
 from pipes_core.launch.process import PipesLaunchedProcess
 from pipes_core.launch.run_store import RUN_CONCLUDED, RUN_LAUNCHING, RUN_RUNNING, PipesRunRecord, PipesRunStore
 from pipes_core.launch.supervisor import LOCK_FILE
@@ -49,12 +49,15 @@ def client_for(launcher: str) -> PipesClient:
     return client
 
 
-def live_process(record: PipesRunRecord) -> PipesLaunchedProcess | None:
-    """The run's launched work when it still runs, else None."""
+def live_process(record: PipesRunRecord, store: PipesRunStore | None = None) -> PipesLaunchedProcess | None:
+    """The run's launched work when it still runs, else None. Found ended, how it ended is recorded in ``store``
+    first (as a run does): closing it may remove what the engine knew of it (a Docker container)."""
     if record.handle is None or record.state not in (RUN_RUNNING, RUN_LAUNCHING):
         return None
     process = client_for(record.launcher).attach(record.handle)
     if process.poll():
+        if store is not None:
+            store.record_ended(record.launch_key, {**record.handle, HANDLE_EXIT: status_to_json(process.exit_status())})
         process.close()
         return None
     return process
@@ -66,7 +69,7 @@ def stop_run(store: PipesRunStore, launch_key: str) -> bool:
     record = store.get(launch_key)
     if record is None:
         raise KeyError(launch_key)
-    process = live_process(record)
+    process = live_process(record, store)
     if process is None:
         return False
     process.terminate()
@@ -81,7 +84,7 @@ def forget_run(store: PipesRunStore, launch_key: str) -> None:
     record = store.get(launch_key)
     if record is None:
         raise KeyError(launch_key)
-    process = live_process(record)
+    process = live_process(record, store)
     if process is not None:
         raise PipesUsageError(f"the run {launch_key!r} is still running: stop it first (`pipes runs stop KEY`)")
     store.forget(launch_key)
