@@ -231,7 +231,7 @@ class DurableRun:
             described = (self.record.handle or {}).get("description") or f"the concluded run {self.launch_key!r}"
             return _Concluded(status_from_json(self.record.outcome), str(described))
         if step in (DURABLE_ATTACH, DURABLE_DRAIN):
-            self.store.take_over(self.launch_key)
+            self.record = self.store.take_over(self.launch_key)  # with the latest handle (how it ended, if seen)
             assert self.record.handle is not None
             return self.client.attach(self.record.handle)
         if step == DURABLE_FIND:
@@ -441,7 +441,11 @@ class DurableMessageReader(PipesFileMessageReader):
     @contextmanager
     def read_messages(self, handler: PipesMessageHandler) -> Iterator[dict[str, Any]]:
         durable = self.durable
-        recorded = durable.store.messages(durable.launch_key)
+        # The messages and the offset after them read together (the record taken when the run began may be older
+        # than the messages: another orchestrator watching the run records on meanwhile).
+        record, recorded = durable.store.snapshot(durable.launch_key)
+        if record is not None:
+            durable.record = record
         if recorded:
             on_event, handler._on_event = handler._on_event, None
             try:

@@ -478,8 +478,19 @@ class PipesRunStore:
     def messages(self, launch_key: str, *, after: int = -1) -> list[tuple[int, str]]:
         """The run's recorded messages after position ``after``, in order: ``(position, line)``."""
         with self._transaction(write=False) as db:
-            rows = db.execute("SELECT position, count, lines FROM message_blocks WHERE launch_key = ? AND "
-                              "position + count - 1 > ? ORDER BY position", (launch_key, after)).fetchall()
+            return self._messages_in(db, launch_key, after)
+
+    def snapshot(self, launch_key: str) -> tuple[PipesRunRecord | None, list[tuple[int, str]]]:
+        """The run (None: no such run) and its recorded messages, read together: its position is the one after
+        exactly these messages, even while another orchestrator records more."""
+        with self._transaction(write=False) as db:
+            row = db.execute(f"SELECT {_COLUMNS} FROM runs WHERE launch_key = ?", (launch_key,)).fetchone()
+            return None if row is None else _record(row), self._messages_in(db, launch_key, -1)
+
+    @staticmethod
+    def _messages_in(db: sqlite3.Connection, launch_key: str, after: int) -> list[tuple[int, str]]:
+        rows = db.execute("SELECT position, count, lines FROM message_blocks WHERE launch_key = ? AND "
+                          "position + count - 1 > ? ORDER BY position", (launch_key, after)).fetchall()
         messages: list[tuple[int, str]] = []
         last = after  # blocks may overlap (two watchers recorded the same messages): the first recorded wins
         for first, _, lines in rows:
