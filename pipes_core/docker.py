@@ -368,7 +368,7 @@ class DockerRunOptions(RunOptions, total=False):
         env: environment added to the client's for this run.
         volumes / mounts: as ``containers.run`` takes them.
         network: ``network_mode`` (e.g. ``"none"``).
-        working_dir / user / name: the container's.
+        working_dir / user / name: the container's (no ``name`` with ``launch_key``: the key names it).
         mem_limit: bytes or ``"512m"``.
         cpus: e.g. ``1.5``.
         container_kwargs: any other ``containers.create`` argument.

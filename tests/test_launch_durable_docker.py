@@ -25,6 +25,7 @@ import pytest
 
 from pipes_core import PipesRunStore, PipesUsageError
 from pipes_core.docker import PipesDockerClient
+from pipes_core.launch.durable import run_directory
 from pipes_core.launch.manage import forget_run, stop_run
 from pipes_core.launch.process import LAUNCH_LABEL, OWNER_PID_LABEL, DurableLaunch, launch_name
 from tests.support.durable_kills import (
@@ -266,6 +267,13 @@ def test_a_run_is_stopped_and_forgotten_from_another_process(orchestrators: Orch
 
     poll_until(recorded, "the run's handle in the store")
     orchestrators.kill(orchestrator)
+    # The run directory (its messages file) is bind-mounted writable at its own path; the container is the key's.
+    container = orchestrators.container(orchestrator)
+    with PipesRunStore(store_path) as store:
+        directory = str(run_directory(store, "k"))
+    assert {(mount["Source"], mount["Destination"], mount["RW"]) for mount in container.attrs["Mounts"]} == {
+        (directory, directory, True)}
+    assert container.name == launch_name("k") and container.labels[LAUNCH_LABEL] == launch_name("k")
     # Only the run's handle names the daemon now (client_for makes a default client, from the environment).
     monkeypatch.setenv("DOCKER_HOST", "unix:///nonexistent/docker.sock")
     with PipesRunStore(store_path) as store:
