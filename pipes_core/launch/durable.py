@@ -229,7 +229,7 @@ class DurableRun:
         if step == DURABLE_REPLAY:
             assert self.record.outcome is not None
             described = (self.record.handle or {}).get("description") or f"the concluded run {self.launch_key!r}"
-            return _Concluded(status_from_json(self.record.outcome), str(described))
+            return ConcludedProcess(status_from_json(self.record.outcome), str(described))
         if step in (DURABLE_ATTACH, DURABLE_DRAIN):
             self.record = self.store.take_over(self.launch_key)  # with the latest handle (how it ended, if seen)
             assert self.record.handle is not None
@@ -344,7 +344,7 @@ class _Watched(PipesLaunchedProcess):
         return self._seen(self._process.wait(timeout))
 
 
-class _Concluded(PipesLaunchedProcess):
+class ConcludedProcess(PipesLaunchedProcess):
     """A concluded run as a launched process: ended, with its recorded status; no output, nothing to signal."""
 
     def __init__(self, status: PipesExitStatus, description: str) -> None:

@@ -29,10 +29,10 @@ __all__ = ["PipesLaunchedProcess", "PipesLaunchRequest", "DurableLaunch", "launc
 # The labels every remote launch carries (container labels, Ray job metadata, the words of a Slurm job's
 # comment): who launched it, and for a durable run under which key (as :func:`launch_name`, a digest: a key may be
 # any string, a label value may not).
-LAUNCH_LABEL: Final = "pipes.launch"
-OWNER_HOST_LABEL: Final = "pipes.owner.host"
-OWNER_PID_LABEL: Final = "pipes.owner.pid"
-OWNER_STARTED_LABEL: Final = "pipes.owner.started"
+LAUNCH_LABEL: Final = "io.pipes-sdk.launch"
+OWNER_HOST_LABEL: Final = "io.pipes-sdk.owner.host"
+OWNER_PID_LABEL: Final = "io.pipes-sdk.owner.pid"
+OWNER_STARTED_LABEL: Final = "io.pipes-sdk.owner.started"
 # A durable launch's engine name starts with this (a container's name, a Ray submission id, a Slurm job name).
 LAUNCH_NAME_PREFIX: Final = "pipes-"
 
