@@ -128,7 +128,10 @@ class Launcher:
     ``options(scenario)``: the run options (JSON) for the scenario's job (its ``child`` script, its ``job_env``:
     COUNT_FILE, MODE, MESSAGES, DELAY, PYTHONPATH); ``engine_launches(scenario)``: how many launches of the
     scenario's key the engine knows of (None: it cannot tell); ``assert_nothing_left(scenario)``: nothing of the
-    run is left on the engine; ``cleanup(scenario)``: stop and remove whatever the engine still has of it.
+    run is left on the engine; ``cleanup(scenario)``: stop and remove whatever the engine still has of it;
+    ``orchestrator_env``: more environment for the orchestrator processes (e.g. the engine's address, such as
+    ``SLURM_CONF``, when the client finds it there), which a job launched with the orchestrator's environment
+    inherits too.
     """
 
     client: str
@@ -138,6 +141,7 @@ class Launcher:
     engine_launches: Callable[[Scenario], int | None] = lambda scenario: None
     assert_nothing_left: Callable[[Scenario], None] = lambda scenario: None
     cleanup: Callable[[Scenario], None] = lambda scenario: None
+    orchestrator_env: dict[str, str] = field(default_factory=dict)
 
 
 class Scenario:
@@ -155,7 +159,7 @@ class Scenario:
         self.key = f"run-{tmp.name}"
         self.job_env = {"PYTHONPATH": str(REPO), "COUNT_FILE": str(self.count_file), "MODE": mode,
                         "MESSAGES": str(MESSAGES), "DELAY": str(delay)}
-        self.env = {**os.environ, **self.job_env}
+        self.env = {**os.environ, **launcher.orchestrator_env, **self.job_env}
         self.groups: list[int] = []
 
     def spec(self) -> str:
