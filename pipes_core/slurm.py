@@ -57,11 +57,20 @@ Errors
     ``sbatch`` missing, the controller not reachable and a refused submission (bad option, bad partition, a
     request no node can satisfy) raise :class:`PipesSlurmError` (a :class:`PipesExecutionError`) whose
     ``kind`` says which, with ``sbatch``'s own words.
+
+Owner labels and durable runs (docs/launchers/slurm.md, "Durable runs")
+    Every job carries who submitted it in its ``--comment`` (:func:`job_comment` of
+    :func:`~pipes_core.launch.process.launch_labels`), which :meth:`PipesSlurmClient.sweep_orphans` reads. With a
+    ``launch_key`` the job is named by the key (``--job-name``), its output files and a copy of its handle go into
+    the run's directory (which the node must reach at the same path), and any client follows it again from the
+    handle (:meth:`PipesSlurmClient.attach`); how it ended is Slurm's to say, so it is known after its
+    orchestrator died for as long as Slurm knows the job (``MinJobAge``, or for ever with accounting).
 """
 
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import os
 import re
@@ -73,8 +82,10 @@ import threading
 import time
 from collections.abc import AsyncIterator, Callable, Iterator, Mapping, Sequence
 from contextlib import asynccontextmanager, contextmanager
-from dataclasses import dataclass, field
-from typing import Any
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any, Final
+from urllib.parse import quote, unquote
 
 from pipes_core.channels.injectors import PipesContextInjector, PipesEnvContextInjector
 from pipes_core.channels.readers import PipesMessageReader, PipesTempFileMessageReader
@@ -88,8 +99,10 @@ from pipes_core.launch.client import (
     PipesLaunchRequest,
     signal_name,
 )
+from pipes_core.launch.durable import HANDLE_EXIT, status_from_json
 from pipes_core.launch.local import command_name
 from pipes_core.launch.options import RunOptions, Unpack, check_run_options, common_options, run_signature
+from pipes_core.launch.process import DurableLaunch, launch_labels, orphan_owner
 from pipes_core.launch.session import PipesSession
 from pipes_core.protocol.errors import PipesEngineErrorKind, PipesExecutionError, PipesUsageError
 from pipes_core.protocol.handler import PipesMessageHandler
@@ -113,6 +126,9 @@ __all__ = [
     "SLURM_ERROR_QUERY",
     "ACTIVE_STATES",
     "FAILURE_STATES",
+    "FORGOTTEN_STATE",
+    "job_comment",
+    "labels_from_comment",
     "DEFAULT_POLL_MIN_SECONDS",
     "DEFAULT_POLL_MAX_SECONDS",
     "DEFAULT_PENDING_WARNING_SECONDS",
@@ -159,6 +175,9 @@ ACTIVE_STATES = frozenset({
     "PENDING", "CONFIGURING", "RUNNING", "COMPLETING", "SUSPENDED", "REQUEUED", "REQUEUE_FED", "REQUEUE_HOLD",
     "RESIZING", "SIGNALING", "STAGE_OUT", "STOPPED", "RESV_DEL_HOLD", "POWER_UP_NODE", "UPDATE_DB",
 })
+# Not a Slurm state, ours: a durable run's job that Slurm no longer knows (the controller forgets an ended job after
+# its MinJobAge) and that accounting has no record of: it has ended, how is lost.
+FORGOTTEN_STATE: Final = "FORGOTTEN"
 # Ended states that are not plain exits, with what they mean (worded to follow "the Slurm job 12 ...").
 FAILURE_STATES = {
     "CANCELLED": "was cancelled",
@@ -170,6 +189,9 @@ FAILURE_STATES = {
     "DEADLINE": "missed its deadline",
     "REVOKED": "was revoked (it ran on another cluster of a federation)",
     "SPECIAL_EXIT": "ended in the special-exit state (requeued and held)",
+    FORGOTTEN_STATE: ("ended, but Slurm no longer says how: its controller forgot the job (MinJobAge) and accounting "
+                      "has no record of it (turn accounting on, or raise MinJobAge, where orchestrators may be away "
+                      "that long)"),
 }
 # The engines' shared kind of each failure state (PipesEngineErrorKind); any other: killed.
 STATE_KINDS = {
@@ -181,6 +203,7 @@ STATE_KINDS = {
     "BOOT_FAIL": PipesEngineErrorKind.NODE_FAIL,
     "PREEMPTED": PipesEngineErrorKind.CANCELLED,
     "REVOKED": PipesEngineErrorKind.CANCELLED,
+    FORGOTTEN_STATE: PipesEngineErrorKind.QUERY_FAILED,
 }
 _NOT_A_REASON = ("None", "(null)", "")
 _ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*\Z")
@@ -191,6 +214,39 @@ _UNREACHABLE_MARKERS = ("Unable to contact slurm controller", "Socket timed out"
                         "Could not establish a configuration source", "Unable to establish controller")
 _UNKNOWN_JOB_MARKER = "Invalid job id specified"
 _NO_ACCOUNTING_MARKER = "accounting storage is disabled"
+# squeue prints this for a job without a comment.
+_NO_COMMENT = "(null)"
+
+# A durable run's job (README "Durable runs"): its handle's fields, what a client in another process needs to
+# follow it (the commands and SLURM_CONF it was submitted with included) ...
+HANDLE_JOB_ID: Final = "job_id"
+HANDLE_NAME: Final = "name"
+HANDLE_STDOUT: Final = "stdout"
+HANDLE_STDERR: Final = "stderr"
+HANDLE_COMMANDS: Final = "commands"
+HANDLE_DESCRIPTION: Final = "description"
+# ... and its files in the run directory, each named by the job id: its output (slurm-ID.out, slurm-ID.err, unless
+# the run names its own) and a copy of its handle (slurm-ID.json, written once sbatch answered). A job named by the
+# key that left none of them there was launched for an earlier run with the key (forgotten since), not this one.
+JOB_FILE_PATTERN: Final = "slurm-%j.{}"
+_JOB_FILE = re.compile(r"slurm-(\d+)\.(?:out|err|json)\Z")
+
+
+def job_comment(labels: Mapping[str, str]) -> str:
+    """A job's ``--comment`` carrying ``labels`` (:func:`pipes_core.launch.process.launch_labels`):
+    ``name=value`` pairs joined by ``,``, each value percent-encoded (Slurm keeps a comment as given, newlines
+    included; ``,`` and ``=`` are the separators)."""
+    return ",".join(f"{name}={quote(value, safe='')}" for name, value in labels.items())
+
+
+def labels_from_comment(comment: str) -> dict[str, str]:
+    """The labels of a job's comment (:func:`job_comment`); words that are not ``name=value`` are skipped."""
+    labels: dict[str, str] = {}
+    for word in comment.split(","):
+        name, sep, value = word.partition("=")
+        if sep and name.strip():
+            labels[name.strip()] = unquote(value.strip())
+    return labels
 
 
 class PipesSlurmError(PipesExecutionError):
@@ -213,7 +269,7 @@ class SlurmCommands:
     """Where Slurm's commands are and which cluster they talk to.
 
     Attributes:
-        sbatch / scontrol / scancel: the programs (names on ``PATH`` or paths).
+        sbatch / scontrol / scancel / squeue: the programs (names on ``PATH`` or paths).
         sacct: the accounting command, asked about jobs the controller has forgotten; None never asks.
         slurm_conf: ``SLURM_CONF`` for every command (and the job, through ``--export=ALL``); None keeps the
             environment's (or Slurm's default).
@@ -224,6 +280,7 @@ class SlurmCommands:
     sbatch: str = "sbatch"
     scontrol: str = "scontrol"
     scancel: str = "scancel"
+    squeue: str = "squeue"
     sacct: str | None = "sacct"
     slurm_conf: str | None = None
     env: Mapping[str, str] = field(default_factory=dict)
@@ -234,6 +291,18 @@ class SlurmCommands:
         if self.slurm_conf is not None:
             env["SLURM_CONF"] = self.slurm_conf
         return env
+
+    def to_handle(self) -> dict[str, Any]:
+        """The commands and the cluster (``SLURM_CONF`` as the commands see it, from the environment too) in a
+        durable job's handle: a client in another process follows the job with these (:meth:`from_handle`)."""
+        return {"sbatch": self.sbatch, "scontrol": self.scontrol, "scancel": self.scancel, "squeue": self.squeue,
+                "sacct": self.sacct, "slurm_conf": self.environ().get("SLURM_CONF"), "env": dict(self.env)}
+
+    def from_handle(self, data: Mapping[str, Any] | None) -> SlurmCommands:
+        """These commands with those a handle recorded (:meth:`to_handle`): the job's cluster is the one it was
+        submitted to, whatever this client was given."""
+        known = ("sbatch", "scontrol", "scancel", "squeue", "sacct", "slurm_conf", "env")
+        return replace(self, **{name: value for name, value in (data or {}).items() if name in known})
 
     def call(self, argv: Sequence[str], env: Mapping[str, str] | None = None) -> subprocess.CompletedProcess[str]:
         """Run one command; raises FileNotFoundError/PermissionError when it cannot start."""
@@ -454,7 +523,8 @@ class _AsyncJobOutput:
 
 
 class _SlurmJob(PipesLaunchedProcess):
-    """A submitted batch job, as the lifecycle drives it."""
+    """A submitted batch job, as the lifecycle drives it: submitted here (with the run's ``session``), or a durable
+    run's job followed again from its handle (no session: :meth:`PipesSlurmClient.attach`)."""
 
     def __init__(
         self,
@@ -462,13 +532,15 @@ class _SlurmJob(PipesLaunchedProcess):
         job_id: str,
         what: str,
         *,
-        session: PipesSession,
+        session: PipesSession | None,
         output_paths: dict[str, str | None],
         own_dir: str | None,
         poll_min_seconds: float,
         poll_max_seconds: float,
         pending_warning_seconds: float | None,
         on_job_state: Callable[[SlurmJobInfo], None] | None,
+        handle: dict[str, Any] | None = None,
+        ended_status: PipesExitStatus | None = None,
     ) -> None:
         self.commands = commands
         self.job_id = job_id
@@ -492,11 +564,27 @@ class _SlurmJob(PipesLaunchedProcess):
         self._failing_since: float | None = None
         self._warned_pending = False
         self._wake = threading.Event()
+        # A durable run's job: its handle, and how it ended when a run saw its end before (then Slurm is not asked).
+        self._handle = handle
+        self._ended_status = ended_status
+        if ended_status is not None:
+            self.ended_event.set()
         self.stdout = _JobOutput(self, "stdout")
         same = output_paths.get("stdout") is not None and output_paths.get("stdout") == output_paths.get("stderr")
         self.stderr = None if same else _JobOutput(self, "stderr")
 
     # ------------------------------------------------------------------ state
+
+    def handle(self) -> dict[str, Any]:
+        if self._handle is None:
+            return super().handle()  # not submitted for a durable run: it has none
+        return dict(self._handle)
+
+    def _opened(self) -> bool:
+        return self.session is not None and self.session.opened
+
+    def _closed(self) -> bool:
+        return self.session is not None and self.session.closed
 
     def open_async_streams(self) -> dict[str, _AsyncJobOutput]:
         """Its output files followed from an event loop (the async client's), instead of a thread each."""
@@ -536,6 +624,8 @@ class _SlurmJob(PipesLaunchedProcess):
                 info = _info_from_scontrol(self.job_id, shown.stdout)
             elif _UNKNOWN_JOB_MARKER in shown.stderr:
                 info, problem = self._query_sacct()
+                if info is None and self._handle is not None:  # a durable job, ended long ago: how is lost
+                    info = SlurmJobInfo(job_id=self.job_id, state=FORGOTTEN_STATE, source="none")
             else:
                 problem = (shown.stderr or shown.stdout).strip() or f"scontrol exited with {shown.returncode}"
             if info is None:
@@ -612,7 +702,7 @@ class _SlurmJob(PipesLaunchedProcess):
             self.query()
             if self.ended_event.is_set():
                 return True
-            if self.session.closed:
+            if self._closed():
                 # The job sent `closed`: it is about to end. Look often for a while, then back off again.
                 now = time.monotonic()
                 if closed_at is None:
@@ -639,10 +729,12 @@ class _SlurmJob(PipesLaunchedProcess):
             if self._wake.wait(min(left, CLOSED_CHECK_SECONDS) if watch_closed else left):
                 self._wake.clear()
                 return
-            if watch_closed and self.session.closed:
+            if watch_closed and self._closed():
                 return
 
     def exit_status(self) -> PipesExitStatus:
+        if self._ended_status is not None:
+            return self._ended_status
         if self.info is None or not self.info.ended:
             return PipesExitStatus(None, description="ended in an unknown Slurm state")
         return slurm_exit_status(self.info)
@@ -661,14 +753,14 @@ class _SlurmJob(PipesLaunchedProcess):
     def interrupt(self) -> None:
         if self.ended_event.is_set():
             return
-        if not self.session.opened and (self.info is None or self.info.pending):
+        if not self._opened() and (self.info is None or self.info.pending):
             try:
                 self.query()  # the last answer may be old: the job may have started since
             except PipesSlurmError:
                 pass
         if self.ended_event.is_set():
             return
-        if not self.session.opened and (self.info is None or self.info.pending):
+        if not self._opened() and (self.info is None or self.info.pending):
             self._scancel()  # nothing runs yet: nothing to interrupt gracefully
         else:
             self._scancel("--full", "--signal=INT")
@@ -970,23 +1062,34 @@ class PipesSlurmClient(PipesClient):
         on_job_state: Callable[[SlurmJobInfo], None] | None,
     ) -> _SlurmJob:
         exported = {**job_env, **request.bootstrap_env}
+        durable = request.durable
         named = set(_option_names(user_args))
         if script_path is not None:
             named |= _script_option_names(script_path)
         own_dir: str | None = None
         output_paths: dict[str, str | None] = {"stdout": None, "stderr": None}
-        defaults: list[str] = []
+        # Who launched it (and for a durable run under which key), for sweep_orphans: a comment of the run's own
+        # (a later --comment) replaces it.
+        defaults: list[str] = [f"--comment={job_comment(launch_labels(request.owner, durable))}"]
         if "requeue" not in named and "no-requeue" not in named:
             defaults.append("--no-requeue")
         # A user who names either file gets Slurm's own rules for the other (stderr joins a named --output).
         if not _OUTPUT_OPTIONS & named:
-            own_dir = tempfile.mkdtemp(prefix="pipes-slurm-output-", dir=self.shared_dir)
-            os.chmod(own_dir, 0o700)
+            if durable is None:
+                own_dir = tempfile.mkdtemp(prefix="pipes-slurm-output-", dir=self.shared_dir)
+                os.chmod(own_dir, 0o700)
+                output_dir = own_dir
+            else:  # beside the messages file, where a later orchestrator follows them; removed with the run
+                output_dir = str(durable.directory)
             for stream in ("stdout", "stderr"):
-                path = os.path.join(own_dir, f"slurm-%j.{'out' if stream == 'stdout' else 'err'}")
+                path = os.path.join(output_dir, JOB_FILE_PATTERN.format("out" if stream == "stdout" else "err"))
                 defaults.append(f"--{'output' if stream == 'stdout' else 'error'}={path}")
                 output_paths[stream] = path
-        sbatch = [self.commands.sbatch, "--parsable", *_merge_export(defaults + user_args, sorted(exported))]
+        # A durable run's job is named by its key (found again by find_launch): after the run's own arguments, so
+        # that it wins over a --job-name of theirs or of the script's.
+        named_by_key = [] if durable is None else [f"--job-name={durable.name}"]
+        sbatch = [self.commands.sbatch, "--parsable",
+                  *_merge_export(defaults + user_args + named_by_key, sorted(exported))]
         if script_path is not None:
             sbatch += [script_path, *script_args, *request.bootstrap_args]
         else:
@@ -1023,14 +1126,124 @@ class PipesSlurmClient(PipesClient):
         for stream, pattern in output_paths.items():
             if pattern is not None:
                 output_paths[stream] = pattern.replace("%j", job_id)
-        job = _SlurmJob(
-            self.commands, job_id, what, session=request.session, output_paths=output_paths, own_dir=own_dir,
-            poll_min_seconds=min(DEFAULT_POLL_MIN_SECONDS, self.poll_interval_seconds),
-            poll_max_seconds=self.poll_interval_seconds, pending_warning_seconds=self.pending_warning_seconds,
-            on_job_state=on_job_state,
-        )
+        description = f"the Slurm job {job_id} ({what})"
+        handle: dict[str, Any] | None = None
+        if durable is not None:
+            handle = {HANDLE_JOB_ID: job_id, HANDLE_NAME: durable.name, HANDLE_STDOUT: output_paths["stdout"],
+                      HANDLE_STDERR: output_paths["stderr"], HANDLE_COMMANDS: self.commands.to_handle(),
+                      HANDLE_DESCRIPTION: description}
+            _write_handle_file(durable.directory, handle)
+        job = self._job(job_id, what, self.commands, session=request.session, output_paths=output_paths,
+                        own_dir=own_dir, on_job_state=on_job_state, handle=handle)
         logger.info("[pipes] submitted %s", job.description)
         return job
+
+    def _job(self, job_id: str, what: str, commands: SlurmCommands, **kwargs: Any) -> _SlurmJob:
+        return _SlurmJob(commands, job_id, what, poll_min_seconds=min(DEFAULT_POLL_MIN_SECONDS,
+                                                                      self.poll_interval_seconds),
+                         poll_max_seconds=self.poll_interval_seconds,
+                         pending_warning_seconds=self.pending_warning_seconds, **kwargs)
+
+    # ------------------------------------------------------------------ durable runs
+
+    def attach(self, handle: dict[str, Any]) -> PipesLaunchedProcess:
+        """The job of a durable run (README "Durable runs"), followed again from its handle: its state asked of
+        the cluster and with the commands it was submitted with (the handle's), its output files read from their
+        start. A job whose end a run saw before is not asked about again."""
+        job_id = str(handle[HANDLE_JOB_ID])
+        exit_data = handle.get(HANDLE_EXIT)
+        job = self._job(job_id, str(handle.get(HANDLE_NAME) or "a durable run"),
+                        self.commands.from_handle(handle.get(HANDLE_COMMANDS)), session=None,
+                        output_paths={"stdout": handle.get(HANDLE_STDOUT), "stderr": handle.get(HANDLE_STDERR)},
+                        own_dir=None, on_job_state=None, handle=dict(handle),
+                        ended_status=None if exit_data is None else status_from_json(exit_data))
+        if handle.get(HANDLE_DESCRIPTION):
+            job.description = str(handle[HANDLE_DESCRIPTION])
+        return job
+
+    def find_launch(self, durable: DurableLaunch) -> dict[str, Any] | None:
+        """The handle of the newest job launched for ``durable`` (its run's key): one named ``durable.name`` that
+        Slurm has pending or running for this user, or one that left its files in the run directory (ended,
+        perhaps long ago); None when there is none (a job named so that left nothing there was launched for an
+        earlier run with the key, forgotten since)."""
+        listed = self._squeue(["--name", durable.name], "%i", f"look for the job of the durable run "
+                                                                 f"{durable.launch_key!r}")
+        found = {int(line.strip()) for line in listed if line.strip().isdigit()}
+        try:
+            names = os.listdir(durable.directory)
+        except OSError:
+            names = []
+        found |= {int(match[1]) for name in names if (match := _JOB_FILE.match(name))}
+        if not found:
+            return None
+        job_id = str(max(found))
+        recorded = _read_handle_file(durable.directory, job_id)
+        if recorded is not None:
+            return recorded
+        # Submitted, but its orchestrator died before writing the handle's copy: its output paths from Slurm.
+        return {HANDLE_JOB_ID: job_id, HANDLE_NAME: durable.name, HANDLE_STDOUT: None, HANDLE_STDERR: None,
+                HANDLE_COMMANDS: self.commands.to_handle(),
+                HANDLE_DESCRIPTION: f"the Slurm job {job_id} (durable run {durable.launch_key!r})"}
+
+    def sweep_orphans(self) -> list[str]:
+        """Cancel this user's pending and running jobs that an orchestrator of this host launched without a
+        launch key and that is gone (the labels in the job's comment); one line said per job cancelled."""
+        said = []
+        for line in self._squeue([], "%i\t%k\t%j", "look for orphaned jobs"):
+            job_id, _, rest = line.partition("\t")
+            job_id = job_id.strip()
+            comment, _, name = rest.partition("\t")
+            if not job_id[:1].isdigit() or comment in ("", _NO_COMMENT):  # (a line of a comment with a newline)
+                continue
+            owner = orphan_owner(labels_from_comment(comment))
+            if owner is None:
+                continue
+            done = self.commands.call([self.commands.scancel, job_id])
+            if done.returncode != 0:
+                logger.warning("[pipes] cannot cancel the orphaned Slurm job %s: %s", job_id,
+                               (done.stderr or done.stdout).strip())
+                continue
+            said.append(f"stopped the Slurm job {job_id} ({name.strip()!r}) launched by process {owner.pid} "
+                        f"on host {owner.host}, which is gone")
+        return said
+
+    def _squeue(self, selection: list[str], fields: str, why: str) -> list[str]:
+        """The lines of ``squeue`` for this user's pending and running jobs (``selection`` narrows them)."""
+        argv = [self.commands.squeue, "--noheader", f"--user={os.getuid()}", *selection, f"--format={fields}"]
+        try:
+            listed = self.commands.call(argv)
+        except OSError as exc:
+            raise PipesSlurmError(f"cannot {why}: {self.commands.squeue!r} cannot run ({exc}); install Slurm's "
+                                  "client commands or give their paths in SlurmCommands",
+                                  kind=SLURM_ERROR_SBATCH_MISSING, stderr=str(exc)) from exc
+        if listed.returncode != 0:
+            said = (listed.stderr or listed.stdout).strip()
+            conf = self.commands.environ().get("SLURM_CONF", "Slurm's default configuration")
+            raise PipesSlurmError(f"cannot {why}: squeue exited with {listed.returncode} (SLURM_CONF: {conf}): "
+                                  f"{said}", kind=_classify_refusal(said), stderr=said)
+        return listed.stdout.splitlines()
+
+
+def _write_handle_file(directory: Path, handle: dict[str, Any]) -> None:
+    """A durable job's handle in the run directory (module constants): found again there if its orchestrator dies
+    before the run's store has it. Written whole or not at all; a failure is said, not raised (the job runs)."""
+    path = directory / f"slurm-{handle[HANDLE_JOB_ID]}.json"
+    part = path.with_name(path.name + ".part")
+    try:
+        with open(os.open(part, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "w", encoding="utf-8") as file:
+            json.dump(handle, file)
+        os.replace(part, path)
+    except OSError as exc:
+        logger.warning("[pipes] cannot write %s (the job is found again by its name while Slurm knows it): %s",
+                       path, exc)
+
+
+def _read_handle_file(directory: Path, job_id: str) -> dict[str, Any] | None:
+    try:
+        with open(directory / f"slurm-{job_id}.json", encoding="utf-8") as file:
+            return dict(json.load(file))
+    except (OSError, ValueError):
+        return None
 
 
 
