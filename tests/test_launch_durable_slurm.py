@@ -1,7 +1,7 @@
 """Durable runs of the Slurm launcher (issue 22), sync and async, on the private one-node cluster
 (tests/support/engines_slurm.py): the kill matrix of :mod:`tests.support.durable_kills` (a real orchestrator
-SIGKILLed at each point of a run, a new one finishing it), orphans swept, and runs stopped and forgotten from
-another process's point of view.
+SIGKILLed at each point of a run, a new one finishing it), orphans swept (``pipes runs sweep --slurm``), and
+runs stopped and forgotten from another process's point of view.
 
 The orchestrators find the cluster through ``SLURM_CONF`` in their environment (the jobs inherit it), the test
 process does not have it: a client made here with defaults follows a job through its handle alone. Slurm keeps an
@@ -24,7 +24,7 @@ from pipes_core import PipesRunStore, PipesUsageError
 from pipes_core.launch.manage import client_for, forget_run, stop_run
 from pipes_core.launch.process import DurableLaunch, launch_name
 from pipes_core.protocol.errors import PipesEngineErrorKind
-from pipes_core.slurm import FORGOTTEN_STATE, PipesSlurmClient, SlurmCommands, labels_from_comment
+from pipes_core.slurm import PipesSlurmClient, SlurmCommands, labels_from_comment
 from tests.support.durable_kills import (
     CASES,
     FLAVOURS,
@@ -148,9 +148,9 @@ def test_a_job_that_slurm_no_longer_knows_ended_and_how_is_lost(slurm_cluster: S
     assert status.killed and status.exit_code is None and status.kind == PipesEngineErrorKind.QUERY_FAILED
     assert "MinJobAge" in status.description and "accounting" in status.description
     assert process.handle() == handle
-    assert FORGOTTEN_STATE not in PipesSlurmClient().attach(dict(handle, exit={"exit_code": 3})).exit_status() \
-        .description  # an end a run saw before is not asked about again
     process.close()
+    seen = PipesSlurmClient().attach(dict(handle, exit={"exit_code": 3}))  # an end a run saw: Slurm is not asked
+    assert seen.poll() and seen.exit_status().exit_code == 3 and not seen.exit_status().killed
 
 
 def test_find_launch_takes_a_pending_or_running_job_of_the_name_or_one_that_left_its_files(
@@ -207,9 +207,15 @@ def test_sweep_orphans_cancels_the_job_of_a_gone_keyless_orchestrator_only(slurm
         for what in ("orphan", "durable"):
             os.killpg(orchestrators[what].pid, signal.SIGKILL)
             orchestrators[what].wait(WAIT_SECONDS)
-        said = PipesSlurmClient(commands=SlurmCommands(slurm_conf=str(slurm_cluster.conf))).sweep_orphans()
+        swept = subprocess.run([PYTHON, "-m", "pipes_core", "runs", "sweep", "--slurm", "--slurm-conf",
+                                str(slurm_cluster.conf), "--state-dir", str(tmp_path / "elsewhere")],
+                               env={**os.environ, "PYTHONPATH": str(REPO_ROOT)}, capture_output=True, text=True,
+                               timeout=WAIT_SECONDS)
+        assert swept.returncode == 0, swept.stderr
+        said = swept.stdout.splitlines()
         pid = orchestrators["orphan"].pid
-        assert len(said) == 1 and said[0].startswith(f"stopped the Slurm job {jobs['orphan']} "), said
+        assert len(said) == 2 and said[1] == "swept 1 leftover", said
+        assert said[0].startswith(f"stopped the Slurm job {jobs['orphan']} "), said
         assert said[0].endswith(f"launched by process {pid} on host {socket.gethostname()}, which is gone"), said
         wait_until(lambda: _job_state(slurm_cluster, jobs["orphan"]) == "CANCELLED", WAIT_SECONDS,
                    what="the orphan's job cancelled")
