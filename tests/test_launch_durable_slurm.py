@@ -22,7 +22,7 @@ import pytest
 
 from pipes_core import PipesRunStore, PipesUsageError
 from pipes_core.launch.manage import client_for, forget_run, stop_run
-from pipes_core.launch.process import DurableLaunch, launch_name
+from pipes_core.launch.process import LAUNCH_LABEL, OWNER_PID_LABEL, DurableLaunch, launch_name
 from pipes_core.protocol.errors import PipesEngineErrorKind
 from pipes_core.slurm import PipesSlurmClient, SlurmCommands, labels_from_comment
 from tests.support.durable_kills import (
@@ -118,7 +118,7 @@ def test_a_run_is_stopped_and_forgotten_by_a_default_client_and_its_key_then_lau
     assert Path(handle["stdout"]).parent == scenario.run_directory()
     labels = labels_from_comment(slurm_cluster.run("squeue", "--noheader", f"--jobs={job_id}",
                                                    "--format=%k").stdout.strip())
-    assert labels["pipes.launch"] == launch_name(scenario.key) and labels["pipes.owner.pid"] == str(first.pid)
+    assert labels[LAUNCH_LABEL] == launch_name(scenario.key) and labels[OWNER_PID_LABEL] == str(first.pid)
     store = PipesRunStore(scenario.store_path)
     process = client_for("PipesSlurmClient").attach(handle)  # what `pipes runs` does, here without SLURM_CONF
     assert not process.poll()
@@ -192,7 +192,7 @@ def test_sweep_orphans_cancels_the_job_of_a_gone_keyless_orchestrator_only(slurm
     def job_of(pid: int) -> str | None:
         for line in squeue(slurm_cluster, "--format=%i\t%k"):
             job_id, _, comment = line.partition("\t")
-            if labels_from_comment(comment).get("pipes.owner.pid") == str(pid):
+            if labels_from_comment(comment).get(OWNER_PID_LABEL) == str(pid):
                 return job_id.strip()
         return None
 
