@@ -646,7 +646,7 @@ class PipesDockerClient(PipesClient):
 
     # ------------------------------------------------------------------ durable runs
 
-    def attach(self, handle: dict[str, Any]) -> PipesLaunchedProcess:
+    def attach(self, handle: dict[str, Any], request: PipesLaunchRequest | None = None) -> PipesLaunchedProcess:
         """The container of a durable run, found again from its handle (:meth:`PipesDockerContainer.handle`) on
         the daemon it was launched on (README "Durable runs"): running or ended; its output from its logs, from
         the start. A container removed after its end was recorded is that recorded end (no output)."""

@@ -1146,14 +1146,16 @@ class PipesSlurmClient(PipesClient):
 
     # ------------------------------------------------------------------ durable runs
 
-    def attach(self, handle: dict[str, Any]) -> PipesLaunchedProcess:
+    def attach(self, handle: dict[str, Any], request: PipesLaunchRequest | None = None) -> PipesLaunchedProcess:
         """The job of a durable run (README "Durable runs"), followed again from its handle: its state asked of
         the cluster and with the commands it was submitted with (the handle's), its output files read from their
-        start. A job whose end a run saw before is not asked about again."""
+        start. A job whose end a run saw before is not asked about again. Re-attached by a run (``request``),
+        the job is polled sooner once that run's session has seen ``closed``, as a job submitted here is."""
         job_id = str(handle[HANDLE_JOB_ID])
         exit_data = handle.get(HANDLE_EXIT)
         job = self._job(job_id, str(handle.get(HANDLE_NAME) or "a durable run"),
-                        self.commands.from_handle(handle.get(HANDLE_COMMANDS)), session=None,
+                        self.commands.from_handle(handle.get(HANDLE_COMMANDS)),
+                        session=None if request is None else request.session,
                         output_paths={"stdout": handle.get(HANDLE_STDOUT), "stderr": handle.get(HANDLE_STDERR)},
                         own_dir=None, on_job_state=None, handle=dict(handle),
                         ended_status=None if exit_data is None else status_from_json(exit_data))

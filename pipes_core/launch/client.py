@@ -329,9 +329,11 @@ class PipesClient(ABC):
         """The message reader when none was given: messages on the process's stdout."""
         return PipesStdioMessageReader()
 
-    def attach(self, handle: dict[str, Any]) -> PipesLaunchedProcess:
+    def attach(self, handle: dict[str, Any], request: PipesLaunchRequest | None = None) -> PipesLaunchedProcess:
         """The launched process of a durable run, rebuilt from its recorded handle
-        (:meth:`PipesLaunchedProcess.handle`); a launcher that supports ``launch_key`` overrides it."""
+        (:meth:`PipesLaunchedProcess.handle`); a launcher that supports ``launch_key`` overrides it. ``request``:
+        the run re-attaching (its session, e.g. to see ``closed`` arrive); None when a run is managed from outside
+        (``pipes runs stop``)."""
         raise PipesUsageError(f"{type(self).__name__} cannot re-attach to a run (launch_key= is not supported)")
 
     def find_launch(self, durable: DurableLaunch) -> dict[str, Any] | None:

@@ -110,7 +110,7 @@ def run_directory(store: PipesRunStore, launch_key: str) -> Path:
 class DurableClient(Protocol):
     """What a durable run asks of its launcher's client (:class:`pipes_core.PipesClient` has all of it)."""
 
-    def attach(self, handle: dict[str, Any]) -> PipesLaunchedProcess: ...
+    def attach(self, handle: dict[str, Any], request: PipesLaunchRequest | None = None) -> PipesLaunchedProcess: ...
 
     def find_launch(self, durable: DurableLaunch) -> dict[str, Any] | None: ...
 
@@ -233,13 +233,13 @@ class DurableRun:
         if step in (DURABLE_ATTACH, DURABLE_DRAIN):
             self.record = self.store.take_over(self.launch_key)  # with the latest handle (how it ended, if seen)
             assert self.record.handle is not None
-            return self.client.attach(self.record.handle)
+            return self.client.attach(self.record.handle, request)
         if step == DURABLE_FIND:
             self.store.take_over(self.launch_key)
         self.directory.mkdir(parents=True, exist_ok=True, mode=0o700)
         lock_fd = lock(self.directory / LOCK_FILE, wait=False)
         if lock_fd is None:  # the launch happened: what it launched holds the lock (a local supervisor)
-            return self._attach_found()
+            return self._attach_found(request)
         durable = DurableLaunch(self.launch_key, self.directory, lock_fd)
         try:
             found = self.client.find_launch(durable)  # made before, its handle never recorded
@@ -249,7 +249,7 @@ class DurableRun:
         if found is not None:
             os.close(lock_fd)
             self.record = self.store.record_handle(self.launch_key, found)
-            return self.client.attach(found)
+            return self.client.attach(found, request)
         try:
             process = launch(replace(request, durable=durable))
         except BaseException:
@@ -261,7 +261,7 @@ class DurableRun:
         self.record = self.store.record_handle(self.launch_key, handle)
         return process
 
-    def _attach_found(self) -> PipesLaunchedProcess:
+    def _attach_found(self, request: PipesLaunchRequest) -> PipesLaunchedProcess:
         """A launch made under the key whose handle was never recorded, still holding the run's lock: its handle
         as the launcher finds it (a supervisor just forked may not have said who it is yet: waited for)."""
         deadline = time.monotonic() + HANDLE_WAIT_SECONDS
@@ -274,7 +274,7 @@ class DurableRun:
                     f"held) but cannot be found; stop what runs there, then `pipes runs forget {self.launch_key}`")
             pause.wait(HANDLE_POLL_SECONDS)
         self.record = self.store.record_handle(self.launch_key, handle)
-        return self.client.attach(handle)
+        return self.client.attach(handle, request)
 
     # ------------------------------------------------------------------ the end
 
@@ -312,6 +312,9 @@ class _Watched(PipesLaunchedProcess):
         self.poll_interval_seconds = process.poll_interval_seconds
         self.max_poll_interval_seconds = process.max_poll_interval_seconds
         self.one_log = process.one_log  # type: ignore[misc]  # the process's own
+        opener = getattr(process, "open_async_streams", None)
+        if callable(opener):  # its output followed from the loop by the asyncio driver, as without a key
+            self.open_async_streams = opener
 
     def handle(self) -> dict[str, Any]:
         return self._process.handle()

@@ -150,7 +150,7 @@ class PipesSubprocessClient(PipesClient):
     def default_message_reader(self) -> PipesMessageReader:
         return PipesTempFileMessageReader()
 
-    def attach(self, handle: dict[str, Any]) -> PipesLaunchedProcess:
+    def attach(self, handle: dict[str, Any], request: PipesLaunchRequest | None = None) -> PipesLaunchedProcess:
         """The durable child of a run with a ``launch_key``, found again from its handle (README "Durable runs")."""
         from pipes_core.launch.durable_local import DurableLocalProcess
 
