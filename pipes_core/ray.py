@@ -30,11 +30,31 @@ and fetches the log once (``get_job_logs``), handing on only what the stream had
 lost or repeated and the run ends as soon as the job does. (The cost: a job's whole log is transferred a second
 time at its end; the stream, which delivers at most 10 lines per read, is often behind for a busy job anyway.)
 The same fetch covers a stream that breaks mid-job.
+
+Owner labels: every job carries :func:`pipes_core.launch.process.launch_labels` (the orchestrator's host, pid and
+start time; for a durable run the launch name) in its ``metadata``, over the user's own ``job_metadata``, so that
+:meth:`PipesRayJobClient.sweep_orphans` can stop the keyless jobs of an orchestrator of this host that is gone.
+
+Durable runs (``launch_key=``, README "Durable runs", docs/launchers/durable.md): the job's submission id is the
+key's launch name (``pipes-<32 hex>``), so a later orchestrator finds it (:meth:`PipesRayJobClient.find_launch`);
+Ray refuses a second submission with that id, and a launch refused so is attached to the job that has it. A Ray
+job is independent of its submitter (its supervisor actor is detached), so it outlives the orchestrator. The
+handle is the Jobs API address and the submission id; :meth:`PipesRayJobClient.attach` rebuilds the job from it
+(the log is read again from its start: the output is forwarded again after a restart). An ended job stays in the
+cluster's job list, as every Ray job does. A durable job also carries the identity of its run's claim
+(:data:`CLAIM_LABEL`: the run directory's lock file, made anew for each claim of the key), so that a job left by
+an earlier run with the same key (forgotten with ``pipes runs forget``, or a store that was wiped) is not taken
+for this run's: :meth:`PipesRayJobClient.find_launch` deletes it when it has ended (``delete_job``; its driver log
+file stays on the head, and the new job's log continues it), or refuses to launch while it runs. A job that is
+gone when re-attached (deleted, or the head restarted without persistence) ends the run with the outcome
+recorded in the handle, else as killed with an unknown outcome. The messages travel in the run directory's file:
+the job must be able to write that path (a local head, or a filesystem shared at the same path).
 """
 
 from __future__ import annotations
 
 import asyncio
+import os
 import shlex
 import threading
 import time
@@ -56,8 +76,10 @@ from pipes_core.launch.client import (
     client_logger,
     signal_name,
 )
+from pipes_core.launch.durable import HANDLE_EXIT, ConcludedProcess, status_from_json
 from pipes_core.launch.local import command_name
 from pipes_core.launch.options import RunOptions, Unpack, check_run_options, common_options, run_signature
+from pipes_core.launch.process import DurableLaunch, launch_labels, orphan_owner
 from pipes_core.protocol.errors import PipesEngineErrorKind, PipesExecutionError
 from pipes_core.protocol.run_context import PipesRunContext
 from pipes_ext._errors import PipesTransportError, PipesUsageError, install_hint
@@ -72,6 +94,7 @@ __all__ = [
     "RAY_LOG_DRAIN_SECONDS",
     "RAY_STATUS_FAILURE_SECONDS",
     "RAY_SUBMIT_RETRY_SECONDS",
+    "RAY_STALE_JOB_SETTLE_SECONDS",
 ]
 
 # What to install when ray is missing.
@@ -91,6 +114,24 @@ RAY_MESSAGE_CHARS = 2000
 # submit job, please try again later"): the submission is retried for this long, as Ray asks.
 RAY_SUBMIT_RETRY_SECONDS = 60.0
 _NO_AGENT = "No available agent"
+# Deleting an ended job to reuse its submission id is safe only once the head has finished with it: its supervisor
+# actor exits after the end, and the head's monitor of the job notices that within a second
+# (JobManager.JOB_MONITOR_LOOP_PERIOD_S). Deleted before, the job's record is written again by them (a new
+# submission is then refused as a duplicate), or the new job is marked FAILED ("Job supervisor actor died"); on
+# the test machine both happened up to 1 s after the end, never from 2 s on. A job that ended less than this long
+# ago (by its end_time) is given the rest of this time before it is deleted.
+RAY_STALE_JOB_SETTLE_SECONDS = 6.0
+# What Ray says when a submission id is taken (a job with it exists, running or ended) ...
+_ALREADY_EXISTS = "already exists"
+# ... and when no job has the id asked for (HTTP 404).
+_NO_SUCH_JOB = "does not exist"
+# The handle of a durable job (PipesRayJob.handle): the Jobs API address it was submitted to, its submission id.
+HANDLE_ADDRESS = "address"
+HANDLE_SUBMISSION_ID = "submission_id"
+HANDLE_DESCRIPTION = "description"
+# The job metadata naming the claim of the key a durable job was launched for (module doc): the run directory's
+# lock file's inode and change time (ns), fixed from its creation (nothing writes it).
+CLAIM_LABEL = "io.pipes-sdk.claim"
 # The prefix of the submission ids the client makes up.
 SUBMISSION_ID_PREFIX = "pipes-"
 
@@ -121,6 +162,11 @@ def _normalise_address(address: str) -> str:
     if "://" not in address:
         address = "http://" + address
     return address
+
+
+def _no_such_job(exc: BaseException) -> bool:
+    """Ray answered that no job has the id asked for (a RuntimeError carrying its 404)."""
+    return _NO_SUCH_JOB in str(exc)
 
 
 def _status_name(status: Any) -> str:
@@ -270,12 +316,11 @@ class PipesRayJob(PipesLaunchedProcess):
     one_log = True  # Ray writes the driver's stdout and stderr, and its own lines, to one log
 
     def __init__(self, client: Any, address: str, submission_id: str, log: _RayLogStream, log_stream: str,
-                 entrypoint: str = "") -> None:
+                 entrypoint: str = "", *, description: str | None = None) -> None:
         self.client = client
         self.address = address
         self.submission_id = submission_id
-        running = f" running {_entrypoint_name(entrypoint)!r}" if entrypoint.strip() else ""
-        self.description = f"the Ray job {submission_id} at {address}{running}"
+        self.description = description or _job_description(submission_id, address, entrypoint)
         self._log = log
         if log_stream == "stderr":
             self.stderr = log
@@ -284,6 +329,11 @@ class PipesRayJob(PipesLaunchedProcess):
         self._status: str | None = None
         self._unreadable_since: float | None = None
         self._stop_requested = False
+
+    def handle(self) -> dict[str, Any]:
+        """The address and the submission id (README "Durable runs"): enough for a default client to attach."""
+        return {HANDLE_ADDRESS: self.address, HANDLE_SUBMISSION_ID: self.submission_id,
+                HANDLE_DESCRIPTION: self.description}
 
     def poll(self) -> bool:
         if self._status in _TERMINAL:
@@ -351,7 +401,33 @@ class PipesRayJob(PipesLaunchedProcess):
             self._stop()
 
     def close(self) -> None:
-        self._log.close()
+        self._log.close()  # an ended job stays in the cluster's job list, as every Ray job does (module doc)
+
+
+def _claim(durable: DurableLaunch) -> str | None:
+    """The identity of the claim ``durable`` was made for (:data:`CLAIM_LABEL`; None: its lock is not at hand)."""
+    if durable.lock_fd < 0:
+        return None
+    stat = os.fstat(durable.lock_fd)
+    return f"{stat.st_ino}.{stat.st_ctime_ns}"
+
+
+def _job_description(submission_id: str, address: str, entrypoint: str) -> str:
+    running = f" running {_entrypoint_name(entrypoint)!r}" if entrypoint.strip() else ""
+    return f"the Ray job {submission_id} at {address}{running}"
+
+
+def _gone_job(handle: Mapping[str, Any], address: str) -> PipesLaunchedProcess:
+    """A durable job that the cluster no longer has (deleted, or the head restarted without persistence): ended,
+    with the outcome its run recorded in the handle when it saw the end, else killed with an unknown outcome."""
+    submission_id = str(handle[HANDLE_SUBMISSION_ID])
+    description = str(handle.get(HANDLE_DESCRIPTION) or _job_description(submission_id, address, ""))
+    recorded = handle.get(HANDLE_EXIT)
+    status = status_from_json(dict(recorded)) if isinstance(recorded, Mapping) else PipesExitStatus(
+        None, killed=True, kind=PipesEngineErrorKind.QUERY_FAILED,
+        description=f"is gone from the Ray cluster at {address} (deleted, or the cluster restarted) before its end "
+                    "was seen: how it ended is unknown")
+    return ConcludedProcess(status, description)
 
 
 class RayRunOptions(RunOptions, total=False):
@@ -364,7 +440,7 @@ class RayRunOptions(RunOptions, total=False):
         submission_id: the job's id (default ``pipes-<12 hex digits>``).
         entrypoint_num_cpus / entrypoint_num_gpus / entrypoint_memory / entrypoint_resources: reserved for the
             entrypoint, as in ``JobSubmissionClient.submit_job``.
-        job_metadata: Ray's own job metadata (strings).
+        job_metadata: Ray's own job metadata (strings); the owner labels go over it (module doc).
         submit_options: any other ``submit_job`` keyword argument, passed as is.
     """
 
@@ -420,7 +496,9 @@ class PipesRayJobClient(PipesClient):
         self.address = None if address is None else _normalise_address(address)
         self.runtime_env = dict(runtime_env or {})
         self._client = client
+        self._client_given = client is not None
         self._client_lock = threading.Lock()
+        self._handle_clients: dict[str, Any] = {}  # attach: a client per handle's address (no address of our own)
 
     def default_message_reader(self) -> PipesMessageReader:
         """Messages on the job's log stream; the drain waits for the fetch of the log's end (see module doc)."""
@@ -431,19 +509,113 @@ class PipesRayJobClient(PipesClient):
         when the cluster cannot be reached)."""
         with self._client_lock:
             if self._client is None:
-                job_submission = _import_job_submission()
-                where = self.address or "the address Ray finds (RAY_API_SERVER_ADDRESS / RAY_ADDRESS)"
-                try:
-                    self._client = job_submission.JobSubmissionClient(self.address)
-                except Exception as exc:
-                    raise PipesExecutionError(
-                        f"cannot reach the Ray cluster's Jobs API at {where}: {type(exc).__name__}: {exc}",
-                        kind=PipesEngineErrorKind.UNREACHABLE,
-                    ) from exc
+                self._client = _make_job_client(self.address)
             return self._client
 
     def _client_address(self, client: Any) -> str:
         return str(getattr(client, "_address", None) or self.address or "the Ray cluster")
+
+    # ------------------------------------------------------------------ durable runs (module doc)
+
+    def _handle_client(self, address: str | None) -> Any:
+        """The job client for a handle: this client's own, unless it has no address of its own (a default client,
+        as ``pipes runs stop`` makes) and the handle has one."""
+        if self._client_given or self.address is not None or not address:
+            return self.get_job_client()
+        address = _normalise_address(address)
+        with self._client_lock:
+            if address not in self._handle_clients:
+                self._handle_clients[address] = _make_job_client(address)
+            return self._handle_clients[address]
+
+    def attach(self, handle: dict[str, Any]) -> PipesLaunchedProcess:
+        """The Ray job of a durable run, rebuilt from its handle (address and submission id; module doc)."""
+        submission_id = str(handle[HANDLE_SUBMISSION_ID])
+        client = self._handle_client(handle.get(HANDLE_ADDRESS))
+        address = self._client_address(client)
+        try:
+            client.get_job_info(submission_id)
+        except Exception as exc:
+            if _no_such_job(exc):
+                return _gone_job(handle, address)
+            # unreachable now: the job's status polls say so (and give up after RAY_STATUS_FAILURE_SECONDS)
+            client_logger.warning("[pipes] the Ray job %s at %s cannot be looked at now: %s", submission_id, address,
+                                  exc)
+        return PipesRayJob(client, address, submission_id, _RayLogStream(client, submission_id), "stdout",
+                           description=str(handle.get(HANDLE_DESCRIPTION) or "") or None)
+
+    def find_launch(self, durable: DurableLaunch) -> dict[str, Any] | None:
+        """The handle of the job named ``durable.name`` (running or ended) when the cluster has it, else None. A
+        job of that name launched for an earlier claim of the key (module doc) is deleted when it has ended (then
+        None), and refused while it runs."""
+        client = self.get_job_client()
+        address = self._client_address(client)
+        try:
+            info = client.get_job_info(durable.name)
+        except Exception as exc:
+            if _no_such_job(exc):
+                return None
+            raise PipesExecutionError(
+                f"cannot look for the Ray job {durable.name} (launch key {durable.launch_key!r}) at {address}: "
+                f"{type(exc).__name__}: {exc}; retry once the cluster answers", kind=PipesEngineErrorKind.UNREACHABLE,
+            ) from exc
+        claim, found_claim = _claim(durable), (getattr(info, "metadata", None) or {}).get(CLAIM_LABEL)
+        if claim is not None and found_claim is not None and found_claim != claim:
+            self._free_stale_name(client, address, durable, info)
+            return None
+        entrypoint = str(getattr(info, "entrypoint", "") or "")
+        return {HANDLE_ADDRESS: address, HANDLE_SUBMISSION_ID: durable.name,
+                HANDLE_DESCRIPTION: _job_description(durable.name, address, entrypoint)}
+
+    @staticmethod
+    def _free_stale_name(client: Any, address: str, durable: DurableLaunch, info: Any) -> None:
+        """A job of the key's name left by an earlier run with the key: deleted when it has ended and the head has
+        finished with it (:data:`RAY_STALE_JOB_SETTLE_SECONDS`)."""
+        name = durable.name
+        status = _status_name(info.status)
+        if status not in _TERMINAL:
+            raise PipesUsageError(
+                f"the Ray job {name} at {address} was launched by an earlier run with launch_key "
+                f"{durable.launch_key!r} (one forgotten, or of another store) and still runs ({status}): stop it "
+                f"(`ray job stop {name}`) and run again")
+        ended = getattr(info, "end_time", None)  # ms, by the head's clock (a skewed clock shortens this wait)
+        settle = 0.0 if ended is None else ended / 1000 + RAY_STALE_JOB_SETTLE_SECONDS - time.time()
+        if settle > 0:
+            threading.Event().wait(min(settle, RAY_STALE_JOB_SETTLE_SECONDS))  # the head's own work: no event
+        try:
+            client.delete_job(name)
+        except Exception as exc:
+            if not _no_such_job(exc):
+                raise PipesExecutionError(
+                    f"the ended Ray job {name} at {address}, left by an earlier run with launch_key "
+                    f"{durable.launch_key!r}, could not be deleted to free its name: {type(exc).__name__}: {exc}; "
+                    f"delete it (`ray job delete {name}`) and run again", kind=PipesEngineErrorKind.REFUSED,
+                ) from exc
+        client_logger.info("[pipes] deleted the ended Ray job %s at %s, left by an earlier run with launch_key %r, "
+                           "to launch under its name again", name, address, durable.launch_key)
+
+    def sweep_orphans(self) -> list[str]:
+        """Stop (``stop_job``) the jobs not ended yet whose owner labels name an orchestrator of this host that is
+        gone and that had no launch key (:func:`pipes_core.launch.process.orphan_owner`); a line each."""
+        client = self.get_job_client()
+        address = self._client_address(client)
+        said: list[str] = []
+        for job in client.list_jobs():
+            submission_id = getattr(job, "submission_id", None)
+            if submission_id is None or _status_name(job.status) in _TERMINAL:
+                continue  # a driver's own job (ray.init) is not ours: it has no submission id
+            owner = orphan_owner(getattr(job, "metadata", None) or {})
+            if owner is None:
+                continue
+            try:
+                client.stop_job(submission_id)
+            except Exception as exc:  # ended meanwhile, or the cluster failed: the next sweep sees it again
+                client_logger.warning("[pipes] stopping the orphaned Ray job %s at %s failed: %s", submission_id,
+                                      address, exc)
+                continue
+            said.append(f"stopped the Ray job {submission_id} at {address} launched by process {owner.pid} on host "
+                        f"{owner.host}, which is gone")
+        return said
 
     @run_signature(RayRunOptions, required=("command",))
     def run(self, *, context: PipesRunContext | None = None, extras: Mapping[str, Any] | None = None,
@@ -500,6 +672,9 @@ class PipesRayJobClient(PipesClient):
         env = self._runtime_env(options.get("runtime_env"))
         if submission_id is not None and not (isinstance(submission_id, str) and submission_id.strip()):
             raise PipesUsageError(f"submission_id must be a non-empty string, got {submission_id!r}")
+        if submission_id is not None and options.get("launch_key") is not None:
+            raise PipesUsageError("submission_id cannot be given with launch_key: the job of a durable run is named "
+                                  "by its key (pipes-<32 hex>); leave submission_id out")
         submit: dict[str, Any] = dict(options.get("submit_options") or {})
         resources = None if entrypoint_resources is None else dict(entrypoint_resources)
         for key, value in (("entrypoint_num_cpus", options.get("entrypoint_num_cpus")),
@@ -511,11 +686,16 @@ class PipesRayJobClient(PipesClient):
         clashing = {"entrypoint", "runtime_env", "submission_id", "job_id"} & set(submit)
         if clashing:
             raise PipesUsageError(f"submit_options cannot set {', '.join(sorted(clashing))}: use the run's arguments")
+        metadata = submit.pop("metadata", None) or {}
+        if not isinstance(metadata, Mapping):
+            raise PipesUsageError(f"job_metadata must be a mapping of strings, got {type(metadata).__name__}")
         client = self.get_job_client()
         address = self._client_address(client)
-        job_id = submission_id or f"{SUBMISSION_ID_PREFIX}{uuid.uuid4().hex[:12]}"
+        made_up_id = submission_id or f"{SUBMISSION_ID_PREFIX}{uuid.uuid4().hex[:12]}"
 
         def launch(request: PipesLaunchRequest) -> PipesLaunchedProcess:
+            durable = request.durable
+            job_id = made_up_id if durable is None else durable.name
             job_env = dict(env)
             env_vars = {**dict(job_env.get("env_vars") or {}), **request.bootstrap_env}
             if env_vars:
@@ -525,8 +705,12 @@ class PipesRayJobClient(PipesClient):
                 full_entrypoint += " " + shlex.join(request.bootstrap_args)
             try:
                 submitted = _submit(client, entrypoint=full_entrypoint, runtime_env=job_env or None,
-                                    submission_id=job_id, **submit)
+                                    submission_id=job_id, metadata=self._labels(metadata, request), **submit)
             except Exception as exc:
+                if durable is not None and _ALREADY_EXISTS in str(exc):  # launched under the key meanwhile
+                    client_logger.info("[pipes] the Ray job %s at %s was submitted under the same launch key by "
+                                       "another orchestrator: attaching to it", job_id, address)
+                    return PipesRayJob(client, address, job_id, _RayLogStream(client, job_id), "stdout", entrypoint)
                 raise PipesExecutionError(
                     f"the Ray cluster at {address} rejected the job {job_id}: {type(exc).__name__}: {exc}",
                     exit_code=None, kind=PipesEngineErrorKind.REFUSED,
@@ -540,6 +724,15 @@ class PipesRayJobClient(PipesClient):
         common = common_options(options)
         common["stderr"] = common.get("stdout")
         return launch, entrypoint, common
+
+    @staticmethod
+    def _labels(metadata: Mapping[str, Any], request: PipesLaunchRequest) -> dict[str, Any]:
+        """The job's metadata: the user's, then the owner labels (and a durable job's claim: module doc)."""
+        labels = {**metadata, **launch_labels(request.owner, request.durable)}
+        claim = None if request.durable is None else _claim(request.durable)
+        if claim is not None:
+            labels[CLAIM_LABEL] = claim
+        return labels
 
     def _runtime_env(self, runtime_env: Mapping[str, Any] | None) -> dict[str, Any]:
         if runtime_env is not None and not isinstance(runtime_env, Mapping):
@@ -559,6 +752,19 @@ class PipesRayJobClient(PipesClient):
         if env_vars:
             merged["env_vars"] = env_vars
         return merged
+
+
+def _make_job_client(address: str | None) -> Any:
+    """A ``JobSubmissionClient`` for ``address`` (None: Ray finds it), or :class:`PipesExecutionError` naming it."""
+    job_submission = _import_job_submission()
+    where = address or "the address Ray finds (RAY_API_SERVER_ADDRESS / RAY_ADDRESS)"
+    try:
+        return job_submission.JobSubmissionClient(address)
+    except Exception as exc:
+        raise PipesExecutionError(
+            f"cannot reach the Ray cluster's Jobs API at {where}: {type(exc).__name__}: {exc}",
+            kind=PipesEngineErrorKind.UNREACHABLE,
+        ) from exc
 
 
 class PipesAsyncRayJobClient(PipesAsyncClient[PipesRayJobClient]):

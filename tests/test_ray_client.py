@@ -29,6 +29,8 @@ from pipes_core import (
     PipesTimeoutError,
     PipesUsageError,
 )
+from pipes_core.launch.process import launch_labels
+from pipes_core.launch.run_store import PipesRunOwner
 from pipes_core.ray import PipesRayJob, PipesRayJobClient, _normalise_address
 from tests.support.engines_ray import RayHead
 
@@ -188,7 +190,8 @@ def test_cli_bootstrap_runtime_env_entrypoint_resources_and_a_chosen_submission_
         {"argv": ["--dagster-pipes-context", "--dagster-pipes-messages"], "env": "r", "client_env": "c"}
     ]
     info = job_client(ray_head).get_job_info(submission_id)
-    assert info.metadata == {"team": "pipes"}  # (Ray does not report entrypoint_num_cpus back; it was accepted)
+    # (Ray does not report entrypoint_num_cpus back; it was accepted.) The owner labels go with the user's metadata.
+    assert info.metadata == {"team": "pipes", **launch_labels(PipesRunOwner.current(), None)}
     assert info.runtime_env["env_vars"] == {"FROM_CLIENT": "c", "FROM_RUNTIME_ENV": "r"}
 
     # The same id again: Ray refuses it, and the error says the cluster rejected the job.
