@@ -528,8 +528,9 @@ class PipesRayJobClient(PipesClient):
                 self._handle_clients[address] = _make_job_client(address)
             return self._handle_clients[address]
 
-    def attach(self, handle: dict[str, Any]) -> PipesLaunchedProcess:
-        """The Ray job of a durable run, rebuilt from its handle (address and submission id; module doc)."""
+    def attach(self, handle: dict[str, Any], request: PipesLaunchRequest | None = None) -> PipesLaunchedProcess:
+        """The Ray job of a durable run, rebuilt from its handle (address and submission id; module doc); the
+        re-attaching run's ``request`` is not needed (the job's status and log say all)."""
         submission_id = str(handle[HANDLE_SUBMISSION_ID])
         client = self._handle_client(handle.get(HANDLE_ADDRESS))
         address = self._client_address(client)
