@@ -5,6 +5,7 @@ a one-line error with exit code 2 and no traceback. Processes started here are k
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import signal
@@ -166,3 +167,29 @@ def test_a_store_that_is_not_a_database_is_named(cli: Cli) -> None:
     (cli.state / "runs.sqlite3").write_bytes(b"this is not a database" * 100)
     code, _, err = cli.call("runs", "--state-dir", str(cli.state))
     assert code == 2 and "runs.sqlite3" in err and "move it aside" in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize(("launcher", "handle", "shown", "said"), [
+    ("PipesSubprocessClient", {"pid": 7, "started": 12.0, "directory": "/d", "description": "x"},
+     {"pid": 7, "started": 12.0}, "pid 7"),
+    ("PipesDockerClient", {"container": "c0ffee", "name": "pipes-1", "image": "i", "docker_host": "unix:///s",
+                           "description": "x"}, {"container": "c0ffee", "name": "pipes-1", "docker_host": "unix:///s"},
+     "container c0ffee"),
+    ("PipesRayJobClient", {"address": "http://127.0.0.1:1", "submission_id": "pipes-2", "description": "x"},
+     {"address": "http://127.0.0.1:1", "submission_id": "pipes-2"}, "Ray job pipes-2"),
+    ("PipesSlurmClient", {"job_id": "42", "name": "pipes-3", "stdout": "/o", "commands": {}, "description": "x"},
+     {"job_id": "42", "name": "pipes-3"}, "Slurm job 42"),
+])
+def test_runs_shows_what_names_each_launchers_work(tmp_path: Path, launcher: str, handle: dict[str, Any],
+                                                   shown: dict[str, Any], said: str) -> None:
+    from pipes_core.cli.main import main
+
+    with PipesRunStore.in_state_dir(tmp_path) as store:
+        store.claim("k", launcher)
+        store.record_handle("k", handle)
+    out = io.StringIO()
+    assert main(["runs", "--state-dir", str(tmp_path), "--json"], out=out) == 0
+    assert json.loads(out.getvalue())["handle"] == shown
+    out = io.StringIO()
+    assert main(["runs", "--state-dir", str(tmp_path)], out=out) == 0
+    assert f"k  {launcher}  {said}  running" in out.getvalue()

@@ -22,6 +22,12 @@ STOP: Final = "stop"
 FORGET: Final = "forget"
 SWEEP: Final = "sweep"
 RUNS_ACTIONS: Final = (LIST, STOP, FORGET, SWEEP)
+# What `pipes runs` shows of a handle: the fields that name the launched work, whichever launcher made it (a local
+# supervisor's pid and start time, a container, a Ray job at its address, a Slurm job), not the paths and commands.
+HANDLE_FIELDS: Final = ("pid", "started", "container", "name", "docker_host", "address", "submission_id", "job_id")
+# ... and in text, the first of these a handle has.
+HANDLE_WORDS: Final = (("pid", "pid"), ("container", "container"), ("submission_id", "Ray job"),
+                       ("job_id", "Slurm job"))
 
 
 def add_run_arguments(run: argparse.ArgumentParser) -> None:
@@ -71,7 +77,7 @@ def _row(record: PipesRunRecord) -> dict[str, Any]:
     return {
         "key": record.launch_key,
         "launcher": record.launcher,
-        "handle": {name: handle[name] for name in ("pid", "started") if name in handle} or None,
+        "handle": {name: handle[name] for name in HANDLE_FIELDS if name in handle} or None,
         "state": record.state,
         "started": datetime.fromtimestamp(record.created, timezone.utc).isoformat(timespec="seconds"),
         "position": {"messages": record.messages, **(record.position or {})},
@@ -88,8 +94,9 @@ def _text(row: dict[str, Any]) -> str:
         said = f"{outcome['error']}: {outcome['message']}"
     else:
         said = f"succeeded (exit {outcome['exit_code']})"
-    pid = (row["handle"] or {}).get("pid", "-")
-    return (f"{row['key']}  {row['launcher']}  pid {pid}  {row['state']}  {row['started']}  "
+    handle = row["handle"] or {}
+    found = next((f"{label} {handle[name]}" for name, label in HANDLE_WORDS if name in handle), "-")
+    return (f"{row['key']}  {row['launcher']}  {found}  {row['state']}  {row['started']}  "
             f"{row['position']['messages']} messages  {said}")
 
 
