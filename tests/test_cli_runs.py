@@ -21,8 +21,8 @@ import pytest
 
 from pipes_core import PipesRunStore
 from tests.support.durable_kills import stop_groups
+from tests.support.durable_launchers import live_members
 from tests.support.helpers import REPO_ROOT as REPO
-from tests.test_launch_durable import live_members
 
 PIPES = [sys.executable, "-m", "pipes_core"]
 WAIT_SECONDS = 120.0  # a bound on helper waits, not an assertion on speed

@@ -18,35 +18,9 @@ import pytest
 
 from pipes_core import PipesRunStore
 from pipes_core.launch.durable import run_directory
-from tests.support.durable_kills import CASES, FLAVOURS, Launcher, Scenario, kill_and_finish, race, scenarios
+from tests.support.durable_kills import CASES, FLAVOURS, Scenario, kill_and_finish, race, scenarios
+from tests.support.durable_launchers import SUBPROCESS
 from tests.support.helpers import PYTHON
-
-
-def live_members(group: int) -> list[int]:
-    """The processes of a process group that still run (zombies, ended but not reaped yet, do not count)."""
-    members = []
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            stat = (entry / "stat").read_bytes()
-        except OSError:
-            continue
-        fields = stat[stat.rfind(b")") + 2:].split()
-        if int(fields[2]) == group and fields[0] != b"Z":
-            members.append(int(entry.name))
-    return members
-
-
-def _no_process_left(scenario: Scenario) -> None:
-    handle = scenario.record_handle()
-    assert handle is not None
-    assert live_members(int(handle["pid"])) == []  # no orphan: the job's whole group has ended
-
-
-SUBPROCESS = Launcher(client="pipes_core:PipesSubprocessClient", async_client="pipes_core:PipesAsyncSubprocessClient",
-                      options=lambda scenario: {"command": [PYTHON, str(scenario.child)]},
-                      assert_nothing_left=_no_process_left)
 
 
 @pytest.fixture

@@ -33,7 +33,6 @@ from tests.support.durable_kills import (
     FLAVOURS,
     MESSAGES,
     WAIT_SECONDS,
-    Launcher,
     Scenario,
     kill_and_finish,
     race,
@@ -41,7 +40,8 @@ from tests.support.durable_kills import (
     scenarios,
     stop_groups,
 )
-from tests.support.engines_docker import IMAGE_CODE_DIR, TEST_IMAGE, DockerEngine
+from tests.support.durable_launchers import created_count, docker_launcher, remove_labelled
+from tests.support.engines_docker import TEST_IMAGE, DockerEngine
 from tests.support.helpers import PYTHON, REPO_ROOT
 
 pytestmark = pytest.mark.docker
@@ -63,50 +63,6 @@ def poll_until(predicate: Callable[[], bool], what: str, seconds: float = WAIT_S
         pause.wait(POLL_SECONDS)
 
 
-def containers_labelled(engine: DockerEngine, label: str) -> list[Any]:
-    return list(engine.client.containers.list(all=True, filters={"label": label}))
-
-
-def created_count(engine: DockerEngine, launch_key: str) -> int:
-    """How many containers the daemon created for the key (its events: the container itself is gone)."""
-    events = engine.client.events(since=0, until=f"{time.time():.3f}", decode=True,
-                                  filters={"type": "container", "event": "create",
-                                           "label": f"{LAUNCH_LABEL}={launch_name(launch_key)}"})
-    try:
-        return sum(1 for _ in events)
-    finally:
-        events.close()
-
-
-def remove_labelled(engine: DockerEngine, label: str) -> None:
-    for container in containers_labelled(engine, label):
-        try:
-            container.remove(force=True)
-        except Exception:  # gone meanwhile
-            pass
-
-
-def launcher_for(engine: DockerEngine, client: str = "pipes_core.docker:PipesDockerClient") -> Launcher:
-    def options(scenario: Scenario) -> dict[str, Any]:
-        # A bind-mounted file must exist, or Docker makes a directory in its place.
-        scenario.count_file.touch()
-        return {"image": TEST_IMAGE, "command": ["python3", str(scenario.child)], "network": "none",
-                "env": {**scenario.job_env, "PYTHONPATH": IMAGE_CODE_DIR},
-                "volumes": {str(scenario.child): {"bind": str(scenario.child), "mode": "ro"},
-                            str(scenario.count_file): {"bind": str(scenario.count_file), "mode": "rw"}}}
-
-    def label(scenario: Scenario) -> str:
-        return f"{LAUNCH_LABEL}={launch_name(scenario.key)}"
-
-    def nothing_left(scenario: Scenario) -> None:
-        assert containers_labelled(engine, label(scenario)) == []
-
-    return Launcher(client=client, async_client="pipes_core.docker:PipesAsyncDockerClient", options=options,
-                    engine_launches=lambda scenario: created_count(engine, scenario.key),
-                    assert_nothing_left=nothing_left,
-                    cleanup=lambda scenario: remove_labelled(engine, label(scenario)))
-
-
 @pytest.fixture
 def docker_env(docker_engine: DockerEngine, monkeypatch: pytest.MonkeyPatch) -> DockerEngine:
     """The private daemon in ``DOCKER_HOST``, for this process and the orchestrators it starts."""
@@ -116,7 +72,7 @@ def docker_env(docker_engine: DockerEngine, monkeypatch: pytest.MonkeyPatch) -> 
 
 @pytest.fixture
 def scenario_factory(docker_env: DockerEngine, tmp_path: Path) -> Iterator[Callable[..., Scenario]]:
-    yield from scenarios(tmp_path, launcher_for(docker_env))
+    yield from scenarios(tmp_path, docker_launcher(docker_env))
 
 
 # ---------------------------------------------------------------------------------------------- the kill matrix
@@ -147,7 +103,7 @@ def test_a_create_refused_for_the_keys_name_attaches_to_that_container(scenario_
     scenario = scenario_factory(delay=DELAY)
     code, out, err = scenario.orchestrate("before_record", "sync")  # created and started, its handle unrecorded
     assert code == -signal.SIGKILL, (out, err)
-    scenario.launcher = launcher_for(docker_env, f"{__name__}:LooksNoFurther")
+    scenario.launcher = docker_launcher(docker_env, f"{__name__}:LooksNoFurther")
     code, out, err = scenario.orchestrate("none", "sync")
     assert code == 0, err
     assert result_of(out)["messages"] == [{"i": i} for i in range(MESSAGES)]

@@ -10,12 +10,10 @@ supervisor actor named after the submission id, which the state API lists even o
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import socket
 import subprocess
-import urllib.request
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -32,7 +30,6 @@ from tests.support.durable_kills import (
     FLAVOURS,
     MESSAGES,
     WAIT_SECONDS,
-    Launcher,
     Scenario,
     kill_and_finish,
     race,
@@ -40,93 +37,16 @@ from tests.support.durable_kills import (
     scenarios,
     stop_groups,
 )
+from tests.support.durable_launchers import (
+    RAY_TERMINAL,
+    job_client,
+    job_status,
+    ray_launcher,
+    stop_and_delete,
+    supervisors,
+)
 from tests.support.engines_ray import RayHead
 from tests.support.helpers import PYTHON, REPO_ROOT, wait_until
-
-TERMINAL = ("SUCCEEDED", "FAILED", "STOPPED")
-# The name Ray gives the (detached) supervisor actor of the job with a submission id: one per submission.
-SUPERVISOR_ACTOR = "_ray_internal_job_actor_{}"
-# A Ray job's state over HTTP, from another process: polled.
-POLL_SECONDS = 0.1
-
-
-def job_client(head: RayHead) -> Any:
-    from ray.job_submission import JobSubmissionClient
-
-    return JobSubmissionClient(head.address)
-
-
-def job_status(client: Any, submission_id: str) -> str | None:
-    """The job's status, None when the cluster has no job of that id."""
-    try:
-        return str(client.get_job_status(submission_id).value)
-    except RuntimeError as exc:
-        if "does not exist" in str(exc):
-            return None
-        raise
-
-
-def supervisors(head: RayHead, submission_id: str) -> list[str]:
-    """The states of every supervisor actor the head ever started for ``submission_id`` (dead ones included)."""
-    url = f"{head.address}/api/v0/actors?limit=10000&detail=false"
-    with urllib.request.urlopen(url, timeout=30) as response:
-        actors = json.loads(response.read())["data"]["result"]["result"]
-    return [str(actor["state"]) for actor in actors if actor.get("name") == SUPERVISOR_ACTOR.format(submission_id)]
-
-
-def job_processes(marker: str) -> list[int]:
-    """The processes of this host whose command line mentions ``marker`` (a test's own script path)."""
-    found = []
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            cmdline = (entry / "cmdline").read_bytes()
-            stat = (entry / "stat").read_bytes()
-        except OSError:
-            continue
-        if marker.encode() in cmdline and stat[stat.rfind(b")") + 2:].split()[0] != b"Z":
-            found.append(int(entry.name))
-    return found
-
-
-def stop_and_delete(client: Any, submission_id: str) -> None:
-    """Teardown: stop the job if it runs, wait for its end, delete it (the head is shared by the session)."""
-    if job_status(client, submission_id) is None:
-        return
-    try:
-        client.stop_job(submission_id)
-    except RuntimeError:
-        pass  # ended meanwhile
-    wait_until(lambda: job_status(client, submission_id) in (*TERMINAL, None), timeout=WAIT_SECONDS,
-               what=f"the Ray job {submission_id} to end")
-    try:
-        client.delete_job(submission_id)
-    except RuntimeError:
-        pass  # deleted meanwhile
-
-
-def ray_launcher(head: RayHead) -> Launcher:
-    client = job_client(head)
-
-    def engine_launches(scenario: Scenario) -> int:
-        name = launch_name(scenario.key)
-        labelled_otherwise = [job for job in client.list_jobs()
-                              if (job.metadata or {}).get(LAUNCH_LABEL) == name and job.submission_id != name]
-        return len(supervisors(head, name)) + len(labelled_otherwise)
-
-    def assert_nothing_left(scenario: Scenario) -> None:
-        name = launch_name(scenario.key)
-        assert job_status(client, name) in TERMINAL
-        assert "ALIVE" not in supervisors(head, name)
-        assert job_processes(str(scenario.child)) == []
-
-    return Launcher(client="pipes_core.ray:PipesRayJobClient", async_client="pipes_core.ray:PipesAsyncRayJobClient",
-                    options=lambda scenario: {"command": [PYTHON, str(scenario.child)],
-                                              "runtime_env": {"env_vars": scenario.job_env}},
-                    client_kwargs={"address": head.address, "forward_stdio": False},
-                    engine_launches=engine_launches, assert_nothing_left=assert_nothing_left,
-                    cleanup=lambda scenario: stop_and_delete(client, launch_name(scenario.key)))
 
 
 @pytest.fixture
@@ -181,7 +101,7 @@ def test_a_job_gone_from_the_cluster_ends_the_run_with_the_recorded_outcome_else
     client = job_client(ray_head)
     name = launch_name(f"gone-{tmp_path.name}")
     client.submit_job(entrypoint="true", submission_id=name)
-    wait_until(lambda: job_status(client, name) in TERMINAL, timeout=WAIT_SECONDS, what="the job to end")
+    wait_until(lambda: job_status(client, name) in RAY_TERMINAL, timeout=WAIT_SECONDS, what="the job to end")
     client.delete_job(name)
     handle = {"address": ray_head.address, "submission_id": name, "description": f"the Ray job {name}"}
     unknown = PipesRayJobClient().attach(handle)  # a default client: the handle's address

@@ -29,7 +29,6 @@ from tests.support.durable_kills import (
     CASES,
     FLAVOURS,
     WAIT_SECONDS,
-    Launcher,
     Scenario,
     kill_and_finish,
     race,
@@ -37,12 +36,9 @@ from tests.support.durable_kills import (
     scenarios,
     stop_groups,
 )
+from tests.support.durable_launchers import slurm_launcher, squeue
 from tests.support.engines_slurm import SlurmCluster
 from tests.support.helpers import PYTHON, REPO_ROOT, wait_until
-
-# An attached job has no session to say that `closed` came, so its orchestrator notices the end at its next state
-# query: at most this long after it (the client's default is 2 s).
-POLL_SECONDS = 0.5
 
 # A keyless (or keyed) run of a job that runs until cancelled, in an orchestrator process of its own.
 SLEEPER = """
@@ -54,33 +50,10 @@ PipesSlurmClient(forward_stdio=False, strict=False).run(command=["sleep", "600"]
 """
 
 
-def squeue(cluster: SlurmCluster, *args: str) -> list[str]:
-    listed = cluster.run("squeue", "--noheader", *args)
-    assert listed.returncode == 0, listed.stderr
-    return listed.stdout.splitlines()
-
-
-def _launcher(cluster: SlurmCluster) -> Launcher:
-    def named(scenario: Scenario, *states: str) -> list[str]:
-        return squeue(cluster, f"--name={launch_name(scenario.key)}", *states, "--format=%i")
-
-    def nothing_left(scenario: Scenario) -> None:
-        assert named(scenario) == []  # no job of the key pending or running
-
-    def cleanup(scenario: Scenario) -> None:
-        cluster.run("scancel", f"--name={launch_name(scenario.key)}")
-
-    return Launcher(client="pipes_core.slurm:PipesSlurmClient", async_client="pipes_core.slurm:PipesAsyncSlurmClient",
-                    client_kwargs={"forward_stdio": False, "poll_interval_seconds": POLL_SECONDS},
-                    options=lambda scenario: {"command": [PYTHON, str(scenario.child)]},
-                    engine_launches=lambda scenario: len(named(scenario, "--states=all")),
-                    assert_nothing_left=nothing_left, cleanup=cleanup, orchestrator_env=cluster.env)
-
-
 @pytest.fixture
 def scenario_factory(slurm_cluster: SlurmCluster, tmp_path: Path) -> Iterator[Callable[..., Scenario]]:
     assert "SLURM_CONF" not in os.environ  # the orchestrators' environment has it, this process's does not
-    yield from scenarios(tmp_path, _launcher(slurm_cluster))
+    yield from scenarios(tmp_path, slurm_launcher(slurm_cluster))
 
 
 @pytest.mark.parametrize("flavour", FLAVOURS)
