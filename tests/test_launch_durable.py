@@ -110,3 +110,23 @@ def test_a_store_given_by_its_path_is_closed_after_the_run(tmp_path: Path, flavo
         else:
             PipesSubprocessClient(forward_stdio=False).run(**options)
         assert open_store_files() == []
+
+
+@pytest.mark.parametrize("flavour", ["sync", "async"])
+def test_on_launched_of_a_keyed_run_reads_the_launchers_own_attributes(tmp_path: Path, flavour: str) -> None:
+    import asyncio
+
+    from pipes_core import PipesAsyncSubprocessClient, PipesSubprocessClient
+
+    store = tmp_path / "runs.sqlite3"
+    pids: list[int] = []
+    options: dict[str, Any] = {"command": [PYTHON, "-c", "pass"], "launch_key": "k", "store": str(store),
+                               "strict": False, "on_launched": lambda process: pids.append(process.pid)}
+    if flavour == "async":
+        asyncio.run(PipesAsyncSubprocessClient(forward_stdio=False).run(**options))
+    else:
+        PipesSubprocessClient(forward_stdio=False).run(**options)
+    with PipesRunStore(store) as opened:
+        record = opened.get("k")
+    assert record is not None and record.handle is not None
+    assert pids == [record.handle["pid"]]  # the durable child's, as a keyless run's on_launched reads its pid

@@ -300,7 +300,9 @@ class DurableRun:
 
 
 class _Watched(PipesLaunchedProcess):
-    """A launched process whose end is recorded in the store when first seen."""
+    """A launched process whose end is recorded in the store when first seen. What it does not define is the
+    launched process's own: ``on_launched`` (which gets this) reads the launcher's attributes as without a key (a
+    Slurm job's ``job_id``, a Ray job's ``submission_id``, a container's ``name``, a local child's ``pid``)."""
 
     def __init__(self, durable: DurableRun, process: PipesLaunchedProcess) -> None:
         self._durable = durable
@@ -315,6 +317,12 @@ class _Watched(PipesLaunchedProcess):
         opener = getattr(process, "open_async_streams", None)
         if callable(opener):  # its output followed from the loop by the asyncio driver, as without a key
             self.open_async_streams = opener
+
+    def __getattr__(self, name: str) -> Any:
+        process = self.__dict__.get("_process")  # (not yet set while the object is being made or copied)
+        if process is None:
+            raise AttributeError(name)
+        return getattr(process, name)
 
     def handle(self) -> dict[str, Any]:
         return self._process.handle()

@@ -11,7 +11,9 @@ what constructor arguments and run options (JSON: they cross into the orchestrat
 engine's launches of a key, how to tell that nothing of the run is left on the engine, and how to clean the engine
 up at teardown. The job (:data:`CHILD`) counts its own launches in a file, reports :data:`MESSAGES` custom
 messages and ends as its mode says; it writes ``ended`` to its count file last, which is how a test knows the job
-has ended without anybody watching.
+has ended without anybody watching. Each orchestrator prints its result: the messages, the verdict, what
+``on_event`` saw, when ``on_launched`` was called (and the launcher's attribute on what it got) and the time spent
+in the client's ``attach`` (read by ``benchmarks/durable.py`` too).
 """
 
 from __future__ import annotations
@@ -59,7 +61,7 @@ if mode == "exit3":
 """
 
 ORCHESTRATOR = """
-import asyncio, importlib, json, os, signal, sys
+import asyncio, importlib, json, os, signal, sys, time
 from pipes_core import PipesError, PipesRunStore
 
 key, store_path, point, flavour, spec = sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4], json.loads(sys.argv[5])
@@ -98,16 +100,44 @@ def client_class(name):
     return getattr(importlib.import_module(module), attribute)
 
 
+launched = []
+attach_seconds = []
+
+
+def on_launched(process):
+    name = spec["launched_attribute"]
+    value = getattr(process, name, None) if name else None
+    launched.append({"at": time.time(), "attribute": None if value is None else str(value)})
+
+
+def timing_attach(client):
+    # A durable run asks the sync client (an async twin's config) to attach: the time in there is the engine's.
+    durable_client = getattr(client, "config", client)
+    attach = durable_client.attach
+
+    def timed(*args, **kwargs):
+        started = time.perf_counter()
+        try:
+            return attach(*args, **kwargs)
+        finally:
+            attach_seconds.append(time.perf_counter() - started)
+
+    durable_client.attach = timed
+    return client
+
+
 seen = []
-options = dict(spec["options"], launch_key=key, store=KillingStore(store_path),
+options = dict(spec["options"], on_launched=on_launched,
                on_event=lambda event: seen.append((type(event).__name__, event.position)))
+if key:  # an empty key: the same run without one
+    options.update(launch_key=key, store=KillingStore(store_path))
 error = None
 try:
     if flavour == "async":
-        client = client_class(spec["async_client"])(**spec["client_kwargs"])
+        client = timing_attach(client_class(spec["async_client"])(**spec["client_kwargs"]))
         invocation = asyncio.run(client.run(**options))
     else:
-        invocation = client_class(spec["client"])(**spec["client_kwargs"]).run(**options)
+        invocation = timing_attach(client_class(spec["client"])(**spec["client_kwargs"])).run(**options)
 except PipesError as exc:
     error = exc
     invocation = exc.invocation
@@ -117,6 +147,9 @@ print("RESULT " + json.dumps({
     "text": "" if error is None else str(error).split("\\n", 1)[0],
     "exit_code": invocation.exit_code,
     "seen": seen,
+    "launched": launched[0]["at"] if launched else None,
+    "launched_attribute": launched[0]["attribute"] if launched else None,
+    "attach_seconds": sum(attach_seconds) if attach_seconds else None,
 }), flush=True)
 """
 
@@ -131,7 +164,8 @@ class Launcher:
     run is left on the engine; ``cleanup(scenario)``: stop and remove whatever the engine still has of it;
     ``orchestrator_env``: more environment for the orchestrator processes (e.g. the engine's address, such as
     ``SLURM_CONF``, when the client finds it there), which a job launched with the orchestrator's environment
-    inherits too.
+    inherits too; ``launched_attribute``: an attribute the launcher documents on what ``on_launched`` receives
+    (e.g. a Slurm job's ``job_id``), which a re-attached run's ``on_launched`` gets too.
     """
 
     client: str
@@ -142,6 +176,7 @@ class Launcher:
     assert_nothing_left: Callable[[Scenario], None] = lambda scenario: None
     cleanup: Callable[[Scenario], None] = lambda scenario: None
     orchestrator_env: dict[str, str] = field(default_factory=dict)
+    launched_attribute: str | None = None
 
 
 class Scenario:
@@ -165,17 +200,20 @@ class Scenario:
     def spec(self) -> str:
         launcher = self.launcher
         return json.dumps({"client": launcher.client, "async_client": launcher.async_client,
-                           "client_kwargs": launcher.client_kwargs, "options": launcher.options(self)})
+                           "client_kwargs": launcher.client_kwargs, "options": launcher.options(self),
+                           "launched_attribute": launcher.launched_attribute})
 
-    def start(self, point: str, flavour: str) -> subprocess.Popen[str]:
-        process = subprocess.Popen([PYTHON, str(self.orchestrator), self.key, str(self.store_path), point, flavour,
-                                    self.spec()], env=self.env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                   text=True, start_new_session=True)
+    def start(self, point: str, flavour: str, *, keyed: bool = True) -> subprocess.Popen[str]:
+        """An orchestrator process running the scenario's job (``keyed``: with its launch key and store, else
+        without), SIGKILLed at ``point``; it prints its result (:func:`result_of`)."""
+        process = subprocess.Popen([PYTHON, str(self.orchestrator), self.key if keyed else "", str(self.store_path),
+                                    point, flavour, self.spec()], env=self.env, stdout=subprocess.PIPE,
+                                   stderr=subprocess.PIPE, text=True, start_new_session=True)
         self.groups.append(process.pid)
         return process
 
-    def orchestrate(self, point: str, flavour: str) -> tuple[int, str, str]:
-        process = self.start(point, flavour)
+    def orchestrate(self, point: str, flavour: str, *, keyed: bool = True) -> tuple[int, str, str]:
+        process = self.start(point, flavour, keyed=keyed)
         try:
             out, err = process.communicate(timeout=WAIT_SECONDS)
         finally:
@@ -273,6 +311,10 @@ def kill_and_finish(scenario: Scenario, point: str, mode: str, flavour: str) -> 
     code, out, err = scenario.orchestrate("none", flavour)
     assert code == 0, err
     result = result_of(out)
+    assert result["launched"] is not None, "on_launched was not called for the run found again"
+    attribute = scenario.launcher.launched_attribute
+    assert attribute is None or result["launched_attribute"] is not None, \
+        f"what on_launched got for the run found again has no {attribute!r}"
     error, text, exit_code = EXPECTED[mode]
     assert scenario.launches() == 1, scenario.count_lines()
     engine = scenario.launcher.engine_launches(scenario)

@@ -53,7 +53,7 @@ def _no_process_left(scenario: Scenario) -> None:
 
 SUBPROCESS = Launcher(client="pipes_core:PipesSubprocessClient", async_client="pipes_core:PipesAsyncSubprocessClient",
                       options=lambda scenario: {"command": [PYTHON, str(scenario.child)]},
-                      assert_nothing_left=_no_process_left)
+                      assert_nothing_left=_no_process_left, launched_attribute="pid")
 
 # ---------------------------------------------------------------------------------------------- Docker
 
@@ -100,7 +100,7 @@ def docker_launcher(engine: DockerEngine, client: str = "pipes_core.docker:Pipes
                     engine_launches=lambda scenario: created_count(engine, scenario.key),
                     assert_nothing_left=nothing_left,
                     cleanup=lambda scenario: remove_labelled(engine, label(scenario)),
-                    orchestrator_env={"DOCKER_HOST": engine.host})
+                    orchestrator_env={"DOCKER_HOST": engine.host}, launched_attribute="name")
 
 
 # ---------------------------------------------------------------------------------------------- Ray
@@ -186,7 +186,8 @@ def ray_launcher(head: RayHead) -> Launcher:
                                               "runtime_env": {"env_vars": scenario.job_env}},
                     client_kwargs={"address": head.address, "forward_stdio": False},
                     engine_launches=engine_launches, assert_nothing_left=assert_nothing_left,
-                    cleanup=lambda scenario: stop_and_delete(client, launch_name(scenario.key)))
+                    cleanup=lambda scenario: stop_and_delete(client, launch_name(scenario.key)),
+                    launched_attribute="submission_id")
 
 
 # ---------------------------------------------------------------------------------------------- Slurm
@@ -216,7 +217,8 @@ def slurm_launcher(cluster: SlurmCluster) -> Launcher:
                     client_kwargs={"forward_stdio": False, "poll_interval_seconds": SLURM_POLL_SECONDS},
                     options=lambda scenario: {"command": [PYTHON, str(scenario.child)]},
                     engine_launches=lambda scenario: len(named(scenario, "--states=all")),
-                    assert_nothing_left=nothing_left, cleanup=cleanup, orchestrator_env=cluster.env)
+                    assert_nothing_left=nothing_left, cleanup=cleanup, orchestrator_env=cluster.env,
+                    launched_attribute="job_id")
 
 
 __all__ = ["SUBPROCESS", "docker_launcher", "ray_launcher", "slurm_launcher", "live_members", "containers_labelled",
