@@ -4,6 +4,7 @@ read from ``python -m benchmarks`` itself (see the README's Performance section)
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -56,12 +57,23 @@ def test_quick_observability_benchmark_reports_tracing_on_against_off(tmp_path: 
 
 
 def test_quick_durable_benchmark_run_reports_both_sides(tmp_path: Path) -> None:
+    # The re-attach is measured here for the subprocess launcher only (Docker, Ray and Slurm take long to start:
+    # `python -m benchmarks.durable` measures all four); Docker is asked for too, with no dockerd on the PATH: it is
+    # reported as skipped, with the reason, and the others are measured.
     out = tmp_path / "durable.json"
-    proc = subprocess.run([sys.executable, "-m", "benchmarks.durable", "--quick", "--json", str(out)], cwd=REPO_ROOT,
-                          capture_output=True, text=True, timeout=600)
+    env = {**os.environ, "PATH": str(tmp_path / "no-such-dir")}
+    proc = subprocess.run([sys.executable, "-m", "benchmarks.durable", "--quick", "--launchers", "subprocess,docker",
+                           "--json", str(out)], cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     report = json.loads(out.read_text())
     assert set(report["results"]) == {"throughput", "reattach"}
-    for name, result in report["results"].items():
-        (metric,) = result["metrics"]
-        assert metric["ours"] and metric["reference"], name
+    (metric,) = report["results"]["throughput"]["metrics"]
+    assert metric["ours"] and metric["reference"]
+    reattach = report["results"]["reattach"]
+    metrics = {metric["name"]: metric for metric in reattach["metrics"]}
+    assert set(metrics) == {"subprocess: start to (re-)attached", "subprocess: of which in attach"}
+    assert metrics["subprocess: start to (re-)attached"]["ratio_ours_over_reference"] > 0
+    assert metrics["subprocess: of which in attach"]["ours"][0] > 0
+    assert reattach["failed"] == {} and list(reattach["skipped"]) == ["docker"]
+    assert "dockerd is not installed" in reattach["skipped"]["docker"]
+    assert "docker: skipped" in proc.stdout
