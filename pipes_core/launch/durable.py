@@ -314,11 +314,10 @@ class _Watched(PipesLaunchedProcess):
         self.poll_interval_seconds = process.poll_interval_seconds
         self.max_poll_interval_seconds = process.max_poll_interval_seconds
         self.one_log = process.one_log  # type: ignore[misc]  # the process's own
-        opener = getattr(process, "open_async_streams", None)
-        if callable(opener):  # its output followed from the loop by the asyncio driver, as without a key
-            self.open_async_streams = opener
 
     def __getattr__(self, name: str) -> Any:
+        """The launched process's own attributes (a job id for ``on_launched``; ``open_async_streams``, with which
+        the asyncio driver follows the output from the loop), as without a key."""
         process = self.__dict__.get("_process")  # (not yet set while the object is being made or copied)
         if process is None:
             raise AttributeError(name)
