@@ -41,7 +41,7 @@ def test_a_run_goes_through_its_states_and_keeps_what_it_recorded(tmp_path: Path
         # re-read after a restart: positions 1 and 2 arrive, 1 again; the first recording of 1 is kept
         record = store.record_messages("nightly-2026-12-07", 1, ['{"m": "1 again"}', '{"m": 2}'],
                                        position={"offset": 30})
-        assert record.messages == 3 and record.position == {"offset": 30}
+        assert record.messages == 3 and record.position == {"offset": 30, "next": 3}
         assert store.messages("nightly-2026-12-07") == [(0, '{"m": 0}'), (1, '{"m": 1}'), (2, '{"m": 2}')]
         assert store.messages("nightly-2026-12-07", after=1) == [(2, '{"m": 2}')]
         assert store.record_ended("nightly-2026-12-07").state == RUN_ENDED
@@ -53,6 +53,21 @@ def test_a_run_goes_through_its_states_and_keeps_what_it_recorded(tmp_path: Path
         assert only == record
         assert reopened.forget("nightly-2026-12-07") and not reopened.forget("nightly-2026-12-07")
         assert reopened.get("nightly-2026-12-07") is None and reopened.messages("nightly-2026-12-07") == []
+
+
+def test_the_position_never_goes_back_when_a_second_watcher_records_behind_the_first(tmp_path: Path) -> None:
+    with PipesRunStore(tmp_path / "runs.sqlite3") as store:
+        store.claim("k", "subprocess")
+        store.record_handle("k", {"pid": 1})
+        ahead = [f'{{"m": {i}}}' for i in range(10)]
+        assert store.record_messages("k", 0, ahead, position={"offset": 100}).position == {"offset": 100, "next": 10}
+        # a watcher that re-attached earlier records what it read, behind: the messages are kept as they were, and
+        # the position stays after all ten (a re-attach reading from offset 50 would read messages 5-9 again)
+        record = store.record_messages("k", 0, ahead[:5], position={"offset": 50})
+        assert record.position == {"offset": 100, "next": 10} and record.messages == 10
+        # level with it or ahead, it moves on
+        assert store.record_messages("k", 10, ['{"m": 10}'], position={"offset": 110}).position == {
+            "offset": 110, "next": 11}
 
 
 def test_updating_a_run_that_does_not_exist_is_a_key_error(tmp_path: Path) -> None:

@@ -113,6 +113,10 @@ DROP TABLE messages
 }
 
 
+# The position's field holding the index of the message after those it follows (see record_messages).
+POSITION_NEXT: Final = "next"
+
+
 class PipesRunStoreError(PipesTransportError):
     """The run store cannot be used: the file is not a SQLite database or is damaged (``kind`` "corrupt"),
     another process holds it locked past the busy timeout ("locked"), it was written by a newer version of this
@@ -437,8 +441,15 @@ class PipesRunStore:
                            "lines = excluded.lines WHERE excluded.count > message_blocks.count",
                            (launch_key, first_position, len(lines), "\n".join(lines)))
             if position is not None:
-                db.execute("UPDATE runs SET position = ?, updated = ? WHERE launch_key = ?",
-                           (_dump(position), time.time(), launch_key))
+                # The position is kept with the index after the messages it follows; one behind what is recorded
+                # (a second watcher of the run, reading behind the first) is not written: the position never goes
+                # back, so a later re-attach reads on after every recorded message, not from within them.
+                following = first_position + len(lines)
+                row = db.execute("SELECT position FROM runs WHERE launch_key = ?", (launch_key,)).fetchone()
+                current = (_json_or_none(row[0]) if row is not None else None) or {}
+                if int(current.get(POSITION_NEXT, 0)) <= following:
+                    db.execute("UPDATE runs SET position = ?, updated = ? WHERE launch_key = ?",
+                               (_dump({**position, POSITION_NEXT: following}), time.time(), launch_key))
             return self._get_in(db, launch_key)
 
     def conclude(self, launch_key: str, outcome: dict[str, Any]) -> PipesRunRecord:
