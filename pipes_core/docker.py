@@ -66,7 +66,7 @@ from pipes_core.launch.client import (
     PipesLaunchRequest,
     signal_name,
 )
-from pipes_core.launch.durable import HANDLE_EXIT, ConcludedProcess, status_from_json
+from pipes_core.launch.durable import ConcludedProcess, recorded_end
 from pipes_core.launch.local import command_name
 from pipes_core.launch.options import RunOptions, Unpack, check_run_options, common_options, run_signature
 from pipes_core.launch.process import LAUNCH_LABEL, OWNER_HOST_LABEL, DurableLaunch, launch_labels, orphan_owner
@@ -661,9 +661,9 @@ class PipesDockerClient(PipesClient):
             if own_client:
                 client.close()
             described = str(handle.get(HANDLE_DESCRIPTION) or f"the container {handle[HANDLE_CONTAINER]}")
-            ended = handle.get(HANDLE_EXIT)
-            if isinstance(ended, dict):  # removed after its end was seen (and recorded): that end
-                return ConcludedProcess(status_from_json(ended), described)
+            ended = recorded_end(handle)
+            if ended is not None:  # removed after its end was seen (and recorded): that end
+                return ConcludedProcess(ended, described)
             raise PipesExecutionError(
                 f"{described} is gone from the Docker daemon at {where} before anybody saw it end: how it ended is "
                 "unknown; forget the run (`pipes runs forget KEY`) and run it again") from exc

@@ -76,7 +76,7 @@ from pipes_core.launch.client import (
     client_logger,
     signal_name,
 )
-from pipes_core.launch.durable import HANDLE_EXIT, ConcludedProcess, status_from_json
+from pipes_core.launch.durable import ConcludedProcess, recorded_end
 from pipes_core.launch.local import command_name
 from pipes_core.launch.options import RunOptions, Unpack, check_run_options, common_options, run_signature
 from pipes_core.launch.process import DurableLaunch, launch_labels, orphan_owner
@@ -422,8 +422,7 @@ def _gone_job(handle: Mapping[str, Any], address: str) -> PipesLaunchedProcess:
     with the outcome its run recorded in the handle when it saw the end, else killed with an unknown outcome."""
     submission_id = str(handle[HANDLE_SUBMISSION_ID])
     description = str(handle.get(HANDLE_DESCRIPTION) or _job_description(submission_id, address, ""))
-    recorded = handle.get(HANDLE_EXIT)
-    status = status_from_json(dict(recorded)) if isinstance(recorded, Mapping) else PipesExitStatus(
+    status = recorded_end(handle) or PipesExitStatus(
         None, killed=True, kind=PipesEngineErrorKind.QUERY_FAILED,
         description=f"is gone from the Ray cluster at {address} (deleted, or the cluster restarted) before its end "
                     "was seen: how it ended is unknown")

@@ -99,7 +99,7 @@ from pipes_core.launch.client import (
     PipesLaunchRequest,
     signal_name,
 )
-from pipes_core.launch.durable import HANDLE_EXIT, status_from_json
+from pipes_core.launch.durable import recorded_end
 from pipes_core.launch.local import command_name
 from pipes_core.launch.options import RunOptions, Unpack, check_run_options, common_options, run_signature
 from pipes_core.launch.process import DurableLaunch, launch_labels, orphan_owner
@@ -1152,13 +1152,12 @@ class PipesSlurmClient(PipesClient):
         start. A job whose end a run saw before is not asked about again. Re-attached by a run (``request``),
         the job is polled sooner once that run's session has seen ``closed``, as a job submitted here is."""
         job_id = str(handle[HANDLE_JOB_ID])
-        exit_data = handle.get(HANDLE_EXIT)
         job = self._job(job_id, str(handle.get(HANDLE_NAME) or "a durable run"),
                         self.commands.from_handle(handle.get(HANDLE_COMMANDS)),
                         session=None if request is None else request.session,
                         output_paths={"stdout": handle.get(HANDLE_STDOUT), "stderr": handle.get(HANDLE_STDERR)},
                         own_dir=None, on_job_state=None, handle=dict(handle),
-                        ended_status=None if exit_data is None else status_from_json(exit_data))
+                        ended_status=recorded_end(handle))
         if handle.get(HANDLE_DESCRIPTION):
             job.description = str(handle[HANDLE_DESCRIPTION])
         return job

@@ -30,7 +30,7 @@ import os
 import shutil
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import replace
 from pathlib import Path
@@ -63,7 +63,8 @@ if TYPE_CHECKING:
     from pipes_core.launch.options import RunOptions
 
 __all__ = ["DurableRun", "DurableLaunch", "DurableClient", "run_directory", "runs_directory", "open_store", "lock",
-           "status_to_json", "status_from_json", "RUNS_DIR_NAME", "HANDLE_WAIT_SECONDS"]
+           "status_to_json", "status_from_json", "handle_with_end", "recorded_end", "RUNS_DIR_NAME",
+           "HANDLE_WAIT_SECONDS"]
 
 logger = logging.getLogger("pipes_core")
 
@@ -120,6 +121,18 @@ class DurableClient(Protocol):
 def status_to_json(status: PipesExitStatus) -> dict[str, Any]:
     return {OUTCOME_EXIT_CODE: status.exit_code, OUTCOME_KILLED: status.killed,
             OUTCOME_DESCRIPTION: status.description, OUTCOME_KIND: None if status.kind is None else status.kind.value}
+
+
+def handle_with_end(handle: Mapping[str, Any], status: PipesExitStatus) -> dict[str, Any]:
+    """A run's handle with how its work ended (:data:`HANDLE_EXIT`): recorded when a run sees the end, so that
+    a later run needs nothing from the engine to judge it (the engine may have forgotten the work by then)."""
+    return {**handle, HANDLE_EXIT: status_to_json(status)}
+
+
+def recorded_end(handle: Mapping[str, Any]) -> PipesExitStatus | None:
+    """How the work of ``handle`` ended, when a run saw it end and recorded it (:func:`handle_with_end`)."""
+    data = handle.get(HANDLE_EXIT)
+    return status_from_json(dict(data)) if isinstance(data, Mapping) else None
 
 
 def status_from_json(data: dict[str, Any]) -> PipesExitStatus:
@@ -282,8 +295,7 @@ class DurableRun:
         """The job has ended: how, recorded with its handle (the verdict needs nothing from the engine then)."""
         if self.step == DURABLE_REPLAY:
             return
-        handle = dict(self.record.handle or {})
-        handle[HANDLE_EXIT] = status_to_json(process.exit_status())
+        handle = handle_with_end(self.record.handle or {}, process.exit_status())
         self.record = self.store.record_ended(self.launch_key, handle)
 
     def conclude(self, status: PipesExitStatus | None, error: BaseException | None) -> None:

@@ -10,7 +10,7 @@ import shutil
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Final
 
-from pipes_core.launch.durable import HANDLE_EXIT, lock, run_directory, runs_directory, status_to_json
+from pipes_core.launch.durable import handle_with_end, lock, run_directory, runs_directory
 from pipes_core.launch.process import PipesLaunchedProcess
 from pipes_core.launch.run_store import RUN_CONCLUDED, RUN_LAUNCHING, RUN_RUNNING, PipesRunRecord, PipesRunStore
 from pipes_core.launch.supervisor import LOCK_FILE
@@ -57,7 +57,7 @@ def live_process(record: PipesRunRecord, store: PipesRunStore | None = None) -> 
     process = client_for(record.launcher).attach(record.handle)
     if process.poll():
         if store is not None:
-            store.record_ended(record.launch_key, {**record.handle, HANDLE_EXIT: status_to_json(process.exit_status())})
+            store.record_ended(record.launch_key, handle_with_end(record.handle, process.exit_status()))
         process.close()
         return None
     return process
