@@ -193,3 +193,25 @@ def test_runs_shows_what_names_each_launchers_work(tmp_path: Path, launcher: str
     out = io.StringIO()
     assert main(["runs", "--state-dir", str(tmp_path)], out=out) == 0
     assert f"k  {launcher}  {said}  running" in out.getvalue()
+
+
+def test_runs_escapes_what_a_key_or_a_jobs_error_holds(tmp_path: Path) -> None:
+    # The key is the user's and the error message the job's: neither may move the cursor, retitle the terminal or
+    # break the one-line-per-run listing; --json keeps them as they are (JSON escapes them itself).
+    from pipes_core.cli.main import main
+
+    key = "evil\x1b]0;pwned\x07\nkey"
+    with PipesRunStore.in_state_dir(tmp_path) as store:
+        store.claim(key, "PipesSubprocessClient")
+        store.record_handle(key, {"pid": 7})
+        store.conclude(key, {"exit_code": 1, "error": "PipesExecutionError", "message": "boom\x1b[2J\rhidden"})
+    out = io.StringIO()
+    assert main(["runs", "--state-dir", str(tmp_path)], out=out) == 0
+    text = out.getvalue()
+    assert "\x1b" not in text and "\x07" not in text and "\r" not in text
+    assert len(text.splitlines()) == 1
+    assert "evil\\x1b]0;pwned\\x07\\x0akey" in text and "boom\\x1b[2J\\x0dhidden" in text
+    out = io.StringIO()
+    assert main(["runs", "--state-dir", str(tmp_path), "--json"], out=out) == 0
+    row = json.loads(out.getvalue())
+    assert row["key"] == key and row["outcome"]["message"] == "boom\x1b[2J\rhidden"

@@ -13,6 +13,7 @@ from pipes_core.launch.client import PipesClient
 from pipes_core.launch.manage import forget_run, stop_run, sweep
 from pipes_core.launch.run_store import PipesRunRecord, PipesRunStore
 from pipes_core.protocol.errors import PipesUsageError
+from pipes_core.protocol.failures import escape_controls
 
 __all__ = ["add_run_arguments", "add_runs_parser", "durable_options", "runs_main", "RUNS_ACTIONS"]
 
@@ -96,8 +97,9 @@ def _text(row: dict[str, Any]) -> str:
         said = f"succeeded (exit {outcome['exit_code']})"
     handle = row["handle"] or {}
     found = next((f"{label} {handle[name]}" for name, label in HANDLE_WORDS if name in handle), "-")
-    return (f"{row['key']}  {row['launcher']}  {found}  {row['state']}  {row['started']}  "
-            f"{row['position']['messages']} messages  {said}")
+    # One line per run, whatever the key or the job's error message holds (a terminal sequence, a newline).
+    return escape_controls(f"{row['key']}  {row['launcher']}  {found}  {row['state']}  {row['started']}  "
+                           f"{row['position']['messages']} messages  {said}")
 
 
 def sweep_clients(args: argparse.Namespace) -> list[PipesClient]:
